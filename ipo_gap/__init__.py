@@ -1,0 +1,1 @@
+"""ipo_gap: the online-vs-offline alignment study in JAX."""

@@ -1,0 +1,188 @@
+"""T5 building blocks: RMSNorm, relative position bias, attention (with KV cache), feed-forward.
+
+Each block is an `eqx.Module` holding only arrays (plus static hyper-parameters) and a pure
+`__call__`. Weights are stored input-major (`x @ w`), the transpose of PyTorch's `nn.Linear`.
+Logical axis names of every parameter are given by `PARAM_AXES`, keyed by the parameter's
+field name; t5/model.py prefixes a "layers" axis for stacked blocks. Shape legend: see
+t5/model.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+# Logical axis names of each parameter field (used by ipo_gap/sharding.py).
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embedding": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "scale": ("embed",),
+    "rel_bias": ("relpos_buckets", "heads"),
+    "q": ("embed", "heads", "kv"),
+    "k": ("embed", "heads", "kv"),
+    "v": ("embed", "heads", "kv"),
+    "o": ("heads", "kv", "embed"),
+    "wi": ("embed", "mlp"),
+    "wi_0": ("embed", "mlp"),
+    "wi_1": ("embed", "mlp"),
+    "wo": ("mlp", "embed"),
+}
+
+# Added to attention logits of masked keys. Finite, so fully masked rows give a uniform
+# softmax instead of NaN (their outputs are never used).
+MASK_VALUE = -1e9
+
+
+def _normal(key, shape, std, dtype):
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class RMSNorm(eqx.Module):
+    """T5's layer norm: scale only, no mean subtraction, no bias; computed in float32."""
+
+    scale: jax.Array  # D
+    eps: float = eqx.field(static=True)
+
+    @staticmethod
+    def init(d_model: int, eps: float, dtype) -> RMSNorm:
+        return RMSNorm(scale=jnp.ones((d_model,), dtype), eps=eps)
+
+    def __call__(self, x_BxTxD: jax.Array, compute_dtype) -> jax.Array:
+        x = x_BxTxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (self.scale.astype(jnp.float32) * x).astype(compute_dtype)
+
+
+def relative_position_bucket(
+    relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int
+):
+    """Maps key_pos - query_pos to a bucket id, exactly as Mesh TensorFlow / HF T5.
+
+    Half the buckets (per direction) are exact small distances, the rest log-spaced up to
+    max_distance; the decoder (bidirectional=False) only sees the past.
+    """
+    relative_position = jnp.asarray(relative_position, jnp.int32)
+    bucket = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (relative_position > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative_position)
+    else:
+        distance = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # float32 log as in the reference; clamp avoids log(0) on the (unused) small branch.
+    large = max_exact + (
+        jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(is_small, distance, large)
+
+
+class RelativeBias(eqx.Module):
+    """Learned relative position bias, computed once per stack and shared by its layers."""
+
+    rel_bias: jax.Array  # num_buckets x H
+    bidirectional: bool = eqx.field(static=True)
+    max_distance: int = eqx.field(static=True)
+
+    @staticmethod
+    def init(num_buckets, num_heads, max_distance, bidirectional, d_model, *, key, dtype):
+        table = _normal(key, (num_buckets, num_heads), d_model**-0.5, dtype)
+        return RelativeBias(rel_bias=table, bidirectional=bidirectional, max_distance=max_distance)
+
+    def __call__(self, query_pos_Q: jax.Array, key_pos_T: jax.Array) -> jax.Array:
+        """Returns the bias HxQxT (float32) for the given query and key positions."""
+        buckets_QxT = relative_position_bucket(
+            key_pos_T[None, :] - query_pos_Q[:, None],
+            bidirectional=self.bidirectional,
+            num_buckets=self.rel_bias.shape[0],
+            max_distance=self.max_distance,
+        )
+        return jnp.transpose(self.rel_bias.astype(jnp.float32)[buckets_QxT], (2, 0, 1))
+
+
+class Attention(eqx.Module):
+    """Multi-head attention without 1/sqrt(K) scaling and without biases (T5)."""
+
+    q: jax.Array  # D x H x K
+    k: jax.Array  # D x H x K
+    v: jax.Array  # D x H x K
+    o: jax.Array  # H x K x D
+
+    @staticmethod
+    def init(d_model, num_heads, d_kv, *, key, dtype) -> Attention:
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        shape = (d_model, num_heads, d_kv)
+        # Mesh-TF T5 initialisation (the 1/sqrt(K) scaling lives in q's init, not the logits).
+        return Attention(
+            q=_normal(kq, shape, (d_model * d_kv) ** -0.5, dtype),
+            k=_normal(kk, shape, d_model**-0.5, dtype),
+            v=_normal(kv, shape, d_model**-0.5, dtype),
+            o=_normal(ko, (num_heads, d_kv, d_model), (num_heads * d_kv) ** -0.5, dtype),
+        )
+
+    def project_kv(self, x_BxTxD: jax.Array, cd) -> tuple[jax.Array, jax.Array]:
+        k = jnp.einsum("btd,dhk->bthk", x_BxTxD.astype(cd), self.k.astype(cd))
+        v = jnp.einsum("btd,dhk->bthk", x_BxTxD.astype(cd), self.v.astype(cd))
+        return k, v
+
+    def attend(self, x_BxQxD, k_BxTxHxK, v_BxTxHxK, bias, cd) -> jax.Array:
+        """Queries from x attend to the given keys/values; bias broadcasts to BxHxQxT."""
+        q = jnp.einsum("bqd,dhk->bqhk", x_BxQxD.astype(cd), self.q.astype(cd))
+        logits = jnp.einsum(
+            "bqhk,bthk->bhqt", q, k_BxTxHxK.astype(cd), preferred_element_type=jnp.float32
+        )
+        weights = jax.nn.softmax(logits + bias, axis=-1).astype(cd)
+        out = jnp.einsum("bhqt,bthk->bqhk", weights, v_BxTxHxK.astype(cd))
+        return jnp.einsum("bqhk,hkd->bqd", out, self.o.astype(cd))
+
+    def __call__(self, x_BxQxD, kv_BxTxD, bias, cd) -> jax.Array:
+        k, v = self.project_kv(kv_BxTxD, cd)
+        return self.attend(x_BxQxD, k, v, bias, cd)
+
+
+class GatedGeluMLP(eqx.Module):
+    """T5 v1.1 feed-forward: wo(gelu_tanh(x wi_0) * (x wi_1))."""
+
+    wi_0: jax.Array  # D x F
+    wi_1: jax.Array  # D x F
+    wo: jax.Array  # F x D
+
+    @staticmethod
+    def init(d_model, d_ff, *, key, dtype) -> GatedGeluMLP:
+        k0, k1, ko = jax.random.split(key, 3)
+        return GatedGeluMLP(
+            wi_0=_normal(k0, (d_model, d_ff), d_model**-0.5, dtype),
+            wi_1=_normal(k1, (d_model, d_ff), d_model**-0.5, dtype),
+            wo=_normal(ko, (d_ff, d_model), d_ff**-0.5, dtype),
+        )
+
+    def __call__(self, x_BxTxD, cd) -> jax.Array:
+        x = x_BxTxD.astype(cd)
+        h = jax.nn.gelu(x @ self.wi_0.astype(cd), approximate=True) * (x @ self.wi_1.astype(cd))
+        return h @ self.wo.astype(cd)
+
+
+class ReluMLP(eqx.Module):
+    """Original T5 feed-forward: wo(relu(x wi))."""
+
+    wi: jax.Array  # D x F
+    wo: jax.Array  # F x D
+
+    @staticmethod
+    def init(d_model, d_ff, *, key, dtype) -> ReluMLP:
+        ki, ko = jax.random.split(key)
+        return ReluMLP(
+            wi=_normal(ki, (d_model, d_ff), d_model**-0.5, dtype),
+            wo=_normal(ko, (d_ff, d_model), d_ff**-0.5, dtype),
+        )
+
+    def __call__(self, x_BxTxD, cd) -> jax.Array:
+        x = x_BxTxD.astype(cd)
+        return jax.nn.relu(x @ self.wi.astype(cd)) @ self.wo.astype(cd)

@@ -1,0 +1,350 @@
+"""The T5 encoder-decoder: init, encode, teacher-forced decode, and one-step cached decode.
+
+Forward passes are pure functions of (model, inputs); the KV cache is passed in and returned.
+Blocks of a stack are stored stacked along a leading "layers" axis and run with lax.scan (or
+unrolled, `cfg.scan_layers=False`). The relative position bias is computed once per stack and
+shared by its layers; cross-attention has no position bias (as in T5).
+
+Numerics: matmul inputs are cast to `cfg.compute_dtype`; the residual stream, RMSNorm,
+softmax and logits are float32.
+
+Shape legend (used in names like `logits_BxTxV`):
+  B batch, S source (prompt) length, T target (response) length, D d_model, H heads,
+  K head dim (d_kv), F d_ff, V vocab, L layers.
+
+Token conventions (T5): pad 0, eos 1, unk 2; the decoder input is the target shifted right
+with the start token 0 (= pad), see `shift_right`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ipo_gap.configs import T5Config
+from ipo_gap.t5.layers import (
+    MASK_VALUE,
+    PARAM_AXES,
+    Attention,
+    GatedGeluMLP,
+    RelativeBias,
+    ReluMLP,
+    RMSNorm,
+)
+
+DECODER_START_ID = 0
+
+
+class EncoderBlock(eqx.Module):
+    ln_sa: RMSNorm
+    sa: Attention
+    ln_ff: RMSNorm
+    mlp: GatedGeluMLP | ReluMLP
+
+
+class DecoderBlock(eqx.Module):
+    ln_sa: RMSNorm
+    sa: Attention
+    ln_ca: RMSNorm
+    ca: Attention
+    ln_ff: RMSNorm
+    mlp: GatedGeluMLP | ReluMLP
+
+
+class Stack(eqx.Module):
+    layers: EncoderBlock | DecoderBlock  # arrays carry a leading L axis
+    rel: RelativeBias
+    final_ln: RMSNorm
+
+
+class T5(eqx.Module):
+    """A T5 (v1.1 or original) encoder-decoder. Holds arrays and its static config only."""
+
+    embedding: jax.Array  # V x D, shared by encoder and decoder
+    encoder: Stack
+    decoder: Stack
+    lm_head: jax.Array | None  # D x V; None when tied to the embedding
+    cfg: T5Config = eqx.field(static=True)
+
+
+class DecodeCache(NamedTuple):
+    """KV cache of one decoding run: self-attention K/V grow one position per step."""
+
+    self_k: jax.Array  # L x B x T x H x K
+    self_v: jax.Array  # L x B x T x H x K
+    cross_k: jax.Array  # L x B x S x H x K (computed once from the encoder output)
+    cross_v: jax.Array  # L x B x S x H x K
+    src_mask: jax.Array  # B x S
+    index: jax.Array  # int32 scalar: position of the next token to decode
+
+
+def _mlp_init(cfg: T5Config, key, dtype):
+    cls = GatedGeluMLP if cfg.feed_forward == "gated-gelu" else ReluMLP
+    return cls.init(cfg.d_model, cfg.d_ff, key=key, dtype=dtype)
+
+
+def _encoder_block(cfg: T5Config, key) -> EncoderBlock:
+    ka, km = jax.random.split(key)
+    dt, eps = cfg.param_jnp_dtype, cfg.layer_norm_epsilon
+    return EncoderBlock(
+        ln_sa=RMSNorm.init(cfg.d_model, eps, dt),
+        sa=Attention.init(cfg.d_model, cfg.num_heads, cfg.d_kv, key=ka, dtype=dt),
+        ln_ff=RMSNorm.init(cfg.d_model, eps, dt),
+        mlp=_mlp_init(cfg, km, dt),
+    )
+
+
+def _decoder_block(cfg: T5Config, key) -> DecoderBlock:
+    ka, kc, km = jax.random.split(key, 3)
+    dt, eps = cfg.param_jnp_dtype, cfg.layer_norm_epsilon
+    return DecoderBlock(
+        ln_sa=RMSNorm.init(cfg.d_model, eps, dt),
+        sa=Attention.init(cfg.d_model, cfg.num_heads, cfg.d_kv, key=ka, dtype=dt),
+        ln_ca=RMSNorm.init(cfg.d_model, eps, dt),
+        ca=Attention.init(cfg.d_model, cfg.num_heads, cfg.d_kv, key=kc, dtype=dt),
+        ln_ff=RMSNorm.init(cfg.d_model, eps, dt),
+        mlp=_mlp_init(cfg, km, dt),
+    )
+
+
+def _stack(cfg: T5Config, block_fn, num_layers: int, bidirectional: bool, key) -> Stack:
+    kl, kr = jax.random.split(key)
+    layers = eqx.filter_vmap(lambda k: block_fn(cfg, k))(jax.random.split(kl, num_layers))
+    rel = RelativeBias.init(
+        cfg.relative_attention_num_buckets,
+        cfg.num_heads,
+        cfg.relative_attention_max_distance,
+        bidirectional,
+        cfg.d_model,
+        key=kr,
+        dtype=cfg.param_jnp_dtype,
+    )
+    return Stack(
+        layers=layers,
+        rel=rel,
+        final_ln=RMSNorm.init(cfg.d_model, cfg.layer_norm_epsilon, cfg.param_jnp_dtype),
+    )
+
+
+def init(cfg: T5Config, *, key: jax.Array) -> T5:
+    """Initialises a T5 with Mesh-TF T5's scheme (embedding N(0,1), fan-in scaled weights)."""
+    ke, kenc, kdec, kh = jax.random.split(key, 4)
+    dt = cfg.param_jnp_dtype
+    embedding = jax.random.normal(ke, (cfg.vocab_size, cfg.d_model), jnp.float32).astype(dt)
+    lm_head = None
+    if not cfg.tie_word_embeddings:
+        lm_head = (
+            cfg.d_model**-0.5 * jax.random.normal(kh, (cfg.d_model, cfg.vocab_size), jnp.float32)
+        ).astype(dt)
+    return T5(
+        embedding=embedding,
+        encoder=_stack(cfg, _encoder_block, cfg.num_encoder_layers, True, kenc),
+        decoder=_stack(cfg, _decoder_block, cfg.num_decoder_layers, False, kdec),
+        lm_head=lm_head,
+        cfg=cfg,
+    )
+
+
+def num_params(model: T5) -> int:
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Axes:
+    """Logical axis names of one parameter (a pytree leaf, unlike a tuple)."""
+
+    names: tuple[str | None, ...]
+
+
+def logical_axes(model: T5):
+    """A pytree like `model` whose leaves are the `Axes` of each parameter."""
+
+    def axes_of(path, leaf):
+        names = [getattr(p, "name", None) for p in path]
+        field = names[-1]
+        if field not in PARAM_AXES:
+            raise KeyError(f"no logical axes for parameter {jax.tree_util.keystr(path)}")
+        axes = PARAM_AXES[field]
+        if "layers" in names:
+            axes = ("layers",) + axes
+        if len(axes) != leaf.ndim:
+            raise ValueError(
+                f"parameter {jax.tree_util.keystr(path)} has shape {leaf.shape} "
+                f"but logical axes {axes}"
+            )
+        return Axes(axes)
+
+    return jax.tree_util.tree_map_with_path(axes_of, model)
+
+
+def _run_layers(layers, carry, xs, fn, scan: bool):
+    """carry, ys = fold of fn(carry, layer_i, xs_i) over the stacked layers."""
+    if scan:
+        params, static = eqx.partition(layers, eqx.is_array)
+
+        def body(c, inp):
+            p, x = inp
+            return fn(c, eqx.combine(p, static), x)
+
+        return jax.lax.scan(body, carry, (params, xs))
+    num = jax.tree.leaves(layers)[0].shape[0]
+    ys = []
+    for i in range(num):
+        layer_i = jax.tree.map(lambda a, i=i: a[i], layers)
+        carry, y = fn(carry, layer_i, jax.tree.map(lambda a, i=i: a[i], xs))
+        ys.append(y)
+    if ys[0] is None:
+        return carry, None
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def _key_mask_bias(mask_BxS: jax.Array) -> jax.Array:
+    """B x 1 x 1 x S additive bias: 0 on real keys, MASK_VALUE on padding."""
+    return jnp.where(mask_BxS.astype(bool), 0.0, MASK_VALUE)[:, None, None, :]
+
+
+def _check_tokens(name: str, tokens, ndim: int = 2):
+    if tokens.ndim != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(
+            f"{name} must be an integer array of rank {ndim}, "
+            f"got shape {tokens.shape} dtype {tokens.dtype}"
+        )
+
+
+def encode(model: T5, src_BxS: jax.Array, src_mask_BxS: jax.Array) -> jax.Array:
+    """Runs the encoder; returns the final hidden states BxSxD (float32)."""
+    _check_tokens("src_BxS", src_BxS)
+    if src_mask_BxS.shape != src_BxS.shape:
+        raise ValueError(f"src_mask shape {src_mask_BxS.shape} != src shape {src_BxS.shape}")
+    cfg, cd = model.cfg, model.cfg.compute_jnp_dtype
+    x = model.embedding[src_BxS].astype(jnp.float32)
+    pos_S = jnp.arange(src_BxS.shape[1])
+    bias = model.encoder.rel(pos_S, pos_S)[None] + _key_mask_bias(src_mask_BxS)
+
+    def block(x, layer: EncoderBlock, _):
+        h = layer.ln_sa(x, cd)
+        x = x + layer.sa(h, h, bias, cd).astype(jnp.float32)
+        x = x + layer.mlp(layer.ln_ff(x, cd), cd).astype(jnp.float32)
+        return x, None
+
+    x, _ = _run_layers(model.encoder.layers, x, None, block, cfg.scan_layers)
+    return model.encoder.final_ln(x, jnp.float32)
+
+
+def _logits(model: T5, h_BxTxD: jax.Array) -> jax.Array:
+    cd = model.cfg.compute_jnp_dtype
+    if model.lm_head is None:  # original T5: tied head with d_model**-0.5 output scaling
+        h = (h_BxTxD * model.cfg.d_model**-0.5).astype(cd)
+        return jnp.einsum(
+            "btd,vd->btv", h, model.embedding.astype(cd), preferred_element_type=jnp.float32
+        )
+    return jnp.einsum(
+        "btd,dv->btv",
+        h_BxTxD.astype(cd),
+        model.lm_head.astype(cd),
+        preferred_element_type=jnp.float32,
+    )
+
+
+def shift_right(targets_BxT: jax.Array) -> jax.Array:
+    """Decoder inputs for teacher forcing: [start, y_0, ..., y_{T-2}]."""
+    start = jnp.full_like(targets_BxT[:, :1], DECODER_START_ID)
+    return jnp.concatenate([start, targets_BxT[:, :-1]], axis=1)
+
+
+def decode(
+    model: T5, enc_BxSxD: jax.Array, src_mask_BxS: jax.Array, dec_in_BxT: jax.Array
+) -> jax.Array:
+    """Teacher-forced decoder: logits BxTxV (float32) for the decoder inputs (see shift_right)."""
+    _check_tokens("dec_in_BxT", dec_in_BxT)
+    if enc_BxSxD.shape[:2] != src_mask_BxS.shape:
+        raise ValueError(
+            f"encoder output {enc_BxSxD.shape} does not match src_mask {src_mask_BxS.shape}"
+        )
+    if enc_BxSxD.shape[0] != dec_in_BxT.shape[0]:
+        raise ValueError(
+            f"batch of encoder output {enc_BxSxD.shape} != decoder inputs {dec_in_BxT.shape}"
+        )
+    cfg, cd = model.cfg, model.cfg.compute_jnp_dtype
+    T = dec_in_BxT.shape[1]
+    x = model.embedding[dec_in_BxT].astype(jnp.float32)
+    pos_T = jnp.arange(T)
+    causal_TxT = jnp.where(pos_T[None, :] <= pos_T[:, None], 0.0, MASK_VALUE)
+    self_bias = (model.decoder.rel(pos_T, pos_T) + causal_TxT)[None]
+    cross_bias = _key_mask_bias(src_mask_BxS)
+
+    def block(x, layer: DecoderBlock, _):
+        h = layer.ln_sa(x, cd)
+        x = x + layer.sa(h, h, self_bias, cd).astype(jnp.float32)
+        x = x + layer.ca(layer.ln_ca(x, cd), enc_BxSxD, cross_bias, cd).astype(jnp.float32)
+        x = x + layer.mlp(layer.ln_ff(x, cd), cd).astype(jnp.float32)
+        return x, None
+
+    x, _ = _run_layers(model.decoder.layers, x, None, block, cfg.scan_layers)
+    return _logits(model, model.decoder.final_ln(x, jnp.float32))
+
+
+def forward(model: T5, src_BxS, src_mask_BxS, dec_in_BxT) -> jax.Array:
+    """encode + teacher-forced decode: logits BxTxV."""
+    return decode(model, encode(model, src_BxS, src_mask_BxS), src_mask_BxS, dec_in_BxT)
+
+
+def init_cache(
+    model: T5, enc_BxSxD: jax.Array, src_mask_BxS: jax.Array, max_len: int
+) -> DecodeCache:
+    """An empty cache for `max_len` decoder positions, with cross-attention K/V precomputed."""
+    cfg, cd = model.cfg, model.cfg.compute_jnp_dtype
+    B = enc_BxSxD.shape[0]
+    cross_k, cross_v = eqx.filter_vmap(lambda ca: ca.project_kv(enc_BxSxD, cd))(
+        model.decoder.layers.ca
+    )
+    shape = (cfg.num_decoder_layers, B, max_len, cfg.num_heads, cfg.d_kv)
+    return DecodeCache(
+        self_k=jnp.zeros(shape, cd),
+        self_v=jnp.zeros(shape, cd),
+        cross_k=cross_k,
+        cross_v=cross_v,
+        src_mask=src_mask_BxS,
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def decode_step(model: T5, cache: DecodeCache, token_B: jax.Array):
+    """Feeds one decoder input token per row; returns (logits BxV float32, updated cache).
+
+    The first call feeds DECODER_START_ID; the logits it returns are those of the first
+    response token, exactly as column 0 of `decode`'s teacher-forced logits.
+    """
+    _check_tokens("token_B", token_B, ndim=1)
+    cfg, cd = model.cfg, model.cfg.compute_jnp_dtype
+    t = cache.index
+    max_len = cache.self_k.shape[2]
+    x = model.embedding[token_B][:, None, :].astype(jnp.float32)
+    pos_T = jnp.arange(max_len)
+    causal_T = jnp.where(pos_T <= t, 0.0, MASK_VALUE)
+    self_bias = (model.decoder.rel(t[None], pos_T) + causal_T)[None]  # 1 x H x 1 x T
+    cross_bias = _key_mask_bias(cache.src_mask)
+
+    def block(carry, layer: DecoderBlock, xs):
+        x, self_k, self_v = carry
+        idx, ck, cv = xs
+        h = layer.ln_sa(x, cd)
+        k_new, v_new = layer.sa.project_kv(h, cd)
+        start = (idx, 0, t, 0, 0)
+        self_k = jax.lax.dynamic_update_slice(self_k, k_new[None].astype(self_k.dtype), start)
+        self_v = jax.lax.dynamic_update_slice(self_v, v_new[None].astype(self_v.dtype), start)
+        x = x + layer.sa.attend(h, self_k[idx], self_v[idx], self_bias, cd).astype(jnp.float32)
+        x = x + layer.ca.attend(layer.ln_ca(x, cd), ck, cv, cross_bias, cd).astype(jnp.float32)
+        x = x + layer.mlp(layer.ln_ff(x, cd), cd).astype(jnp.float32)
+        return (x, self_k, self_v), None
+
+    xs = (jnp.arange(cfg.num_decoder_layers), cache.cross_k, cache.cross_v)
+    (x, self_k, self_v), _ = _run_layers(
+        model.decoder.layers, (x, cache.self_k, cache.self_v), xs, block, cfg.scan_layers
+    )
+    logits = _logits(model, model.decoder.final_ln(x, jnp.float32))[:, 0]
+    return logits, cache._replace(self_k=self_k, self_v=self_v, index=t + 1)

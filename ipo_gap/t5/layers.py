@@ -36,8 +36,9 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 MASK_VALUE = -1e9
 
 
-def _normal(key, shape, std, dtype):
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+# Initialisers receive `draw(shape, std) -> array`, a source of N(0, std^2) arrays (see
+# t5/model.py: all draws of a model are slices of one random vector, which compiles fast), and
+# `lead`, the shape of leading stacking axes (the layers of a stack).
 
 
 class RMSNorm(eqx.Module):
@@ -47,8 +48,8 @@ class RMSNorm(eqx.Module):
     eps: float = eqx.field(static=True)
 
     @staticmethod
-    def init(d_model: int, eps: float, dtype) -> RMSNorm:
-        return RMSNorm(scale=jnp.ones((d_model,), dtype), eps=eps)
+    def init(d_model: int, eps: float, dtype, lead=()) -> RMSNorm:
+        return RMSNorm(scale=jnp.ones((*lead, d_model), dtype), eps=eps)
 
     def __call__(self, x_BxTxD: jax.Array, compute_dtype) -> jax.Array:
         x = x_BxTxD.astype(jnp.float32)
@@ -92,8 +93,8 @@ class RelativeBias(eqx.Module):
     max_distance: int = eqx.field(static=True)
 
     @staticmethod
-    def init(num_buckets, num_heads, max_distance, bidirectional, d_model, *, key, dtype):
-        table = _normal(key, (num_buckets, num_heads), d_model**-0.5, dtype)
+    def init(num_buckets, num_heads, max_distance, bidirectional, d_model, *, draw):
+        table = draw((num_buckets, num_heads), d_model**-0.5)
         return RelativeBias(rel_bias=table, bidirectional=bidirectional, max_distance=max_distance)
 
     def __call__(self, query_pos_Q: jax.Array, key_pos_T: jax.Array) -> jax.Array:
@@ -116,15 +117,14 @@ class Attention(eqx.Module):
     o: jax.Array  # H x K x D
 
     @staticmethod
-    def init(d_model, num_heads, d_kv, *, key, dtype) -> Attention:
-        kq, kk, kv, ko = jax.random.split(key, 4)
-        shape = (d_model, num_heads, d_kv)
+    def init(d_model, num_heads, d_kv, *, draw, lead=()) -> Attention:
+        shape = (*lead, d_model, num_heads, d_kv)
         # Mesh-TF T5 initialisation (the 1/sqrt(K) scaling lives in q's init, not the logits).
         return Attention(
-            q=_normal(kq, shape, (d_model * d_kv) ** -0.5, dtype),
-            k=_normal(kk, shape, d_model**-0.5, dtype),
-            v=_normal(kv, shape, d_model**-0.5, dtype),
-            o=_normal(ko, (num_heads, d_kv, d_model), (num_heads * d_kv) ** -0.5, dtype),
+            q=draw(shape, (d_model * d_kv) ** -0.5),
+            k=draw(shape, d_model**-0.5),
+            v=draw(shape, d_model**-0.5),
+            o=draw((*lead, num_heads, d_kv, d_model), (num_heads * d_kv) ** -0.5),
         )
 
     def project_kv(self, x_BxTxD: jax.Array, cd) -> tuple[jax.Array, jax.Array]:
@@ -155,12 +155,11 @@ class GatedGeluMLP(eqx.Module):
     wo: jax.Array  # F x D
 
     @staticmethod
-    def init(d_model, d_ff, *, key, dtype) -> GatedGeluMLP:
-        k0, k1, ko = jax.random.split(key, 3)
+    def init(d_model, d_ff, *, draw, lead=()) -> GatedGeluMLP:
         return GatedGeluMLP(
-            wi_0=_normal(k0, (d_model, d_ff), d_model**-0.5, dtype),
-            wi_1=_normal(k1, (d_model, d_ff), d_model**-0.5, dtype),
-            wo=_normal(ko, (d_ff, d_model), d_ff**-0.5, dtype),
+            wi_0=draw((*lead, d_model, d_ff), d_model**-0.5),
+            wi_1=draw((*lead, d_model, d_ff), d_model**-0.5),
+            wo=draw((*lead, d_ff, d_model), d_ff**-0.5),
         )
 
     def __call__(self, x_BxTxD, cd) -> jax.Array:
@@ -176,11 +175,10 @@ class ReluMLP(eqx.Module):
     wo: jax.Array  # F x D
 
     @staticmethod
-    def init(d_model, d_ff, *, key, dtype) -> ReluMLP:
-        ki, ko = jax.random.split(key)
+    def init(d_model, d_ff, *, draw, lead=()) -> ReluMLP:
         return ReluMLP(
-            wi=_normal(ki, (d_model, d_ff), d_model**-0.5, dtype),
-            wo=_normal(ko, (d_ff, d_model), d_ff**-0.5, dtype),
+            wi=draw((*lead, d_model, d_ff), d_model**-0.5),
+            wo=draw((*lead, d_ff, d_model), d_ff**-0.5),
         )
 
     def __call__(self, x_BxTxD, cd) -> jax.Array:

@@ -1,0 +1,262 @@
+"""Checkpoints: read Hugging Face T5 checkpoints (numpy only), and orbax train states.
+
+`load_hf_t5(directory)` reads a Hugging Face T5 directory (config.json plus model.safetensors,
+or a sharded model.safetensors.index.json) without torch, so public t5-v1_1-* and flan-t5-*
+checkpoints start a run. Train-state save/restore lives in ipo_gap/train_state_io.py and is
+re-exported here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from ipo_gap.configs import T5Config
+from ipo_gap.t5 import model as t5
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """Reads every tensor of a .safetensors file into numpy arrays (memory-mapped)."""
+    path = pathlib.Path(path)
+    try:
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from e
+    if raw.size < 8:
+        raise CheckpointError(f"{path}: too short to be a safetensors file ({raw.size} bytes)")
+    (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
+    if header_len > raw.size - 8:
+        raise CheckpointError(
+            f"{path}: header length {header_len} exceeds the file size "
+            f"{raw.size} (truncated or not a safetensors file)"
+        )
+    try:
+        header = json.loads(raw[8 : 8 + header_len].tobytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: malformed safetensors header: {e}") from e
+    base = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end - start != math.prod(shape) * dtype.itemsize or base + end > raw.size:
+            raise CheckpointError(
+                f"{path}: tensor {name} ({info['dtype']} {list(shape)}) has "
+                f"inconsistent offsets {start}..{end} (file truncated?)"
+            )
+        tensors[name] = raw[base + start : base + end].view(dtype).reshape(shape)
+    return tensors
+
+
+def _read_hf_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(read_safetensors(directory / shard))
+        missing = set(weight_map) - set(tensors)
+        if missing:
+            raise CheckpointError(
+                f"{index}: tensors listed but absent from shards: {sorted(missing)[:5]}"
+            )
+        return tensors
+    if single.exists():
+        return read_safetensors(single)
+    bins = list(directory.glob("*.bin"))
+    hint = " (only PyTorch .bin files found: convert them to safetensors)" if bins else ""
+    raise CheckpointError(
+        f"{directory}: no model.safetensors or model.safetensors.index.json{hint}"
+    )
+
+
+def hf_config_to_t5(
+    hf: dict, *, has_lm_head: bool, source: str = "config.json", **overrides
+) -> T5Config:
+    """Translates a Hugging Face T5Config dict into ours.
+
+    Head tying follows transformers: the original T5 ties the LM head to the shared embedding
+    and scales the decoder output by d_model**-0.5; T5 v1.1 has its own head, unscaled.
+    transformers 4.x records this as tie_word_embeddings; 5.x always writes
+    tie_word_embeddings=true and records the scaling in scale_decoder_outputs, untying when
+    the file has its own lm_head.weight. So: scaled => tied (a stored lm_head.weight is a
+    duplicate and ignored); unscaled => untied, and lm_head.weight must be present.
+    """
+    ff = hf.get("feed_forward_proj", "relu")
+    if ff not in ("relu", "gated-gelu"):
+        raise CheckpointError(
+            f"{source}: feed_forward_proj={ff!r} is not supported (only 'relu' and 'gated-gelu')"
+        )
+    scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
+    if not scaled and not has_lm_head:
+        raise CheckpointError(
+            f"{source}: the LM head is untied (no output scaling) but the "
+            f"checkpoint has no lm_head.weight"
+        )
+    fields = {
+        "vocab_size": hf["vocab_size"],
+        "d_model": hf["d_model"],
+        "d_ff": hf["d_ff"],
+        "num_heads": hf["num_heads"],
+        "d_kv": hf["d_kv"],
+        "num_encoder_layers": hf["num_layers"],
+        "num_decoder_layers": hf.get("num_decoder_layers") or hf["num_layers"],
+        "relative_attention_num_buckets": hf.get("relative_attention_num_buckets", 32),
+        "relative_attention_max_distance": hf.get("relative_attention_max_distance", 128),
+        "feed_forward": ff,
+        "tie_word_embeddings": bool(scaled),
+        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-6),
+        "name": hf.get("_name_or_path", "") or "hf-t5",
+    }
+    fields.update(overrides)
+    return T5Config(**fields)
+
+
+def _hf_names(path_names: list[str], cfg: T5Config) -> tuple[list[str], str]:
+    """HF tensor names (one per layer for stacked params) and how to convert each."""
+    field = path_names[-1]
+    if path_names == ["embedding"]:
+        return ["shared.weight"], "copy"
+    if path_names == ["lm_head"]:
+        return ["lm_head.weight"], "transpose"
+    stack = path_names[0]  # encoder | decoder
+    if path_names[1] == "final_ln":
+        return [f"{stack}.final_layer_norm.weight"], "copy"
+    if path_names[1] == "rel":
+        return [f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"], "copy"
+    sub = path_names[2]  # ln_sa, sa, ln_ca, ca, ln_ff, mlp
+    decoder = stack == "decoder"
+    layer_idx = {
+        "ln_sa": 0,
+        "sa": 0,
+        "ln_ca": 1,
+        "ca": 1,
+        "ln_ff": 2 if decoder else 1,
+        "mlp": 2 if decoder else 1,
+    }[sub]
+    module = {"sa": "SelfAttention", "ca": "EncDecAttention", "mlp": "DenseReluDense"}.get(sub)
+    suffix = "layer_norm.weight" if module is None else f"{module}.{field}.weight"
+    L = cfg.num_decoder_layers if decoder else cfg.num_encoder_layers
+    names = [f"{stack}.block.{i}.layer.{layer_idx}.{suffix}" for i in range(L)]
+    kind = (
+        "copy"
+        if module is None
+        else {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o"}.get(field, "transpose")
+    )
+    return names, kind
+
+
+def _convert(w: np.ndarray, kind: str, cfg: T5Config) -> np.ndarray:
+    H, K = cfg.num_heads, cfg.d_kv
+    if kind == "copy":
+        return w
+    if kind == "transpose":  # torch Linear [out, in] -> [in, out]
+        return w.T
+    if kind == "qkv":  # [H*K, D] -> [D, H, K]
+        return w.T.reshape(w.shape[1], H, K)
+    if kind == "o":  # [D, H*K] -> [H, K, D]
+        return w.T.reshape(H, K, w.shape[0])
+    raise AssertionError(kind)
+
+
+def load_hf_t5(directory, *, param_dtype: str = "float32", **config_overrides):
+    """Loads a Hugging Face T5 checkpoint directory into (T5Config, T5 model).
+
+    Args:
+      directory: holds config.json and model.safetensors (or a sharded
+        model.safetensors.index.json with its shards).
+      param_dtype: dtype to store the parameters in.
+      **config_overrides: other T5Config fields (compute_dtype, scan_layers, ...).
+
+    Raises:
+      CheckpointError: a missing file, an unsupported variant, a missing or unexpected tensor,
+        or a shape mismatch (naming the parameter and both shapes).
+    """
+    directory = pathlib.Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{directory}: no config.json")
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
+    tensors = _read_hf_tensors(directory)
+    try:
+        cfg = hf_config_to_t5(
+            hf,
+            has_lm_head="lm_head.weight" in tensors,
+            source=str(config_path),
+            param_dtype=param_dtype,
+            **config_overrides,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{config_path}: missing field {e}") from e
+    abstract = jax.eval_shape(lambda: t5.init(cfg, key=jax.random.key(0)))
+    used = set()
+
+    def fill(path, leaf):
+        names = [p.name for p in path]
+        hf_names, kind = _hf_names(names, cfg)
+        missing = [n for n in hf_names if n not in tensors]
+        if missing:
+            raise CheckpointError(
+                f"{directory}: tensor {missing[0]} (for parameter "
+                f"{'.'.join(names)}) is missing from the checkpoint"
+            )
+        arrays = [_convert(np.asarray(tensors[n]), kind, cfg) for n in hf_names]
+        value = arrays[0] if len(arrays) == 1 and "layers" not in names else np.stack(arrays)
+        if value.shape != leaf.shape:
+            raise CheckpointError(
+                f"{directory}: parameter {'.'.join(names)} (from {hf_names[0]}) has shape "
+                f"{tuple(value.shape)} after conversion but the model expects "
+                f"{tuple(leaf.shape)}"
+            )
+        used.update(hf_names)
+        return jnp.asarray(value.astype(np.float32), dtype=leaf.dtype)
+
+    model = jax.tree_util.tree_map_with_path(fill, abstract)
+    # HF ignores these: embeddings duplicated per stack, a stray cross-attention bias table.
+    ignorable = {
+        "encoder.embed_tokens.weight",
+        "decoder.embed_tokens.weight",
+        "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
+    }
+    if cfg.tie_word_embeddings:
+        ignorable.add("lm_head.weight")
+    unexpected = sorted(set(tensors) - used - ignorable)
+    if unexpected:
+        raise CheckpointError(
+            f"{directory}: unexpected tensors not used by the model: "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    return cfg, model

@@ -1,0 +1,91 @@
+"""Smoke run: SFT a toy T5 policy for a few steps on a synthetic task, then sample from it.
+
+Exercises the real path end to end on a CPU in about a minute: a SentencePiece tokenizer
+trained on the task's text, a T5 v1.1 (toy-s preset), the jitted SFT step with optax Adam,
+and the KV-cached ancestral sampler. The task: the prompt lists words, the response repeats
+them in reverse order. Usage:
+
+  python experiments/smoke.py --steps=150
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+
+from ipo_gap import sampling
+from ipo_gap.configs import model_preset
+from ipo_gap.t5 import model as t5
+from ipo_gap.tokenizer import Tokenizer
+from ipo_gap.train.steps import SeqBatch, make_sft_step
+
+_STEPS = flags.DEFINE_integer("steps", 150, "SFT steps.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Examples per step.")
+_LR = flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and sampling.")
+_PRESET = flags.DEFINE_string("model", "toy-s", "Model preset (ipo_gap.configs).")
+
+WORDS = (
+    "apple river stone cloud green quick seven amber lemon tiger piano ocean silver "
+    "forest candle rocket violet marble winter orange"
+).split()
+
+
+def make_examples(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    out = []
+    for _ in range(n):
+        words = rng.sample(WORDS, rng.randint(2, 5))
+        out.append(("reverse: " + " ".join(words), " ".join(reversed(words))))
+    return out
+
+
+def main(argv):
+    del argv
+    rng = random.Random(_SEED.value)
+    train = make_examples(rng, 4000)
+    tok = Tokenizer.train((t for pair in train for t in pair), vocab_size=64)
+    cfg = model_preset(_PRESET.value, vocab_size=tok.vocab_size)
+    logging.info("tokenizer %s, model %s: %d params", tok, cfg.name, cfg.num_params())
+    key_init, key_sample = jax.random.split(jax.random.key(_SEED.value))
+    model = t5.init(cfg, key=key_init)
+    optimizer = optax.adam(_LR.value)
+    opt_state = optimizer.init(model)
+    step_fn = make_sft_step(optimizer)
+    src = tok.encode([p for p, _ in train], 16)
+    tgt = tok.encode([r for _, r in train], 16)
+    order = np.random.default_rng(_SEED.value).permutation(len(train))
+    start = time.time()
+    for step in range(_STEPS.value):
+        idx = order[np.arange(step * _BATCH.value, (step + 1) * _BATCH.value) % len(train)]
+        batch = SeqBatch(
+            jnp.asarray(src.ids[idx]),
+            jnp.asarray(src.mask[idx]),
+            jnp.asarray(tgt.ids[idx]),
+            jnp.asarray(tgt.mask[idx]),
+        )
+        model, opt_state, metrics = step_fn(model, opt_state, batch)
+        if step % 25 == 0 or step == _STEPS.value - 1:
+            elapsed = time.time() - start
+            rate = (step + 1) / elapsed
+            print(
+                f"step {step + 1}/{_STEPS.value}  loss {float(metrics['loss']):.3f}  "
+                f"{rate:.1f} steps/s  ETA {(_STEPS.value - step - 1) / rate:.0f}s",
+                flush=True,
+            )
+    tests = make_examples(random.Random(_SEED.value + 1), 4)
+    enc = tok.encode([p for p, _ in tests], 16)
+    out = sampling.sample(
+        model, jnp.asarray(enc.ids), jnp.asarray(enc.mask), key=key_sample, max_len=16
+    )
+    for (prompt, want), got in zip(tests, tok.decode(np.asarray(out.tokens)), strict=True):
+        print(f"{prompt!r} -> sampled {got!r} (target {want!r})")
+
+
+if __name__ == "__main__":
+    app.run(main)

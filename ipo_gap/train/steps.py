@@ -33,7 +33,10 @@ def sft_loss_fn(model: t5.T5, batch: SeqBatch):
 
 
 def make_sft_step(optimizer: optax.GradientTransformation):
-    """Returns step(model, opt_state, batch) -> (model, opt_state, metrics), jitted; donates model and optimizer state."""
+    """Returns a jitted step(model, opt_state, batch) -> (model, opt_state, metrics).
+
+    The model and optimizer state passed in are donated (their buffers are reused).
+    """
 
     @eqx.filter_jit(donate="all")
     def step(model, opt_state, batch: SeqBatch):

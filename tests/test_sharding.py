@@ -1,0 +1,272 @@
+"""Tests of ipo_gap/sharding.py: mesh specs, logical rules, and sharded = unsharded numerics.
+
+The multi-device checks run in a subprocess with 8 simulated CPU devices (XLA_FLAGS must be set
+before JAX is imported, so they cannot share this process's JAX).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import run_with_devices
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from ipo_gap import sharding as sh
+from ipo_gap.configs import T5Config
+from ipo_gap.t5 import model as t5
+
+
+def _tiny_cfg(**overrides) -> T5Config:
+    base = {
+        "vocab_size": 64,
+        "d_model": 32,
+        "d_ff": 64,
+        "num_heads": 4,
+        "d_kv": 8,
+        "num_encoder_layers": 2,
+        "num_decoder_layers": 2,
+    }
+    return T5Config(**{**base, **overrides})
+
+
+# --- mesh specs -----------------------------------------------------------------------------
+
+
+def test_parse_mesh_spec_valid():
+    assert sh.parse_mesh_spec("data:4,model:2") == {"data": 4, "model": 2}
+    assert list(sh.parse_mesh_spec(" model:2 , data:4 ")) == ["model", "data"]
+    assert sh.parse_mesh_spec("data:-1") == {"data": -1}
+    assert sh.parse_mesh_spec(sh.DEFAULT_MESH_SPEC) == {"data": 1}
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("", "non-empty"),
+        ("data", "expected NAME:SIZE"),
+        ("data=4", "expected NAME:SIZE"),
+        ("data:4,", "expected NAME:SIZE"),
+        ("data:x", "expected NAME:SIZE"),
+        ("4:data", "expected NAME:SIZE"),
+        ("data:0", "must be > 0 or -1"),
+        ("data:-2", "must be > 0 or -1"),
+        ("data:2,data:2", "duplicate mesh axis 'data'"),
+        ("data:-1,model:-1", "at most one"),
+    ],
+)
+def test_parse_mesh_spec_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        sh.parse_mesh_spec(spec)
+
+
+def test_make_mesh_single_device():
+    mesh = sh.make_mesh()
+    assert dict(mesh.shape) == {"data": 1}
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+    assert dict(sh.make_mesh("data:-1").shape) == {"data": jax.device_count()}
+    assert dict(sh.make_mesh({"data": 1, "model": 1}).shape) == {"data": 1, "model": 1}
+    with pytest.raises(ValueError, match="needs 2 devices but 1 are given"):
+        sh.make_mesh("data:2", devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="cannot be resolved"):
+        sh.make_mesh("data:-1,model:2", devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="must be > 0"):
+        sh.make_mesh({"data": 0})
+
+
+# --- logical rules --------------------------------------------------------------------------
+
+MESH_2x4 = AbstractMesh((2, 4), ("data", "model"))
+
+
+def test_logical_to_spec_rules():
+    rules = dict(sh.LOGICAL_RULES)
+    assert rules["batch"] == "data"
+    assert rules["heads"] == rules["mlp"] == rules["vocab"] == "model"
+    for name in ("kv", "embed", "layers", "relpos_buckets", "length"):
+        assert rules[name] is None
+    spec = sh.logical_to_spec(("layers", "embed", "heads", "kv"), sh.LOGICAL_RULES, MESH_2x4)
+    assert spec == PartitionSpec(None, None, "model", None)
+    spec = sh.logical_to_spec(("batch", "length", "vocab"), sh.LOGICAL_RULES, MESH_2x4)
+    assert spec == PartitionSpec("data", None, "model")
+    # No mesh: every rule's mesh axis is kept.
+    assert sh.logical_to_spec(("mlp", "embed")) == PartitionSpec("model", None)
+
+
+def test_logical_to_spec_missing_mesh_axis_replicates():
+    data_only = AbstractMesh((8,), ("data",))
+    spec = sh.logical_to_spec(("batch", "heads", "kv"), sh.LOGICAL_RULES, data_only)
+    assert spec == PartitionSpec("data", None, None)
+
+
+def test_logical_to_spec_indivisible_dim_replicates():
+    spec = sh.logical_to_spec(("embed", "heads", "kv"), sh.LOGICAL_RULES, MESH_2x4, (32, 6, 8))
+    assert spec == PartitionSpec(None, None, None)
+    spec = sh.logical_to_spec(("embed", "heads", "kv"), sh.LOGICAL_RULES, MESH_2x4, (32, 8, 8))
+    assert spec == PartitionSpec(None, "model", None)
+
+
+def test_logical_to_spec_uses_a_mesh_axis_once_and_rejects_unknown_names():
+    spec = sh.logical_to_spec(("heads", "mlp"), sh.LOGICAL_RULES, MESH_2x4)
+    assert spec == PartitionSpec("model", None)
+    with pytest.raises(KeyError, match="no sharding rule"):
+        sh.logical_to_spec(("nonsense",), sh.LOGICAL_RULES, MESH_2x4)
+    with pytest.raises(ValueError, match="appears twice"):
+        sh.logical_to_spec(("embed",), [("embed", None), ("embed", "model")], MESH_2x4)
+
+
+def test_sharding_fallbacks_lists_indivisible_params():
+    abstract = eqx.filter_eval_shape(t5.init, _tiny_cfg(num_heads=6), key=jax.random.key(0))
+    lines = sh.sharding_fallbacks(abstract, MESH_2x4)
+    assert any(line.startswith("decoder.layers.ca.q: dim 2 (heads=6)") for line in lines)
+    assert all("heads=6" in line for line in lines)
+    assert (
+        sh.sharding_fallbacks(
+            eqx.filter_eval_shape(t5.init, _tiny_cfg(), key=jax.random.key(0)), MESH_2x4
+        )
+        == []
+    )
+
+
+def test_model_and_cache_shardings_single_device():
+    model = t5.init(_tiny_cfg(), key=jax.random.key(0))
+    mesh = sh.make_mesh()
+    shardings = sh.model_shardings(model, mesh)
+    assert shardings.decoder.layers.mlp.wi_0.spec == PartitionSpec(None, None, None)
+    sharded = sh.shard_model(model, mesh)
+    assert sharded.cfg == model.cfg
+    assert jax.tree.structure(sharded) == jax.tree.structure(model)
+    np.testing.assert_array_equal(sharded.embedding, model.embedding)
+
+    enc = jnp.zeros((4, 5, 32))
+    cache = jax.eval_shape(lambda: t5.init_cache(model, enc, jnp.ones((4, 5)), 7))
+    cs = sh.cache_shardings(cache, mesh)
+    assert cs.self_k.spec == PartitionSpec(None, "data", None, None, None)
+    assert cs.src_mask.spec == PartitionSpec("data", None)
+    assert cs.index.spec == PartitionSpec()
+
+
+def test_batch_helpers():
+    mesh = sh.make_mesh()
+    assert sh.batch_sharding(mesh, 3).spec == PartitionSpec("data", None, None)
+    assert sh.batch_sharding(mesh, 0).spec == PartitionSpec()
+    out = sh.shard_batch({"x": np.arange(6).reshape(3, 2)}, mesh)
+    np.testing.assert_array_equal(out["x"], np.arange(6).reshape(3, 2))
+    assert sh.process_batch_slice(8) == slice(0, 8)
+    assert sh.process_batch_slice(8, process_index=1, process_count=4) == slice(2, 4)
+    with pytest.raises(ValueError, match="not divisible by 3 processes"):
+        sh.process_batch_slice(8, process_index=0, process_count=3)
+    sh.initialize_distributed(False)  # a no-op
+
+
+# --- 8 simulated devices --------------------------------------------------------------------
+
+MESHES = ("data:8", "data:4,model:2", "data:2,model:4")
+
+# Sharded sampling (ipo_gap.sampling.sample, model and prompts sharded, same key) must equal
+# unsharded sampling: tokens and mask exactly, log-probs within 1e-5. Checked at the policy
+# (temperature 1) on every mesh, and with truncation (top-k / top-p sort the vocab, which is
+# sharded over model) on the most model-parallel mesh only: each sampler compile costs ~5 s.
+SAMPLING_OPTS = {"exact": {}, "truncated": {"temperature": 0.7, "top_k": 10, "top_p": 0.9}}
+SAMPLING_MESHES = {"exact": MESHES, "truncated": ("data:2,model:4",)}
+
+_SCRIPT = """
+import json
+import jax, numpy as np
+from ipo_gap import sharding as sh
+from ipo_gap.configs import T5Config
+from ipo_gap.sampling import sample  # eqx.filter_jit-ed
+from ipo_gap.t5 import model as t5
+
+MESHES, SAMPLING_OPTS, SAMPLING_MESHES = __MESHES__, __SAMPLING_OPTS__, __SAMPLING_MESHES__
+cfg = T5Config(vocab_size=64, d_model=32, d_ff=64, num_heads=4, d_kv=8,
+               num_encoder_layers=2, num_decoder_layers=2)
+model = t5.init(cfg, key=jax.random.key(0))
+B, S, T = 8, 6, 5
+rng = np.random.default_rng(0)
+mask = (np.arange(S)[None, :] < np.array([6, 5, 4, 6, 3, 6, 2, 6])[:, None]).astype(np.int32)
+src = rng.integers(2, cfg.vocab_size, (B, S), dtype=np.int32) * mask
+dec_in = np.asarray(t5.shift_right(rng.integers(2, cfg.vocab_size, (B, T), dtype=np.int32)))
+forward = jax.jit(t5.forward)
+ref = np.asarray(forward(model, src, mask, dec_in))
+ref_s = {name: sample(model, src, mask, key=jax.random.key(7), max_len=6, **opts)
+         for name, opts in SAMPLING_OPTS.items()}
+
+def shard_shape(x):
+    return list(x.addressable_shards[0].data.shape)
+
+out = {"device_count": jax.device_count(), "meshes": {}}
+for spec in MESHES:
+    mesh = sh.make_mesh(spec)
+    m = sh.shard_model(model, mesh)
+    batch = sh.shard_batch((src, mask, dec_in), mesh)
+    logits = forward(m, *batch)
+    q = m.decoder.layers.sa.q
+    r = {
+        "max_abs_diff": float(np.max(np.abs(np.asarray(logits) - ref))),
+        "max_abs_logit": float(np.max(np.abs(ref))),
+        "q_spec": list(q.sharding.spec),
+        "q_shape": list(q.shape),
+        "q_shard_shape": shard_shape(q),
+        "wi_0_shard_shape": shard_shape(m.encoder.layers.mlp.wi_0),
+        "lm_head_shard_shape": shard_shape(m.lm_head),
+        "src_shard_shape": shard_shape(batch[0]),
+        "fallbacks": sh.sharding_fallbacks(model, mesh),
+        "sampling": {},
+    }
+    for name, opts in SAMPLING_OPTS.items():
+        if spec not in SAMPLING_MESHES[name]:
+            continue
+        got = sample(m, batch[0], batch[1], key=jax.random.key(7), max_len=6, **opts)
+        want = ref_s[name]
+        r["sampling"][name] = {
+            "tokens_equal": bool(np.array_equal(got.tokens, want.tokens)),
+            "mask_equal": bool(np.array_equal(got.mask, want.mask)),
+            "logprobs_max_abs_diff": float(
+                np.max(np.abs(np.asarray(got.logprobs) - np.asarray(want.logprobs)))),
+            "num_tokens": int(np.sum(want.mask)),
+        }
+    out["meshes"][spec] = r
+try:
+    sh.shard_batch(np.zeros((6, 3)), sh.make_mesh("data:4,model:2"))
+    out["batch_error"] = None
+except ValueError as e:
+    out["batch_error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def eight_device_result():
+    code = _SCRIPT.replace("__MESHES__", repr(MESHES))
+    code = code.replace("__SAMPLING_OPTS__", repr(SAMPLING_OPTS))
+    code = code.replace("__SAMPLING_MESHES__", repr(SAMPLING_MESHES))
+    return run_with_devices(code, num_devices=8)
+
+
+def test_sharded_equals_unsharded(eight_device_result):
+    res = eight_device_result
+    assert res["device_count"] == 8
+    assert set(res["meshes"]) == set(MESHES)
+    for spec, r in res["meshes"].items():
+        sizes = sh.parse_mesh_spec(spec)
+        data, model = sizes["data"], sizes.get("model", 1)
+        assert r["max_abs_diff"] < 1e-5, (spec, r)
+        assert r["fallbacks"] == [], (spec, r)
+        # q is L x D x H x K: heads over model when the mesh has a model axis.
+        L, D, H, K = r["q_shape"]
+        if model > 1:
+            assert r["q_spec"] == [None, None, "model", None], (spec, r)
+        else:
+            assert "model" not in r["q_spec"], (spec, r)
+        assert r["q_shard_shape"] == [L, D, H // model, K], (spec, r)
+        assert r["wi_0_shard_shape"] == [2, 32, 64 // model], (spec, r)
+        assert r["lm_head_shard_shape"] == [32, 64 // model], (spec, r)
+        assert r["src_shard_shape"] == [8 // data, 6], (spec, r)
+        assert set(r["sampling"]) == {n for n, ms in SAMPLING_MESHES.items() if spec in ms}
+        for name, s in r["sampling"].items():
+            assert s["tokens_equal"] and s["mask_equal"], (spec, name, s)
+            assert s["logprobs_max_abs_diff"] < 1e-5, (spec, name, s)
+    assert "not divisible by the mesh's 'data' axis of size 4" in res["batch_error"]

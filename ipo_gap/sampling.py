@@ -63,7 +63,7 @@ def process_logits(
     return logits
 
 
-def _validate(src_BxS, src_mask_BxS, max_len, temperature, top_k, top_p, vocab_size):
+def _validate(src_BxS, src_mask_BxS, max_len, temperature, top_k, top_p, min_len, vocab_size):
     if src_BxS.ndim != 2 or src_mask_BxS.shape != src_BxS.shape:
         raise ValueError(
             f"src must be B x S with a mask of the same shape, got "
@@ -77,6 +77,8 @@ def _validate(src_BxS, src_mask_BxS, max_len, temperature, top_k, top_p, vocab_s
         raise ValueError(f"top_k must be in [0, vocab_size={vocab_size}], got {top_k}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= min_len <= max_len:
+        raise ValueError(f"min_len must be in [0, max_len={max_len}], got {min_len}")
 
 
 @eqx.filter_jit
@@ -90,6 +92,7 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_len: int = 0,
 ) -> Samples:
     """Samples one response per prompt row. See `Samples` for the outputs.
 
@@ -101,13 +104,21 @@ def sample(
       temperature: 1 samples the policy; 0 is greedy (argmax); others rescale logits.
       top_k: keep the k most likely tokens (0 = off).
       top_p: nucleus truncation (1.0 = off).
+      min_len: forbid EOS before this many tokens (0 = off). Like top-k/top-p this changes
+        the distribution (benchmarks use it to force full-length responses).
     """
-    _validate(src_BxS, src_mask_BxS, max_len, temperature, top_k, top_p, model.cfg.vocab_size)
+    _validate(
+        src_BxS, src_mask_BxS, max_len, temperature, top_k, top_p, min_len, model.cfg.vocab_size
+    )
     B = src_BxS.shape[0]
     enc = t5.encode(model, src_BxS, src_mask_BxS)
     cache = t5.init_cache(model, enc, src_mask_BxS, max_len)
 
     def draw(logits_BxV, t):
+        if min_len:
+            logits_BxV = logits_BxV.at[:, EOS_ID].set(
+                jnp.where(t < min_len, -jnp.inf, logits_BxV[:, EOS_ID])
+            )
         if temperature == 0.0:
             token = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
             return token, jnp.zeros((B,), jnp.float32)

@@ -1,0 +1,254 @@
+"""Speed benchmark of ipo_gap's T5, side by side with the PyTorch peer (../shared/bench).
+
+Prints JSON lines. For each configuration of the peer benchmark (`toy`, and `small` = T5 v1.1
+small; same batch, prompt and response lengths as the peer):
+  fwd_bwd  teacher-forced forward + backward of the summed response log-probs (no optimizer):
+           response tokens/s; FLOPs = 3 * fwd(B*Lp, B*Lr).
+  sample   the jitted ancestral sampler at its exact defaults (temperature 1, no truncation),
+           full-length responses (EOS forbidden before Lr, as the peer's min_new_tokens):
+           generated tokens/s; FLOPs = fwd(B*Lp, B*Lr).
+FLOP model (the peer's, so the figures compare): attention-score matmuls, softmax, norms and
+embedding gathers excluded; N_enc_tok = encoder non-embedding params + decoder cross-attention
+K,V; N_dec_tok = the other decoder params + LM head; fwd(Te, Td) = 2 (N_enc_tok Te + N_dec_tok Td).
+Achieved FLOP/s are reported as a fraction of a matmul peak measured here (best JAX fp32 GEMM
+over n in {512, 1024}, before and after each configuration: this VM drifts by tens of %).
+
+With --peer_python=PATH (a Python with torch and transformers, see ../shared/bench/README.md),
+the peer's script runs right after ours for each configuration, alternating, and a `compare`
+line gives the ratios. Usage:
+
+  python experiments/bench.py --config=toy,small --peer_python=.peerenv/bin/python
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import statistics
+import subprocess
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from ipo_gap import logprobs, sampling
+from ipo_gap.configs import model_preset
+from ipo_gap.t5 import model as t5
+
+_CONFIGS = flags.DEFINE_list("config", ["toy", "small"], "Configurations: toy, small.")
+_BENCH = flags.DEFINE_list("bench", ["fwd_bwd", "sample"], "Workloads: fwd_bwd, sample.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+_PEER = flags.DEFINE_string("peer_python", None, "Python of the peer venv; runs the peer too.")
+_PEER_SCRIPT = flags.DEFINE_string(
+    "peer_script",
+    str(pathlib.Path(__file__).resolve().parents[2] / "shared/bench/peer_hf_t5.py"),
+    "The peer's benchmark script.",
+)
+
+# Workload shapes of ../shared/bench/peer_hf_t5.py.
+WORKLOADS = {
+    "toy": dict(preset="toy", batch=32, prompt_len=64, response_len=32),
+    "small": dict(preset="small", batch=8, prompt_len=256, response_len=64),
+}
+_PEER_NAMES = {
+    "fwd_bwd": None,
+    "sample": "sample_generate",
+    "ipo": "ipo_train_step",
+    "kl": "exact_kl",
+}
+
+
+def emit(obj):
+    print(json.dumps(obj), flush=True)
+
+
+def token_param_counts(cfg) -> tuple[int, int]:
+    """(N_enc_tok, N_dec_tok) of the peer's FLOP model."""
+    D, F, H, K = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.d_kv
+    attn = 4 * D * H * K
+    mlp = (3 if cfg.feed_forward == "gated-gelu" else 2) * D * F
+    rel = cfg.relative_attention_num_buckets * H
+    enc = cfg.num_encoder_layers * (attn + mlp + 2 * D) + rel + D
+    dec = cfg.num_decoder_layers * (2 * attn + mlp + 3 * D) + rel + D
+    cross_kv = cfg.num_decoder_layers * 2 * D * H * K
+    head = D * cfg.vocab_size
+    return enc + cross_kv, dec - cross_kv + head
+
+
+def fwd_flops(cfg, t_enc: int, t_dec: int) -> float:
+    n_enc, n_dec = token_param_counts(cfg)
+    return 2.0 * (n_enc * t_enc + n_dec * t_dec)
+
+
+def matmul_peak(sizes=(512, 1024), repeats=10) -> float:
+    """Best fp32 GEMM GFLOP/s that JAX reaches here."""
+    best = 0.0
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n))
+        b = jax.random.normal(jax.random.key(1), (n, n))
+        f = jax.jit(jnp.matmul)
+        f(a, b).block_until_ready()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(a, b).block_until_ready()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def time_calls(fn, warmup: int, repeats: int) -> list[float]:
+    jax.block_until_ready(fn())  # compile
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _inputs(cfg, w, seed):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    src = jax.random.randint(k1, (w["batch"], w["prompt_len"]), 2, cfg.vocab_size)
+    tgt = jax.random.randint(k2, (w["batch"], w["response_len"]), 2, cfg.vocab_size)
+    return src, jnp.ones_like(src), tgt, jnp.ones_like(tgt)
+
+
+def bench_fwd_bwd(cfg, model, w):
+    src, src_mask, tgt, tgt_mask = _inputs(cfg, w, 1)
+
+    def loss(m):
+        logits = t5.forward(m, src, src_mask, t5.shift_right(tgt))
+        return -logprobs.sequence_logprobs(logits, tgt, tgt_mask).sum()
+
+    grad_fn = eqx.filter_jit(eqx.filter_value_and_grad(loss))
+    ts = time_calls(lambda: grad_fn(model), _WARMUP.value, _REPEATS.value)
+    B, Lp, Lr = w["batch"], w["prompt_len"], w["response_len"]
+    return ts, {"response_tokens": B * Lr, "flops": 3 * fwd_flops(cfg, B * Lp, B * Lr)}
+
+
+def bench_sample(cfg, model, w):
+    src, src_mask, _, _ = _inputs(cfg, w, 2)
+    Lr = w["response_len"]
+    calls = iter(range(10**6))
+
+    def run():
+        out = sampling.sample(
+            model, src, src_mask, key=jax.random.key(next(calls)), max_len=Lr, min_len=Lr
+        )
+        return out
+
+    ts = time_calls(run, _WARMUP.value, _REPEATS.value)
+    out = run()
+    assert int(out.mask.sum()) == w["batch"] * Lr, "responses must be full length"
+    B, Lp = w["batch"], w["prompt_len"]
+    return ts, {"generated_tokens": B * Lr, "flops": fwd_flops(cfg, B * Lp, B * Lr)}
+
+
+BENCHES = {"fwd_bwd": bench_fwd_bwd, "sample": bench_sample}
+
+
+def run_peer(config: str, benches: list[str]) -> list[dict]:
+    peer_benches = [b for b in ("ipo", "sample", "kl") if _PEER_NAMES[b] and b in benches]
+    if not peer_benches:
+        return []
+    cmd = [
+        _PEER.value,
+        _PEER_SCRIPT.value,
+        "--config",
+        config,
+        "--bench",
+        *peer_benches,
+        "--repeats",
+        str(_REPEATS.value),
+        "--warmup",
+        str(_WARMUP.value),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def main(argv):
+    del argv
+    emit(
+        {
+            "bench": "setup",
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "python": platform.python_version(),
+        }
+    )
+    for name in _CONFIGS.value:
+        w = WORKLOADS[name]
+        cfg = model_preset(w["preset"])
+        model = t5.init(cfg, key=jax.random.key(0))
+        peak_before = matmul_peak()
+        emit(
+            {
+                "config": name,
+                "bench": "calib_matmul",
+                "when": "before",
+                "best_gflops": round(peak_before, 1),
+            }
+        )
+        ours = {}
+        for bench in _BENCH.value:
+            ts, extra = BENCHES[bench](cfg, model, w)
+            med = statistics.median(ts)
+            flops = extra.pop("flops")
+            line = {
+                "config": name,
+                "bench": bench,
+                "median_s": round(med, 5),
+                "min_s": round(min(ts), 5),
+                "repeats": len(ts),
+                **{f"{k}_per_s": round(v / med, 1) for k, v in extra.items()},
+                "model_gflops_per_s": round(flops / med / 1e9, 1),
+                "fraction_of_peak": round(flops / med / 1e9 / peak_before, 3),
+                "batch": w["batch"],
+                "prompt_len": w["prompt_len"],
+                "response_len": w["response_len"],
+                "dtype": cfg.compute_dtype,
+            }
+            ours[bench] = line
+            emit(line)
+        peak_after = matmul_peak()
+        emit(
+            {
+                "config": name,
+                "bench": "calib_matmul",
+                "when": "after",
+                "best_gflops": round(peak_after, 1),
+            }
+        )
+        if _PEER.value:
+            peer = {r.get("bench"): r for r in run_peer(name, _BENCH.value)}
+            for r in peer.values():
+                emit({"peer": True, **r})
+            if "sample" in ours and "sample_generate" in peer:
+                emit(
+                    {
+                        "config": name,
+                        "bench": "compare",
+                        "what": "sample generated tok/s",
+                        "ours": ours["sample"]["generated_tokens_per_s"],
+                        "peer": peer["sample_generate"]["generated_tokens_per_s"],
+                        "ratio": round(
+                            ours["sample"]["generated_tokens_per_s"]
+                            / peer["sample_generate"]["generated_tokens_per_s"],
+                            2,
+                        ),
+                    }
+                )
+        del model
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    app.run(main)

@@ -1,15 +1,20 @@
 """Jitted train steps, built by `make_*_step` factories.
 
-This slice holds the supervised (SFT) step; the shared policy step of every alignment loss
-(the training-engine issue) joins it here.
+ONE policy step serves every alignment algorithm and every data source (DESIGN.md): online,
+offline, replayed or shuffled batches all arrive as a `PairBatch`, and the loss is chosen by
+name. Values a sweep varies (learning rate, beta, lambda) enter as arrays in `Hparams`, so a
+sweep compiles once. The optimizer is Adam (optax.scale_by_adam) with optional global-norm
+clipping; the learning rate and its linear warm-up are applied inside the step from `Hparams`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
 
 from ipo_gap import logprobs, losses
@@ -25,6 +30,69 @@ class SeqBatch(NamedTuple):
     tgt_mask: jax.Array
 
 
+class PairBatch(NamedTuple):
+    """Prompts with a preferred (y_w) and a dispreferred (y_l) response.
+
+    ref_w / ref_l: the reference policy's sequence log-probs [B], when precomputed (offline
+    datasets cache them); None means the step computes them with the reference model.
+    """
+
+    prompt: jax.Array
+    prompt_mask: jax.Array
+    y_w: jax.Array
+    y_w_mask: jax.Array
+    y_l: jax.Array
+    y_l_mask: jax.Array
+    ref_w: jax.Array | None = None
+    ref_l: jax.Array | None = None
+
+
+class Hparams(NamedTuple):
+    """Traced hyper-parameters (float32 scalars): one compiled step serves a whole sweep."""
+
+    learning_rate: jax.Array
+    beta: jax.Array
+    warmup_steps: jax.Array
+    lam: jax.Array
+
+    @staticmethod
+    def make(learning_rate, beta=0.1, warmup_steps=0, lam=0.0) -> Hparams:
+        f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+        return Hparams(f(learning_rate), f(beta), f(warmup_steps), f(lam))
+
+
+def make_optimizer(clip_norm: float | None = None) -> optax.GradientTransformation:
+    """Adam moments (b1 0.9, b2 0.999, eps 1e-8) with optional clipping; no learning rate.
+
+    The step multiplies the result by -learning_rate * warm-up factor (see `apply_updates`).
+    """
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    return optax.chain(*parts, optax.scale_by_adam())
+
+
+def apply_updates(model, opt_state, grads, optimizer, hp: Hparams, step):
+    """One optimizer update with lr * min(1, (step + 1) / warmup_steps)."""
+    updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+    warm = jnp.minimum(1.0, (step + 1.0) / jnp.maximum(hp.warmup_steps, 1.0))
+    scale = -hp.learning_rate * warm
+    updates = jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates)
+    return eqx.apply_updates(model, updates), opt_state
+
+
+def pair_logprobs(model: t5.T5, batch: PairBatch, normalize: str = "sum"):
+    """Sequence log-probs of y_w and y_l: the prompt is encoded once and both responses are
+    decoded in one pass, stacked along the batch axis. Returns (logp_w [B], logp_l [B])."""
+    B = batch.prompt.shape[0]
+    enc = t5.encode(model, batch.prompt, batch.prompt_mask)
+    enc2 = jnp.concatenate([enc, enc])
+    mask2 = jnp.concatenate([batch.prompt_mask, batch.prompt_mask])
+    y = jnp.concatenate([batch.y_w, batch.y_l])
+    y_mask = jnp.concatenate([batch.y_w_mask, batch.y_l_mask])
+    logits = t5.decode(model, enc2, mask2, t5.shift_right(y))
+    logp = logprobs.sequence_logprobs(logits, y, y_mask, normalize=normalize)
+    return logp[:B], logp[B:]
+
+
 def sft_loss_fn(model: t5.T5, batch: SeqBatch):
     """Token-averaged cross-entropy of the responses (per-sequence mean, then batch mean)."""
     logits = t5.forward(model, batch.src, batch.src_mask, t5.shift_right(batch.tgt))
@@ -35,14 +103,47 @@ def sft_loss_fn(model: t5.T5, batch: SeqBatch):
 def make_sft_step(optimizer: optax.GradientTransformation):
     """Returns a jitted step(model, opt_state, batch) -> (model, opt_state, metrics).
 
-    The model and optimizer state passed in are donated (their buffers are reused).
+    `optimizer` includes its learning rate (e.g. optax.adam(3e-4)). The model and optimizer
+    state passed in are donated (their buffers are reused).
     """
 
-    @eqx.filter_jit(donate="all")
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(model, opt_state, batch: SeqBatch):
         (loss, metrics), grads = eqx.filter_value_and_grad(sft_loss_fn, has_aux=True)(model, batch)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
         model = eqx.apply_updates(model, updates)
-        return model, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+        return model, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
 
     return step
+
+
+def make_policy_step(loss: str, optimizer: optax.GradientTransformation, *, normalize: str = "sum"):
+    """The policy step shared by every algorithm and data source.
+
+    Returns a jitted step(model, opt_state, ref_model, batch, hp, step) ->
+    (model, opt_state, metrics). `ref_model` (the SFT policy) is only used when the batch
+    carries no precomputed reference log-probs; it is never updated. The model and optimizer
+    state are donated.
+    """
+    loss_fn = losses.get_loss(loss)
+
+    def objective(model, ref_model, batch: PairBatch, hp: Hparams):
+        logp_w, logp_l = pair_logprobs(model, batch, normalize)
+        if batch.ref_w is None:
+            ref_w, ref_l = pair_logprobs(ref_model, batch, normalize)
+            ref_w, ref_l = jax.lax.stop_gradient((ref_w, ref_l))
+        else:
+            ref_w, ref_l = batch.ref_w, batch.ref_l
+        value, metrics = loss_fn(logp_w, logp_l, ref_w, ref_l, beta=hp.beta)
+        return value, {"loss": value, **metrics}
+
+    def step(model, opt_state, ref_model, batch: PairBatch, hp: Hparams, step):
+        (_, metrics), grads = eqx.filter_value_and_grad(objective, has_aux=True)(
+            model, ref_model, batch, hp
+        )
+        model, opt_state = apply_updates(model, opt_state, grads, optimizer, hp, step)
+        return model, opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+    # Every argument is a pytree of arrays (the model's config is static treedef data), so
+    # plain jax.jit applies; only the model and optimizer state are donated.
+    return jax.jit(step, donate_argnums=(0, 1))

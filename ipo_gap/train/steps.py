@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ipo_gap import logprobs, losses
+from ipo_gap import classify, logprobs, losses
 from ipo_gap.t5 import model as t5
 
 
@@ -80,17 +80,17 @@ def apply_updates(model, opt_state, grads, optimizer, hp: Hparams, step):
 
 
 def pair_logprobs(model: t5.T5, batch: PairBatch, normalize: str = "sum"):
-    """Sequence log-probs of y_w and y_l: the prompt is encoded once and both responses are
-    decoded in one pass, stacked along the batch axis. Returns (logp_w [B], logp_l [B])."""
-    B = batch.prompt.shape[0]
-    enc = t5.encode(model, batch.prompt, batch.prompt_mask)
-    enc2 = jnp.concatenate([enc, enc])
-    mask2 = jnp.concatenate([batch.prompt_mask, batch.prompt_mask])
-    y = jnp.concatenate([batch.y_w, batch.y_l])
-    y_mask = jnp.concatenate([batch.y_w_mask, batch.y_l_mask])
-    logits = t5.decode(model, enc2, mask2, t5.shift_right(y))
-    logp = logprobs.sequence_logprobs(logits, y, y_mask, normalize=normalize)
-    return logp[:B], logp[B:]
+    """(log pi(y_w|x), log pi(y_l|x)) with one encoder pass (see classify.pair_logprobs)."""
+    return classify.pair_logprobs(
+        model,
+        batch.prompt,
+        batch.prompt_mask,
+        batch.y_w,
+        batch.y_w_mask,
+        batch.y_l,
+        batch.y_l_mask,
+        normalize=normalize,
+    )
 
 
 def sft_loss_fn(model: t5.T5, batch: SeqBatch):

@@ -112,7 +112,8 @@ def sample(
     )
     B = src_BxS.shape[0]
     enc = t5.encode(model, src_BxS, src_mask_BxS)
-    cache = t5.init_cache(model, enc, src_mask_BxS, max_len)
+    layers = t5.unstack_layers(model.decoder.layers)  # once, outside the loop
+    cache = t5.init_cache(model, enc, src_mask_BxS, max_len, layers)
 
     def draw(logits_BxV, t):
         if min_len:
@@ -133,7 +134,7 @@ def sample(
 
     def body(carry):
         t, cache, prev, tokens, logprobs, done = carry
-        logits, cache = t5.decode_step(model, cache, prev)
+        logits, cache = t5.decode_step(model, cache, prev, layers)
         token, logprob = draw(logits, t)
         token = jnp.where(done, PAD_ID, token)
         logprob = jnp.where(done, 0.0, logprob)

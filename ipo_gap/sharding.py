@@ -52,11 +52,12 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 # Logical axes of the decoder KV cache (fields of `DecodeCache`).
+# K/V fields are tuples with one array per layer; each array has these axes.
 CACHE_AXES = DecodeCache(
-    self_k=Axes(("layers", "batch", "length", "heads", "kv")),
-    self_v=Axes(("layers", "batch", "length", "heads", "kv")),
-    cross_k=Axes(("layers", "batch", "length", "heads", "kv")),
-    cross_v=Axes(("layers", "batch", "length", "heads", "kv")),
+    self_k=Axes(("batch", "length", "heads", "kv")),
+    self_v=Axes(("batch", "length", "heads", "kv")),
+    cross_k=Axes(("batch", "length", "heads", "kv")),
+    cross_v=Axes(("batch", "length", "heads", "kv")),
     src_mask=Axes(("batch", "length")),
     index=Axes(()),
 )
@@ -322,12 +323,17 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 def cache_shardings(cache: DecodeCache, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> DecodeCache:
     """Shardings of a `DecodeCache` (concrete or abstract, e.g. from `jax.eval_shape`).
 
-    K/V (L x B x T x H x K): batch over data, heads over model; src_mask (B x S): batch over
-    data; index: replicated. Indivisible dimensions are replicated as for parameters.
+    K/V (one B x T x H x K array per layer): batch over data, heads over model; src_mask
+    (B x S): batch over data; index: replicated. Indivisible dimensions are replicated as for
+    parameters.
     """
+
+    def one(axes, leaf):
+        return NamedSharding(mesh, logical_to_spec(axes.names, rules, mesh, np.shape(leaf)))
+
     return DecodeCache(
         *(
-            NamedSharding(mesh, logical_to_spec(axes.names, rules, mesh, np.shape(leaf)))
+            tuple(one(axes, x) for x in leaf) if isinstance(leaf, tuple) else one(axes, leaf)
             for axes, leaf in zip(CACHE_AXES, cache, strict=True)
         )
     )

@@ -8,9 +8,14 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from ipo_gap.configs import T5Config
+from ipo_gap.t5 import model as t5
+
+# One jitted forward shared by the tests (eager dispatch of a scanned model is slow).
+FORWARD = jax.jit(t5.forward)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -25,7 +30,7 @@ def tiny_config(**overrides) -> T5Config:
         "num_heads": 4,
         "d_kv": 8,
         "num_encoder_layers": 2,
-        "num_decoder_layers": 3,
+        "num_decoder_layers": 2,
         "relative_attention_num_buckets": 8,
         "relative_attention_max_distance": 20,
     }

@@ -143,6 +143,7 @@ def test_judge_from_logits_ties():
     np.testing.assert_array_equal(out, [1.0, 0.0, 0.5])
 
 
+@pytest.mark.slow  # trains a reward model: ~15 s; runs in CI
 def test_bt_reward_model_trains_and_judges():
     model, metrics = _train("bt", 60, seed=3)
     assert metrics["accuracy"] > 0.95 and metrics["loss"] < 0.2, metrics

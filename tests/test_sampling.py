@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import FORWARD, tiny_config
 from scipy import stats
 
 from ipo_gap import sampling
@@ -23,7 +23,7 @@ def _setup(B=4, S=6, **overrides):
 
 
 def _teacher_forced_logprobs(model, src, mask, tokens):
-    logits = t5.forward(model, src, mask, t5.shift_right(tokens))
+    logits = FORWARD(model, src, mask, t5.shift_right(tokens))
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
 
@@ -60,7 +60,7 @@ def test_temperature_to_zero_is_greedy():
     cold = sampling.sample(model, src, mask, key=jax.random.key(9), max_len=8, temperature=1e-4)
     np.testing.assert_array_equal(greedy.tokens, cold.tokens)
     # And greedy really is the argmax of the teacher-forced logits along its own path.
-    logits = t5.forward(model, src, mask, t5.shift_right(greedy.tokens))
+    logits = FORWARD(model, src, mask, t5.shift_right(greedy.tokens))
     m = np.asarray(greedy.mask) == 1
     np.testing.assert_array_equal(
         np.asarray(jnp.argmax(logits, -1))[m], np.asarray(greedy.tokens)[m]

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import FORWARD, tiny_config
 
 from ipo_gap import logprobs
 from ipo_gap.t5 import model as t5
@@ -25,7 +25,7 @@ def _batch(cfg, B=4, S=6, T=5, seed=0):
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = tiny_config()
+    cfg = tiny_config(num_encoder_layers=1, num_decoder_layers=1)
     policy = t5.init(cfg, key=jax.random.key(0))
     ref = t5.init(cfg, key=jax.random.key(1))
     return cfg, policy, ref
@@ -44,7 +44,7 @@ def test_pair_logprobs_equal_separate_forwards(setup):
     b = _batch(cfg)
     lw, ll = jax.jit(steps.pair_logprobs)(policy, b)
     for y, m, got in ((b.y_w, b.y_w_mask, lw), (b.y_l, b.y_l_mask, ll)):
-        logits = t5.forward(policy, b.prompt, b.prompt_mask, t5.shift_right(y))
+        logits = FORWARD(policy, b.prompt, b.prompt_mask, t5.shift_right(y))
         want = logprobs.sequence_logprobs(logits, y, m)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-6)
 

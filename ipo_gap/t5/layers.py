@@ -142,6 +142,23 @@ class Attention(eqx.Module):
         out = jnp.einsum("bhqt,bthk->bqhk", weights, v_BxTxHxK.astype(cd))
         return jnp.einsum("bqhk,hkd->bqd", out, self.o.astype(cd))
 
+    def attend_one(self, x_Bx1xD, k_BxTxHxK, v_BxTxHxK, bias, cd) -> jax.Array:
+        """`attend` for a single query position (decoding), as fused multiply-reduces.
+
+        Each cached key/value is read once per step, so this is memory-bound either way;
+        written elementwise, XLA fuses the reads (and any slicing of a stacked cache) into
+        the reductions instead of materialising slices for many tiny batched matmuls.
+        """
+        q_BxHxK = jnp.einsum("bd,dhk->bhk", x_Bx1xD[:, 0].astype(cd), self.q.astype(cd))
+        logits_BxHxT = jnp.sum(
+            q_BxHxK[:, None].astype(jnp.float32) * k_BxTxHxK.astype(jnp.float32), axis=-1
+        ).transpose(0, 2, 1)
+        weights = jax.nn.softmax(logits_BxHxT + bias[:, :, 0, :], axis=-1)
+        out_BxHxK = jnp.sum(
+            weights.transpose(0, 2, 1)[..., None] * v_BxTxHxK.astype(jnp.float32), axis=1
+        ).astype(cd)
+        return jnp.einsum("bhk,hkd->bd", out_BxHxK, self.o.astype(cd))[:, None, :]
+
     def __call__(self, x_BxQxD, kv_BxTxD, bias, cd) -> jax.Array:
         k, v = self.project_kv(kv_BxTxD, cd)
         return self.attend(x_BxQxD, k, v, bias, cd)

@@ -73,12 +73,16 @@ class T5(eqx.Module):
 
 
 class DecodeCache(NamedTuple):
-    """KV cache of one decoding run: self-attention K/V grow one position per step."""
+    """KV cache of one decoding run: self-attention K/V grow one position per step.
 
-    self_k: jax.Array  # L x B x T x H x K
-    self_v: jax.Array  # L x B x T x H x K
-    cross_k: jax.Array  # L x B x S x H x K (computed once from the encoder output)
-    cross_v: jax.Array  # L x B x S x H x K
+    K/V are tuples with one array per decoder layer (not stacked), so that a decode step
+    updates each in place and reads it without slicing a stacked buffer.
+    """
+
+    self_k: tuple[jax.Array, ...]  # L x (B x T x H x K)
+    self_v: tuple[jax.Array, ...]  # L x (B x T x H x K)
+    cross_k: tuple[jax.Array, ...]  # L x (B x S x H x K), computed once from the encoder
+    cross_v: tuple[jax.Array, ...]  # L x (B x S x H x K)
     src_mask: jax.Array  # B x S
     index: jax.Array  # int32 scalar: position of the next token to decode
 
@@ -308,58 +312,69 @@ def forward(model: T5, src_BxS, src_mask_BxS, dec_in_BxT) -> jax.Array:
     return decode(model, encode(model, src_BxS, src_mask_BxS), src_mask_BxS, dec_in_BxT)
 
 
+def unstack_layers(layers) -> tuple:
+    """Per-layer blocks of a stack: static slices of the stacked arrays (a tuple is kept).
+
+    The sampler unstacks the decoder once, before its loop, so that no decode step slices
+    the stacked weights again.
+    """
+    if isinstance(layers, tuple):
+        return layers
+    num = jax.tree.leaves(layers)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num))
+
+
 def init_cache(
-    model: T5, enc_BxSxD: jax.Array, src_mask_BxS: jax.Array, max_len: int
+    model: T5, enc_BxSxD: jax.Array, src_mask_BxS: jax.Array, max_len: int, layers=None
 ) -> DecodeCache:
-    """An empty cache for `max_len` decoder positions, with cross-attention K/V precomputed."""
+    """An empty cache for `max_len` decoder positions, with cross-attention K/V precomputed.
+
+    `layers`: the decoder's blocks from `unstack_layers` (computed here when not given).
+    """
     cfg, cd = model.cfg, model.cfg.compute_jnp_dtype
+    layers = unstack_layers(model.decoder.layers) if layers is None else layers
     B = enc_BxSxD.shape[0]
-    cross_k, cross_v = eqx.filter_vmap(lambda ca: ca.project_kv(enc_BxSxD, cd))(
-        model.decoder.layers.ca
-    )
-    shape = (cfg.num_decoder_layers, B, max_len, cfg.num_heads, cfg.d_kv)
+    cross = [layer.ca.project_kv(enc_BxSxD, cd) for layer in layers]
+    shape = (B, max_len, cfg.num_heads, cfg.d_kv)
+    zeros = tuple(jnp.zeros(shape, cd) for _ in layers)
     return DecodeCache(
-        self_k=jnp.zeros(shape, cd),
-        self_v=jnp.zeros(shape, cd),
-        cross_k=cross_k,
-        cross_v=cross_v,
+        self_k=zeros,
+        self_v=tuple(jnp.zeros(shape, cd) for _ in layers),
+        cross_k=tuple(k for k, _ in cross),
+        cross_v=tuple(v for _, v in cross),
         src_mask=src_mask_BxS,
         index=jnp.zeros((), jnp.int32),
     )
 
 
-def decode_step(model: T5, cache: DecodeCache, token_B: jax.Array):
+def decode_step(model: T5, cache: DecodeCache, token_B: jax.Array, layers=None):
     """Feeds one decoder input token per row; returns (logits BxV float32, updated cache).
 
     The first call feeds DECODER_START_ID; the logits it returns are those of the first
-    response token, exactly as column 0 of `decode`'s teacher-forced logits.
+    response token, exactly as column 0 of `decode`'s teacher-forced logits. Layers are
+    unrolled; pass `layers=unstack_layers(model.decoder.layers)` computed once outside a
+    decoding loop to keep weight slicing out of it.
     """
     _check_tokens("token_B", token_B, ndim=1)
-    cfg, cd = model.cfg, model.cfg.compute_jnp_dtype
+    cd = model.cfg.compute_jnp_dtype
+    layers = unstack_layers(model.decoder.layers) if layers is None else layers
     t = cache.index
-    max_len = cache.self_k.shape[2]
+    max_len = cache.self_k[0].shape[1]
     x = model.embedding[token_B][:, None, :].astype(jnp.float32)
     pos_T = jnp.arange(max_len)
     causal_T = jnp.where(pos_T <= t, 0.0, MASK_VALUE)
     self_bias = (model.decoder.rel(t[None], pos_T) + causal_T)[None]  # 1 x H x 1 x T
     cross_bias = _key_mask_bias(cache.src_mask)
-
-    def block(carry, layer: DecoderBlock, xs):
-        x, self_k, self_v = carry
-        idx, ck, cv = xs
+    self_k, self_v = list(cache.self_k), list(cache.self_v)
+    for i, layer in enumerate(layers):
         h = layer.ln_sa(x, cd)
         k_new, v_new = layer.sa.project_kv(h, cd)
-        start = (idx, 0, t, 0, 0)
-        self_k = jax.lax.dynamic_update_slice(self_k, k_new[None].astype(self_k.dtype), start)
-        self_v = jax.lax.dynamic_update_slice(self_v, v_new[None].astype(self_v.dtype), start)
-        x = x + layer.sa.attend(h, self_k[idx], self_v[idx], self_bias, cd).astype(jnp.float32)
-        x = x + layer.ca.attend(layer.ln_ca(x, cd), ck, cv, cross_bias, cd).astype(jnp.float32)
+        self_k[i] = jax.lax.dynamic_update_slice(self_k[i], k_new.astype(cd), (0, t, 0, 0))
+        self_v[i] = jax.lax.dynamic_update_slice(self_v[i], v_new.astype(cd), (0, t, 0, 0))
+        x = x + layer.sa.attend_one(h, self_k[i], self_v[i], self_bias, cd).astype(jnp.float32)
+        x = x + layer.ca.attend_one(
+            layer.ln_ca(x, cd), cache.cross_k[i], cache.cross_v[i], cross_bias, cd
+        ).astype(jnp.float32)
         x = x + layer.mlp(layer.ln_ff(x, cd), cd).astype(jnp.float32)
-        return (x, self_k, self_v), None
-
-    xs = (jnp.arange(cfg.num_decoder_layers), cache.cross_k, cache.cross_v)
-    (x, self_k, self_v), _ = _run_layers(
-        model.decoder.layers, (x, cache.self_k, cache.self_v), xs, block, cfg.scan_layers
-    )
     logits = _logits(model, model.decoder.final_ln(x, jnp.float32))[:, 0]
-    return logits, cache._replace(self_k=self_k, self_v=self_v, index=t + 1)
+    return logits, cache._replace(self_k=tuple(self_k), self_v=tuple(self_v), index=t + 1)

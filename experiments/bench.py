@@ -52,8 +52,8 @@ _PEER_SCRIPT = flags.DEFINE_string(
 
 # Workload shapes of ../shared/bench/peer_hf_t5.py.
 WORKLOADS = {
-    "toy": dict(preset="toy", batch=32, prompt_len=64, response_len=32),
-    "small": dict(preset="small", batch=8, prompt_len=256, response_len=64),
+    "toy": {"preset": "toy", "batch": 32, "prompt_len": 64, "response_len": 32},
+    "small": {"preset": "small", "batch": 8, "prompt_len": 256, "response_len": 64},
 }
 _PEER_NAMES = {
     "fwd_bwd": None,

@@ -1,0 +1,129 @@
+"""The host loop of policy training: source -> [order log] -> train step, with metrics.
+
+`train_policy` runs the shared policy step over any source (online, offline, replayed,
+shuffled), optionally appending every batch to a data-order log *before* training on it, and
+writes one JSON line of metrics per logging step plus a progress line with rate and ETA.
+Nothing trains on a batch with NaN/inf loss: the loop stops, naming the step.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ipo_gap.data.order_log import OrderLog
+from ipo_gap.train import steps
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the run stopped before applying that update."""
+
+
+def to_pair_batch(batch: dict[str, np.ndarray]) -> steps.PairBatch:
+    return steps.PairBatch(
+        *(
+            jnp.asarray(batch[f])
+            for f in ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
+        )
+    )
+
+
+class Progress:
+    """Prints `step, loss, rate, ETA` lines at most every `every_s` seconds."""
+
+    def __init__(self, total: int, name: str, every_s: float = 5.0, stream=sys.stdout):
+        self.total, self.name, self.every_s, self.stream = total, name, every_s, stream
+        self.start = time.time()
+        self.last = 0.0
+        self.first_step_done = None
+
+    def update(self, step: int, loss: float, force: bool = False):
+        now = time.time()
+        if self.first_step_done is None:  # rates exclude compilation
+            self.first_step_done = (now, step)
+        if not force and now - self.last < self.every_s:
+            return
+        self.last = now
+        t0, s0 = self.first_step_done
+        rate = (step - s0) / (now - t0) if step > s0 else float("nan")
+        eta = (self.total - step - 1) / rate if rate == rate and rate > 0 else float("nan")
+        print(
+            f"[{self.name}] step {step + 1}/{self.total}  loss {loss:.4f}  "
+            f"{rate:.2f} steps/s  ETA {eta:.0f}s",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def train_policy(
+    *,
+    model,
+    ref_model,
+    source,
+    num_steps: int,
+    hparams: steps.Hparams,
+    loss: str,
+    optimizer=None,
+    opt_state=None,
+    start_step: int = 0,
+    order_log: OrderLog | None = None,
+    metrics_path: str | pathlib.Path | None = None,
+    log_every: int = 1,
+    name: str = "policy",
+    on_step: Callable[[int, Any, dict], None] | None = None,
+):
+    """Trains `model` for steps [start_step, num_steps) on `source`.
+
+    Each step: batch = source.batch(step, model); if `order_log` is given the batch is
+    appended to it (hash-chained) before the update; then the jitted policy step. The same
+    program runs for every source, so an offline run on a replayed log repeats the online
+    run's updates exactly (on CPU: bit for bit).
+
+    Returns (model, opt_state, history) where history is the list of per-step metrics.
+    """
+    optimizer = optimizer or steps.make_optimizer()
+    if opt_state is None:
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    step_fn = steps.make_policy_step(loss, optimizer)
+    history = []
+    progress = Progress(num_steps, name)
+    out = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115
+    try:
+        for step in range(start_step, num_steps):
+            t0 = time.time()
+            batch = source.batch(step, model)
+            if order_log is not None:
+                order_log.append(step, batch)
+            model, opt_state, metrics = step_fn(
+                model, opt_state, ref_model, to_pair_batch(batch), hparams, jnp.int32(step)
+            )
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not np.isfinite(metrics["loss"]):
+                raise NonFiniteLossError(
+                    f"[{name}] loss is {metrics['loss']} at step {step}; "
+                    f"stopped (the last good state is the previous step)"
+                )
+            metrics.update(
+                step=step,
+                seconds=time.time() - t0,
+                tokens=int(batch["y_w_mask"].sum() + batch["y_l_mask"].sum()),
+            )
+            history.append(metrics)
+            if out is not None and step % log_every == 0:
+                out.write(json.dumps(metrics) + "\n")
+            if on_step is not None:
+                on_step(step, model, metrics)
+            progress.update(step, metrics["loss"], force=step == num_steps - 1)
+    finally:
+        if out is not None:
+            out.close()
+    return model, opt_state, history

@@ -50,6 +50,10 @@ class Progress:
         now = time.time()
         if self.first_step_done is None:  # rates exclude compilation
             self.first_step_done = (now, step)
+            print(f"[{self.name}] step {step + 1}/{self.total}  loss {loss:.4f}  (first step, "
+                  f"with compilation: {now - self.start:.1f}s)", file=self.stream, flush=True)
+            self.last = now
+            return
         if not force and now - self.last < self.every_s:
             return
         self.last = now

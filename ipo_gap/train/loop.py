@@ -22,6 +22,7 @@ import numpy as np
 
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.train import steps
+from ipo_gap.train_state_io import CheckpointManager, TrainState
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -50,8 +51,12 @@ class Progress:
         now = time.time()
         if self.first_step_done is None:  # rates exclude compilation
             self.first_step_done = (now, step)
-            print(f"[{self.name}] step {step + 1}/{self.total}  loss {loss:.4f}  (first step, "
-                  f"with compilation: {now - self.start:.1f}s)", file=self.stream, flush=True)
+            print(
+                f"[{self.name}] step {step + 1}/{self.total}  loss {loss:.4f}  (first step, "
+                f"with compilation: {now - self.start:.1f}s)",
+                file=self.stream,
+                flush=True,
+            )
             self.last = now
             return
         if not force and now - self.last < self.every_s:
@@ -84,6 +89,9 @@ def train_policy(
     log_every: int = 1,
     name: str = "policy",
     on_step: Callable[[int, Any, dict], None] | None = None,
+    checkpoint_dir: str | pathlib.Path | None = None,
+    checkpoint_every: int = 0,
+    checkpoint_meta: dict | None = None,
 ):
     """Trains `model` for steps [start_step, num_steps) on `source`.
 
@@ -92,12 +100,42 @@ def train_policy(
     program runs for every source, so an offline run on a replayed log repeats the online
     run's updates exactly (on CPU: bit for bit).
 
+    Checkpoints (`checkpoint_dir`): the train state (model, optimizer state, step, data
+    position) is saved every `checkpoint_every` steps and at the end. If the directory
+    already holds a checkpoint, training resumes from the latest one. The log may then be
+    ahead of the checkpoint (a crash between logging and saving): each already-logged step is
+    regenerated and must hash-equal the logged batch (else `DeterminismError` names the step
+    and field) before training on it, which is a rollback of the log with a verified
+    re-append. Batches are a function of (seed, step, parameters), so resuming continues the
+    run bit for bit.
+
     Returns (model, opt_state, history) where history is the list of per-step metrics.
     """
     optimizer = optimizer or steps.make_optimizer()
     if opt_state is None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    manager = CheckpointManager(checkpoint_dir) if checkpoint_dir else None
+    if manager is not None and manager.latest_step() is not None:
+        template = TrainState(
+            model, opt_state, jnp.int32(0), jnp.zeros((2,), jnp.uint32), jnp.int32(0)
+        )
+        restored = manager.restore(manager.latest_step(), template)
+        model, opt_state = restored.model, restored.opt_state
+        start_step = int(restored.data_position)
+        print(f"[{name}] resumed from {manager.directory} at step {start_step}", flush=True)
     step_fn = steps.make_policy_step(loss, optimizer)
+
+    def save(step_done: int):
+        state = TrainState(
+            model,
+            opt_state,
+            jnp.int32(step_done),
+            jnp.zeros((2,), jnp.uint32),
+            jnp.int32(step_done),
+        )
+        if step_done not in manager.all_steps():
+            manager.save(step_done, state, metadata=checkpoint_meta or {}, force=True)
+
     history = []
     progress = Progress(num_steps, name)
     out = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115
@@ -106,7 +144,10 @@ def train_policy(
             t0 = time.time()
             batch = source.batch(step, model)
             if order_log is not None:
-                order_log.append(step, batch)
+                if step < len(order_log):  # logged before a crash: must regenerate equal
+                    order_log.compare_step(step, batch)
+                else:
+                    order_log.append(step, batch)
             model, opt_state, metrics = step_fn(
                 model, opt_state, ref_model, to_pair_batch(batch), hparams, jnp.int32(step)
             )
@@ -127,6 +168,10 @@ def train_policy(
             if on_step is not None:
                 on_step(step, model, metrics)
             progress.update(step, metrics["loss"], force=step == num_steps - 1)
+            if manager is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                save(step + 1)
+        if manager is not None:
+            save(num_steps)
     finally:
         if out is not None:
             out.close()

@@ -7,6 +7,12 @@ small; same batch, prompt and response lengths as the peer):
   sample   the jitted ancestral sampler at its exact defaults (temperature 1, no truncation),
            full-length responses (EOS forbidden before Lr, as the peer's min_new_tokens):
            generated tokens/s; FLOPs = fwd(B*Lp, B*Lr).
+  ipo      one IPO train step on B pairs (policy fwd+bwd on y_w and y_l, reference forward
+           in the step, Adam): response tokens/s (both responses). FLOPs are the peer's
+           4 * fwd(2B*Lp, 2B*Lr); ipo_gap encodes each prompt once per model, so it does less
+           work for the same step and the comparable figure is tokens/s.
+  kl       exact per-token KL along sampled responses (policy and reference teacher-forced,
+           sum over the vocabulary): tokens/s; FLOPs = 2 * fwd(B*Lp, B*Lr).
 FLOP model (the peer's, so the figures compare): attention-score matmuls, softmax, norms and
 embedding gathers excluded; N_enc_tok = encoder non-embedding params + decoder cross-attention
 K,V; N_dec_tok = the other decoder params + LM head; fwd(Te, Td) = 2 (N_enc_tok Te + N_dec_tok Td).
@@ -35,14 +41,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from ipo_gap import logprobs, sampling
+from ipo_gap import kl, logprobs, sampling
 from ipo_gap.configs import model_preset
 from ipo_gap.t5 import model as t5
+from ipo_gap.train import steps
 
 _CONFIGS = flags.DEFINE_list("config", ["toy", "small"], "Configurations: toy, small.")
-_BENCH = flags.DEFINE_list("bench", ["fwd_bwd", "sample"], "Workloads: fwd_bwd, sample.")
+_BENCH = flags.DEFINE_list(
+    "bench", ["fwd_bwd", "sample", "ipo", "kl"], "Workloads: fwd_bwd, sample, ipo, kl."
+)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+_SCAN = flags.DEFINE_bool("scan_layers", None, "Override the preset's scan_layers.")
 _PEER = flags.DEFINE_string("peer_python", None, "Python of the peer venv; runs the peer too.")
 _PEER_SCRIPT = flags.DEFINE_string(
     "peer_script",
@@ -150,7 +160,54 @@ def bench_sample(cfg, model, w):
     return ts, {"generated_tokens": B * Lr, "flops": fwd_flops(cfg, B * Lp, B * Lr)}
 
 
-BENCHES = {"fwd_bwd": bench_fwd_bwd, "sample": bench_sample}
+def bench_ipo(cfg, model, w):
+    """One IPO step (policy fwd+bwd on y_w and y_l, live reference, Adam), as the peer's."""
+    src, src_mask, tgt, tgt_mask = _inputs(cfg, w, 3)
+    tgt_l = jax.random.randint(jax.random.key(4), tgt.shape, 2, cfg.vocab_size)
+    batch = steps.PairBatch(src, src_mask, tgt, tgt_mask, tgt_l, tgt_mask)
+    optimizer = steps.make_optimizer()
+    step_fn = steps.make_policy_step("ipo", optimizer)
+    ref = model
+    state = {"model": jax.tree.map(jnp.copy, model)}
+    state["opt"] = optimizer.init(eqx.filter(state["model"], eqx.is_array))
+    hp = steps.Hparams.make(1e-7, beta=0.1)
+
+    def run():
+        state["model"], state["opt"], m = step_fn(
+            state["model"], state["opt"], ref, batch, hp, jnp.int32(0)
+        )
+        return m["loss"]
+
+    ts = time_calls(run, _WARMUP.value, _REPEATS.value)
+    B, Lp, Lr = w["batch"], w["prompt_len"], w["response_len"]
+    # Peer-equivalent FLOPs (4 fwd of the doubled batch), so GFLOP/s compare; ours encodes
+    # each prompt once per model, so it does less work for the same step.
+    return ts, {"response_tokens": 2 * B * Lr, "flops": 4 * fwd_flops(cfg, 2 * B * Lp, 2 * B * Lr)}
+
+
+def bench_kl(cfg, model, w):
+    """Exact KL along sampled responses: teacher-forced policy and reference, sum over V."""
+    src, src_mask, _, _ = _inputs(cfg, w, 5)
+    Lr = w["response_len"]
+    ref = t5.init(cfg, key=jax.random.key(1))
+    out = sampling.sample(model, src, src_mask, key=jax.random.key(6), max_len=Lr, min_len=Lr)
+    fn = eqx.filter_jit(kl.teacher_forced_kl)
+    ts = time_calls(
+        lambda: fn(model, ref, src, src_mask, out.tokens, out.mask).exact,
+        _WARMUP.value,
+        _REPEATS.value,
+    )
+    B, Lp = w["batch"], w["prompt_len"]
+    return ts, {"tokens": B * Lr, "flops": 2 * fwd_flops(cfg, B * Lp, B * Lr)}
+
+
+BENCHES = {"fwd_bwd": bench_fwd_bwd, "sample": bench_sample, "ipo": bench_ipo, "kl": bench_kl}
+# Our workload -> (the peer's bench name, the throughput field compared).
+COMPARE = {
+    "sample": ("sample_generate", "generated_tokens_per_s"),
+    "ipo": ("ipo_train_step", "response_tokens_per_s"),
+    "kl": ("exact_kl", "tokens_per_s"),
+}
 
 
 def run_peer(config: str, benches: list[str]) -> list[dict]:
@@ -187,6 +244,8 @@ def main(argv):
     for name in _CONFIGS.value:
         w = WORKLOADS[name]
         cfg = model_preset(w["preset"])
+        if _SCAN.value is not None:
+            cfg = cfg.replace(scan_layers=_SCAN.value)
         model = t5.init(cfg, key=jax.random.key(0))
         peak_before = matmul_peak()
         emit(
@@ -231,21 +290,18 @@ def main(argv):
             peer = {r.get("bench"): r for r in run_peer(name, _BENCH.value)}
             for r in peer.values():
                 emit({"peer": True, **r})
-            if "sample" in ours and "sample_generate" in peer:
-                emit(
-                    {
-                        "config": name,
-                        "bench": "compare",
-                        "what": "sample generated tok/s",
-                        "ours": ours["sample"]["generated_tokens_per_s"],
-                        "peer": peer["sample_generate"]["generated_tokens_per_s"],
-                        "ratio": round(
-                            ours["sample"]["generated_tokens_per_s"]
-                            / peer["sample_generate"]["generated_tokens_per_s"],
-                            2,
-                        ),
-                    }
-                )
+            for bench, (peer_name, field) in COMPARE.items():
+                if bench in ours and peer_name in peer:
+                    emit(
+                        {
+                            "config": name,
+                            "bench": "compare",
+                            "what": f"{bench} {field}",
+                            "ours": ours[bench][field],
+                            "peer": peer[peer_name][field],
+                            "ratio": round(ours[bench][field] / peer[peer_name][field], 2),
+                        }
+                    )
         del model
 
 

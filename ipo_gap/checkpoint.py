@@ -20,6 +20,13 @@ import numpy as np
 
 from ipo_gap.configs import T5Config
 from ipo_gap.t5 import model as t5
+from ipo_gap.train_state_io import (  # noqa: F401  (re-exported: the train-state half)
+    CheckpointManager,
+    TrainState,
+    data_to_key,
+    key_to_data,
+    rollback,
+)
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,

@@ -93,6 +93,7 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     min_len: int = 0,
+    enc: jax.Array | None = None,
 ) -> Samples:
     """Samples one response per prompt row. See `Samples` for the outputs.
 
@@ -106,12 +107,17 @@ def sample(
       top_p: nucleus truncation (1.0 = off).
       min_len: forbid EOS before this many tokens (0 = off). Like top-k/top-p this changes
         the distribution (benchmarks use it to force full-length responses).
+      enc: the encoder output for src (B x S x D) when the caller already has it; the
+        encoder is then not run again (e.g. two samples per prompt from one encoder pass).
     """
     _validate(
         src_BxS, src_mask_BxS, max_len, temperature, top_k, top_p, min_len, model.cfg.vocab_size
     )
     B = src_BxS.shape[0]
-    enc = t5.encode(model, src_BxS, src_mask_BxS)
+    if enc is None:
+        enc = t5.encode(model, src_BxS, src_mask_BxS)
+    elif enc.shape[:2] != src_BxS.shape:
+        raise ValueError(f"enc {enc.shape} does not match src {src_BxS.shape}")
     layers = t5.unstack_layers(model.decoder.layers)  # once, outside the loop
     cache = t5.init_cache(model, enc, src_mask_BxS, max_len, layers)
 

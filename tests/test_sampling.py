@@ -54,6 +54,17 @@ def test_logprobs_are_the_policys_and_padding_after_eos():
     np.testing.assert_allclose(logprobs[m == 1], ref[m == 1], atol=1e-5)
 
 
+def test_given_encoder_output_gives_the_same_samples():
+    _, model, src, mask = _setup()
+    a = sampling.sample(model, src, mask, key=jax.random.key(3), max_len=12)
+    enc = jax.jit(t5.encode)(model, src, mask)
+    b = sampling.sample(model, src, mask, key=jax.random.key(3), max_len=12, enc=enc)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+    with pytest.raises(ValueError, match="does not match src"):
+        sampling.sample(model, src, mask, key=jax.random.key(3), max_len=12, enc=enc[:, :2])
+
+
 def test_temperature_to_zero_is_greedy():
     _, model, src, mask = _setup()
     greedy = sampling.sample(model, src, mask, key=jax.random.key(0), max_len=8, temperature=0.0)

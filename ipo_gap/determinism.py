@@ -1,0 +1,135 @@
+"""Bit-for-bit comparison of two runs: their checkpoints and their data-order logs.
+
+The determinism contract (DESIGN.md) says that on CPU the same seed and config give the same
+bits. `compare_checkpoints` and `compare_logs` are how a check (experiments/
+check_determinism.py) holds two runs to it and names where they part:
+
+  * `compare_checkpoints(dir_a, dir_b, step)` restores every saved array of `step` from both
+    checkpoint roots as raw numpy arrays (no template, so any train state works) and lists
+    the arrays whose bits differ, with their max abs difference;
+  * `compare_logs(dir_a, dir_b)` returns the first step whose chain hash differs (or where
+    one log ends first).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ipo_gap.data.order_log import OrderLog
+from ipo_gap.train_state_io import CheckpointManager
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}/{k}" if prefix else str(k)
+        out.update(_flatten(v, name) if isinstance(v, Mapping) else {name: v})
+    return out
+
+
+def _restore_args(tree: Mapping) -> dict:
+    return {
+        k: _restore_args(v) if isinstance(v, Mapping) else ocp.RestoreArgs(restore_type=np.ndarray)
+        for k, v in tree.items()
+    }
+
+
+def restore_raw(directory: str | os.PathLike, step: int) -> dict[str, np.ndarray]:
+    """All arrays saved at `step` under checkpoint root `directory`, keyed 'model/encoder/...'.
+
+    Raises:
+      FileNotFoundError: the directory or the step does not exist.
+    """
+    directory = os.fspath(directory)
+    if "://" not in directory and not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
+    mngr = CheckpointManager(directory)
+    try:
+        if step not in mngr.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {directory}; "
+                f"available steps: {mngr.all_steps() or 'none'}"
+            )
+        # train_state_io keeps no public raw restore; use its orbax manager directly.
+        meta = mngr._mngr.item_metadata(step)["state"]
+        meta = getattr(meta, "tree", meta)  # orbax >= 0.11 wraps the tree in TreeMetadata
+        restored = mngr._mngr.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=_restore_args(meta))),
+        )["state"]
+    finally:
+        mngr.close()
+    return {k: np.asarray(v) for k, v in _flatten(restored).items()}
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality: NaN == NaN (same payload), -0 != +0."""
+    return a.tobytes() == b.tobytes()
+
+
+def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size == 0:
+        return 0.0
+    if a.dtype.kind in "biu":
+        return float(np.max(np.abs(a.astype(np.int64) - b.astype(np.int64))))
+    with np.errstate(invalid="ignore", over="ignore"):
+        return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+def compare_arrays(arrays_a: Mapping[str, np.ndarray], arrays_b: Mapping[str, np.ndarray]):
+    """The differences of two {path: array} dicts, one line each, in sorted path order."""
+    out = []
+    for path in sorted(set(arrays_a) | set(arrays_b)):
+        if path not in arrays_b:
+            out.append(f"{path}: only in a")
+            continue
+        if path not in arrays_a:
+            out.append(f"{path}: only in b")
+            continue
+        a, b = np.asarray(arrays_a[path]), np.asarray(arrays_b[path])
+        if a.shape != b.shape or a.dtype != b.dtype:
+            out.append(f"{path}: a is {a.dtype}{list(a.shape)}, b is {b.dtype}{list(b.shape)}")
+            continue
+        if _bits_equal(np.ascontiguousarray(a), np.ascontiguousarray(b)):
+            continue
+        n = int(
+            np.sum(a.reshape(-1).view(f"u{a.itemsize}") != b.reshape(-1).view(f"u{b.itemsize}"))
+        )
+        out.append(f"{path}: max abs diff {_max_abs_diff(a, b):.6g} ({n} of {a.size} elements)")
+    return out
+
+
+def compare_checkpoints(dir_a, dir_b, step: int) -> list[str]:
+    """Differences between the arrays saved at `step` in two checkpoint roots.
+
+    Returns one line per differing array, 'path: max abs diff X (n of N elements)' (or a
+    missing / shape-or-dtype line), in sorted path order; empty if every array is
+    bit-identical. Bitwise: NaN equals NaN, -0 differs from +0 (max abs diff 0 then).
+    """
+    return compare_arrays(restore_raw(dir_a, step), restore_raw(dir_b, step))
+
+
+def compare_logs(dir_a, dir_b) -> int | None:
+    """The first step at which two order logs differ, or None if they are identical.
+
+    Compares committed chain hashes. Since hash_t commits to steps 0..t and to the
+    tokenizer, equal hashes at t mean equal logs up to t, so the first differing step is found
+    by bisection. If one log is a prefix of the other, returns the shorter length (the first
+    step one of them lacks). Does not re-hash the stored data: use `OrderLog.verify` for that.
+    """
+    a, b = OrderLog.open(dir_a), OrderLog.open(dir_b)
+    n = min(len(a), len(b))
+    if n == 0 or a.hash(n - 1) == b.hash(n - 1):
+        return None if len(a) == len(b) else n
+    lo, hi = 0, n - 1  # the answer is in [lo, hi]; hashes differ at hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a.hash(mid) == b.hash(mid):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,115 @@
+"""Run comparison: checkpoints and order logs compared bit for bit, naming where they part."""
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO
+
+from ipo_gap import determinism
+from ipo_gap.data.order_log import OrderLog
+from ipo_gap.train_state_io import CheckpointManager
+
+TOK = "0" * 64
+
+
+def _state(**changes):
+    state = {
+        "model": {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)},
+        "opt_state": {"mu": np.full((2, 3), 0.5, np.float32)},
+        "step": np.int32(4),
+    }
+    for path, value in changes.items():
+        node = state
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return {k: jnp.asarray(v) if not isinstance(v, dict) else v for k, v in state.items()}
+
+
+def _save(directory, state, step=4):
+    with CheckpointManager(directory) as mngr:
+        mngr.save(step, state, force=True)
+
+
+def test_compare_checkpoints(tmp_path):
+    a, b, c, d = (tmp_path / x for x in "abcd")
+    _save(a, _state())
+    _save(b, _state())
+    assert determinism.compare_checkpoints(a, b, 4) == []
+    changed = np.arange(6, dtype=np.float32).reshape(2, 3)
+    changed[1, 2] += 0.25
+    _save(c, _state(**{"model/w": changed}))
+    diffs = determinism.compare_checkpoints(a, c, 4)
+    assert len(diffs) == 1 and diffs[0].startswith("model/w: max abs diff 0.25 (1 of 6"), diffs
+    # Bitwise: -0.0 differs from +0.0 although their difference is 0.
+    _save(d, _state(**{"model/b": -np.zeros(3, np.float32), "step": np.int32(5)}))
+    diffs = determinism.compare_checkpoints(a, d, 4)
+    assert [x.split(":")[0] for x in diffs] == ["model/b", "step"], diffs
+    assert "max abs diff 0 (3 of 3" in diffs[0] and "max abs diff 1 (1 of 1" in diffs[1]
+    with pytest.raises(FileNotFoundError, match="step 7"):
+        determinism.compare_checkpoints(a, b, 7)
+    with pytest.raises(FileNotFoundError):
+        determinism.compare_checkpoints(a, tmp_path / "missing", 4)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_compare_arrays_structure():
+    f = np.float32
+    a = {"x": np.zeros(2, f), "y": np.zeros(2, f)}
+    assert determinism.compare_arrays(a, {"x": np.zeros(3, f), "z": np.zeros(1, f)}) == [
+        "x: a is float32[2], b is float32[3]",
+        "y: only in a",
+        "z: only in b",
+    ]
+    nan = {"x": np.array([np.nan, 1.0], f)}
+    assert determinism.compare_arrays(nan, {"x": np.array([np.nan, 1.0], f)}) == []
+
+
+def _log(directory, n, change_step=None, tok=TOK):
+    schema = {"x": ("int32", (3,)), "p": ("float32", ())}
+    log = OrderLog.create(directory, schema=schema, batch_size=2, meta={"tokenizer_sha256": tok})
+    for s in range(n):
+        x = np.arange(6, dtype=np.int32).reshape(2, 3) + s
+        if s == change_step:
+            x[1, 0] += 1
+        log.append(s, {"x": x, "p": np.full(2, s / 10, np.float32)})
+    return directory
+
+
+def test_compare_logs(tmp_path):
+    a = _log(tmp_path / "a", 6)
+    assert determinism.compare_logs(a, _log(tmp_path / "b", 6)) is None
+    assert determinism.compare_logs(a, _log(tmp_path / "c", 6, change_step=3)) == 3
+    assert determinism.compare_logs(a, _log(tmp_path / "d", 6, change_step=0)) == 0
+    assert determinism.compare_logs(a, _log(tmp_path / "e", 6, change_step=5)) == 5
+    assert determinism.compare_logs(a, _log(tmp_path / "f", 4)) == 4  # length mismatch
+    assert determinism.compare_logs(_log(tmp_path / "g", 4), a) == 4
+    assert determinism.compare_logs(a, _log(tmp_path / "h", 6, tok="1" * 64)) == 0
+    assert determinism.compare_logs(_log(tmp_path / "i", 0), _log(tmp_path / "j", 0)) is None
+
+
+@pytest.mark.slow  # four subprocess runs of a tiny online IPO stage, each compiling: ~1-3 min
+def test_check_determinism_binary_passes(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "experiments/check_determinism.py",
+            "--stage=online_ipo",
+            f"--workdir={tmp_path}",
+            "--steps=7",
+            "--kill_after=4",
+            "--checkpoint_every=3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 0, out
+    assert "PASS" in proc.stdout.splitlines()[-1], out
+    assert "resumed" in proc.stdout, out  # the killed run really resumed from a checkpoint

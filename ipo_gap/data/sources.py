@@ -1,4 +1,4 @@
-"""Where policy batches come from: offline datasets, online sampling, and log replay.
+"""Where policy batches come from: offline datasets, online and semi-online sampling, log replay.
 
 Every source returns, for a step, the same thing: a dict of numpy arrays in the order-log
 schema (`order_log.pair_schema`: prompt, y_w, y_l with masks, judge_prob, logp_w, logp_l),
@@ -8,13 +8,17 @@ differ only in this module, as the paper's tandem identity requires.
 Determinism: what a source returns for step s is a function of (seed, s) and, for online
 sources, of the policy's parameters at step s: the prompt order derives from (seed, epoch),
 the sampling key is fold_in(key, s). A resumed run therefore needs only the step as its data
-position.
+position, with one exception: `SemiOnlineSource` also needs its policy snapshot (see there).
+
+`HypoSource` is the one source that returns two batches per step (HyPO: offline pairs plus
+on-policy samples of the same prompts); it feeds `ipo_gap.train.loop.train_hypo`.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +106,114 @@ class OnlineSource:
             policy, self.pm, x, xm, jax.random.fold_in(self.key, step), self.max_len
         )
         return {k: np.asarray(v) for k, v in out.items()}
+
+
+def copy_arrays(model):
+    """A copy of every array leaf of `model` (the train step donates the policy's buffers)."""
+    return jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)
+
+
+class SnapshotMissingError(RuntimeError):
+    """A semi-online source was asked for a step whose policy snapshot it does not hold."""
+
+
+class SemiOnlineSource:
+    """Online sampling from a snapshot of the policy refreshed every `refresh_every` steps.
+
+    Semi-online training (001, ref [9]): the two responses of step k are sampled, and ranked,
+    exactly as `OnlineSource` does (same prompts, key fold_in(key, k), same judge), but by
+    the policy *snapshot* taken at step floor(k / s) * s, i.e. snapshots are taken at steps
+    0, s, 2s, ... from the policy the loop passes in (a copy: the step donates its buffers).
+
+      * refresh_every = 1: the snapshot is always the current policy: exactly
+        `OnlineSource`, batch for batch and bit for bit (no copy is made).
+      * refresh_every = None or 0: never refreshed: every step samples the step-0 policy,
+        i.e. offline training on pi_sft samples (freshly drawn each step, judged online).
+
+    Resuming. The batch of step k depends on the parameters at step floor(k / s) * s, which
+    a checkpoint of step k does not hold unless k is a refresh boundary. So either
+      * checkpoint at refresh boundaries (`checkpoint_every` a multiple of s): a run resumed
+        at a boundary takes its snapshot from the restored policy, as the original run did;
+      * or save `state()` with the checkpoint and call `restore(...)` before resuming;
+      * or, for refresh_every = None, pass the step-0 policy (pi_sft) as `initial_policy`.
+    Otherwise `batch` raises `SnapshotMissingError` rather than sample from a wrong policy.
+    A held snapshot is never replaced by the policy passed at its own boundary step (so a
+    restored snapshot wins over the policy passed in when both are present).
+    """
+
+    def __init__(self, online: OnlineSource, *, refresh_every: int | None, initial_policy=None):
+        if refresh_every is not None and (int(refresh_every) != refresh_every or refresh_every < 0):
+            raise ValueError(
+                f"refresh_every must be a positive int, 0 or None, got {refresh_every}"
+            )
+        self.online = online
+        self.refresh_every = int(refresh_every) if refresh_every else None
+        self._snapshot, self._snapshot_step = None, None
+        if initial_policy is not None:
+            self.restore(initial_policy, 0)
+
+    def snapshot_step(self, step: int) -> int:
+        """The step whose policy samples step `step`: floor(step / s) * s (0 if never refreshed)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        s = self.refresh_every
+        return 0 if s is None else (step // s) * s
+
+    def state(self):
+        """(snapshot_step, snapshot parameters), or (None, None) before the first batch."""
+        return self._snapshot_step, self._snapshot
+
+    def restore(self, snapshot, snapshot_step: int) -> None:
+        """Installs a saved snapshot (copied): the policy at refresh step `snapshot_step`."""
+        if self.snapshot_step(snapshot_step) != snapshot_step:
+            raise ValueError(
+                f"step {snapshot_step} is not a refresh boundary (refresh_every="
+                f"{self.refresh_every}); snapshots exist only at multiples of it"
+            )
+        self._snapshot, self._snapshot_step = copy_arrays(snapshot), snapshot_step
+
+    def batch(self, step: int, policy=None) -> Batch:
+        if self.refresh_every == 1:
+            return self.online.batch(step, policy)
+        want = self.snapshot_step(step)
+        if self._snapshot_step != want:
+            if step != want:
+                raise SnapshotMissingError(
+                    f"step {step} samples the policy of step {want}, which this source does not "
+                    f"hold (it holds step {self._snapshot_step}); after a resume, restore() the "
+                    f"snapshot, or checkpoint at multiples of refresh_every={self.refresh_every}"
+                )
+            if policy is None:
+                raise ValueError("a semi-online source needs the policy at refresh steps")
+            self._snapshot, self._snapshot_step = copy_arrays(policy), want
+        return self.online.batch(step, self._snapshot)
+
+
+class HypoSource:
+    """HyPO's data (002, Algorithm 1): offline pairs plus on-policy samples of their prompts.
+
+    `batch(step, policy)` returns (pairs, samples): `pairs` is `offline.batch(step)` (any pair
+    source: `OfflineSource`, `LogReplay`, ...), and `samples` holds one response per pair
+    prompt drawn from the current policy (exact sampler, temperature 1) with key
+    fold_in(key, step): {"prompt", "prompt_mask", "y", "y_mask", "logp"} where "logp" is the
+    sampling log-prob (logged, not trained on). A function of (seed, step, parameters), so a
+    resumed run needs only the step.
+    """
+
+    def __init__(self, offline: Source, *, key: jax.Array, max_len: int):
+        self.offline, self.key, self.max_len = offline, key, max_len
+
+    def batch(self, step: int, policy=None) -> tuple[Batch, Batch]:
+        if policy is None:
+            raise ValueError("HyPO's on-policy samples need the current policy")
+        pairs = self.offline.batch(step, policy)
+        x, xm = jnp.asarray(pairs["prompt"]), jnp.asarray(pairs["prompt_mask"])
+        s = sampling.sample(
+            policy, x, xm, key=jax.random.fold_in(self.key, step), max_len=self.max_len
+        )
+        samples = {"prompt": x, "prompt_mask": xm, "y": s.tokens, "y_mask": s.mask}
+        samples["logp"] = s.logprobs.sum(-1)
+        return pairs, {k: np.asarray(v) for k, v in samples.items()}
 
 
 @jax.jit

@@ -1,9 +1,10 @@
 """The host loop of policy training: source -> [order log] -> train step, with metrics.
 
-`train_policy` runs the shared policy step over any source (online, offline, replayed,
-shuffled), optionally appending every batch to a data-order log *before* training on it, and
-writes one JSON line of metrics per logging step plus a progress line with rate and ETA.
-Nothing trains on a batch with NaN/inf loss: the loop stops, naming the step.
+`train_policy` runs the shared policy step over any source (online, semi-online, offline,
+replayed, shuffled), optionally appending every batch to a data-order log *before* training on
+it, and writes one JSON line of metrics per logging step plus a progress line with rate and ETA.
+Nothing trains on a batch with NaN/inf loss: the loop stops, naming the step. `train_hypo` runs
+HyPO's step (offline pairs + on-policy KL term) in the same loop.
 """
 
 from __future__ import annotations
@@ -112,6 +113,136 @@ def train_policy(
     Returns (model, opt_state, history) where history is the list of per-step metrics.
     """
     optimizer = optimizer or steps.make_optimizer()
+    step_fn = steps.make_policy_step(loss, optimizer)
+
+    def next_batch(step, model):
+        batch = source.batch(step, model)
+        if order_log is not None:
+            if step < len(order_log):  # logged before a crash: must regenerate equal
+                order_log.compare_step(step, batch)
+            else:
+                order_log.append(step, batch)
+        return batch
+
+    def update(model, opt_state, batch, step):
+        return step_fn(model, opt_state, ref_model, to_pair_batch(batch), hparams, jnp.int32(step))
+
+    return _run(
+        model=model,
+        opt_state=opt_state,
+        optimizer=optimizer,
+        next_batch=next_batch,
+        update=update,
+        count_tokens=lambda b: int(b["y_w_mask"].sum() + b["y_l_mask"].sum()),
+        num_steps=num_steps,
+        start_step=start_step,
+        metrics_path=metrics_path,
+        log_every=log_every,
+        name=name,
+        on_step=on_step,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        checkpoint_meta=checkpoint_meta,
+    )
+
+
+def to_seq_batch(samples: dict[str, np.ndarray]) -> steps.SeqBatch:
+    return steps.SeqBatch(
+        *(jnp.asarray(samples[f]) for f in ("prompt", "prompt_mask", "y", "y_mask"))
+    )
+
+
+def train_hypo(
+    *,
+    model,
+    ref_model,
+    source,
+    num_steps: int,
+    hparams: steps.Hparams,
+    optimizer=None,
+    opt_state=None,
+    start_step: int = 0,
+    normalize: str = "sum",
+    metrics_path: str | pathlib.Path | None = None,
+    log_every: int = 1,
+    name: str = "hypo",
+    on_step: Callable[[int, Any, dict], None] | None = None,
+    checkpoint_dir: str | pathlib.Path | None = None,
+    checkpoint_every: int = 0,
+    checkpoint_meta: dict | None = None,
+):
+    """HyPO training (002, Algorithm 1) for steps [start_step, num_steps): `train_policy`'s loop.
+
+    Each step: (pairs, samples) = source.batch(step, model) (a `sources.HypoSource`: offline
+    pairs and one on-policy sample per prompt), then `steps.make_hypo_step`'s update with
+    `hparams.beta` for DPO and `hparams.lam` for the KL term. Metrics, progress, the NaN
+    guard and checkpoint/resume are those of `train_policy`; the batches are a function of
+    (seed, step, parameters), so resuming from a checkpoint continues the run exactly. No
+    order log: its schema holds pairs only (the offline pair stream is already replayable).
+
+    Returns (model, opt_state, history) where history is the list of per-step metrics.
+    """
+    optimizer = optimizer or steps.make_optimizer()
+    step_fn = steps.make_hypo_step(optimizer, normalize=normalize)
+
+    def update(model, opt_state, batch, step):
+        pairs, samples = batch
+        return step_fn(
+            model,
+            opt_state,
+            ref_model,
+            to_pair_batch(pairs),
+            to_seq_batch(samples),
+            hparams,
+            jnp.int32(step),
+        )
+
+    def count_tokens(batch):
+        pairs, samples = batch
+        return int(pairs["y_w_mask"].sum() + pairs["y_l_mask"].sum() + samples["y_mask"].sum())
+
+    return _run(
+        model=model,
+        opt_state=opt_state,
+        optimizer=optimizer,
+        next_batch=source.batch,
+        update=update,
+        count_tokens=count_tokens,
+        num_steps=num_steps,
+        start_step=start_step,
+        metrics_path=metrics_path,
+        log_every=log_every,
+        name=name,
+        on_step=on_step,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        checkpoint_meta=checkpoint_meta,
+    )
+
+
+def _run(
+    *,
+    model,
+    opt_state,
+    optimizer,
+    next_batch,
+    update,
+    count_tokens,
+    num_steps,
+    start_step,
+    metrics_path,
+    log_every,
+    name,
+    on_step,
+    checkpoint_dir,
+    checkpoint_every,
+    checkpoint_meta,
+):
+    """The host loop shared by `train_policy` and `train_hypo` (see `train_policy`).
+
+    next_batch(step, model) -> batch; update(model, opt_state, batch, step) -> (model,
+    opt_state, metrics); count_tokens(batch) -> int.
+    """
     if opt_state is None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     manager = CheckpointManager(checkpoint_dir) if checkpoint_dir else None
@@ -123,7 +254,6 @@ def train_policy(
         model, opt_state = restored.model, restored.opt_state
         start_step = int(restored.data_position)
         print(f"[{name}] resumed from {manager.directory} at step {start_step}", flush=True)
-    step_fn = steps.make_policy_step(loss, optimizer)
 
     def save(step_done: int):
         state = TrainState(
@@ -142,15 +272,8 @@ def train_policy(
     try:
         for step in range(start_step, num_steps):
             t0 = time.time()
-            batch = source.batch(step, model)
-            if order_log is not None:
-                if step < len(order_log):  # logged before a crash: must regenerate equal
-                    order_log.compare_step(step, batch)
-                else:
-                    order_log.append(step, batch)
-            model, opt_state, metrics = step_fn(
-                model, opt_state, ref_model, to_pair_batch(batch), hparams, jnp.int32(step)
-            )
+            batch = next_batch(step, model)
+            model, opt_state, metrics = update(model, opt_state, batch, step)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not np.isfinite(metrics["loss"]):
                 raise NonFiniteLossError(
@@ -160,7 +283,7 @@ def train_policy(
             metrics.update(
                 step=step,
                 seconds=time.time() - t0,
-                tokens=int(batch["y_w_mask"].sum() + batch["y_l_mask"].sum()),
+                tokens=count_tokens(batch),
             )
             history.append(metrics)
             if out is not None and step % log_every == 0:

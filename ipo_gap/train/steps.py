@@ -5,6 +5,9 @@ offline, replayed or shuffled batches all arrive as a `PairBatch`, and the loss 
 name. Values a sweep varies (learning rate, beta, lambda) enter as arrays in `Hparams`, so a
 sweep compiles once. The optimizer is Adam (optax.scale_by_adam) with optional global-norm
 clipping; the learning rate and its linear warm-up are applied inside the step from `Hparams`.
+
+HyPO (002, Algorithm 1) has its own step, `make_hypo_step`: the same DPO objective on offline
+pairs plus lambda times HyPO's KL surrogate on on-policy samples (a `SeqBatch`).
 """
 
 from __future__ import annotations
@@ -117,6 +120,18 @@ def make_sft_step(optimizer: optax.GradientTransformation):
     return step
 
 
+def _pair_objective(loss_fn, model, ref_model, batch: PairBatch, hp: Hparams, *, normalize):
+    """A pairwise loss of the policy against the reference: (value, metrics incl. "loss")."""
+    logp_w, logp_l = pair_logprobs(model, batch, normalize)
+    if batch.ref_w is None:
+        ref_w, ref_l = pair_logprobs(ref_model, batch, normalize)
+        ref_w, ref_l = jax.lax.stop_gradient((ref_w, ref_l))
+    else:
+        ref_w, ref_l = batch.ref_w, batch.ref_l
+    value, metrics = loss_fn(logp_w, logp_l, ref_w, ref_l, beta=hp.beta)
+    return value, {"loss": value, **metrics}
+
+
 def make_policy_step(loss: str, optimizer: optax.GradientTransformation, *, normalize: str = "sum"):
     """The policy step shared by every algorithm and data source.
 
@@ -125,17 +140,7 @@ def make_policy_step(loss: str, optimizer: optax.GradientTransformation, *, norm
     carries no precomputed reference log-probs; it is never updated. The model and optimizer
     state are donated.
     """
-    loss_fn = losses.get_loss(loss)
-
-    def objective(model, ref_model, batch: PairBatch, hp: Hparams):
-        logp_w, logp_l = pair_logprobs(model, batch, normalize)
-        if batch.ref_w is None:
-            ref_w, ref_l = pair_logprobs(ref_model, batch, normalize)
-            ref_w, ref_l = jax.lax.stop_gradient((ref_w, ref_l))
-        else:
-            ref_w, ref_l = batch.ref_w, batch.ref_l
-        value, metrics = loss_fn(logp_w, logp_l, ref_w, ref_l, beta=hp.beta)
-        return value, {"loss": value, **metrics}
+    objective = functools.partial(_pair_objective, losses.get_loss(loss), normalize=normalize)
 
     def step(model, opt_state, ref_model, batch: PairBatch, hp: Hparams, step):
         (_, metrics), grads = eqx.filter_value_and_grad(objective, has_aux=True)(
@@ -146,4 +151,64 @@ def make_policy_step(loss: str, optimizer: optax.GradientTransformation, *, norm
 
     # Every argument is a pytree of arrays (the model's config is static treedef data), so
     # plain jax.jit applies; only the model and optimizer state are donated.
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def sequence_logprob(model: t5.T5, batch: SeqBatch) -> jax.Array:
+    """log pi(tgt|src) summed over the response tokens, [B] float32."""
+    logits = t5.forward(model, batch.src, batch.src_mask, t5.shift_right(batch.tgt))
+    return logprobs.sequence_logprobs(logits, batch.tgt, batch.tgt_mask, normalize="sum")
+
+
+def hypo_kl_term(model: t5.T5, ref_model: t5.T5, samples: SeqBatch):
+    """HyPO's l_kl on on-policy samples: (mean logp * sg(logp - ref), {"kl_mc": ...}).
+
+    Its gradient is an unbiased estimate of grad KL(pi || ref) when `samples` are drawn from
+    `model` at temperature 1 (see `losses.hypo_kl_loss`). Always summed log-probs: the
+    score-function identity holds for log pi(y|x), not for a length-normalised score.
+    """
+    logp = sequence_logprob(model, samples)
+    ref = jax.lax.stop_gradient(sequence_logprob(ref_model, samples))
+    return losses.hypo_kl_loss(logp, ref)
+
+
+def make_hypo_step(optimizer: optax.GradientTransformation, *, normalize: str = "sum"):
+    """HyPO (002, Algorithm 1): DPO on offline pairs + lambda * KL surrogate on samples.
+
+    Returns a jitted step(model, opt_state, ref_model, pairs, samples, hp, step) ->
+    (model, opt_state, metrics), where `pairs` is a `PairBatch` of offline pairs and
+    `samples` a `SeqBatch` (prompt, prompt_mask, y, y_mask) of responses sampled from `model`
+    itself (one per prompt; `ipo_gap.data.sources.HypoSource`). The loss is
+
+        dpo(pairs; beta = hp.beta) + hp.lam * mean_y[log pi(y|x) * sg(log pi(y|x)/pi_ref(y|x))]
+
+    (Algorithm 1 writes sums and ascends l_dpo - lambda l_kl with l_dpo the log-likelihood;
+    this is its negation with batch means). `normalize` applies to the DPO log-probs only; the
+    KL term always uses summed log-probs (`hypo_kl_term`). The update is the policy step's
+    (Adam, lr and warm-up from `hp`). Metrics: "loss" (the total), "dpo_loss", "kl_loss" (the
+    surrogate's value, not a KL), "kl_mc" (naive MC sequence-KL estimate on the samples), the
+    DPO pair metrics, and "grad_norm". The model and optimizer state are donated.
+
+    With hp.lam = 0 this is the DPO policy step up to float rounding: same loss and metrics,
+    parameters ~1 ulp apart after a few steps on CPU (tests/test_hypo.py). The two are
+    different XLA programs, which fuse and order float ops differently; computing
+    g_dpo + lam * g_kl as two gradients, or skipping the KL backward under a lax.cond, did not
+    make them bit-identical either.
+    """
+    dpo = functools.partial(_pair_objective, losses.get_loss("dpo"), normalize=normalize)
+
+    def objective(model, ref_model, pairs: PairBatch, samples: SeqBatch, hp: Hparams):
+        dpo_value, metrics = dpo(model, ref_model, pairs, hp)
+        kl_value, kl_metrics = hypo_kl_term(model, ref_model, samples)
+        value = dpo_value + hp.lam * kl_value
+        metrics = {**metrics, **kl_metrics, "dpo_loss": dpo_value, "kl_loss": kl_value}
+        return value, {**metrics, "loss": value}
+
+    def step(model, opt_state, ref_model, pairs: PairBatch, samples: SeqBatch, hp: Hparams, step):
+        (_, metrics), grads = eqx.filter_value_and_grad(objective, has_aux=True)(
+            model, ref_model, pairs, samples, hp
+        )
+        model, opt_state = apply_updates(model, opt_state, grads, optimizer, hp, step)
+        return model, opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+
     return jax.jit(step, donate_argnums=(0, 1))

@@ -133,3 +133,33 @@ def test_tandem_check_binary_passes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASS: the offline replay is bit-identical" in proc.stdout
     assert (tmp_path / "tandem_report.json").exists()
+
+
+def test_offline_run_with_cached_refs_logs_only_the_schema(online_run, tmp_path):
+    from ipo_gap.data import ref_cache
+
+    sft, _, _, directory, hp = online_run
+    data = {
+        k: np.concatenate([b[k] for _, b in OrderLog.open(directory).iter_steps()])
+        for k in sources.PAIR_FIELDS
+    }
+    ref_w, ref_l = ref_cache.compute_reference_logprobs(sft, data, batch_size=B)
+    source = sources.OfflineSource(ref_cache.with_refs(data, ref_w, ref_l), batch_size=B, seed=0)
+    log = OrderLog.create(
+        tmp_path / "offline_log",
+        schema=pair_schema(S, T),
+        batch_size=B,
+        meta={"tokenizer_sha256": "0" * 64},
+    )
+    _, _, hist = loop.train_policy(
+        model=_copy(sft),
+        ref_model=sft,
+        source=source,
+        num_steps=2,
+        hparams=hp,
+        loss="ipo",
+        order_log=log,
+    )
+    assert len(log) == 2 and "ref_w" not in log.read(0)
+    # At step 0 the policy is the reference: Delta = 0, so the IPO loss is (1/(2 beta))^2 = 1.
+    assert abs(hist[0]["loss"] - 1.0) < 1e-4

@@ -31,12 +31,22 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def to_pair_batch(batch: dict[str, np.ndarray]) -> steps.PairBatch:
-    return steps.PairBatch(
-        *(
-            jnp.asarray(batch[f])
-            for f in ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
-        )
-    )
+    """A PairBatch; cached reference log-probs (ref_w/ref_l columns) are carried when present.
+
+    Cached references are not bit-identical to those the step computes live (batch shapes
+    differ, so float32 rounding does): a bit-exact tandem replay uses the same reference path
+    as the run it replays.
+    """
+    fields = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
+    refs = {}
+    if "ref_w" in batch and "ref_l" in batch:
+        refs = {"ref_w": jnp.asarray(batch["ref_w"]), "ref_l": jnp.asarray(batch["ref_l"])}
+    return steps.PairBatch(*(jnp.asarray(batch[f]) for f in fields), **refs)
+
+
+def _logged_fields(order_log: OrderLog, batch: dict) -> dict:
+    """The fields of the log's schema (derived columns such as cached refs are not logged)."""
+    return {k: batch[k] for k in order_log.schema}
 
 
 class Progress:
@@ -119,9 +129,9 @@ def train_policy(
         batch = source.batch(step, model)
         if order_log is not None:
             if step < len(order_log):  # logged before a crash: must regenerate equal
-                order_log.compare_step(step, batch)
+                order_log.compare_step(step, _logged_fields(order_log, batch))
             else:
-                order_log.append(step, batch)
+                order_log.append(step, _logged_fields(order_log, batch))
         return batch
 
     def update(model, opt_state, batch, step):

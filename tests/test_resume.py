@@ -53,11 +53,13 @@ print("DONE", flush=True)
 
 def _run(workdir, kill_after=None):
     """Runs the driver; with kill_after=k, SIGKILLs it once it reports step k."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    err = open(workdir / "stderr.log", "a")  # noqa: SIM115  (a file: a chatty child never blocks)
     proc = subprocess.Popen(
         [sys.executable, "-c", DRIVER, str(workdir), str(N)],
         cwd=REPO,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=err,
         text=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
@@ -68,8 +70,11 @@ def _run(workdir, kill_after=None):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=300)
+    err.close()
     if kill_after is None:
-        assert proc.returncode == 0 and "DONE" in lines, proc.stderr.read()[-3000:]
+        assert proc.returncode == 0 and "DONE" in lines, (workdir / "stderr.log").read_text()[
+            -3000:
+        ]
     else:
         assert proc.returncode == -signal.SIGKILL
     return lines

@@ -90,6 +90,7 @@ def test_hypo_source_samples_the_pair_prompts_from_the_current_policy(setup):
     assert samples["y"].shape == (B, T) and samples["logp"].shape == (B,)
 
 
+@pytest.mark.slow  # compiles the HyPO and the DPO step: ~20 s; runs in CI
 def test_lam_zero_is_the_dpo_step(setup):
     """Same losses and metrics; parameters equal up to float rounding (different programs)."""
     sft, opt = setup["sft"], setup["opt"]

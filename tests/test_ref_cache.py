@@ -169,6 +169,7 @@ def test_model_fingerprint(setup):
     assert fp != ref_cache.model_fingerprint(renamed)
 
 
+@pytest.mark.slow  # compiles two policy steps: ~20 s; runs in CI
 def test_cached_refs_give_the_same_update_as_live_refs(setup, tmp_path):
     cfg, ref, data = setup
     ref_w, ref_l = _load(tmp_path, ref, data)

@@ -56,10 +56,6 @@ def _tree_max_diff(a, b) -> float:
     )
 
 
-def _copy(model):
-    return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, model)
-
-
 def prepare(workdir: pathlib.Path, seed: int):
     """Tokenizer, SFT policy and proxy PM for the toy task (trained here, deterministic)."""
     rng = random.Random(seed)
@@ -124,7 +120,7 @@ def run(workdir: pathlib.Path) -> bool:
         },
     )
     online, _, hist_on = loop.train_policy(
-        model=_copy(sft),
+        model=sources.copy_arrays(sft),
         ref_model=sft,
         source=online_src,
         num_steps=n,
@@ -137,7 +133,7 @@ def run(workdir: pathlib.Path) -> bool:
     replay = OrderLog.open(workdir / "online_log")
     replay.check_tokenizer(tok.sha256)
     offline, _, hist_off = loop.train_policy(
-        model=_copy(sft),
+        model=sources.copy_arrays(sft),
         ref_model=sft,
         source=sources.LogReplay(replay),
         num_steps=n,
@@ -157,7 +153,7 @@ def run(workdir: pathlib.Path) -> bool:
     for level in _SHUFFLE.value:
         window = n if level == "all" else int(level)
         shuffled, _, hist = loop.train_policy(
-            model=_copy(sft),
+            model=sources.copy_arrays(sft),
             ref_model=sft,
             source=sources.ShuffledReplay(replay, window=window, seed=_SEED.value),
             num_steps=n,

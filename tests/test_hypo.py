@@ -18,10 +18,6 @@ from ipo_gap.train import loop, steps
 S, T, B = 6, 5, 8
 
 
-def _copy(model):
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), model)
-
-
 def _arrays(model):
     return jax.tree.leaves(eqx.filter(model, eqx.is_array))
 
@@ -58,7 +54,7 @@ def setup():
 
 def _hypo_run(setup, lam, num_steps, lr=1e-2, beta=0.1):
     """The HyPO loop by hand, with the fixture's compiled step (lam is a traced argument)."""
-    model, opt = _copy(setup["sft"]), setup["opt"]
+    model, opt = sources.copy_arrays(setup["sft"]), setup["opt"]
     opt_state = opt.init(eqx.filter(model, eqx.is_array))
     hp = steps.Hparams.make(lr, beta=beta, lam=lam)
     history = []
@@ -96,7 +92,7 @@ def test_lam_zero_is_the_dpo_step(setup):
     sft, opt = setup["sft"], setup["opt"]
     dpo_step = steps.make_policy_step("dpo", opt)
     hp = steps.Hparams.make(1e-2, beta=0.1, lam=0.0)
-    m1, m2 = _copy(sft), _copy(sft)
+    m1, m2 = sources.copy_arrays(sft), sources.copy_arrays(sft)
     s1, s2 = opt.init(eqx.filter(m1, eqx.is_array)), opt.init(eqx.filter(m2, eqx.is_array))
     for k in range(3):
         pairs, samples = setup["source"].batch(k, m1)
@@ -203,7 +199,7 @@ def test_train_hypo_is_the_hand_loop(setup, tmp_path):
     hp = steps.Hparams.make(1e-2, beta=0.1, lam=1.0)
     metrics_path = tmp_path / "metrics.jsonl"
     model, _, hist = loop.train_hypo(
-        model=_copy(setup["sft"]),
+        model=sources.copy_arrays(setup["sft"]),
         ref_model=setup["sft"],
         source=setup["source"],
         num_steps=4,

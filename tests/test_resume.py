@@ -6,12 +6,12 @@ import signal
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from conftest import REPO
 
 from ipo_gap.data.order_log import OrderLog
+from ipo_gap.determinism import restore_raw
 from ipo_gap.train_state_io import CheckpointManager
 
 N = 8
@@ -99,17 +99,8 @@ def test_sigkill_twice_then_resume_is_bit_identical(tmp_path):
     # The final parameters and optimizer state are identical, bit for bit.
     ma, mb = CheckpointManager(straight / "ckpt"), CheckpointManager(killed / "ckpt")
     assert ma.latest_step() == mb.latest_step() == N
-    arrays_a, arrays_b = _restore_raw(ma), _restore_raw(mb)
+    arrays_a = restore_raw(straight / "ckpt", N)
+    arrays_b = restore_raw(killed / "ckpt", N)
     assert arrays_a.keys() == arrays_b.keys() and len(arrays_a) > 10
     for k in arrays_a:
         np.testing.assert_array_equal(arrays_a[k], arrays_b[k], err_msg=str(k))
-
-
-def _restore_raw(mngr):
-    """All saved arrays of the latest step as numpy, keyed by path (no template needed)."""
-    import orbax.checkpoint as ocp
-
-    step = mngr.latest_step()
-    restored = mngr._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
-    flat = jax.tree_util.tree_flatten_with_path(restored["state"])[0]
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}

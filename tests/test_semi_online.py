@@ -14,10 +14,6 @@ from ipo_gap.train import loop, steps
 S, T, B, N = 6, 5, 4, 6
 
 
-def _copy(model):
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), model)
-
-
 class Recorder:
     """A source wrapper that keeps every batch it hands out."""
 
@@ -59,7 +55,9 @@ def setup():
     which policy a step samples, not how it got there. The loop-level runs are in the slow test.
     """
     cfg, sft, online = _setup()
-    policies = [_copy(sft)] + [t5.init(cfg, key=jax.random.key(100 + k)) for k in range(1, N)]
+    policies = [sources.copy_arrays(sft)] + [
+        t5.init(cfg, key=jax.random.key(100 + k)) for k in range(1, N)
+    ]
     online_src = online()
     batches = [online_src.batch(k, policies[k]) for k in range(N)]
     return {"sft": sft, "online": online, "policies": policies, "batches": batches}
@@ -97,7 +95,7 @@ def test_never_refreshed_samples_the_initial_policy(setup):
             assert semi.snapshot_step(k) == 0
             assert _same_batch(semi.batch(k, policies[k]), online.batch(k, setup["sft"]))
     # The snapshot is a copy: deleting the step-0 policy's buffers (as donation does) is safe.
-    step0 = _copy(setup["sft"])
+    step0 = sources.copy_arrays(setup["sft"])
     semi = sources.SemiOnlineSource(setup["online"](), refresh_every=None)
     semi.batch(0, step0)
     for leaf in jax.tree.leaves(eqx.filter(step0, eqx.is_array)):
@@ -130,7 +128,7 @@ def test_resume_needs_the_snapshot(setup):
 
 def _train(sft, source, num_steps, **kw):
     return loop.train_policy(
-        model=_copy(sft),
+        model=sources.copy_arrays(sft),
         ref_model=sft,
         source=source,
         num_steps=num_steps,
@@ -145,9 +143,11 @@ def test_semi_online_training_runs(tmp_path):
     """Through loop.train_policy: s = 1 is the online run bit for bit; s = 3 samples its
     snapshots; a run checkpointed at a refresh boundary resumes exactly."""
     _, sft, online = _setup()
-    policies = [_copy(sft)]
+    policies = [sources.copy_arrays(sft)]
     rec_online = Recorder(online())
-    final, _, hist = _train(sft, rec_online, N, on_step=lambda s, m, x: policies.append(_copy(m)))
+    final, _, hist = _train(
+        sft, rec_online, N, on_step=lambda s, m, x: policies.append(sources.copy_arrays(m))
+    )
     assert float(jnp.abs(final.lm_head - sft.lm_head).max()) > 1e-4  # it trained
 
     rec = Recorder(sources.SemiOnlineSource(online(), refresh_every=1))
@@ -159,9 +159,11 @@ def test_semi_online_training_runs(tmp_path):
         np.testing.assert_array_equal(a, b)
 
     # s = 3: steps 0..2 sample pi_sft, steps 3..5 the policy trained for 3 steps.
-    semi_policies = [_copy(sft)]
+    semi_policies = [sources.copy_arrays(sft)]
     rec3 = Recorder(sources.SemiOnlineSource(online(), refresh_every=3))
-    model3, _, hist3 = _train(sft, rec3, N, on_step=lambda s, m, x: semi_policies.append(_copy(m)))
+    model3, _, hist3 = _train(
+        sft, rec3, N, on_step=lambda s, m, x: semi_policies.append(sources.copy_arrays(m))
+    )
     reference = online()
     for k in range(N):
         snapshot = semi_policies[3 * (k // 3)]

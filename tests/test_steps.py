@@ -8,6 +8,7 @@ import pytest
 from conftest import FORWARD, tiny_config
 
 from ipo_gap import logprobs
+from ipo_gap.data.sources import copy_arrays
 from ipo_gap.t5 import model as t5
 from ipo_gap.train import steps
 
@@ -35,10 +36,6 @@ def eqx_arrays(model):
     return eqx.filter(model, eqx.is_array)
 
 
-def _copy(tree):
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-
-
 def test_pair_logprobs_equal_separate_forwards(setup):
     cfg, policy, _ = setup
     b = _batch(cfg)
@@ -60,7 +57,7 @@ def test_policy_step_precomputed_reference_and_one_compile_per_sweep(setup):
     for batch in (b, cached):
         for lr, beta in ((1e-3, 0.1), (3e-4, 0.5)):
             hp = steps.Hparams.make(lr, beta)
-            model, opt_state = _copy(policy), opt.init(eqx_arrays(policy))
+            model, opt_state = copy_arrays(policy), opt.init(eqx_arrays(policy))
             model, opt_state, metrics = step(model, opt_state, ref, batch, hp, jnp.int32(0))
             results.append((model, metrics))
     # Same numbers whether the reference log-probs are computed in the step or cached.
@@ -80,7 +77,7 @@ def test_ipo_step_reduces_the_loss_and_reaches_the_target(setup):
     opt = steps.make_optimizer()
     step = steps.make_policy_step("ipo", opt)
     hp = steps.Hparams.make(3e-3, beta=0.5)
-    model, opt_state = _copy(policy), opt.init(eqx_arrays(policy))
+    model, opt_state = copy_arrays(policy), opt.init(eqx_arrays(policy))
     losses = []
     for i in range(60):
         model, opt_state, metrics = step(model, opt_state, ref, b, hp, jnp.int32(i))
@@ -98,7 +95,7 @@ def test_warmup_scales_the_first_updates(setup):
     deltas = []
     for warmup in (0.0, 10.0):
         hp = steps.Hparams.make(1e-3, beta=0.1, warmup_steps=warmup)
-        model, opt_state = _copy(policy), opt.init(eqx_arrays(policy))
+        model, opt_state = copy_arrays(policy), opt.init(eqx_arrays(policy))
         new, _, _ = step(model, opt_state, ref, b, hp, jnp.int32(0))
         deltas.append(np.asarray(new.lm_head - policy.lm_head))
     # Adam's first update has the same direction; warm-up step 0 scales it by 1/10.

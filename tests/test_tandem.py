@@ -19,10 +19,6 @@ from ipo_gap.train import loop, steps
 S, T, B, N = 6, 5, 4, 4
 
 
-def _copy(model):
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), model)
-
-
 @pytest.fixture(scope="module")
 def online_run(tmp_path_factory):
     cfg = tiny_config(num_encoder_layers=1, num_decoder_layers=1, vocab_size=16)
@@ -40,7 +36,7 @@ def online_run(tmp_path_factory):
     )
     hp = steps.Hparams.make(1e-2, beta=0.5)
     online, _, hist = loop.train_policy(
-        model=_copy(sft),
+        model=sources.copy_arrays(sft),
         ref_model=sft,
         source=source,
         num_steps=N,
@@ -56,7 +52,7 @@ def test_exact_replay_is_bit_identical(online_run):
     log = OrderLog.open(directory)
     assert len(log) == N
     offline, _, hist_off = loop.train_policy(
-        model=_copy(sft),
+        model=sources.copy_arrays(sft),
         ref_model=sft,
         source=sources.LogReplay(log),
         num_steps=N,
@@ -84,7 +80,12 @@ def test_shuffled_replay_differs_and_covers_the_same_steps(online_run):
         range(N)
     )
     model, _, _ = loop.train_policy(
-        model=_copy(sft), ref_model=sft, source=shuffled, num_steps=N, hparams=hp, loss="ipo"
+        model=sources.copy_arrays(sft),
+        ref_model=sft,
+        source=shuffled,
+        num_steps=N,
+        hparams=hp,
+        loss="ipo",
     )
     assert float(jnp.abs(model.lm_head - online.lm_head).max()) > 0
 
@@ -103,7 +104,7 @@ def test_replay_refuses_an_altered_log(online_run, tmp_path):
     log = OrderLog.open(altered)
     with pytest.raises(ReplayError, match="step 2") as err:
         loop.train_policy(
-            model=_copy(sft),
+            model=sources.copy_arrays(sft),
             ref_model=sft,
             source=sources.LogReplay(log),
             num_steps=N,
@@ -152,7 +153,7 @@ def test_offline_run_with_cached_refs_logs_only_the_schema(online_run, tmp_path)
         meta={"tokenizer_sha256": "0" * 64},
     )
     _, _, hist = loop.train_policy(
-        model=_copy(sft),
+        model=sources.copy_arrays(sft),
         ref_model=sft,
         source=source,
         num_steps=2,

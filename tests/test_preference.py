@@ -163,15 +163,16 @@ def test_bt_reward_model_trains_and_judges():
 # Packing.
 
 
-def _reference_pack(segments, length):
-    """Python reference of the documented packing rule."""
+def _reference_pack(segments, length, separators=None):
+    """Python reference of the documented packing rule (a trailing EOS becomes the separator)."""
+    separators = separators or [EOS_ID] * len(segments)
     tokens = np.full((segments[0][0].shape[0], length), PAD_ID, np.int32)
     mask = np.zeros_like(tokens)
     for b in range(tokens.shape[0]):
         row = []
-        for seg_tokens, seg_mask in segments:
+        for (seg_tokens, seg_mask), sep in zip(segments, separators, strict=True):
             real = [int(t) for t, m in zip(seg_tokens[b], seg_mask[b], strict=True) if m]
-            row += real if real and real[-1] == EOS_ID else [*real, EOS_ID]
+            row += [*(real[:-1] if real and real[-1] == EOS_ID else real), sep]
         tokens[b, : len(row)] = row
         mask[b, : len(row)] = 1
     return tokens, mask
@@ -189,8 +190,8 @@ def test_pack_pair_layout():
     np.testing.assert_array_equal(
         tokens,
         [
-            [7, 8, 1, 10, 1, 14, 15, 1, 0, 0, 0, 0, 0],
-            [9, 1, 11, 12, 13, 1, 1, 0, 0, 0, 0, 0, 0],
+            [7, 8, 1, 10, 3, 14, 15, 4, 0, 0, 0, 0, 0],  # separators EOS, A (3), B (4)
+            [9, 1, 11, 12, 13, 3, 4, 0, 0, 0, 0, 0, 0],
         ],
     )
     np.testing.assert_array_equal(mask.sum(-1), [8, 7])
@@ -216,10 +217,11 @@ def test_pack_pair_matches_reference_on_random_segments():
     got = jax.jit(pref.pack_pair, static_argnames="length")(
         *(jnp.asarray(a) for seg in segments for a in seg), length=length
     )
-    want = _reference_pack(segments, length)
+    want = _reference_pack(segments, length, pref.PAIR_SEPARATORS)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
-    assert int(jnp.sum(got[0] == EOS_ID)) == 3 * 32  # exactly one separator per segment
+    for sep in pref.PAIR_SEPARATORS:  # exactly one separator per segment (ids differ)
+        assert int(jnp.sum(got[0] == sep)) == 32
 
 
 def test_pack_pair_too_short_raises():

@@ -9,6 +9,7 @@ HyPO's step (offline pairs + on-policy KL term) in the same loop.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import sys
@@ -24,6 +25,23 @@ import numpy as np
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.train import steps
 from ipo_gap.train_state_io import CheckpointManager, TrainState
+
+
+@functools.cache
+def _default_policy_step(loss: str):
+    """(optimizer, jitted step) with the default optimizer, built once per loss and process.
+
+    jax.jit caches compilations per function object, so reusing one step across the runs of
+    a sweep (hyper-parameters are traced arrays) compiles it once per batch shape.
+    """
+    optimizer = steps.make_optimizer()
+    return optimizer, steps.make_policy_step(loss, optimizer)
+
+
+@functools.cache
+def _default_hypo_step(normalize: str):
+    optimizer = steps.make_optimizer()
+    return optimizer, steps.make_hypo_step(optimizer, normalize=normalize)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -122,8 +140,10 @@ def train_policy(
 
     Returns (model, opt_state, history) where history is the list of per-step metrics.
     """
-    optimizer = optimizer or steps.make_optimizer()
-    step_fn = steps.make_policy_step(loss, optimizer)
+    if optimizer is None:  # the default: one compiled step per loss for the whole process
+        optimizer, step_fn = _default_policy_step(loss)
+    else:
+        step_fn = steps.make_policy_step(loss, optimizer)
 
     def next_batch(step, model):
         batch = source.batch(step, model)
@@ -192,8 +212,10 @@ def train_hypo(
 
     Returns (model, opt_state, history) where history is the list of per-step metrics.
     """
-    optimizer = optimizer or steps.make_optimizer()
-    step_fn = steps.make_hypo_step(optimizer, normalize=normalize)
+    if optimizer is None:
+        optimizer, step_fn = _default_hypo_step(normalize)
+    else:
+        step_fn = steps.make_hypo_step(optimizer, normalize=normalize)
 
     def update(model, opt_state, batch, step):
         pairs, samples = batch

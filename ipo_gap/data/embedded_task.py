@@ -1,0 +1,315 @@
+"""The embedded task: a small text world with hidden human preferences (no download needed).
+
+A prompt is an instruction word and 2-5 topic words from a lexicon of a few hundred made-up
+words, e.g. ``"explain: kamo tirelu bosa"``. A response is a short sequence of words.
+A hidden reward R(x, y) scores a response (`hidden_reward`):
+
+- coverage: +2 per topic word mentioned (divided by the number of topic words);
+- order: +1 x (longest run of topic words in the prompt's order) / (number of topic words);
+- length: -0.3 per word away from a target that depends on the instruction and topic count;
+- repetition: -0.6 per repeated word; off-topic lexicon words: -0.25 each;
+- style: +0.6 when the first word is the instruction's preferred opener (one of four courtesy
+  words), +0.5 for each of the instruction's two liked filler words present, -0.5 for each
+  occurrence of its two disliked fillers (`STYLE`; never stated in the prompt).
+
+The simulated human prefers y1 to y2 with probability sigmoid((R(x,y1) - R(x,y2)) / T).
+
+Behaviour generators of different care (`GENERATORS`) write the responses of D_initial: from
+careless (random fillers, wrong order, rambling, repeats) to careful (all topic words in order,
+near the target length). Why this task exhibits over-optimisation (Goodhart): the best
+responses combine every feature at once (all topic words in order, exact length, no repeats,
+the instruction's opener and liked fillers, none of the disliked ones), which no generator does
+reliably, so they are rare under the SFT policy that imitates the pooled generators. The
+features differ in how easily a small preference model learns them from pairs: style words and
+openers are easy (a word-instruction interaction), length is harder (counting) and topic
+coverage and repetition hardest (matching words across and within segments). A proxy PM that
+learned "more liked fillers is better" but not the length and repetition penalties rewards
+responses that repeat liked words or ramble, which generator pairs rarely show: a policy
+optimised against it drifts there and the hidden reward falls.
+
+Everything is a deterministic function of the seed (Python's `random.Random` seeded with
+strings, never `hash()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import random
+
+INSTRUCTIONS = {"list": (1, 0), "summarize": (1, 1), "explain": (2, 1), "expand": (2, 3)}
+# target length in words = a * num_topics + b for INSTRUCTIONS[instruction] = (a, b).
+OPENERS = ("please", "sure", "thanks", "okay")
+FILLERS = ("the", "and", "also", "very", "so", "then", "maybe", "just", "well", "quite")
+# instruction -> (preferred opener, liked fillers, disliked fillers)
+STYLE = {
+    "list": ("okay", ("then", "also"), ("very", "maybe")),
+    "summarize": ("sure", ("so", "just"), ("well", "then")),
+    "explain": ("please", ("so", "well"), ("just", "quite")),
+    "expand": ("thanks", ("very", "quite"), ("so", "the")),
+}
+MAX_RESPONSE_WORDS = 12
+TEMPERATURE = 0.5
+
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+
+
+def make_lexicon(seed: int, size: int = 300) -> list[str]:
+    """`size` distinct made-up topic words of 2-3 syllables, a function of `seed`."""
+    rng = random.Random(f"lexicon-{seed}")
+    syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
+    words: set[str] = set()
+    while len(words) < size:
+        words.add("".join(rng.choice(syllables) for _ in range(rng.choice((2, 2, 3)))))
+    return sorted(words)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    instruction: str
+    topics: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return f"{self.instruction}: " + " ".join(self.topics)
+
+    @staticmethod
+    def parse(text: str) -> Prompt:
+        head, _, rest = text.partition(": ")
+        if head not in INSTRUCTIONS or not rest:
+            raise ValueError(f"not an embedded-task prompt: {text!r}")
+        return Prompt(head, tuple(rest.split()))
+
+
+def target_length(prompt: Prompt) -> int:
+    a, b = INSTRUCTIONS[prompt.instruction]
+    return a * len(prompt.topics) + b
+
+
+def hidden_opener(prompt: Prompt) -> str:
+    return STYLE[prompt.instruction][0]
+
+
+def _longest_ordered_run(topics: tuple[str, ...], words: list[str]) -> int:
+    """Length of the longest common subsequence of the topic list and the response."""
+    prev = [0] * (len(words) + 1)
+    for t in topics:
+        cur = [0] * (len(words) + 1)
+        for j, w in enumerate(words):
+            cur[j + 1] = prev[j] + 1 if t == w else max(prev[j + 1], cur[j])
+        prev = cur
+    return prev[-1]
+
+
+def hidden_reward(prompt: Prompt, response: str, lexicon: frozenset[str]) -> float:
+    """The hidden human reward R(x, y) (see the module docstring)."""
+    words = response.split()
+    k = len(prompt.topics)
+    mentioned = sum(t in words for t in prompt.topics)
+    r = 2.0 * mentioned / k
+    r += 1.0 * _longest_ordered_run(prompt.topics, words) / k
+    r -= 0.3 * abs(len(words) - target_length(prompt))
+    r -= 0.6 * (len(words) - len(set(words)))
+    r -= 0.25 * sum(w in lexicon and w not in prompt.topics for w in words)
+    if words and words[0] == hidden_opener(prompt):
+        r += 0.6
+    _, liked, disliked = STYLE[prompt.instruction]
+    r += 0.5 * sum(w in words for w in liked)
+    r -= 0.5 * sum(w in disliked for w in words)
+    return r
+
+
+def human_preference(r1: float, r2: float, temperature: float = TEMPERATURE) -> float:
+    """P(y1 preferred over y2) = sigmoid((R1 - R2) / T)."""
+    z = (r1 - r2) / temperature
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+# ------------------------------------------------------------------------------------------
+# Behaviour generators.
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    """A stochastic writer of responses; fields are probabilities / rates of its habits."""
+
+    name: str
+    include: float  # each topic word is mentioned with this probability
+    keep_order: float  # probability that mentioned topics keep the prompt's order
+    fillers: float  # mean number of filler words inserted
+    stray: float  # mean number of random lexicon words inserted
+    repeat: float  # probability of repeating one word
+    length_noise: int  # the response is padded / cut by up to this many words
+    opener: float  # probability of starting with the right hidden opener (else a random one)
+    style: float  # probability that a filler is one of the instruction's liked fillers
+
+
+GENERATORS = (
+    Generator("careless", 0.45, 0.2, 3.0, 2.0, 0.5, 4, 0.1, 0.1),
+    Generator("rambling", 0.75, 0.5, 5.0, 1.0, 0.6, 3, 0.25, 0.3),
+    Generator("terse", 0.6, 0.7, 0.3, 0.2, 0.1, 2, 0.25, 0.3),
+    Generator("careful", 0.95, 0.9, 1.0, 0.1, 0.05, 1, 0.5, 0.5),
+)
+
+
+def _poisson(rng: random.Random, mean: float) -> int:
+    n, p, limit = 0, 1.0, math.exp(-mean)
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return n
+        n += 1
+
+
+def generate(rng: random.Random, gen: Generator, prompt: Prompt, lexicon: list[str]) -> str:
+    """One response of generator `gen` to `prompt`."""
+    topics = [t for t in prompt.topics if rng.random() < gen.include]
+    if rng.random() >= gen.keep_order:
+        rng.shuffle(topics)
+    words = list(topics)
+    liked = STYLE[prompt.instruction][1]
+
+    def filler():
+        return rng.choice(liked) if rng.random() < gen.style else rng.choice(FILLERS)
+
+    for _ in range(_poisson(rng, gen.fillers)):
+        words.insert(rng.randint(0, len(words)), filler())
+    for _ in range(_poisson(rng, gen.stray)):
+        words.insert(rng.randint(0, len(words)), rng.choice(lexicon))
+    if words and rng.random() < gen.repeat:
+        words.insert(rng.randint(0, len(words)), rng.choice(words))
+    want = target_length(prompt) + rng.randint(-gen.length_noise, gen.length_noise)
+    while len(words) < want:
+        words.insert(rng.randint(0, len(words)), filler())
+    if len(words) > want and rng.random() < 0.5:
+        words = words[: max(want, 1)]
+    opener = hidden_opener(prompt) if rng.random() < gen.opener else rng.choice(OPENERS)
+    return " ".join([opener, *words][:MAX_RESPONSE_WORDS])
+
+
+# ------------------------------------------------------------------------------------------
+# The dataset.
+
+
+@dataclasses.dataclass
+class TaskData:
+    """Prompts and labelled pairs as strings, by split.
+
+    pairs[split]: list of dicts {prompt, chosen, rejected, p_human, generators}; `chosen` was
+    drawn as the winner from the simulated human (Bernoulli(p_human) over the two orders),
+    `p_human` = P(chosen preferred). prompts[split]: prompt strings (RL training prompts,
+    evaluation prompts).
+    """
+
+    seed: int
+    lexicon: list[str]
+    pairs: dict[str, list[dict]]
+    prompts: dict[str, list[str]]
+
+    def corpus(self):
+        """Every string of the task (tokenizer training text), in a fixed order."""
+        for split in sorted(self.pairs):
+            for p in self.pairs[split]:
+                yield p["prompt"]
+                yield p["chosen"]
+                yield p["rejected"]
+        for split in sorted(self.prompts):
+            yield from self.prompts[split]
+
+    def reward(self, prompt: str, response: str) -> float:
+        return hidden_reward(Prompt.parse(prompt), response, frozenset(self.lexicon))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def random_prompt(rng: random.Random, lexicon: list[str]) -> Prompt:
+    k = rng.randint(2, 5)
+    return Prompt(rng.choice(sorted(INSTRUCTIONS)), tuple(rng.sample(lexicon, k)))
+
+
+def make_pairs(rng: random.Random, prompts: list[Prompt], lexicon: list[str]) -> list[dict]:
+    lex = frozenset(lexicon)
+    out = []
+    for prompt in prompts:
+        g1, g2 = rng.choice(GENERATORS), rng.choice(GENERATORS)
+        y1, y2 = generate(rng, g1, prompt, lexicon), generate(rng, g2, prompt, lexicon)
+        p = human_preference(hidden_reward(prompt, y1, lex), hidden_reward(prompt, y2, lex))
+        if rng.random() < p:
+            out.append(
+                {
+                    "prompt": prompt.text,
+                    "chosen": y1,
+                    "rejected": y2,
+                    "p_human": p,
+                    "generators": [g1.name, g2.name],
+                }
+            )
+        else:
+            out.append(
+                {
+                    "prompt": prompt.text,
+                    "chosen": y2,
+                    "rejected": y1,
+                    "p_human": 1 - p,
+                    "generators": [g2.name, g1.name],
+                }
+            )
+    return out
+
+
+def make_task(
+    seed: int,
+    *,
+    num_train: int,
+    num_valid: int,
+    num_test: int,
+    num_rl_prompts: int,
+    num_eval_prompts: int,
+) -> TaskData:
+    """The task's splits: train/valid/test pairs (human labels), RL and evaluation prompts.
+
+    Prompts of different splits are distinct (no topic tuple repeats across splits).
+    """
+    lexicon = make_lexicon(seed)
+    rng = random.Random(f"task-{seed}")
+    sizes = {
+        "train": num_train,
+        "valid": num_valid,
+        "test": num_test,
+        "rl": num_rl_prompts,
+        "eval": num_eval_prompts,
+    }
+    seen: set[tuple[str, ...]] = set()
+    by_split: dict[str, list[Prompt]] = {}
+    for split, n in sizes.items():
+        items = []
+        while len(items) < n:
+            p = random_prompt(rng, lexicon)
+            if p.topics not in seen:
+                seen.add(p.topics)
+                items.append(p)
+        by_split[split] = items
+    pairs = {s: make_pairs(rng, by_split[s], lexicon) for s in ("train", "valid", "test")}
+    prompts = {s: [p.text for p in by_split[s]] for s in ("rl", "eval")}
+    return TaskData(seed, lexicon, pairs, prompts)
+
+
+def load_or_make(path: str | os.PathLike, seed: int, **sizes: int) -> TaskData:
+    """The task cached as JSON at `path` (regenerated when missing or made with other sizes)."""
+    path = pathlib.Path(path)
+    key = {"seed": seed, **sizes}
+    if path.exists():
+        blob = json.loads(path.read_text())
+        if blob.get("key") == key:
+            return TaskData(**blob["data"])
+    task = make_task(seed, **sizes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "data": task.to_json()}))
+    os.replace(tmp, path)
+    return task

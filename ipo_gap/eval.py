@@ -1,0 +1,174 @@
+"""Evaluation of a policy checkpoint: KL budget, win rate, classifier accuracy, winner drift.
+
+Evaluation reads a policy and never touches training state (DESIGN.md). The `Evaluator` holds
+what is fixed for a study: the reference (SFT) policy, the golden PM, the evaluation prompts
+with the golden baseline's samples on them, the KL prompts, and labelled D_golden pairs.
+
+- KL (App. D): one sample y ~ pi_theta per KL prompt (the sampler at temperature 1, no
+  truncation), summing the exact full-vocabulary KL of the next-token distributions along y;
+  mean and standard error over prompts.
+- Win rate: one sample of the policy per evaluation prompt against the golden baseline's
+  sample, judged by the de-biased golden PM (A.2): win 1, loss 0, tie 1/2. The 95% interval is
+  mean +- 1.96 * std(ddof=1) / sqrt(n) over prompts (normal approximation; n >= 256 here).
+- Accuracy (App. E): the policy as a classifier, f = log pi(y_w)/pi(y_l) - log
+  pi_sft(y_w)/pi_sft(y_l) > 0, on labelled D_golden pairs (tie 1/2); drift (Fig. 8):
+  mean of log pi(y_w|x) - log pi_sft(y_w|x) on the same pairs.
+
+All loops run fixed-size batches (the last one edge-padded, padding dropped), so each
+quantity compiles once per study. Keys derive from (seed, purpose), not from the step, so
+every checkpoint is measured on the same prompts with the same random stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ipo_gap import classify, kl, sampling
+from ipo_gap.train.trainers import judge_rows
+
+
+def _batches(n: int, batch_size: int):
+    for lo in range(0, n, batch_size):
+        yield lo, np.minimum(np.arange(lo, lo + batch_size), n - 1), min(batch_size, n - lo)
+
+
+@eqx.filter_jit
+def _sample(policy, x, xm, key, max_len):
+    s = sampling.sample(policy, x, xm, key=key, max_len=max_len)
+    return s.tokens, s.mask
+
+
+def sample_rows(policy, x, xm, *, key, max_len: int, batch_size: int = 256):
+    """One sample per prompt row (batch b uses fold_in(key, b)): (tokens, mask) numpy."""
+    toks, masks = [], []
+    for b, (_, idx, keep) in enumerate(_batches(len(x), batch_size)):
+        t, m = _sample(
+            policy, jnp.asarray(x[idx]), jnp.asarray(xm[idx]), jax.random.fold_in(key, b), max_len
+        )
+        toks.append(np.asarray(t)[:keep])
+        masks.append(np.asarray(m)[:keep])
+    return np.concatenate(toks), np.concatenate(masks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    @staticmethod
+    def of(values: np.ndarray) -> Interval:
+        v = np.asarray(values, np.float64)
+        half = 1.96 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+        return Interval(float(v.mean()), float(v.mean() - half), float(v.mean() + half), len(v))
+
+
+def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> np.ndarray:
+    """Per-prompt exact KL(pi_theta || pi_ref) along one sample each (App. D)."""
+    out = []
+    for b, (_, idx, keep) in enumerate(_batches(len(x), batch_size)):
+        s = kl.sampled_kl(
+            policy,
+            ref,
+            jnp.asarray(x[idx]),
+            jnp.asarray(xm[idx]),
+            key=jax.random.fold_in(key, b),
+            max_len=max_len,
+        )
+        out.append(np.asarray(s.exact)[:keep])
+    return np.concatenate(out)
+
+
+@eqx.filter_jit
+def _pair_logps(policy, ref, x, xm, yw, ywm, yl, ylm):
+    return classify.policy_and_reference_logprobs(policy, ref, x, xm, yw, ywm, yl, ylm)
+
+
+def pair_metrics(policy, ref, pairs: dict[str, np.ndarray], *, batch_size: int = 256):
+    """(accuracy, drift) of the policy as a classifier on pairs whose label is y_w."""
+    fields = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
+    margins, drifts = [], []
+    for _, idx, keep in _batches(len(pairs["prompt"]), batch_size):
+        lp = _pair_logps(policy, ref, *(jnp.asarray(pairs[f][idx]) for f in fields))
+        margin = classify.policy_margin(lp.logp1, lp.logp2, lp.ref1, lp.ref2)
+        margins.append(np.asarray(margin)[:keep])
+        drifts.append(np.asarray(lp.logp1 - lp.ref1)[:keep])
+    m = np.concatenate(margins)
+    accuracy = float(np.mean(np.where(m > 0, 1.0, np.where(m < 0, 0.0, 0.5))))
+    return accuracy, float(np.mean(np.concatenate(drifts)))
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """Everything fixed across the checkpoints of a study (see the module docstring).
+
+    eval_x/eval_xm: win-rate prompts; base_y/base_ym: the golden baseline's samples on them;
+    kl_x/kl_xm: KL prompts; pairs: labelled D_golden pairs (y_w = golden winner).
+    """
+
+    ref: object
+    golden_pm: object
+    eval_x: np.ndarray
+    eval_xm: np.ndarray
+    base_y: np.ndarray
+    base_ym: np.ndarray
+    kl_x: np.ndarray
+    kl_xm: np.ndarray
+    pairs: dict[str, np.ndarray]
+    max_len: int
+    seed: int
+    batch_size: int = 256
+
+    def __call__(self, policy) -> dict[str, float]:
+        key = jax.random.key(self.seed)
+        k_win, k_kl = jax.random.split(key)
+        y, ym = sample_rows(
+            policy,
+            self.eval_x,
+            self.eval_xm,
+            key=k_win,
+            max_len=self.max_len,
+            batch_size=self.batch_size,
+        )
+        judged = judge_rows(
+            self.golden_pm,
+            self.eval_x,
+            self.eval_xm,
+            y,
+            ym,
+            self.base_y,
+            self.base_ym,
+            batch_size=self.batch_size,
+        )
+        win = Interval.of(judged)
+        kls = Interval.of(
+            kl_rows(
+                policy,
+                self.ref,
+                self.kl_x,
+                self.kl_xm,
+                key=k_kl,
+                max_len=self.max_len,
+                batch_size=self.batch_size,
+            )
+        )
+        acc, drift = pair_metrics(policy, self.ref, self.pairs, batch_size=self.batch_size)
+        return {
+            "win_rate": win.mean,
+            "win_lo": win.lo,
+            "win_hi": win.hi,
+            "win_n": win.n,
+            "kl": kls.mean,
+            "kl_lo": kls.lo,
+            "kl_hi": kls.hi,
+            "accuracy": acc,
+            "drift": drift,
+            "response_tokens": float(ym.sum(-1).mean()),
+        }

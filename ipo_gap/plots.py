@@ -1,0 +1,154 @@
+"""One function per figure of the study, from run summaries (matplotlib, Agg backend).
+
+A run summary is a dict with "method" and "evals" (list of {step, kl, win_rate, win_lo, win_hi,
+accuracy, drift}); the SFT start (step 0) is the first evaluation of every run. Axes follow
+the paper: KL(pi_theta || pi_sft) on x, win rate against the golden baseline on y, one colour
+per method, 95% intervals as error bars.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _color(methods: list[str], method: str) -> str:
+    return _COLORS[methods.index(method) % len(_COLORS)]
+
+
+def _methods(runs: Sequence[dict]) -> list[str]:
+    out: list[str] = []
+    for r in runs:
+        if r["method"] not in out:
+            out.append(r["method"])
+    return out
+
+
+def kl_winrate(ax, runs: Sequence[dict], *, lines_for: Sequence[str] = ()) -> None:
+    """KL vs win rate: every evaluation as a point with its interval, one colour per method.
+
+    Methods in `lines_for` (single runs, e.g. online) are joined by lines in step order;
+    others (pooled sweeps) are points.
+    """
+    methods = _methods(runs)
+    labelled = set()
+    for r in runs:
+        ev = r["evals"]
+        kl = np.array([e["kl"] for e in ev])
+        win = np.array([e["win_rate"] for e in ev])
+        err = np.array(
+            [[e["win_rate"] - e["win_lo"] for e in ev], [e["win_hi"] - e["win_rate"] for e in ev]]
+        )
+        c = _color(methods, r["method"])
+        label = None if r["method"] in labelled else r["method"]
+        labelled.add(r["method"])
+        style = "-o" if r["method"] in lines_for else "o"
+        ax.errorbar(
+            kl,
+            win,
+            yerr=err,
+            fmt=style,
+            color=c,
+            ms=4,
+            lw=1.2,
+            alpha=0.8,
+            elinewidth=0.6,
+            capsize=0,
+            label=label,
+        )
+    ax.set_xlabel(r"KL($\pi_\theta\,\|\,\pi_{sft}$) (nats)")
+    ax.set_ylabel("win rate vs golden baseline")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def save(fig, path: pathlib.Path) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def figure_kl_winrate(runs, path, title, lines_for=()) -> pathlib.Path:
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    kl_winrate(ax, runs, lines_for=lines_for)
+    ax.set_title(title, fontsize=10)
+    return save(fig, path)
+
+
+def figure_shuffle(online: dict, replays: Sequence[dict], path, title) -> pathlib.Path:
+    """Fig. 4/13: KL vs win rate, and the training loss over steps, online vs replays."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    runs = [online, *replays]
+    kl_winrate(a1, runs, lines_for=[r["method"] for r in runs])
+    methods = _methods(runs)
+    for r in runs:
+        loss = np.asarray(r["losses"])
+        k = max(1, len(loss) // 30)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        a2.plot(
+            np.arange(len(smooth)) + k - 1,
+            smooth,
+            color=_color(methods, r["method"]),
+            label=r["method"],
+            lw=1.2,
+            ls="--" if "exact" in r["method"] else "-",
+        )
+    a2.set_xlabel("step")
+    a2.set_ylabel(f"IPO loss (moving mean over {k} steps)")
+    a2.set_yscale("log")
+    a2.grid(alpha=0.3)
+    a2.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, path)
+
+
+def figure_classification(runs: Sequence[dict], proxy_accuracy: float, path, title) -> pathlib.Path:
+    """Fig. 6-8: accuracy on D_golden over steps, accuracy vs win rate, winner log-prob drift."""
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    methods = _methods(runs)
+    for r in runs:
+        c = _color(methods, r["method"])
+        steps = [e["step"] for e in r["evals"]]
+        a1.plot(steps, [e["accuracy"] for e in r["evals"]], "-o", color=c, ms=3, label=r["method"])
+        a2.plot(
+            [e["accuracy"] for e in r["evals"]],
+            [e["win_rate"] for e in r["evals"]],
+            "o",
+            color=c,
+            ms=4,
+            label=r["method"],
+        )
+        a3.plot(steps, [e["drift"] for e in r["evals"]], "-o", color=c, ms=3, label=r["method"])
+    a1.axhline(proxy_accuracy, color="k", ls=":", label="proxy PM")
+    a1.set(xlabel="step", ylabel="accuracy on D_golden pairs")
+    a2.set(xlabel="accuracy on D_golden pairs", ylabel="win rate vs golden baseline")
+    a3.set(xlabel="step", ylabel=r"E[log $\pi$(y_w) - log $\pi_{sft}$(y_w)]")
+    for a in (a1, a2, a3):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, path)
+
+
+def figure_bars(
+    labels: Sequence[str], values: Sequence[float], path, title, ylabel: str
+) -> pathlib.Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(
+        range(len(values)), values, color=[_COLORS[i % len(_COLORS)] for i in range(len(values))]
+    )
+    ax.set_xticks(range(len(values)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    return save(fig, path)

@@ -1,0 +1,297 @@
+"""The controlled pipeline of the study (Fig. 2) as resumable stages, and its presets.
+
+SFT on all responses pooled -> golden PM (the largest model of the preset) trained on the human
+labels of D_initial -> D_golden = the train split relabelled by the golden PM -> proxy PM
+(policy-sized) trained on D_golden -> golden baseline policy (online IPO against the golden
+PM) and its samples on the evaluation prompts. `ipo_gap.study_runs` runs the experiments on
+top, and `experiments/reproduce.py` is the main job.
+
+Every stage writes into its own directory of the workdir and finishes by writing `done.json`
+(its summary); a stage whose `done.json` exists is loaded instead of re-run, so a killed job
+continues from the first unfinished stage. Models are saved as orbax checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from ipo_gap.configs import T5Config, model_preset
+from ipo_gap.data import embedded_task
+from ipo_gap.t5 import model as t5
+from ipo_gap.tokenizer import Tokenizer
+from ipo_gap.train_state_io import CheckpointManager
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """Sizes and hyper-parameters of one study; presets below (`PRESETS`).
+
+    Learning rates are the paper's scaled to tiny models (the paper's 1e-5 moves a 0.5M-param
+    T5 too slowly); the offline grid keeps the paper's ratios: lr x {0.3, 1, 3}, beta in
+    {0.1, 0.5, 1}, steps x {1, 5} of the online run (4k vs 20k).
+    """
+
+    name: str
+    seed: int = 0
+    num_train: int = 20000
+    num_valid: int = 1000
+    num_test: int = 1000
+    num_rl_prompts: int = 4000
+    num_eval_prompts: int = 2048  # win-rate prompts
+    num_kl_prompts: int = 256
+    num_acc_pairs: int = 256
+    vocab_size: int = 512
+    prompt_len: int = 16
+    target_len: int = 16
+    policy_model: str = "toy-s"
+    golden_model: str = "toy-l"
+    sft_steps: int = 1500
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    pm_steps: int = 2000
+    pm_batch_golden: int = 32
+    pm_batch_proxy: int = 32
+    pm_lr: float = 1e-3
+    pm_warmup: int = 100
+    pm_eval_every: int = 200
+    pm_patience: int = 3
+    rl_steps: int = 400
+    rl_batch: int = 32
+    rl_lr: float = 3e-4
+    rl_beta: float = 0.1
+    offline_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    offline_betas: tuple[float, ...] = (0.1, 0.5, 1.0)
+    offline_steps_factor: int = 5
+    num_evals: int = 8
+    shuffle_levels: tuple[int, ...] = (2, 8, 32)  # windows in steps; the uniform shuffle is added
+    semi_online_refresh: tuple[int, ...] = (10, 100, 0)  # 0 = never refreshed (s = infinity)
+    hypo_lam: float = 0.1
+    scaling_models: tuple[str, ...] = ("toy-s", "toy-m", "toy-l")
+    eval_batch: int = 256
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def model(self, which: str, vocab_size: int) -> T5Config:
+        return model_preset(
+            self.golden_model if which == "golden" else self.policy_model, vocab_size=vocab_size
+        )
+
+
+PRESETS = {
+    # For tests: every stage and experiment with tiny counts (about a minute or two on CPU).
+    "micro": StudyConfig(
+        name="micro",
+        num_train=600,
+        num_valid=64,
+        num_test=64,
+        num_rl_prompts=128,
+        num_eval_prompts=64,
+        num_kl_prompts=32,
+        num_acc_pairs=32,
+        vocab_size=384,
+        golden_model="toy-s",
+        sft_steps=40,
+        sft_batch=32,
+        pm_steps=40,
+        pm_eval_every=20,
+        pm_warmup=5,
+        rl_steps=6,
+        rl_batch=8,
+        offline_lrs=(3e-4,),
+        offline_betas=(0.1,),
+        offline_steps_factor=2,
+        num_evals=2,
+        shuffle_levels=(2,),
+        semi_online_refresh=(3,),
+        scaling_models=("toy-s",),
+        eval_batch=64,
+    ),
+    # The whole study on the embedded task in <= 15 minutes on a 2-core CPU.
+    "quick": StudyConfig(
+        name="quick",
+        num_train=8000,
+        num_valid=500,
+        num_test=500,
+        num_rl_prompts=2000,
+        num_eval_prompts=512,
+        num_kl_prompts=128,
+        num_acc_pairs=256,
+        golden_model="toy-m",
+        sft_steps=600,
+        pm_steps=800,
+        rl_steps=150,
+        rl_batch=16,
+        rl_lr=5e-4,
+        offline_lrs=(1.5e-4, 5e-4, 1.5e-3),
+        num_evals=5,
+        shuffle_levels=(4, 16),
+        semi_online_refresh=(10, 50, 0),
+        scaling_models=("toy-s", "toy-m"),
+    ),
+    # The paper's full grid and evaluation counts at toy sizes (~2 hours on the same CPU).
+    "standard": StudyConfig(name="standard"),
+    # The paper's counts and sizes, for accelerators (T5 Large policy, XXL golden PM).
+    "paper": StudyConfig(
+        name="paper",
+        num_train=92000,
+        num_valid=2000,
+        num_test=2000,
+        num_rl_prompts=20000,
+        vocab_size=32128,
+        prompt_len=1024,
+        target_len=128,
+        policy_model="large",
+        golden_model="xxl",
+        sft_steps=4000,
+        sft_batch=128,
+        sft_lr=3e-5,
+        pm_steps=20000,
+        pm_batch_golden=16,
+        pm_batch_proxy=32,
+        pm_lr=1e-4,
+        pm_warmup=1000,
+        pm_eval_every=1000,
+        rl_steps=4000,
+        rl_batch=32,
+        rl_lr=1e-5,
+        offline_lrs=(3e-6, 1e-5, 3e-5),
+        shuffle_levels=(8, 64, 512),
+        semi_online_refresh=(10, 100, 0),
+        scaling_models=("large", "xl", "xxl"),
+        num_evals=10,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Stage bookkeeping.
+
+
+def _write_json_atomic(path: pathlib.Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def stage(directory: pathlib.Path, fn: Callable[[pathlib.Path], dict]) -> dict:
+    """Runs fn(directory) unless `directory/done.json` exists; returns the stage summary."""
+    done = directory / "done.json"
+    if done.exists():
+        summary = json.loads(done.read_text())
+        print(f"[{directory.name}] done already: skipped", flush=True)
+        return summary
+    directory.mkdir(parents=True, exist_ok=True)
+    summary = fn(directory)
+    _write_json_atomic(done, summary)
+    return summary
+
+
+def save_model(directory: pathlib.Path, model, cfg: T5Config) -> None:
+    with CheckpointManager(directory / "ckpt") as mngr:
+        if 0 not in mngr.all_steps():
+            mngr.save(0, model, metadata={"config": cfg.to_dict()}, force=True)
+
+
+def load_model(directory: pathlib.Path, cfg: T5Config):
+    like = t5.init(cfg, key=jax.random.key(0))
+    with CheckpointManager(directory / "ckpt") as mngr:
+        return mngr.restore(0, like)
+
+
+# ------------------------------------------------------------------------------------------
+# Data preparation: task -> tokenizer -> arrays.
+
+
+@dataclasses.dataclass
+class Prepared:
+    """The task, its tokenizer and the encoded arrays every stage uses."""
+
+    task: embedded_task.TaskData
+    tokenizer: Tokenizer
+    pairs: dict[str, dict[str, np.ndarray]]  # split -> prompt/y_w/y_l (+ masks), human labels
+    prompts: dict[str, dict[str, np.ndarray]]  # "rl", "eval" -> prompt, prompt_mask
+    truncated: dict[str, int]
+
+
+def encode_pairs(tok: Tokenizer, rows: list[dict], S: int, T: int, counts: dict, split: str):
+    x = tok.encode([r["prompt"] for r in rows], S)
+    w = tok.encode([r["chosen"] for r in rows], T)
+    lo = tok.encode([r["rejected"] for r in rows], T)
+    counts[split] = x.num_truncated + w.num_truncated + lo.num_truncated
+    return {
+        "prompt": x.ids,
+        "prompt_mask": x.mask,
+        "y_w": w.ids,
+        "y_w_mask": w.mask,
+        "y_l": lo.ids,
+        "y_l_mask": lo.mask,
+    }
+
+
+def prepare(workdir: pathlib.Path, cfg: StudyConfig) -> Prepared:
+    """The embedded task (cached as task.json) and its SentencePiece tokenizer."""
+    task = embedded_task.load_or_make(
+        workdir / "task.json",
+        cfg.seed,
+        num_train=cfg.num_train,
+        num_valid=cfg.num_valid,
+        num_test=cfg.num_test,
+        num_rl_prompts=cfg.num_rl_prompts,
+        num_eval_prompts=cfg.num_eval_prompts,
+    )
+    tok_path = workdir / "tokenizer.model"
+    if tok_path.exists():
+        tok = Tokenizer.load(tok_path)
+    else:
+        tok = Tokenizer.train(task.corpus(), vocab_size=cfg.vocab_size)
+        tok.save(tok_path)
+    S, T = cfg.prompt_len, cfg.target_len
+    counts: dict[str, int] = {}
+    pairs = {s: encode_pairs(tok, rows, S, T, counts, s) for s, rows in task.pairs.items()}
+    prompts = {}
+    for split, texts in task.prompts.items():
+        e = tok.encode(texts, S)
+        counts[split] = e.num_truncated
+        prompts[split] = {"prompt": e.ids, "prompt_mask": e.mask}
+    return Prepared(task, tok, pairs, prompts, counts)
+
+
+def pm_rows(pairs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The PM trainer's field names (x, y_w, y_l) for a pair dict (prompt, y_w, y_l)."""
+    return {
+        "x": pairs["prompt"],
+        "x_mask": pairs["prompt_mask"],
+        "y_w": pairs["y_w"],
+        "y_w_mask": pairs["y_w_mask"],
+        "y_l": pairs["y_l"],
+        "y_l_mask": pairs["y_l_mask"],
+    }
+
+
+def sft_rows(pairs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All responses pooled (both sides of every pair) as SFT targets."""
+    cat = np.concatenate
+    return {
+        "src": cat([pairs["prompt"]] * 2),
+        "src_mask": cat([pairs["prompt_mask"]] * 2),
+        "tgt": cat([pairs["y_w"], pairs["y_l"]]),
+        "tgt_mask": cat([pairs["y_w_mask"], pairs["y_l_mask"]]),
+    }
+
+
+def relabel(pairs: dict[str, np.ndarray], judged: np.ndarray) -> dict[str, np.ndarray]:
+    """Pairs re-ordered so y_w is the judge's winner (judged = P(current y_w wins))."""
+    swap = judged < 0.5
+    out = dict(pairs)
+    for a, b in (("y_w", "y_l"), ("y_w_mask", "y_l_mask")):
+        out[a] = np.where(swap[:, None], pairs[b], pairs[a])
+        out[b] = np.where(swap[:, None], pairs[a], pairs[b])
+    return out

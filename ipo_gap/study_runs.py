@@ -1,0 +1,346 @@
+"""The study's stages and experiments over `ipo_gap.study`'s pipeline (NOTES.md, Fig. 1-13).
+
+`Study(workdir, cfg)` exposes each stage as a method that loads the stage when it is done and
+runs it otherwise: `sft`, `golden_pm`, `d_golden`, `proxy_pm`, `baseline`, `evaluator`, and
+`run_all()` for the experiments. Every experiment is one policy run from the SFT start with
+the SFT policy as reference, evaluated (`ipo_gap.eval`) at `cfg.num_evals` evenly spaced
+checkpoints; its summary (`runs/<name>/done.json`) holds the evaluations and per-step losses.
+
+Keys: the root key jax.random.key(seed) is folded with a fixed number per purpose
+(`PURPOSES`), so every stage's randomness is independent of the others and of run order.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+
+from ipo_gap import eval as evaluation
+from ipo_gap.data import sources
+from ipo_gap.data.order_log import OrderLog, pair_schema
+from ipo_gap.study import (
+    StudyConfig,
+    load_model,
+    pm_rows,
+    prepare,
+    relabel,
+    save_model,
+    sft_rows,
+    stage,
+)
+from ipo_gap.t5 import model as t5
+from ipo_gap.train import loop, steps, trainers
+
+PURPOSES = {
+    "sft": 1,
+    "golden_pm": 2,
+    "proxy_pm": 3,
+    "baseline": 4,
+    "online": 5,
+    "eval": 6,
+    "baseline_samples": 7,
+    "datasets": 8,
+    "hypo": 9,
+    "init": 10,
+}
+
+
+class Study:
+    def __init__(self, workdir: str | pathlib.Path, cfg: StudyConfig):
+        self.workdir, self.cfg = pathlib.Path(workdir), cfg
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.prep = prepare(self.workdir, cfg)
+        vocab = self.prep.tokenizer.vocab_size
+        self.policy_cfg = cfg.model("policy", vocab)
+        self.golden_cfg = cfg.model("golden", vocab)
+        self._cache: dict = {}
+
+    def key(self, purpose: str) -> jax.Array:
+        return jax.random.fold_in(jax.random.key(self.cfg.seed), PURPOSES[purpose])
+
+    def _memo(self, name, fn):
+        if name not in self._cache:
+            self._cache[name] = fn()
+        return self._cache[name]
+
+    # ---- the pipeline (Fig. 2) -----------------------------------------------------------
+
+    def sft(self):
+        def fn(d):
+            model = t5.init(self.policy_cfg, key=self.key("sft"))
+            model, hist = trainers.train_sft(
+                model,
+                sft_rows(self.prep.pairs["train"]),
+                num_steps=self.cfg.sft_steps,
+                batch_size=self.cfg.sft_batch,
+                learning_rate=self.cfg.sft_lr,
+                seed=self.cfg.seed,
+                name="sft",
+                metrics_path=d / "metrics.jsonl",
+            )
+            save_model(d, model, self.policy_cfg)
+            return {"final_loss": float(np.mean(hist[-20:])), "steps": len(hist)}
+
+        return self._memo(
+            "sft",
+            lambda: (
+                stage(self.workdir / "sft", fn),
+                load_model(self.workdir / "sft", self.policy_cfg),
+            )[1],
+        )
+
+    def _train_pm(self, name, cfg_model, train, valid, batch):
+        def fn(d):
+            init = t5.init(cfg_model, key=self.key(name))
+            res = trainers.train_pm(
+                init,
+                pm_rows(train),
+                pm_rows(valid),
+                num_steps=self.cfg.pm_steps,
+                batch_size=batch,
+                learning_rate=self.cfg.pm_lr,
+                seed=self.cfg.seed,
+                warmup_steps=self.cfg.pm_warmup,
+                eval_every=self.cfg.pm_eval_every,
+                patience=self.cfg.pm_patience,
+                name=name,
+                metrics_path=d / "metrics.jsonl",
+                kind="pairwise-both",
+            )
+            save_model(d, res.model, cfg_model)
+            return {
+                "best_step": res.best_step,
+                "valid_accuracy": res.best_valid_accuracy,
+                "stopped_early": res.stopped_early,
+                "model": cfg_model.name,
+                "params": cfg_model.num_params(),
+            }
+
+        summary = stage(self.workdir / name, fn)
+        return summary, load_model(self.workdir / name, cfg_model)
+
+    def golden_pm(self):
+        """The golden PM on the human labels; its accuracy against the hidden humans."""
+
+        def build():
+            p = self.prep.pairs
+            summary, pm = self._train_pm(
+                "golden_pm", self.golden_cfg, p["train"], p["valid"], self.cfg.pm_batch_golden
+            )
+            test = p["test"]
+            judged = trainers.judge_rows(pm, *pm_rows(test).values())
+            # Human labels are samples; the hidden reward's own preference is p_human > 1/2.
+            bayes = np.array([r["p_human"] > 0.5 for r in self.prep.task.pairs["test"]])
+            summary = dict(
+                summary,
+                test_accuracy_vs_human_labels=float(judged.mean()),
+                test_accuracy_vs_hidden_reward=float(np.mean(np.where(bayes, judged, 1 - judged))),
+                bayes_accuracy_vs_human_labels=float(
+                    np.mean(
+                        [max(r["p_human"], 1 - r["p_human"]) for r in self.prep.task.pairs["test"]]
+                    )
+                ),
+            )
+            return summary, pm
+
+        return self._memo("golden_pm", build)
+
+    def d_golden(self) -> dict[str, dict[str, np.ndarray]]:
+        """Train and valid splits relabelled by the golden PM."""
+
+        def build():
+            _, pm = self.golden_pm()
+            out = {}
+            for split in ("train", "valid"):
+                path = self.workdir / f"d_golden_{split}.npz"
+                if not path.exists():
+                    pairs = self.prep.pairs[split]
+                    judged = trainers.judge_rows(pm, *pm_rows(pairs).values())
+                    np.savez(path, **relabel(pairs, judged), agree_human=judged)
+                with np.load(path) as z:
+                    out[split] = {k: z[k] for k in z.files}
+            return out
+
+        return self._memo("d_golden", build)
+
+    def proxy_pm(self):
+        def build():
+            d = self.d_golden()
+            strip = lambda p: {k: v for k, v in p.items() if k != "agree_human"}  # noqa: E731
+            return self._train_pm(
+                "proxy_pm",
+                self.policy_cfg,
+                strip(d["train"]),
+                strip(d["valid"]),
+                self.cfg.pm_batch_proxy,
+            )
+
+        return self._memo("proxy_pm", build)
+
+    def online_source(self, pm, purpose="online"):
+        rl = self.prep.prompts["rl"]
+        return sources.OnlineSource(
+            rl["prompt"],
+            rl["prompt_mask"],
+            pm,
+            batch_size=self.cfg.rl_batch,
+            seed=self.cfg.seed,
+            key=self.key(purpose),
+            max_len=self.cfg.target_len,
+        )
+
+    def baseline(self):
+        """The golden policy baseline (online IPO against the golden PM) and its eval samples."""
+
+        def fn(d):
+            sft = self.sft()
+            _, golden = self.golden_pm()
+            model, _, hist = loop.train_policy(
+                model=sources.copy_arrays(sft),
+                ref_model=sft,
+                source=self.online_source(golden, "baseline"),
+                num_steps=self.cfg.rl_steps,
+                hparams=steps.Hparams.make(self.cfg.rl_lr, self.cfg.rl_beta),
+                loss="ipo",
+                metrics_path=d / "metrics.jsonl",
+                name="golden-baseline",
+            )
+            save_model(d, model, self.policy_cfg)
+            ev = self.prep.prompts["eval"]
+            y, ym = evaluation.sample_rows(
+                model,
+                ev["prompt"],
+                ev["prompt_mask"],
+                key=self.key("baseline_samples"),
+                max_len=self.cfg.target_len,
+            )
+            np.savez(d / "samples.npz", y=y, y_mask=ym)
+            return {"final_loss": hist[-1]["loss"], "steps": len(hist)}
+
+        def build():
+            stage(self.workdir / "baseline", fn)
+            with np.load(self.workdir / "baseline" / "samples.npz") as z:
+                return z["y"], z["y_mask"]
+
+        return self._memo("baseline", build)
+
+    def evaluator(self) -> evaluation.Evaluator:
+        def build():
+            y, ym = self.baseline()
+            ev, rl = self.prep.prompts["eval"], self.prep.prompts["rl"]
+            n_kl, n_acc = self.cfg.num_kl_prompts, self.cfg.num_acc_pairs
+            pairs = {k: v[:n_acc] for k, v in self.d_golden()["valid"].items()}
+            return evaluation.Evaluator(
+                ref=self.sft(),
+                golden_pm=self.golden_pm()[1],
+                eval_x=ev["prompt"],
+                eval_xm=ev["prompt_mask"],
+                base_y=y,
+                base_ym=ym,
+                kl_x=rl["prompt"][:n_kl],
+                kl_xm=rl["prompt_mask"][:n_kl],
+                pairs=pairs,
+                max_len=self.cfg.target_len,
+                seed=self.cfg.seed + PURPOSES["eval"],
+                batch_size=self.cfg.eval_batch,
+            )
+
+        return self._memo("evaluator", build)
+
+    def sft_eval(self) -> dict:
+        def fn(d):
+            return dict(self.evaluator()(self.sft()), step=0)
+
+        return stage(self.workdir / "eval_sft", fn)
+
+    # ---- experiments ---------------------------------------------------------------------
+
+    def eval_steps(self, num_steps: int) -> list[int]:
+        n = self.cfg.num_evals
+        return sorted({max(1, round(num_steps * i / n)) for i in range(1, n + 1)})
+
+    def policy_run(
+        self,
+        name: str,
+        *,
+        method: str,
+        source_fn,
+        loss: str = "ipo",
+        lr: float | None = None,
+        beta: float | None = None,
+        num_steps=None,
+        log: bool = False,
+        hypo: bool = False,
+        save_at=(),
+        extra=None,
+    ) -> dict:
+        """One evaluated policy run from the SFT start (a resumable stage `runs/<name>`)."""
+        lr = self.cfg.rl_lr if lr is None else lr
+        beta = self.cfg.rl_beta if beta is None else beta
+        num_steps = num_steps or self.cfg.rl_steps
+
+        def fn(d):
+            for child in d.iterdir():  # a killed earlier attempt: start the run afresh
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            sft = self.sft()
+            evaluate = self.evaluator()
+            at = set(self.eval_steps(num_steps))
+            evals = [self.sft_eval()]
+
+            def on_step(step, model, metrics):
+                if step + 1 in at:
+                    e = dict(evaluate(model), step=step + 1)
+                    evals.append(e)
+                    with open(d / "evals.jsonl", "a") as f:
+                        f.write(json.dumps(e) + "\n")
+                if step + 1 in save_at:
+                    save_model(d / f"step_{step + 1}", model, self.policy_cfg)
+
+            order_log = None
+            if log:
+                order_log = OrderLog.create(
+                    d / "log",
+                    schema=pair_schema(self.cfg.prompt_len, self.cfg.target_len),
+                    batch_size=self.cfg.rl_batch,
+                    overwrite=True,
+                    meta={
+                        "tokenizer_sha256": self.prep.tokenizer.sha256,
+                        "loss": loss,
+                        "model": self.policy_cfg.to_dict(),
+                        "study": self.cfg.to_dict(),
+                    },
+                )
+            common = {
+                "model": sources.copy_arrays(sft),
+                "ref_model": sft,
+                "source": source_fn(),
+                "num_steps": num_steps,
+                "metrics_path": d / "metrics.jsonl",
+                "name": name,
+                "on_step": on_step,
+            }
+            hp = steps.Hparams.make(lr, beta, lam=self.cfg.hypo_lam)
+            if hypo:
+                model, _, hist = loop.train_hypo(hparams=hp, **common)
+            else:
+                model, _, hist = loop.train_policy(
+                    hparams=hp, loss=loss, order_log=order_log, **common
+                )
+            save_model(d, model, self.policy_cfg)
+            out = {
+                "name": name,
+                "method": method,
+                "loss": loss,
+                "lr": lr,
+                "beta": beta,
+                "steps": num_steps,
+                "evals": evals,
+                "losses": [h["loss"] for h in hist],
+            }
+            return dict(out, **(extra(model, hist) if extra else {}))
+
+        return stage(self.workdir / "runs" / name, fn)

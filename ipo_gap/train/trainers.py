@@ -1,0 +1,193 @@
+"""SFT and preference-model trainers: the host loops around `make_sft_step` / `make_pm_train_step`.
+
+Both read fixed-size batches in seeded epoch order (`sources.schedule_indices`), use Adam with
+a linear warm-up to a constant learning rate, print progress lines (step, loss, rate, ETA) and
+stop with `NonFiniteLossError` naming the step when the loss becomes NaN or inf.
+
+`train_pm` evaluates the de-biased accuracy on a validation split every `eval_every` steps,
+keeps the best parameters seen, and stops early at a validation plateau: no improvement for
+`patience` evaluations (the paper: "stop at validation plateau").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ipo_gap import preference
+from ipo_gap.data import sources
+from ipo_gap.train import steps
+from ipo_gap.train.loop import NonFiniteLossError, Progress
+
+SEQ_FIELDS = ("src", "src_mask", "tgt", "tgt_mask")
+PM_FIELDS = ("x", "x_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
+
+
+def adam_with_warmup(learning_rate: float, warmup_steps: int) -> optax.GradientTransformation:
+    """optax Adam (b1 0.9, b2 0.999, eps 1e-8) with a linear warm-up, then constant."""
+    if warmup_steps > 0:
+        schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    else:
+        schedule = learning_rate
+    return optax.adam(schedule)
+
+
+def _check_rows(data: dict[str, np.ndarray], fields: tuple[str, ...], what: str) -> int:
+    missing = [f for f in fields if f not in data]
+    if missing:
+        raise ValueError(f"{what}: missing fields {missing}")
+    rows = {f: len(data[f]) for f in fields}
+    if len(set(rows.values())) != 1:
+        raise ValueError(f"{what}: fields disagree on the number of rows: {rows}")
+    return rows[fields[0]]
+
+
+def _finite(loss: float, name: str, step: int) -> None:
+    if not np.isfinite(loss):
+        raise NonFiniteLossError(f"[{name}] loss is {loss} at step {step}; stopped")
+
+
+def train_sft(
+    model,
+    data: dict[str, np.ndarray],
+    *,
+    num_steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    warmup_steps: int = 0,
+    name: str = "sft",
+    metrics_path: str | pathlib.Path | None = None,
+):
+    """Supervised fine-tuning on (src, tgt) rows; returns (model, history of losses).
+
+    The model passed in is left intact: a copy is trained (the jitted step donates buffers).
+    """
+    n = _check_rows(data, SEQ_FIELDS, name)
+    model = sources.copy_arrays(model)
+    optimizer = adam_with_warmup(learning_rate, warmup_steps)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    step_fn = steps.make_sft_step(optimizer)
+    progress = Progress(num_steps, name)
+    history = []
+    out = open(metrics_path, "w") if metrics_path else None  # noqa: SIM115
+    try:
+        for step in range(num_steps):
+            idx = sources.schedule_indices(seed, step, batch_size, n)
+            batch = steps.SeqBatch(*(jnp.asarray(data[f][idx]) for f in SEQ_FIELDS))
+            model, opt_state, m = step_fn(model, opt_state, batch)
+            loss = float(m["loss"])
+            _finite(loss, name, step)
+            history.append(loss)
+            if out is not None:
+                out.write(json.dumps({"step": step, "loss": loss}) + "\n")
+            progress.update(step, loss, force=step == num_steps - 1)
+    finally:
+        if out is not None:
+            out.close()
+    return model, history
+
+
+@eqx.filter_jit
+def _judge(pm, x, xm, y1, m1, y2, m2):
+    return preference.judge(pm, x, xm, y1, m1, y2, m2)
+
+
+def judge_rows(pm, x, xm, y1, m1, y2, m2, *, batch_size: int = 256) -> np.ndarray:
+    """De-biased judgements P(y1 > y2) in {0, 0.5, 1} for every row, in fixed-size batches."""
+    n = len(x)
+    out = []
+    for lo in range(0, n, batch_size):
+        idx = np.minimum(np.arange(lo, lo + batch_size), n - 1)  # edge-pad: one compilation
+        args = (jnp.asarray(a[idx]) for a in (x, xm, y1, m1, y2, m2))
+        out.append(np.asarray(_judge(pm, *args))[: min(batch_size, n - lo)])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def pm_accuracy(pm, data: dict[str, np.ndarray], *, batch_size: int = 256) -> float:
+    """Fraction of rows where the de-biased judge prefers y_w (a tie counts 1/2)."""
+    judged = judge_rows(pm, *(data[f] for f in PM_FIELDS), batch_size=batch_size)
+    return float(np.mean(judged))
+
+
+@dataclasses.dataclass
+class PMResult:
+    model: object
+    best_step: int
+    best_valid_accuracy: float
+    stopped_early: bool
+    history: list[dict]
+
+
+def train_pm(
+    model,
+    train: dict[str, np.ndarray],
+    valid: dict[str, np.ndarray],
+    *,
+    num_steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    warmup_steps: int = 0,
+    eval_every: int = 100,
+    patience: int = 3,
+    name: str = "pm",
+    metrics_path: str | pathlib.Path | None = None,
+    kind: str = "pairwise",
+) -> PMResult:
+    """Trains a pairwise PM (eq. 5) on (x, y_w, y_l) rows, stopping at a validation plateau.
+
+    Returns the best parameters by validation accuracy (evaluated every `eval_every` steps
+    and at the end), the step they come from, and whether training stopped early. The model
+    passed in is left intact (a copy is trained). `kind` is `make_pm_train_step`'s:
+    "pairwise" (eq. 5 with a random order per example), "pairwise-both" (eq. 5 exactly, both
+    orders; learns faster, see `preference.pm_loss_both_orders`) or "bt".
+    """
+    n = _check_rows(train, PM_FIELDS, f"{name} train")
+    _check_rows(valid, PM_FIELDS, f"{name} valid")
+    model = sources.copy_arrays(model)
+    optimizer = adam_with_warmup(learning_rate, warmup_steps)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    step_fn = preference.make_pm_train_step(optimizer, kind)
+    key = jax.random.key(seed)
+    progress = Progress(num_steps, name)
+    history: list[dict] = []
+    best = (-1.0, -1, None)
+    since_best = 0
+    stopped_early = False
+    out = open(metrics_path, "w") if metrics_path else None  # noqa: SIM115
+    try:
+        for step in range(num_steps):
+            idx = sources.schedule_indices(seed, step, batch_size, n)
+            batch = preference.PreferenceBatch(*(jnp.asarray(train[f][idx]) for f in PM_FIELDS))
+            model, opt_state, m = step_fn(model, opt_state, batch, jax.random.fold_in(key, step))
+            loss = float(m["loss"])
+            _finite(loss, name, step)
+            record = {"step": step, "loss": loss, "accuracy": float(m["accuracy"])}
+            if (step + 1) % eval_every == 0 or step == num_steps - 1:
+                acc = pm_accuracy(model, valid)
+                record["valid_accuracy"] = acc
+                if acc > best[0]:
+                    best, since_best = (acc, step + 1, sources.copy_arrays(model)), 0
+                else:
+                    since_best += 1
+                print(f"[{name}] step {step + 1}: validation accuracy {acc:.4f}", flush=True)
+            history.append(record)
+            if out is not None:
+                out.write(json.dumps(record) + "\n")
+            progress.update(step, loss, force=step == num_steps - 1)
+            if since_best >= patience:
+                print(f"[{name}] validation plateau: stopped at step {step + 1}", flush=True)
+                stopped_early = True
+                break
+    finally:
+        if out is not None:
+            out.close()
+    return PMResult(best[2], best[1], best[0], stopped_early, history)

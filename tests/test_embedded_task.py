@@ -1,0 +1,112 @@
+"""The embedded task: determinism, the hidden preference, behaviour generators' quality order."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from ipo_gap.data import embedded_task as et
+
+SIZES = {
+    "num_train": 300,
+    "num_valid": 20,
+    "num_test": 20,
+    "num_rl_prompts": 50,
+    "num_eval_prompts": 30,
+}
+
+
+def test_same_seed_same_task_other_seed_differs(tmp_path):
+    a, b, c = et.make_task(3, **SIZES), et.make_task(3, **SIZES), et.make_task(4, **SIZES)
+    assert a.to_json() == b.to_json()
+    assert a.pairs["train"] != c.pairs["train"]
+    cached = et.load_or_make(tmp_path / "task.json", 3, **SIZES)
+    assert cached.to_json() == a.to_json()
+    again = et.load_or_make(tmp_path / "task.json", 3, **SIZES)  # read back from the cache
+    assert again.to_json() == a.to_json()
+
+
+def test_splits_sizes_and_disjoint_prompts():
+    task = et.make_task(0, **SIZES)
+    assert len(task.pairs["train"]) == 300 and len(task.prompts["eval"]) == 30
+    seen = {}
+    for split, rows in task.pairs.items():
+        for r in rows:
+            seen.setdefault(r["prompt"], set()).add(split)
+    for split, texts in task.prompts.items():
+        for t in texts:
+            seen.setdefault(t, set()).add(split)
+    assert all(len(s) == 1 for s in seen.values())
+    assert len(task.lexicon) == 300 and len(set(task.lexicon)) == 300
+
+
+def test_human_preference_is_a_probability():
+    for r1, r2 in [(0.0, 0.0), (3.0, -2.0), (-50.0, 60.0), (1e3, -1e3)]:
+        p, q = et.human_preference(r1, r2), et.human_preference(r2, r1)
+        assert 0.0 <= p <= 1.0 and math.isclose(p + q, 1.0, abs_tol=1e-12)
+    assert et.human_preference(1.0, 1.0) == 0.5
+    assert math.isclose(et.human_preference(1.0, 0.0), 1 / (1 + math.exp(-1 / et.TEMPERATURE)))
+    task = et.make_task(0, **SIZES)
+    for r in task.pairs["train"]:
+        p = et.human_preference(
+            task.reward(r["prompt"], r["chosen"]), task.reward(r["prompt"], r["rejected"])
+        )
+        assert math.isclose(p, r["p_human"], rel_tol=1e-12)
+
+
+def test_labels_follow_the_hidden_preference():
+    task = et.make_task(1, **dict(SIZES, num_train=3000))
+    p = np.array([r["p_human"] for r in task.pairs["train"]])
+    # P(chosen) = p for the drawn order: E[p_chosen] = E[p^2 + (1-p)^2] over pairs > 1/2.
+    assert p.mean() > 0.75
+    wins = [
+        task.reward(r["prompt"], r["chosen"]) >= task.reward(r["prompt"], r["rejected"])
+        for r in task.pairs["train"]
+    ]
+    assert np.mean(wins) > 0.8
+
+
+def test_hidden_reward_features():
+    lex = frozenset(et.make_lexicon(0))
+    words = sorted(lex)[:3]
+    prompt = et.Prompt("list", tuple(words))
+    opener, liked, disliked = et.STYLE["list"]
+    best = " ".join([opener, *words])
+    assert et.hidden_reward(prompt, best, lex) > et.hidden_reward(prompt, " ".join(words), lex)
+    assert et.hidden_reward(prompt, " ".join([opener, *words[::-1]]), lex) < et.hidden_reward(
+        prompt, best, lex
+    )
+    assert et.hidden_reward(prompt, best + " " + words[0], lex) < et.hidden_reward(
+        prompt, best, lex
+    )
+    assert et.hidden_reward(prompt, best + " " + disliked[0], lex) < et.hidden_reward(
+        prompt, best + " " + liked[0], lex
+    )
+    with pytest.raises(ValueError, match="not an embedded-task prompt"):
+        et.Prompt.parse("hello world")
+
+
+def test_generators_differ_in_quality_as_intended():
+    lexicon = et.make_lexicon(0)
+    lex = frozenset(lexicon)
+    rng = random.Random(0)
+    prompts = [et.random_prompt(rng, lexicon) for _ in range(400)]
+    means = {}
+    for g in et.GENERATORS:
+        rewards = [et.hidden_reward(p, et.generate(rng, g, p, lexicon), lex) for p in prompts]
+        means[g.name] = float(np.mean(rewards))
+    order = [g.name for g in et.GENERATORS]  # listed from careless to careful
+    assert [means[n] for n in order] == sorted(means.values()), means
+    assert means["careful"] - means["careless"] > 2.0
+    # The best responses are reachable but rare: few careful outputs reach the optimum's reward.
+    opt = [
+        et.hidden_reward(
+            p, " ".join([et.hidden_opener(p), *p.topics, *et.STYLE[p.instruction][1]]), lex
+        )
+        for p in prompts
+    ]
+    careful = [
+        et.hidden_reward(p, et.generate(rng, et.GENERATORS[-1], p, lexicon), lex) for p in prompts
+    ]
+    assert np.mean(np.array(careful) >= np.array(opt)) < 0.1  # measured: 0.04

@@ -1,0 +1,124 @@
+"""The study end to end at the micro preset, plus unit checks of eval and report helpers.
+
+The end-to-end test runs experiments/reproduce.py's `run` into a temporary workdir (about a
+minute and a half on 2 CPU cores), then checks every artefact, that the exact-order replays
+equal their online runs bit for bit, that evaluation numbers are internally consistent, and
+that a re-run skips every finished stage.
+"""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from ipo_gap import eval as evaluation
+from ipo_gap import report
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+
+FIGURES = (
+    "fig1_online_vs_offline.png",
+    "fig4_13_replay_and_shuffle.png",
+    "fig5_12_datasets.png",
+    "fig6_7_8_classification.png",
+    "fig9_best_of_2.png",
+    "beyond_semi_online_hypo.png",
+)
+
+
+@pytest.fixture(scope="module")
+def micro_study(tmp_path_factory):
+    import reproduce
+
+    workdir = tmp_path_factory.mktemp("micro")
+    reproduce.run(workdir, "micro")
+    return workdir
+
+
+def _summary(workdir, name):
+    return json.loads((workdir / "runs" / name / "done.json").read_text())
+
+
+def test_micro_study_artefacts(micro_study):
+    w = micro_study
+    for f in FIGURES:
+        png = w / "figures" / f
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
+    text = (w / "REPORT.md").read_text()
+    for f in FIGURES:
+        assert f"figures/{f}" in text
+    assert "**Verdict:**" in text
+    for stage in ("sft", "golden_pm", "proxy_pm", "baseline", "eval_sft", "pipeline"):
+        assert (w / stage / "done.json").exists(), stage
+    runs = sorted(p.name for p in (w / "runs").iterdir())
+    assert {
+        "online_ipo",
+        "tandem_ipo",
+        "shuffled_ipo_uniform",
+        "online_bo2",
+        "offline_bo2",
+        "tandem_bo2",
+        "hypo",
+    } <= set(runs)
+    for name in runs:
+        lines = (w / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == _summary(w, name)["steps"], name
+        assert all(np.isfinite(json.loads(x)["loss"]) for x in lines)
+
+
+def test_exact_replays_equal_the_online_runs(micro_study):
+    for tandem, online in (("tandem_ipo", "online_ipo"), ("tandem_bo2", "online_bo2")):
+        t, o = _summary(micro_study, tandem), _summary(micro_study, online)
+        assert t["max_param_diff_to_online"] == 0.0
+        assert t["max_loss_dev_to_online"] == 0.0
+        assert t["losses"] == o["losses"]
+        assert t["evals"] == o["evals"]  # same parameters -> same evaluations, bit for bit
+    assert "bit-identical" in (micro_study / "REPORT.md").read_text()
+
+
+def test_evaluations_are_consistent(micro_study):
+    sft = json.loads((micro_study / "eval_sft" / "done.json").read_text())
+    assert sft["kl"] == 0.0  # KL of the reference against itself is exactly 0
+    assert sft["accuracy"] == 0.5 and sft["drift"] == 0.0  # f = 0 for pi = pi_sft: all ties
+    for name in ("online_ipo", "offline_bo2", "hypo"):
+        for e in _summary(micro_study, name)["evals"]:
+            assert 0.0 <= e["win_lo"] <= e["win_rate"] <= e["win_hi"] <= 1.0
+            assert e["kl"] >= 0.0 and 0.0 <= e["accuracy"] <= 1.0
+
+
+def test_rerun_skips_finished_stages(micro_study, capsys):
+    import reproduce
+
+    before = (micro_study / "runs" / "online_ipo" / "done.json").read_text()
+    reproduce.run(micro_study, "micro")
+    out = capsys.readouterr().out
+    assert "[online_ipo] done already: skipped" in out and "[sft] done already" in out
+    assert (micro_study / "runs" / "online_ipo" / "done.json").read_text() == before
+    with pytest.raises(ValueError, match="another configuration"):
+        reproduce.run(micro_study, "micro", seed=99)
+
+
+def test_interval_and_peak_and_verdicts():
+    iv = evaluation.Interval.of(np.array([1.0, 0.0, 0.5, 1.0]))
+    assert iv.mean == 0.625 and iv.n == 4
+    half = 1.96 * np.std([1.0, 0.0, 0.5, 1.0], ddof=1) / 2
+    assert np.isclose(iv.hi - iv.mean, half) and np.isclose(iv.mean - iv.lo, half)
+
+    def ev(step, w, lo, hi, kl):
+        return {"step": step, "win_rate": w, "win_lo": lo, "win_hi": hi, "kl": kl}
+
+    runs = [
+        {"name": "a", "evals": [ev(0, 0.5, 0.4, 0.6, 0), ev(5, 0.7, 0.65, 0.75, 1.0)]},
+        {"name": "b", "evals": [ev(0, 0.9, 0.8, 1.0, 0), ev(5, 0.6, 0.5, 0.7, 2.0)]},
+    ]
+    p = report.peak(runs)
+    assert (p.run, p.step, p.win, p.kl) == ("a", 5, 0.7, 1.0)  # step 0 (SFT) is excluded
+    low = report.Peak("c", 1, 0.55, 0.5, 0.6, 0.3)
+    assert "online is higher" in report.compare(p, low, "online", "offline")
+    assert "offline is higher" in report.compare(low, p, "online", "offline")
+    overlap = report.Peak("d", 1, 0.68, 0.6, 0.76, 0.3)
+    assert "overlap" in report.compare(p, overlap, "online", "offline")
+    assert "weakly" in report.correlation_verdict(0.1)
+    assert "negatively" in report.correlation_verdict(-0.5)

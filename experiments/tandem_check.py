@@ -28,6 +28,7 @@ from ipo_gap import preference
 from ipo_gap.configs import model_preset
 from ipo_gap.data import sources, toy_task
 from ipo_gap.data.order_log import OrderLog, pair_schema
+from ipo_gap.study import load_model, save_model, stage
 from ipo_gap.t5 import model as t5
 from ipo_gap.tokenizer import Tokenizer
 from ipo_gap.train import loop, steps
@@ -57,7 +58,7 @@ def _tree_max_diff(a, b) -> float:
 
 
 def prepare(workdir: pathlib.Path, seed: int):
-    """Tokenizer, SFT policy and proxy PM for the toy task (trained here, deterministic)."""
+    """Tokenizer, SFT policy and proxy PM for the toy task (deterministic; cached in workdir)."""
     rng = random.Random(seed)
     train = toy_task.make_examples(rng, 4000)
     tok = Tokenizer.train((t for pair in train for t in pair), vocab_size=64)
@@ -65,36 +66,49 @@ def prepare(workdir: pathlib.Path, seed: int):
     key_sft, key_pm, key_online = jax.random.split(jax.random.key(seed), 3)
     src = tok.encode([p for p, _ in train], S)
     tgt = tok.encode([r for _, r in train], T)
-    # SFT on the reference responses.
-    sft = t5.init(cfg, key=key_sft)
-    opt = optax.adam(3e-3)
-    opt_state = opt.init(eqx.filter(sft, eqx.is_array))
-    sft_step = steps.make_sft_step(opt)
     B = 32
-    for i in range(_PREP_STEPS.value):
-        idx = sources.schedule_indices(seed, i, B, len(train))
-        batch = steps.SeqBatch(
-            *(jnp.asarray(a[idx]) for a in (src.ids, src.mask, tgt.ids, tgt.mask))
+    opt = optax.adam(3e-3)
+
+    def train_sft(d):  # SFT on the reference responses
+        sft = t5.init(cfg, key=key_sft)
+        opt_state = opt.init(eqx.filter(sft, eqx.is_array))
+        sft_step = steps.make_sft_step(opt)
+        for i in range(_PREP_STEPS.value):
+            idx = sources.schedule_indices(seed, i, B, len(train))
+            batch = steps.SeqBatch(
+                *(jnp.asarray(a[idx]) for a in (src.ids, src.mask, tgt.ids, tgt.mask))
+            )
+            sft, opt_state, m = sft_step(sft, opt_state, batch)
+        print(f"SFT: {_PREP_STEPS.value} steps, final loss {float(m['loss']):.3f}", flush=True)
+        save_model(d, sft, cfg)
+        return {"steps": _PREP_STEPS.value, "final_loss": float(m["loss"])}
+
+    def train_pm(d):  # proxy PM on (reference, corrupted) pairs labelled by the hidden score
+        pm_rng = random.Random(seed + 1)
+        worse = [toy_task.corrupt(pm_rng, r) for _, r in train]
+        lo = tok.encode(worse, T)
+        pm = t5.init(cfg, key=key_pm)
+        opt_state = opt.init(eqx.filter(pm, eqx.is_array))
+        pm_step = preference.make_pm_train_step(opt)
+        arrays = (src.ids, src.mask, tgt.ids, tgt.mask, lo.ids, lo.mask)
+        for i in range(_PREP_STEPS.value):
+            idx = sources.schedule_indices(seed + 1, i, B, len(train))
+            batch = preference.PreferenceBatch(*(jnp.asarray(a[idx]) for a in arrays))
+            pm, opt_state, m = pm_step(pm, opt_state, batch, jax.random.fold_in(key_pm, i))
+        print(
+            f"proxy PM: {_PREP_STEPS.value} steps, final loss {float(m['loss']):.3f}, "
+            f"accuracy {float(m['accuracy']):.3f}",
+            flush=True,
         )
-        sft, opt_state, m = sft_step(sft, opt_state, batch)
-    print(f"SFT: {_PREP_STEPS.value} steps, final loss {float(m['loss']):.3f}", flush=True)
-    # Proxy PM on (reference, corrupted) pairs labelled by the hidden score.
-    worse = [toy_task.corrupt(rng, r) for _, r in train]
-    lo = tok.encode(worse, T)
-    pm = t5.init(cfg, key=key_pm)
-    opt_state = opt.init(eqx.filter(pm, eqx.is_array))
-    pm_step = preference.make_pm_train_step(opt)
-    for i in range(_PREP_STEPS.value):
-        idx = sources.schedule_indices(seed + 1, i, B, len(train))
-        batch = preference.PreferenceBatch(
-            *(jnp.asarray(a[idx]) for a in (src.ids, src.mask, tgt.ids, tgt.mask, lo.ids, lo.mask))
-        )
-        pm, opt_state, m = pm_step(pm, opt_state, batch, jax.random.fold_in(key_pm, i))
-    print(
-        f"proxy PM: {_PREP_STEPS.value} steps, final loss {float(m['loss']):.3f}, "
-        f"accuracy {float(m['accuracy']):.3f}",
-        flush=True,
-    )
+        save_model(d, pm, cfg)
+        return {"steps": _PREP_STEPS.value, "final_loss": float(m["loss"])}
+
+    # Reused from --workdir when a previous run finished them (with the same flags).
+    tag = f"{_MODEL.value}_seed{seed}_prep{_PREP_STEPS.value}"
+    stage(workdir / f"sft_{tag}", train_sft)
+    stage(workdir / f"pm_{tag}", train_pm)
+    sft = load_model(workdir / f"sft_{tag}", cfg)
+    pm = load_model(workdir / f"pm_{tag}", cfg)
     return tok, cfg, sft, pm, src, key_online
 
 

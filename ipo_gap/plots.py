@@ -152,3 +152,21 @@ def figure_bars(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     return save(fig, path)
+
+
+def figure_scaling(
+    params: Sequence[int], names: Sequence[str], ratios: Sequence[float], path
+) -> pathlib.Path:
+    """Fig. 10/11: offline's best performance normalised by online's, against policy size."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(params, [1.0] * len(params), "-o", color=_COLORS[0], label="online ipo (= 1)")
+    ax.plot(params, ratios, "-o", color=_COLORS[1], label="offline ipo")
+    for p, n in zip(params, names, strict=True):
+        ax.annotate(n, (p, 1.0), textcoords="offset points", xytext=(0, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("policy parameters")
+    ax.set_ylabel("best performance / online's (90% quantile)")
+    ax.set_title("Fig. 10/11: scaling the policy", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)

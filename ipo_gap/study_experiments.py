@@ -53,8 +53,8 @@ def mid_step(study: Study) -> int:
 
 def _replay(study: Study, online_name: str, name: str, method: str, loss: str, window=None):
     """Offline training on the online run's logged stream (exact order, or shuffled)."""
-    log_dir = study.workdir / "runs" / online_name / "log"
-    online = study.workdir / "runs" / online_name
+    log_dir = study.runs_dir / online_name / "log"
+    online = study.runs_dir / online_name
 
     def source_fn():
         log = OrderLog.open(log_dir)
@@ -189,7 +189,7 @@ def hash_name(name: str) -> int:
 def fig5(study: Study) -> list[dict]:
     """Offline IPO on datasets of online-policy samples (D_4k-vs-4k, D_sft-vs-800, D_800-vs-4k)."""
     _online(study, "ipo", "online_ipo")
-    run = study.workdir / "runs" / "online_ipo"
+    run = study.runs_dir / "online_ipo"
     final = load_model(run, study.policy_cfg)
     mid = load_model(run / f"step_{mid_step(study)}", study.policy_cfg)
     sft = study.sft()
@@ -207,6 +207,45 @@ def fig5(study: Study) -> list[dict]:
                 method=f"offline ipo on {name}",
                 source_fn=_offline(study, data),
             )
+        )
+    return out
+
+
+def fig10(study: Study) -> list[dict]:
+    """Policy sizes (Fig. 10, 11, 14): online IPO and offline IPO on D_golden per size.
+
+    The main size reuses Fig. 1's runs (the whole sweep); other sizes run online IPO and the
+    offline betas at the online learning rate. Returns per size: the runs and the parameter
+    count; the report takes the 90% quantile of win rates over each method's checkpoints.
+    """
+    out = []
+    d = study.d_golden()["train"]
+    n = study.cfg.rl_steps * study.cfg.offline_steps_factor
+    for model in study.cfg.scaling_models:
+        if model == study.cfg.policy_model:
+            s = study
+            runs = fig1(study)
+            online, offline = runs[0], runs[1:]
+        else:
+            s = study.variant(model)
+            online = _online(s, "ipo", "online_ipo")
+            offline = [
+                s.policy_run(
+                    f"offline_ipo_lr{s.cfg.rl_lr:g}_b{beta:g}",
+                    method="offline ipo",
+                    beta=beta,
+                    num_steps=n,
+                    source_fn=_offline(s, d),
+                )
+                for beta in s.cfg.offline_betas
+            ]
+        out.append(
+            {
+                "model": model,
+                "params": s.policy_cfg.num_params(),
+                "online": [online],
+                "offline": offline,
+            }
         )
     return out
 
@@ -240,4 +279,5 @@ def run_all(study: Study) -> dict[str, list[dict]]:
         "fig5": fig5(study),
         "fig9": fig9(study),
         "beyond": beyond(study),
+        "fig10": fig10(study),
     }

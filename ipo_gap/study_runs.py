@@ -12,6 +12,7 @@ Keys: the root key jax.random.key(seed) is folded with a fixed number per purpos
 
 from __future__ import annotations
 
+import copy
 import json
 import pathlib
 import shutil
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 
 from ipo_gap import eval as evaluation
+from ipo_gap.configs import model_preset
 from ipo_gap.data import sources
 from ipo_gap.data.order_log import OrderLog, pair_schema
 from ipo_gap.study import (
@@ -56,8 +58,28 @@ class Study:
         self.prep = prepare(self.workdir, cfg)
         vocab = self.prep.tokenizer.vocab_size
         self.policy_cfg = cfg.model("policy", vocab)
+        self.proxy_cfg = self.policy_cfg  # the proxy PM is policy-sized (of the main policy)
         self.golden_cfg = cfg.model("golden", vocab)
+        self.tag = ""
         self._cache: dict = {}
+
+    def variant(self, policy_model: str) -> Study:
+        """The same study with a policy of another size (Fig. 10-11): its own SFT, SFT
+        evaluation and runs (`sft_<model>/`, `runs_<model>/`); task, golden PM, D_golden,
+        proxy PM and golden baseline are shared (finished here first)."""
+        for shared in ("golden_pm", "d_golden", "proxy_pm", "baseline"):
+            getattr(self, shared)()
+        other = copy.copy(self)
+        other.policy_cfg = model_preset(policy_model, vocab_size=self.prep.tokenizer.vocab_size)
+        other.tag = f"_{policy_model}"
+        other._cache = {
+            k: self._cache[k] for k in ("golden_pm", "d_golden", "proxy_pm", "baseline")
+        }
+        return other
+
+    @property
+    def runs_dir(self) -> pathlib.Path:
+        return self.workdir / f"runs{self.tag}"
 
     def key(self, purpose: str) -> jax.Array:
         return jax.random.fold_in(jax.random.key(self.cfg.seed), PURPOSES[purpose])
@@ -88,8 +110,8 @@ class Study:
         return self._memo(
             "sft",
             lambda: (
-                stage(self.workdir / "sft", fn),
-                load_model(self.workdir / "sft", self.policy_cfg),
+                stage(self.workdir / f"sft{self.tag}", fn),
+                load_model(self.workdir / f"sft{self.tag}", self.policy_cfg),
             )[1],
         )
 
@@ -173,7 +195,7 @@ class Study:
             strip = lambda p: {k: v for k, v in p.items() if k != "agree_human"}  # noqa: E731
             return self._train_pm(
                 "proxy_pm",
-                self.policy_cfg,
+                self.proxy_cfg,
                 strip(d["train"]),
                 strip(d["valid"]),
                 self.cfg.pm_batch_proxy,
@@ -255,7 +277,7 @@ class Study:
         def fn(d):
             return dict(self.evaluator()(self.sft()), step=0)
 
-        return stage(self.workdir / "eval_sft", fn)
+        return self._memo("sft_eval", lambda: stage(self.workdir / f"eval_sft{self.tag}", fn))
 
     # ---- experiments ---------------------------------------------------------------------
 
@@ -343,4 +365,4 @@ class Study:
             }
             return dict(out, **(extra(model, hist) if extra else {}))
 
-        return stage(self.workdir / "runs" / name, fn)
+        return stage(self.runs_dir / name, fn)

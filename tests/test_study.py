@@ -1,7 +1,8 @@
 """The study end to end at the micro preset, plus unit checks of eval and report helpers.
 
-The end-to-end test runs experiments/reproduce.py's `run` into a temporary workdir (about a
-minute and a half on 2 CPU cores), then checks every artefact, that the exact-order replays
+The end-to-end tests (marked slow: they run in CI, not in the default run) run
+experiments/reproduce.py's `run` into a temporary workdir (about two minutes on 2 CPU cores,
+mostly compilation of two policy sizes), then checks every artefact, that the exact-order replays
 equal their online runs bit for bit, that evaluation numbers are internally consistent, and
 that a re-run skips every finished stage.
 """
@@ -25,6 +26,7 @@ FIGURES = (
     "fig6_7_8_classification.png",
     "fig9_best_of_2.png",
     "beyond_semi_online_hypo.png",
+    "fig10_11_scaling.png",
 )
 
 
@@ -41,6 +43,7 @@ def _summary(workdir, name):
     return json.loads((workdir / "runs" / name / "done.json").read_text())
 
 
+@pytest.mark.slow
 def test_micro_study_artefacts(micro_study):
     w = micro_study
     for f in FIGURES:
@@ -52,6 +55,8 @@ def test_micro_study_artefacts(micro_study):
     assert "**Verdict:**" in text
     for stage in ("sft", "golden_pm", "proxy_pm", "baseline", "eval_sft", "pipeline"):
         assert (w / stage / "done.json").exists(), stage
+    assert (w / "sft_toy-m" / "done.json").exists()  # the second policy size (Fig. 10)
+    assert (w / "runs_toy-m" / "online_ipo" / "done.json").exists()
     runs = sorted(p.name for p in (w / "runs").iterdir())
     assert {
         "online_ipo",
@@ -68,6 +73,7 @@ def test_micro_study_artefacts(micro_study):
         assert all(np.isfinite(json.loads(x)["loss"]) for x in lines)
 
 
+@pytest.mark.slow
 def test_exact_replays_equal_the_online_runs(micro_study):
     for tandem, online in (("tandem_ipo", "online_ipo"), ("tandem_bo2", "online_bo2")):
         t, o = _summary(micro_study, tandem), _summary(micro_study, online)
@@ -78,6 +84,7 @@ def test_exact_replays_equal_the_online_runs(micro_study):
     assert "bit-identical" in (micro_study / "REPORT.md").read_text()
 
 
+@pytest.mark.slow
 def test_evaluations_are_consistent(micro_study):
     sft = json.loads((micro_study / "eval_sft" / "done.json").read_text())
     assert sft["kl"] == 0.0  # KL of the reference against itself is exactly 0
@@ -88,6 +95,7 @@ def test_evaluations_are_consistent(micro_study):
             assert e["kl"] >= 0.0 and 0.0 <= e["accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages(micro_study, capsys):
     import reproduce
 

@@ -116,24 +116,32 @@ def test_replay_refuses_an_altered_log(online_run, tmp_path):
 
 @pytest.mark.slow  # trains an SFT policy and a PM, then 2 x 6 policy steps: ~1-2 min
 def test_tandem_check_binary_passes(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "experiments/tandem_check.py",
-            f"--workdir={tmp_path}",
-            "--steps=6",
-            "--prep_steps=30",
-            "--batch_size=4",
-            "--shuffle_levels=all",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    def run():
+        return subprocess.run(
+            [
+                sys.executable,
+                "experiments/tandem_check.py",
+                f"--workdir={tmp_path}",
+                "--steps=6",
+                "--prep_steps=30",
+                "--batch_size=4",
+                "--shuffle_levels=all",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    proc = run()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASS: the offline replay is bit-identical" in proc.stdout
     assert (tmp_path / "tandem_report.json").exists()
+    first = (tmp_path / "tandem_report.json").read_text()
+    again = run()  # the SFT policy and PM are reused from the workdir, the result is the same
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("done already: skipped") == 2
+    assert (tmp_path / "tandem_report.json").read_text() == first
 
 
 def test_offline_run_with_cached_refs_logs_only_the_schema(online_run, tmp_path):

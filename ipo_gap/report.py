@@ -358,7 +358,9 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
             f"offline/online goes from {ratios[0]:.3f} ({sizes[0]['model']}) to "
             f"{ratios[-1]:.3f} ({sizes[-1]['model']}): the gap "
             + ("narrows" if d > 0.02 else "widens" if d < -0.02 else "stays about the same")
-            + " with size (the paper: scaling the policy does not close the gap)."
+            + " with size (the paper: scaling the policy does not close the gap). These ratios"
+            " have no interval and the sizes may pool different numbers of offline runs (last"
+            " column): read a small change as no change."
         )
     return [
         "",

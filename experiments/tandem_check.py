@@ -28,6 +28,7 @@ from ipo_gap import preference
 from ipo_gap.configs import model_preset
 from ipo_gap.data import sources, toy_task
 from ipo_gap.data.order_log import OrderLog, pair_schema
+from ipo_gap.determinism import tree_max_abs_diff
 from ipo_gap.study import load_model, save_model, stage
 from ipo_gap.t5 import model as t5
 from ipo_gap.tokenizer import Tokenizer
@@ -44,17 +45,6 @@ _SHUFFLE = flags.DEFINE_list("shuffle_levels", [], "Replay shuffle windows, e.g.
 _PREP_STEPS = flags.DEFINE_integer("prep_steps", 150, "SFT and PM training steps.")
 
 S, T = 16, 16
-
-
-def _tree_max_diff(a, b) -> float:
-    return max(
-        float(jnp.max(jnp.abs(x - y)))
-        for x, y in zip(
-            jax.tree.leaves(eqx.filter(a, eqx.is_array)),
-            jax.tree.leaves(eqx.filter(b, eqx.is_array)),
-            strict=True,
-        )
-    )
 
 
 def prepare(workdir: pathlib.Path, seed: int):
@@ -157,7 +147,7 @@ def run(workdir: pathlib.Path) -> bool:
         name="replay",
     )
     loss_dev = [abs(a["loss"] - b["loss"]) for a, b in zip(hist_on, hist_off, strict=True)]
-    diff = _tree_max_diff(online, offline)
+    diff = tree_max_abs_diff(online, offline)
     report = {
         "steps": n,
         "max_loss_deviation": max(loss_dev),
@@ -176,7 +166,7 @@ def run(workdir: pathlib.Path) -> bool:
             name=f"shuffle-{level}",
         )
         report[f"shuffle_{level}"] = {
-            "param_distance_to_online": _tree_max_diff(online, shuffled),
+            "param_distance_to_online": tree_max_abs_diff(online, shuffled),
             "final_loss": hist[-1]["loss"],
             "online_final_loss": hist_on[-1]["loss"],
             "mean_abs_loss_deviation": float(

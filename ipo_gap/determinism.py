@@ -16,6 +16,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -133,3 +136,10 @@ def compare_logs(dir_a, dir_b) -> int | None:
         else:
             hi = mid
     return lo
+
+
+def tree_max_abs_diff(a, b) -> float:
+    """Max |a - b| over the array leaves of two pytrees of the same structure (models)."""
+    la = jax.tree.leaves(eqx.filter(a, eqx.is_array))
+    lb = jax.tree.leaves(eqx.filter(b, eqx.is_array))
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(la, lb, strict=True))

@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import json
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ipo_gap import eval as evaluation
 from ipo_gap.data import sources
 from ipo_gap.data.order_log import OrderLog
-from ipo_gap.study import load_model, stage
+from ipo_gap.determinism import tree_max_abs_diff
+from ipo_gap.study import load_model, relabel, stage
 from ipo_gap.study_runs import Study
 from ipo_gap.train import trainers
-
-
-def tree_max_diff(a, b) -> float:
-    la = jax.tree.leaves(eqx.filter(a, eqx.is_array))
-    lb = jax.tree.leaves(eqx.filter(b, eqx.is_array))
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(la, lb, strict=True))
 
 
 def _offline(study: Study, data: dict) -> callable:
@@ -68,7 +61,7 @@ def _replay(study: Study, online_name: str, name: str, method: str, loss: str, w
         online_losses = json.loads((online / "done.json").read_text())["losses"]
         dev = [abs(a - h["loss"]) for a, h in zip(online_losses, hist, strict=True)]
         return {
-            "max_param_diff_to_online": tree_max_diff(model, ref),
+            "max_param_diff_to_online": tree_max_abs_diff(model, ref),
             "max_loss_dev_to_online": max(dev),
             "mean_loss_dev_to_online": float(np.mean(dev)),
         }
@@ -168,16 +161,15 @@ def _sampled_dataset(study: Study, name: str, policy_a, policy_b) -> dict:
         y1, m1 = evaluation.sample_rows(policy_a, x, xm, key=k1, **kw)
         y2, m2 = evaluation.sample_rows(policy_b, x, xm, key=k2, **kw)
         judged = trainers.judge_rows(study.golden_pm()[1], x, xm, y1, m1, y2, m2)
-        first = (judged >= 0.5)[:, None]
-        np.savez(
-            path,
-            prompt=x,
-            prompt_mask=xm,
-            y_w=np.where(first, y1, y2),
-            y_w_mask=np.where(first, m1, m2),
-            y_l=np.where(first, y2, y1),
-            y_l_mask=np.where(first, m2, m1),
-        )
+        pairs = {
+            "prompt": x,
+            "prompt_mask": xm,
+            "y_w": y1,
+            "y_w_mask": m1,
+            "y_l": y2,
+            "y_l_mask": m2,
+        }
+        np.savez(path, **relabel(pairs, judged))  # y_w = the golden PM's winner
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 

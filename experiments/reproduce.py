@@ -24,24 +24,76 @@ import time
 from absl import app, flags, logging
 
 from ipo_gap import report, study_experiments
-from ipo_gap.study import PRESETS
+from ipo_gap.data import preference_data
+from ipo_gap.study import PRESETS, for_task
 from ipo_gap.study_runs import Study
 
-TASKS = ("embedded",)
+TASKS = ("embedded", *preference_data.TASKS)
 
 _PRESET = flags.DEFINE_enum("preset", "quick", sorted(PRESETS), "Study size preset.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/ipo_gap_study", "Output directory.")
-_TASK = flags.DEFINE_enum("task", "embedded", TASKS, "Preference data of the study.")
+_TASK = flags.DEFINE_enum(
+    "task",
+    "embedded",
+    TASKS,
+    "Preference data: the embedded task (generated), or a real dataset read from --data_dir "
+    "(see the README's dataset table).",
+)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with the task's files (real tasks).")
+_SKIP_BAD = flags.DEFINE_bool(
+    "skip_bad_records",
+    False,
+    "Count, report and skip malformed dataset records instead of stopping at the first one.",
+)
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer_model",
+    None,
+    "A SentencePiece .model (e.g. T5's spiece.model); default: one trained on the task's text.",
+)
+_POLICY_CKPT = flags.DEFINE_string(
+    "policy_checkpoint",
+    None,
+    "Hugging Face T5 directory (config.json + *.safetensors) that starts the policy and the "
+    "proxy PM, e.g. google/t5-v1_1-large; default: a random init of the preset's size.",
+)
+_GOLDEN_CKPT = flags.DEFINE_string(
+    "golden_checkpoint", None, "Hugging Face T5 directory that starts the golden PM."
+)
+_SCALING = flags.DEFINE_list(
+    "scaling_models",
+    None,
+    "Policy sizes of Fig. 10-11: preset names, or Hugging Face T5 directories when the study "
+    "starts from --policy_checkpoint (default: the preset's sizes; with --policy_checkpoint, "
+    "that checkpoint only).",
+)
 _SEED = flags.DEFINE_integer("seed", None, "Override the preset's seed.")
 _DOCS = flags.DEFINE_string(
     "copy_fig1_to", None, "Also copy Figure 1 here (the README's image is docs/fig1.png)."
 )
 
 
-def run(workdir: pathlib.Path, preset: str, seed: int | None = None) -> pathlib.Path:
-    cfg = PRESETS[preset]
+def config(preset: str, *, seed: int | None = None, **overrides):
+    """The preset's StudyConfig for a task (`study.for_task`) with flag overrides (None =
+    not given); paths are made absolute so the saved config names the files used."""
+    task = overrides.pop("task", None) or "embedded"
+    cfg = for_task(PRESETS[preset], task)
     if seed is not None:
-        cfg = dataclasses.replace(cfg, seed=seed)
+        overrides["seed"] = seed
+    for name in ("data_dir", "tokenizer_model", "policy_checkpoint", "golden_checkpoint"):
+        if overrides.get(name):
+            overrides[name] = str(pathlib.Path(overrides[name]).resolve())
+    if overrides.get("scaling_models"):
+        overrides["scaling_models"] = tuple(
+            str(pathlib.Path(m).resolve()) if pathlib.Path(m).is_dir() else m
+            for m in overrides["scaling_models"]
+        )
+    elif overrides.get("policy_checkpoint"):
+        overrides["scaling_models"] = (overrides["policy_checkpoint"],)
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def run(workdir: pathlib.Path, preset: str, seed: int | None = None, **overrides) -> pathlib.Path:
+    cfg = config(preset, seed=seed, **overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "study_config.json"
     if config_path.exists():
@@ -67,7 +119,18 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save and restore at INFO
         logging.set_verbosity(logging.WARNING)
     workdir = pathlib.Path(_WORKDIR.value)
-    run(workdir, _PRESET.value, _SEED.value)
+    run(
+        workdir,
+        _PRESET.value,
+        _SEED.value,
+        task=_TASK.value,
+        data_dir=_DATA_DIR.value,
+        skip_bad_records=_SKIP_BAD.value,
+        tokenizer_model=_TOKENIZER.value,
+        policy_checkpoint=_POLICY_CKPT.value,
+        golden_checkpoint=_GOLDEN_CKPT.value,
+        scaling_models=_SCALING.value,
+    )
     if _DOCS.value:
         shutil.copy(workdir / "figures" / "fig1_online_vs_offline.png", _DOCS.value)
 

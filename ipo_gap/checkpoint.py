@@ -267,3 +267,97 @@ def load_hf_t5(directory, *, param_dtype: str = "float32", **config_overrides):
             f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
         )
     return cfg, model
+
+
+def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
+    """Writes numpy arrays as a .safetensors file (the format `read_safetensors` reads)."""
+    names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+    header, chunks, offset = {}, [], 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        if a.dtype not in names:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {a.dtype}")
+        data = a.tobytes()
+        header[name] = {
+            "dtype": names[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    path = pathlib.Path(path)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for c in chunks:
+            f.write(c)
+    tmp.replace(path)
+
+
+def _unconvert(w: np.ndarray, kind: str) -> np.ndarray:
+    """The inverse of `_convert`: our layout -> the torch (HF) layout."""
+    if kind == "copy":
+        return w
+    if kind == "transpose":
+        return w.T
+    if kind == "qkv":  # [D, H, K] -> [H*K, D]
+        return w.reshape(w.shape[0], -1).T
+    if kind == "o":  # [H, K, D] -> [D, H*K]
+        return w.reshape(-1, w.shape[-1]).T
+    raise AssertionError(kind)
+
+
+def save_hf_t5(directory, model, cfg: T5Config) -> None:
+    """Writes `model` as a Hugging Face T5 directory (config.json + model.safetensors).
+
+    The inverse of `load_hf_t5` (float32 tensors): a model saved here loads back equal, and
+    transformers' T5ForConditionalGeneration reads the directory. Used to hand a model to
+    other tools, and so the pretrained-checkpoint path of the study runs without downloads.
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+
+    def put(path, leaf):
+        names = [p.name for p in path]
+        hf_names, kind = _hf_names(names, cfg)
+        value = np.asarray(jnp.asarray(leaf, jnp.float32))
+        per_layer = list(value) if "layers" in names else [value]
+        if len(per_layer) != len(hf_names):
+            raise CheckpointError(f"{'.'.join(names)}: {len(per_layer)} arrays for {hf_names}")
+        for name, w in zip(hf_names, per_layer, strict=True):
+            tensors[name] = np.ascontiguousarray(_unconvert(w, kind))
+
+    jax.tree_util.tree_map_with_path(put, model)
+    hf = {
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": "t5",
+        "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model,
+        "d_ff": cfg.d_ff,
+        "d_kv": cfg.d_kv,
+        "num_heads": cfg.num_heads,
+        "num_layers": cfg.num_encoder_layers,
+        "num_decoder_layers": cfg.num_decoder_layers,
+        "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+        "relative_attention_max_distance": cfg.relative_attention_max_distance,
+        "feed_forward_proj": cfg.feed_forward,
+        "is_gated_act": cfg.feed_forward == "gated-gelu",
+        "dense_act_fn": "gelu_new" if cfg.feed_forward == "gated-gelu" else "relu",
+        # transformers 4.x reads tie_word_embeddings, 5.x scale_decoder_outputs (see
+        # hf_config_to_t5); both say the same here.
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "scale_decoder_outputs": cfg.tie_word_embeddings,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "dropout_rate": 0.0,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+        "_name_or_path": cfg.name,
+    }
+    write_safetensors(directory / "model.safetensors", tensors)
+    (directory / "config.json").write_text(json.dumps(hf, indent=1) + "\n")

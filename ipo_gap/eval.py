@@ -91,8 +91,9 @@ def _pair_logps(policy, ref, x, xm, yw, ywm, yl, ylm):
     return classify.policy_and_reference_logprobs(policy, ref, x, xm, yw, ywm, yl, ylm)
 
 
-def pair_metrics(policy, ref, pairs: dict[str, np.ndarray], *, batch_size: int = 256):
-    """(accuracy, drift) of the policy as a classifier on pairs whose label is y_w."""
+def margins_and_drift(policy, ref, pairs: dict[str, np.ndarray], *, batch_size: int = 256):
+    """Per pair: the policy's classifier margin f(x, y_w, y_l) (App. E) and the drift
+    log pi(y_w|x) - log pi_ref(y_w|x), numpy [N] each."""
     fields = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
     margins, drifts = [], []
     for _, idx, keep in _batches(len(pairs["prompt"]), batch_size):
@@ -100,9 +101,14 @@ def pair_metrics(policy, ref, pairs: dict[str, np.ndarray], *, batch_size: int =
         margin = classify.policy_margin(lp.logp1, lp.logp2, lp.ref1, lp.ref2)
         margins.append(np.asarray(margin)[:keep])
         drifts.append(np.asarray(lp.logp1 - lp.ref1)[:keep])
-    m = np.concatenate(margins)
+    return np.concatenate(margins), np.concatenate(drifts)
+
+
+def pair_metrics(policy, ref, pairs: dict[str, np.ndarray], *, batch_size: int = 256):
+    """(accuracy, drift) of the policy as a classifier on pairs whose label is y_w."""
+    m, drift = margins_and_drift(policy, ref, pairs, batch_size=batch_size)
     accuracy = float(np.mean(np.where(m > 0, 1.0, np.where(m < 0, 0.0, 0.5))))
-    return accuracy, float(np.mean(np.concatenate(drifts)))
+    return accuracy, float(np.mean(drift))
 
 
 @dataclasses.dataclass
@@ -125,6 +131,7 @@ class Evaluator:
     max_len: int
     seed: int
     batch_size: int = 256
+    num_self: int = 64  # prompts for self-classification (E.1); 0 = not measured
 
     def __call__(self, policy) -> dict[str, float]:
         key = jax.random.key(self.seed)
@@ -160,7 +167,11 @@ class Evaluator:
             )
         )
         acc, drift = pair_metrics(policy, self.ref, self.pairs, batch_size=self.batch_size)
+        extra = {}
+        if self.num_self:
+            extra["self_accuracy"] = self.self_classification(policy, y, ym, key)
         return {
+            **extra,
             "win_rate": win.mean,
             "win_lo": win.lo,
             "win_hi": win.hi,
@@ -172,3 +183,23 @@ class Evaluator:
             "drift": drift,
             "response_tokens": float(ym.sum(-1).mean()),
         }
+
+    def self_classification(self, policy, y, ym, key) -> float:
+        """E.1: the policy's accuracy on pairs of its own samples (the win-rate sample and a
+        second one on the first `num_self` evaluation prompts), labelled by the de-biased
+        golden PM (a tie labels 1/2 and scores 1/2)."""
+        n = min(self.num_self, len(self.eval_x))
+        x, xm = self.eval_x[:n], self.eval_xm[:n]
+        k = jax.random.fold_in(key, 2)  # the win-rate and KL keys are split(key)
+        y2, y2m = sample_rows(policy, x, xm, key=k, max_len=self.max_len, batch_size=n)
+        labels = judge_rows(self.golden_pm, x, xm, y[:n], ym[:n], y2, y2m, batch_size=n)
+        pairs = {
+            "prompt": x,
+            "prompt_mask": xm,
+            "y_w": y[:n],
+            "y_w_mask": ym[:n],
+            "y_l": y2,
+            "y_l_mask": y2m,
+        }
+        m, _ = margins_and_drift(policy, self.ref, pairs, batch_size=n)
+        return float(classify.classification_accuracy(jnp.asarray(m), jnp.asarray(labels)))

@@ -113,12 +113,22 @@ def figure_shuffle(online: dict, replays: Sequence[dict], path, title) -> pathli
 
 
 def figure_classification(runs: Sequence[dict], proxy_accuracy: float, path, title) -> pathlib.Path:
-    """Fig. 6-8: accuracy on D_golden over steps, accuracy vs win rate, winner log-prob drift."""
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    """Fig. 6-8: accuracy on the online stream (with the proxy PM's on the same pairs) and on
+    D_golden over steps, accuracy vs win rate, winner log-prob drift."""
+    fig, (a0, a1, a2, a3) = plt.subplots(1, 4, figsize=(19, 4.2))
     methods = _methods(runs)
     for r in runs:
         c = _color(methods, r["method"])
         steps = [e["step"] for e in r["evals"]]
+        stream = [e for e in r["evals"] if "stream_accuracy" in e]
+        a0.plot(
+            [e["step"] for e in stream],
+            [e["stream_accuracy"] for e in stream],
+            "-o",
+            color=c,
+            ms=3,
+            label=r["method"],
+        )
         a1.plot(steps, [e["accuracy"] for e in r["evals"]], "-o", color=c, ms=3, label=r["method"])
         a2.plot(
             [e["accuracy"] for e in r["evals"]],
@@ -129,11 +139,20 @@ def figure_classification(runs: Sequence[dict], proxy_accuracy: float, path, tit
             label=r["method"],
         )
         a3.plot(steps, [e["drift"] for e in r["evals"]], "-o", color=c, ms=3, label=r["method"])
+    proxy_stream = [e for e in runs[0]["evals"] if "stream_proxy_accuracy" in e]
+    a0.plot(
+        [e["step"] for e in proxy_stream],
+        [e["stream_proxy_accuracy"] for e in proxy_stream],
+        "k:o",
+        ms=3,
+        label="proxy PM",
+    )
     a1.axhline(proxy_accuracy, color="k", ls=":", label="proxy PM")
+    a0.set(xlabel="step", ylabel="accuracy on the online stream (golden labels)")
     a1.set(xlabel="step", ylabel="accuracy on D_golden pairs")
     a2.set(xlabel="accuracy on D_golden pairs", ylabel="win rate vs golden baseline")
     a3.set(xlabel="step", ylabel=r"E[log $\pi$(y_w) - log $\pi_{sft}$(y_w)]")
-    for a in (a1, a2, a3):
+    for a in (a0, a1, a2, a3):
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)

@@ -114,7 +114,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         [online, best_off, tandem],
         proxy_acc,
         figs / "fig6_7_8_classification.png",
-        "Fig. 6-8: policies as classifiers on D_golden pairs",
+        "Fig. 6-8: policies as classifiers on the online stream and on D_golden pairs",
     )
     plots.figure_kl_winrate(
         fig9,
@@ -144,33 +144,43 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "",
     ]
     g, pr = pipe["golden_pm"], pipe["proxy_pm"]
-    lines.append(
-        _table(
-            ["quantity", "value"],
+    rows = [
+        ["task", pipe.get("task", "embedded")],
+        ["golden PM", f"{g['model']} ({g['params']:,} params)"],
+        ["golden PM accuracy vs human labels (test)", f"{g['test_accuracy_vs_human_labels']:.3f}"],
+    ]
+    if "bayes_accuracy_vs_human_labels" in g:  # only the embedded task knows its humans
+        rows += [
             [
-                ["golden PM", f"{g['model']} ({g['params']:,} params)"],
-                [
-                    "golden PM accuracy vs human labels (test)",
-                    f"{g['test_accuracy_vs_human_labels']:.3f}",
-                ],
-                [
-                    "  ceiling: Bayes accuracy vs human labels",
-                    f"{g['bayes_accuracy_vs_human_labels']:.3f}",
-                ],
-                [
-                    "golden PM accuracy vs the hidden reward (test)",
-                    f"{g['test_accuracy_vs_hidden_reward']:.3f}",
-                ],
-                [
-                    "D_golden agreement with the human labels",
-                    f"{pipe['d_golden_agreement_with_human_labels']:.3f}",
-                ],
-                ["proxy PM", f"{pr['model']} ({pr['params']:,} params)"],
-                ["proxy PM accuracy vs golden labels (valid)", f"{pr['valid_accuracy']:.3f}"],
-                ["truncated texts by split", str(pipe["truncated"])],
+                "  ceiling: Bayes accuracy vs human labels",
+                f"{g['bayes_accuracy_vs_human_labels']:.3f}",
             ],
+            [
+                "golden PM accuracy vs the hidden reward (test)",
+                f"{g['test_accuracy_vs_hidden_reward']:.3f}",
+            ],
+        ]
+    rows += [
+        [
+            "D_golden agreement with the human labels",
+            f"{pipe['d_golden_agreement_with_human_labels']:.3f}",
+        ],
+        ["proxy PM", f"{pr['model']} ({pr['params']:,} params)"],
+        ["proxy PM accuracy vs golden labels (valid)", f"{pr['valid_accuracy']:.3f}"],
+        ["truncated texts by split", str(pipe["truncated"])],
+    ]
+    if pipe.get("data"):  # a real dataset: what the loader read and the splits obtained
+        data = pipe["data"]
+        rows.append(["data read", data["summary"]])
+        rows.append(
+            ["splits obtained (requested)"]
+            + [
+                ", ".join(
+                    f"{k} {data['obtained'][k]} ({data['requested'][k]})" for k in data["obtained"]
+                )
+            ]
         )
-    )
+    lines.append(_table(["quantity", "value"], rows))
     lines += [
         "",
         "## H0 (Fig. 1): online beats offline at the same KL",
@@ -256,20 +266,43 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
     acc = [(e["accuracy"], e["win_rate"]) for r in ipo_runs for e in r["evals"] if e["step"]]
     corr = float(np.corrcoef(np.array(acc).T)[0, 1]) if len(acc) > 2 else float("nan")
     final = lambda r: r["evals"][-1]  # noqa: E731
+    opt = lambda e, k: f"{e[k]:.3f}" if k in e else "n/a"  # noqa: E731
     lines.append(
         _table(
-            ["policy", "final accuracy on D_golden", "final drift of log pi(y_w)"],
+            [
+                "policy",
+                "final accuracy on D_golden",
+                "final accuracy on the online stream",
+                "final self-classification (E.1)",
+                "final drift of log pi(y_w)",
+            ],
             [
                 [
                     r["method"] + f" ({r['name']})",
                     f"{final(r)['accuracy']:.3f}",
+                    opt(final(r), "stream_accuracy"),
+                    opt(final(r), "self_accuracy"),
                     f"{final(r)['drift']:.2f}",
                 ]
                 for r in [online, best_off]
+            ]
+            + [
+                [
+                    "proxy PM",
+                    f"{proxy_acc:.3f} (valid)",
+                    opt(final(online), "stream_proxy_accuracy"),
+                    "",
+                    "",
+                ]
             ],
         )
     )
     lines += [
+        "",
+        "Online-stream accuracy: on the last 64 pairs of the online IPO run's stream before "
+        "its k-th evaluation, relabelled by the golden PM, for every run's k-th checkpoint "
+        "(Fig. 6). Self-classification: on pairs of the policy's own two samples per prompt, "
+        "labelled by the golden PM (App. E.1).",
         "",
         f"Proxy PM accuracy on D_golden-labelled pairs: {proxy_acc:.3f}. Pearson "
         f"correlation of accuracy and win rate over all {len(acc)} IPO checkpoints: "

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from ipo_gap.configs import T5Config, model_preset
-from ipo_gap.data import embedded_task
+from ipo_gap.data import embedded_task, preference_data
 from ipo_gap.t5 import model as t5
 from ipo_gap.tokenizer import Tokenizer
 from ipo_gap.train_state_io import CheckpointManager
@@ -40,6 +40,15 @@ class StudyConfig:
 
     name: str
     seed: int = 0
+    # The data (`ipo_gap.data.preference_data.TASKS`, or "embedded") and where its files are.
+    task: str = "embedded"
+    data_dir: str | None = None
+    skip_bad_records: bool = False
+    # Pretrained starts (Hugging Face T5 directories) and a SentencePiece model; None = a
+    # tokenizer trained on the task's text and randomly initialised preset models.
+    tokenizer_model: str | None = None
+    policy_checkpoint: str | None = None  # the policy, and the proxy PM (policy-sized)
+    golden_checkpoint: str | None = None
     num_train: int = 20000
     num_valid: int = 1000
     num_test: int = 1000
@@ -126,7 +135,7 @@ PRESETS = {
         num_acc_pairs=256,
         golden_model="toy-m",
         sft_steps=600,
-        pm_steps=500,
+        pm_steps=400,
         pm_eval_every=100,
         rl_steps=150,
         rl_batch=16,
@@ -172,6 +181,39 @@ PRESETS = {
 }
 
 
+# Real datasets on the CPU presets: their texts are far longer than the embedded task's (an HH
+# dialogue runs to hundreds of tokens), so prompts and responses get longer windows and a larger
+# vocabulary, and the step counts shrink to keep the time budget (quick: <= 30 minutes on a
+# 2-core CPU). The paper preset keeps its own (1024 / 128 tokens, T5's vocabulary).
+REAL_TASK_OVERRIDES = {
+    "micro": {"prompt_len": 48, "target_len": 24, "vocab_size": 512},
+    "quick": {
+        "prompt_len": 48,
+        "target_len": 24,
+        "vocab_size": 1024,
+        "num_valid": 200,
+        "num_test": 300,
+        "num_eval_prompts": 256,
+        "num_kl_prompts": 64,
+        "sft_steps": 300,
+        "pm_steps": 300,
+        "pm_eval_every": 50,
+        "pm_batch_golden": 16,
+        "rl_steps": 100,
+        "offline_steps_factor": 3,
+    },
+    "standard": {"prompt_len": 128, "target_len": 64, "vocab_size": 2048},
+    "paper": {},
+}
+
+
+def for_task(cfg: StudyConfig, task: str) -> StudyConfig:
+    """The preset `cfg` adapted to `task` (`REAL_TASK_OVERRIDES` for real datasets)."""
+    if task == "embedded":
+        return dataclasses.replace(cfg, task=task)
+    return dataclasses.replace(cfg, task=task, **REAL_TASK_OVERRIDES.get(cfg.name, {}))
+
+
 # ------------------------------------------------------------------------------------------
 # Stage bookkeeping.
 
@@ -215,7 +257,7 @@ def load_model(directory: pathlib.Path, cfg: T5Config):
 class Prepared:
     """The task, its tokenizer and the encoded arrays every stage uses."""
 
-    task: embedded_task.TaskData
+    task: embedded_task.TaskData | preference_data.PreferenceTask
     tokenizer: Tokenizer
     pairs: dict[str, dict[str, np.ndarray]]  # split -> prompt/y_w/y_l (+ masks), human labels
     prompts: dict[str, dict[str, np.ndarray]]  # "rl", "eval" -> prompt, prompt_mask
@@ -223,7 +265,7 @@ class Prepared:
 
 
 def encode_pairs(tok: Tokenizer, rows: list[dict], S: int, T: int, counts: dict, split: str):
-    x = tok.encode([r["prompt"] for r in rows], S)
+    x = tok.encode([r["prompt"] for r in rows], S, truncate="left")
     w = tok.encode([r["chosen"] for r in rows], T)
     lo = tok.encode([r["rejected"] for r in rows], T)
     counts[split] = x.num_truncated + w.num_truncated + lo.num_truncated
@@ -237,19 +279,50 @@ def encode_pairs(tok: Tokenizer, rows: list[dict], S: int, T: int, counts: dict,
     }
 
 
-def prepare(workdir: pathlib.Path, cfg: StudyConfig) -> Prepared:
-    """The embedded task (cached as task.json) and its SentencePiece tokenizer."""
-    task = embedded_task.load_or_make(
+def load_task(workdir: pathlib.Path, cfg: StudyConfig):
+    """The study's task: the embedded one, or a real dataset (`preference_data`), cached as
+    `workdir/task.json`."""
+    sizes = {
+        "num_train": cfg.num_train,
+        "num_valid": cfg.num_valid,
+        "num_test": cfg.num_test,
+        "num_rl_prompts": cfg.num_rl_prompts,
+        "num_eval_prompts": cfg.num_eval_prompts,
+    }
+    if cfg.task == "embedded":
+        return embedded_task.load_or_make(workdir / "task.json", cfg.seed, **sizes)
+    if cfg.task not in preference_data.TASKS:
+        raise ValueError(
+            f"unknown task {cfg.task!r}: one of embedded, {', '.join(preference_data.TASKS)}"
+        )
+    if not cfg.data_dir:
+        spec = preference_data.TASKS[cfg.task]
+        raise ValueError(
+            f"task {cfg.task} needs --data_dir, a folder with {' or '.join(spec.patterns)} "
+            f"({spec.format}; download from {spec.url})"
+        )
+    return preference_data.load_or_make_task(
         workdir / "task.json",
-        cfg.seed,
-        num_train=cfg.num_train,
-        num_valid=cfg.num_valid,
-        num_test=cfg.num_test,
-        num_rl_prompts=cfg.num_rl_prompts,
-        num_eval_prompts=cfg.num_eval_prompts,
+        cfg.task,
+        cfg.data_dir,
+        seed=cfg.seed,
+        skip_bad_records=cfg.skip_bad_records,
+        **sizes,
     )
+
+
+def prepare(workdir: pathlib.Path, cfg: StudyConfig) -> Prepared:
+    """The task (cached as task.json) and its tokenizer: the SentencePiece model given by
+    `cfg.tokenizer_model`, or one trained on the task's text (`workdir/tokenizer.model`).
+
+    Prompts are truncated on the left (a dialogue's last turn and "TL;DR:" matter most),
+    responses on the right; `Prepared.truncated` counts truncated rows per split.
+    """
+    task = load_task(workdir, cfg)
     tok_path = workdir / "tokenizer.model"
-    if tok_path.exists():
+    if cfg.tokenizer_model:
+        tok = Tokenizer.load(cfg.tokenizer_model)
+    elif tok_path.exists():
         tok = Tokenizer.load(tok_path)
     else:
         tok = Tokenizer.train(task.corpus(), vocab_size=cfg.vocab_size)
@@ -259,7 +332,7 @@ def prepare(workdir: pathlib.Path, cfg: StudyConfig) -> Prepared:
     pairs = {s: encode_pairs(tok, rows, S, T, counts, s) for s, rows in task.pairs.items()}
     prompts = {}
     for split, texts in task.prompts.items():
-        e = tok.encode(texts, S)
+        e = tok.encode(texts, S, truncate="left")
         counts[split] = e.num_truncated
         prompts[split] = {"prompt": e.ids, "prompt_mask": e.mask}
     return Prepared(task, tok, pairs, prompts, counts)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from ipo_gap import eval as evaluation
-from ipo_gap.data import sources
+from ipo_gap.data import ref_cache, sources
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.determinism import tree_max_abs_diff
 from ipo_gap.study import load_model, relabel, stage
@@ -21,9 +21,29 @@ from ipo_gap.study_runs import Study
 from ipo_gap.train import trainers
 
 
-def _offline(study: Study, data: dict) -> callable:
-    pairs = {k: v for k, v in data.items() if k in sources.PAIR_FIELDS}
-    return lambda: sources.OfflineSource(pairs, batch_size=study.cfg.rl_batch, seed=study.cfg.seed)
+def _offline(study: Study, data: dict, name: str) -> callable:
+    """An offline source over `data` whose rows carry the SFT reference's log-probs.
+
+    The reference log-probs are computed once per dataset and policy size and cached beside
+    the study (`ref_cache<tag>/<name>.npz`, keyed by the reference's and the data's hashes,
+    `ipo_gap.data.ref_cache`), so the runs of a sweep skip the reference forward pass.
+    """
+
+    def build():
+        pairs = {k: v for k, v in data.items() if k in sources.PAIR_FIELDS}
+        ref_w, ref_l = ref_cache.load_or_compute(
+            study.workdir / f"ref_cache{study.tag}",
+            study.sft(),
+            pairs,
+            tokenizer_sha256=study.prep.tokenizer.sha256,
+            batch_size=study.cfg.eval_batch,
+            name=name,
+        )
+        return ref_cache.with_refs(pairs, ref_w, ref_l)
+
+    return lambda: sources.OfflineSource(
+        study._memo(f"offline_{name}", build), batch_size=study.cfg.rl_batch, seed=study.cfg.seed
+    )
 
 
 def _online(study: Study, loss: str, name: str) -> dict:
@@ -83,7 +103,7 @@ def fig1(study: Study) -> list[dict]:
                     lr=lr,
                     beta=beta,
                     num_steps=n,
-                    source_fn=_offline(study, d),
+                    source_fn=_offline(study, d, "d_golden"),
                 )
             )
     return out
@@ -114,7 +134,10 @@ def fig9(study: Study) -> list[dict]:
     return [
         _online(study, "bo2", "online_bo2"),
         study.policy_run(
-            "offline_bo2", method="offline bo2", loss="bo2", source_fn=_offline(study, d)
+            "offline_bo2",
+            method="offline bo2",
+            loss="bo2",
+            source_fn=_offline(study, d, "d_golden"),
         ),
         _replay(study, "online_bo2", "tandem_bo2", "offline bo2 (exact order)", "bo2"),
     ]
@@ -143,7 +166,9 @@ def beyond(study: Study) -> list[dict]:
             loss="dpo",
             hypo=True,
             source_fn=lambda: sources.HypoSource(
-                _offline(study, d)(), key=study.key("hypo"), max_len=study.cfg.target_len
+                _offline(study, d, "d_golden")(),
+                key=study.key("hypo"),
+                max_len=study.cfg.target_len,
             ),
         )
     )
@@ -151,11 +176,16 @@ def beyond(study: Study) -> list[dict]:
 
 
 def _sampled_dataset(study: Study, name: str, policy_a, policy_b) -> dict:
-    """Prompts of D_golden's train split, y1 ~ policy_a, y2 ~ policy_b, golden labels."""
+    """Prompts of D_golden's train split, y1 ~ policy_a, y2 ~ policy_b, golden labels.
+
+    As many prompts as the offline run on it consumes (rl_steps x rl_batch: one epoch), the
+    first ones of D_golden's train split.
+    """
     path = study.workdir / f"{name}.npz"
     if not path.exists():
         d = study.d_golden()["train"]
-        x, xm = d["prompt"], d["prompt_mask"]
+        n = min(len(d["prompt"]), study.cfg.rl_steps * study.cfg.rl_batch)
+        x, xm = d["prompt"][:n], d["prompt_mask"][:n]
         k1, k2 = jax.random.split(jax.random.fold_in(study.key("datasets"), hash_name(name)))
         kw = {"max_len": study.cfg.target_len, "batch_size": study.cfg.eval_batch}
         y1, m1 = evaluation.sample_rows(policy_a, x, xm, key=k1, **kw)
@@ -197,7 +227,7 @@ def fig5(study: Study) -> list[dict]:
             study.policy_run(
                 f"offline_ipo_{name}",
                 method=f"offline ipo on {name}",
-                source_fn=_offline(study, data),
+                source_fn=_offline(study, data, name),
             )
         )
     return out
@@ -214,7 +244,7 @@ def fig10(study: Study) -> list[dict]:
     d = study.d_golden()["train"]
     n = study.cfg.rl_steps * study.cfg.offline_steps_factor
     for model in study.cfg.scaling_models:
-        if model == study.cfg.policy_model:
+        if model in (study.cfg.policy_model, study.cfg.policy_checkpoint):
             s = study
             runs = fig1(study)
             online, offline = runs[0], runs[1:]
@@ -227,7 +257,7 @@ def fig10(study: Study) -> list[dict]:
                     method="offline ipo",
                     beta=beta,
                     num_steps=n,
-                    source_fn=_offline(s, d),
+                    source_fn=_offline(s, d, "d_golden"),
                 )
                 for beta in s.cfg.offline_betas
             ]
@@ -253,6 +283,8 @@ def pipeline_summary(study: Study) -> dict:
             "proxy_pm": proxy,
             "sft": study.sft_eval(),
             "truncated": study.prep.truncated,
+            "task": study.cfg.task,
+            "data": getattr(study.prep.task, "report", None),
             "d_golden_agreement_with_human_labels": float(
                 study.d_golden()["train"]["agree_human"].mean()
             ),

@@ -20,6 +20,7 @@ import shutil
 import jax
 import numpy as np
 
+from ipo_gap import checkpoint
 from ipo_gap import eval as evaluation
 from ipo_gap.configs import model_preset
 from ipo_gap.data import sources
@@ -36,6 +37,8 @@ from ipo_gap.study import (
 )
 from ipo_gap.t5 import model as t5
 from ipo_gap.train import loop, steps, trainers
+
+STREAM_PAIRS = 64  # Fig. 6: online-stream pairs near each checkpoint (as in the paper)
 
 PURPOSES = {
     "sft": 1,
@@ -56,25 +59,73 @@ class Study:
         self.workdir, self.cfg = pathlib.Path(workdir), cfg
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.prep = prepare(self.workdir, cfg)
-        vocab = self.prep.tokenizer.vocab_size
-        self.policy_cfg = cfg.model("policy", vocab)
-        self.proxy_cfg = self.policy_cfg  # the proxy PM is policy-sized (of the main policy)
-        self.golden_cfg = cfg.model("golden", vocab)
         self.tag = ""
+        self._variant_checkpoint = None
+        vocab = self.prep.tokenizer.vocab_size
+        self.policy_cfg = self._model_cfg("policy", vocab)
+        self.proxy_cfg = self.policy_cfg  # the proxy PM is policy-sized (of the main policy)
+        self.golden_cfg = self._model_cfg("golden", vocab)
         self._cache: dict = {}
+
+    def _checkpoint(self, which: str) -> str | None:
+        if which == "golden":
+            return self.cfg.golden_checkpoint
+        return self._variant_checkpoint or self.cfg.policy_checkpoint
+
+    def _model_cfg(self, which: str, vocab: int):
+        """The preset's config, or the pretrained checkpoint's (its vocabulary must cover the
+        tokenizer's ids)."""
+        path = self._checkpoint(which)
+        if not path:
+            return self.cfg.model(which, vocab)
+        model_cfg, _ = checkpoint.load_hf_t5(path)
+        if model_cfg.vocab_size < vocab:
+            raise ValueError(
+                f"{which} checkpoint {path} has {model_cfg.vocab_size} embeddings but the "
+                f"tokenizer ({self.cfg.tokenizer_model or 'trained on the task'}) has {vocab} "
+                f"pieces: use the checkpoint's own SentencePiece model (--tokenizer_model)"
+            )
+        return model_cfg
+
+    def init_model(self, which: str, purpose: str):
+        """A starting model: the pretrained checkpoint when one is given (policy and proxy PM
+        from `policy_checkpoint`, golden PM from `golden_checkpoint`), else a random init of
+        the preset with the purpose's key."""
+        path = self._checkpoint(which)
+        if path:
+            return checkpoint.load_hf_t5(path)[1]
+        cfg = self.golden_cfg if which == "golden" else self.policy_cfg
+        return t5.init(cfg, key=self.key(purpose))
 
     def variant(self, policy_model: str) -> Study:
         """The same study with a policy of another size (Fig. 10-11): its own SFT, SFT
         evaluation and runs (`sft_<model>/`, `runs_<model>/`); task, golden PM, D_golden,
-        proxy PM and golden baseline are shared (finished here first)."""
-        for shared in ("golden_pm", "d_golden", "proxy_pm", "baseline"):
-            getattr(self, shared)()
+        proxy PM and golden baseline are this study's (run or loaded by it when first used).
+
+        `policy_model` is a preset name, or a Hugging Face T5 directory (a pretrained start);
+        a study that starts from a pretrained policy takes only directories here, since a
+        randomly initialised size would not be comparable.
+        """
+        is_dir = (pathlib.Path(policy_model) / "config.json").exists()
+        if self.cfg.policy_checkpoint and not is_dir:
+            raise ValueError(
+                f"scaling model {policy_model!r}: the study starts from the pretrained "
+                f"policy {self.cfg.policy_checkpoint}, so every scaling size must be a "
+                f"Hugging Face T5 directory too, not a preset"
+            )
         other = copy.copy(self)
-        other.policy_cfg = model_preset(policy_model, vocab_size=self.prep.tokenizer.vocab_size)
-        other.tag = f"_{policy_model}"
-        other._cache = {
-            k: self._cache[k] for k in ("golden_pm", "d_golden", "proxy_pm", "baseline")
-        }
+        vocab = self.prep.tokenizer.vocab_size
+        if is_dir:
+            other._variant_checkpoint = policy_model
+            other.policy_cfg = other._model_cfg("policy", vocab)
+            name = pathlib.Path(policy_model).resolve().name
+        else:
+            other.policy_cfg = model_preset(policy_model, vocab_size=vocab)
+            name = policy_model
+        other.tag = f"_{name}"
+        other._cache = {}
+        for shared in ("golden_pm", "d_golden", "proxy_pm", "baseline"):  # this study's, lazily
+            setattr(other, shared, getattr(self, shared))
         return other
 
     @property
@@ -93,7 +144,7 @@ class Study:
 
     def sft(self):
         def fn(d):
-            model = t5.init(self.policy_cfg, key=self.key("sft"))
+            model = self.init_model("policy", "sft")
             model, hist = trainers.train_sft(
                 model,
                 sft_rows(self.prep.pairs["train"]),
@@ -117,7 +168,7 @@ class Study:
 
     def _train_pm(self, name, cfg_model, train, valid, batch):
         def fn(d):
-            init = t5.init(cfg_model, key=self.key(name))
+            init = self.init_model("golden" if name == "golden_pm" else "policy", name)
             res = trainers.train_pm(
                 init,
                 pm_rows(train),
@@ -155,18 +206,17 @@ class Study:
             )
             test = p["test"]
             judged = trainers.judge_rows(pm, *pm_rows(test).values())
-            # Human labels are samples; the hidden reward's own preference is p_human > 1/2.
-            bayes = np.array([r["p_human"] > 0.5 for r in self.prep.task.pairs["test"]])
-            summary = dict(
-                summary,
-                test_accuracy_vs_human_labels=float(judged.mean()),
-                test_accuracy_vs_hidden_reward=float(np.mean(np.where(bayes, judged, 1 - judged))),
-                bayes_accuracy_vs_human_labels=float(
-                    np.mean(
-                        [max(r["p_human"], 1 - r["p_human"]) for r in self.prep.task.pairs["test"]]
-                    )
-                ),
-            )
+            summary = dict(summary, test_accuracy_vs_human_labels=float(judged.mean()))
+            rows = self.prep.task.pairs["test"]
+            if rows and "p_human" in rows[0]:  # the embedded task knows its hidden humans
+                # Human labels are samples; the hidden reward's own preference is p_human > 1/2.
+                bayes = np.array([r["p_human"] > 0.5 for r in rows])
+                summary["test_accuracy_vs_hidden_reward"] = float(
+                    np.mean(np.where(bayes, judged, 1 - judged))
+                )
+                summary["bayes_accuracy_vs_human_labels"] = float(
+                    np.mean([max(r["p_human"], 1 - r["p_human"]) for r in rows])
+                )
             return summary, pm
 
         return self._memo("golden_pm", build)
@@ -279,6 +329,54 @@ class Study:
 
         return self._memo("sft_eval", lambda: stage(self.workdir / f"eval_sft{self.tag}", fn))
 
+    # ---- the online stream (Fig. 6) -------------------------------------------------------
+
+    def stream_pairs(self, k: int, log: OrderLog | None = None) -> dict[str, np.ndarray] | None:
+        """Fig. 6's pairs near the k-th evaluation: the last `STREAM_PAIRS` pairs of this
+        study's online IPO stream before that run's k-th evaluation step, relabelled by the
+        golden PM (y_w = golden winner), with "proxy_accuracy" = how often the proxy PM's
+        logged order agrees with the golden PM. `log`: the online run's log while it is
+        being written; otherwise the finished run's log is read (None before it exists).
+        Every run's k-th checkpoint (runs share `num_evals`) is measured on window k.
+        """
+        name = f"stream_{k}"
+        if name in self._cache:
+            return self._cache[name]
+        if log is None:
+            online = self.runs_dir / "online_ipo"
+            if not (online / "done.json").exists():
+                return None
+            log = OrderLog.open(online / "log")
+            log.check_tokenizer(self.prep.tokenizer.sha256)
+        t = self.eval_steps(self.cfg.rl_steps)[k]
+        w = -(-STREAM_PAIRS // self.cfg.rl_batch)
+        batches = [b for _, b in log.iter_steps(max(0, t - w), t)]
+        pairs = {
+            f: np.concatenate([b[f] for b in batches])[-STREAM_PAIRS:] for f in sources.PAIR_FIELDS
+        }
+        _, golden = self.golden_pm()
+        judged = trainers.judge_rows(
+            golden, *pm_rows(pairs).values(), batch_size=self.cfg.eval_batch
+        )
+        out = dict(relabel(pairs, judged))
+        out["proxy_accuracy"] = float(judged.mean())
+        self._cache[name] = out
+        return out
+
+    def stream_metrics(self, k: int, model, log: OrderLog | None = None) -> dict:
+        """Accuracy of `model` as a classifier on `stream_pairs(k)` (Fig. 6), and the proxy
+        PM's on the same pairs; {} when the stream does not exist yet."""
+        pairs = self.stream_pairs(k, log)
+        if pairs is None:
+            return {}
+        acc, _ = evaluation.pair_metrics(
+            model,
+            self.sft(),
+            {f: pairs[f] for f in sources.PAIR_FIELDS},
+            batch_size=self.cfg.eval_batch,
+        )
+        return {"stream_accuracy": acc, "stream_proxy_accuracy": pairs["proxy_accuracy"]}
+
     # ---- experiments ---------------------------------------------------------------------
 
     def eval_steps(self, num_steps: int) -> list[int]:
@@ -316,6 +414,10 @@ class Study:
             def on_step(step, model, metrics):
                 if step + 1 in at:
                     e = dict(evaluate(model), step=step + 1)
+                    k = sorted(at).index(step + 1)
+                    e.update(
+                        self.stream_metrics(k, model, order_log if name == "online_ipo" else None)
+                    )
                     evals.append(e)
                     with open(d / "evals.jsonl", "a") as f:
                         f.write(json.dumps(e) + "\n")

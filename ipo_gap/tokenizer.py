@@ -232,22 +232,34 @@ class Tokenizer:
             raise TypeError(f"expected str, got {type(text).__name__}")
         return self._sp.encode(text, out_type=int)
 
-    def encode(self, texts: Sequence[str], max_len: int, *, add_eos: bool = True) -> Encoded:
+    def encode(
+        self,
+        texts: Sequence[str],
+        max_len: int,
+        *,
+        add_eos: bool = True,
+        truncate: str = "right",
+    ) -> Encoded:
         """Encodes a batch of texts to fixed-length padded arrays.
 
-        A text whose tokens (plus EOS) do not fit is truncated: the first `max_len - 1` tokens
-        are kept and EOS ends the row when `add_eos`; otherwise the first `max_len` tokens.
+        A text whose tokens (plus EOS) do not fit is truncated: with truncate="right" the
+        first `max_len - 1` tokens are kept (the first `max_len` without EOS), with "left" the
+        last ones (for prompts whose end matters: a dialogue's last turn, "TL;DR:"); EOS
+        always ends the row when `add_eos`. Truncated rows are counted (`num_truncated`).
 
         Args:
             texts: the texts; a bare str is rejected (it would be read as characters).
             max_len: the row length, at least 2.
             add_eos: whether to end every row with `EOS_ID`.
+            truncate: "right" (keep the beginning) or "left" (keep the end).
 
         Returns:
             An `Encoded` batch with B = len(texts).
         """
         if isinstance(texts, str):
             raise TypeError("encode takes a sequence of texts, not a single str")
+        if truncate not in ("right", "left"):
+            raise ValueError(f"truncate must be 'right' or 'left', got {truncate!r}")
         if max_len < 2:
             raise ValueError(
                 f"max_len must be at least 2 (room for a token and EOS), got {max_len}"
@@ -264,7 +276,7 @@ class Tokenizer:
         for i, row in enumerate(rows):
             if len(row) > room:
                 num_truncated += 1
-                row = row[:room]
+                row = row[:room] if truncate == "right" else row[len(row) - room :]
             if add_eos:
                 row = [*row, EOS_ID]
             ids[i, : len(row)] = row

@@ -89,6 +89,18 @@ def test_evaluations_are_consistent(micro_study):
     sft = json.loads((micro_study / "eval_sft" / "done.json").read_text())
     assert sft["kl"] == 0.0  # KL of the reference against itself is exactly 0
     assert sft["accuracy"] == 0.5 and sft["drift"] == 0.0  # f = 0 for pi = pi_sft: all ties
+    assert sft["self_accuracy"] == 0.5  # the same holds on the policy's own samples
+    # Fig. 6: every run's k-th checkpoint is measured on the same stream window k; the proxy
+    # PM's accuracy there is a property of the window, so it is equal across runs.
+    online = _summary(micro_study, "online_ipo")["evals"][1:]
+    offline = _summary(micro_study, "offline_bo2")["evals"][1:]
+    assert len(online) == len(offline) == 2
+    for a, b in zip(online, offline, strict=True):
+        assert a["stream_proxy_accuracy"] == b["stream_proxy_accuracy"]
+        assert 0.0 <= a["stream_accuracy"] <= 1.0 and 0.0 <= b["self_accuracy"] <= 1.0
+    # The offline runs on D_golden share one cache of the reference's log-probs.
+    assert (micro_study / "ref_cache" / "d_golden.npz").exists()
+    assert (micro_study / "ref_cache_toy-m" / "d_golden.npz").exists()
     for name in ("online_ipo", "offline_bo2", "hypo"):
         for e in _summary(micro_study, name)["evals"]:
             assert 0.0 <= e["win_lo"] <= e["win_rate"] <= e["win_hi"] <= 1.0

@@ -131,6 +131,16 @@ def test_truncation(tk, corpus):
     no_eos = tk.encode(long_texts[:1], max_len=4, add_eos=False)
     assert no_eos.ids[0].tolist() == tk.encode_as_ids(long_texts[0])[:4]
     assert no_eos.num_truncated == 1
+    # Left truncation keeps the end (a prompt's last turn), still EOS-terminated.
+    left = tk.encode(texts, max_len=7, truncate="left")
+    assert left.num_truncated == len(long_texts)
+    for i, text in enumerate(long_texts):
+        raw = tk.encode_as_ids(text)
+        assert left.ids[i, :6].tolist() == raw[-6:]
+        assert left.ids[i, 6] == tok.EOS_ID
+    assert left.ids[-1].tolist() == enc.ids[-1].tolist()  # short rows are unchanged
+    with pytest.raises(ValueError, match="truncate"):
+        tk.encode(texts, max_len=7, truncate="middle")
 
 
 def test_bad_arguments(tk):

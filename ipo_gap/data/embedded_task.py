@@ -195,6 +195,18 @@ def generate(rng: random.Random, gen: Generator, prompt: Prompt, lexicon: list[s
 # The dataset.
 
 
+def task_corpus(pairs: dict[str, list[dict]], prompts: dict[str, list[str]]):
+    """Every string of a task's pairs and prompts, splits in sorted order (the tokenizer's
+    training text: a fixed order gives the same SentencePiece model, hence the same SHA)."""
+    for split in sorted(pairs):
+        for p in pairs[split]:
+            yield p["prompt"]
+            yield p["chosen"]
+            yield p["rejected"]
+    for split in sorted(prompts):
+        yield from prompts[split]
+
+
 @dataclasses.dataclass
 class TaskData:
     """Prompts and labelled pairs as strings, by split.
@@ -212,13 +224,7 @@ class TaskData:
 
     def corpus(self):
         """Every string of the task (tokenizer training text), in a fixed order."""
-        for split in sorted(self.pairs):
-            for p in self.pairs[split]:
-                yield p["prompt"]
-                yield p["chosen"]
-                yield p["rejected"]
-        for split in sorted(self.prompts):
-            yield from self.prompts[split]
+        return task_corpus(self.pairs, self.prompts)
 
     def reward(self, prompt: str, response: str) -> float:
         return hidden_reward(Prompt.parse(prompt), response, frozenset(self.lexicon))

@@ -244,11 +244,17 @@ def _sample_and_rank(policy, pm, x, xm, key, max_len):
 
 
 class LogReplay:
-    """The logged stream of a run, in exact order, each step hash-verified before use."""
+    """The logged stream of a run, in exact order, each step hash-verified before use.
+
+    Steps are read through `OrderLog.iter_steps`, which fetches a chunk of steps per
+    tensorstore read but verifies (and hands out) one step at a time, chained from step 0's
+    genesis hash: nothing is trained on before its hash checks, and a bad step stops the run
+    at that step. A request out of sequence (a resume) restarts the chain at that step.
+    """
 
     def __init__(self, log: OrderLog):
         self.log = log
-        self._prev_step, self._prev_hash = None, None
+        self._next, self._steps = None, None
 
     def batch(self, step: int, policy=None) -> Batch:
         if step >= len(self.log):
@@ -257,9 +263,11 @@ class LogReplay:
                 f"has {len(self.log)} steps",
                 step=step,
             )
-        prev = self._prev_hash if self._prev_step == step - 1 else None
-        batch, digest = self.log.read_verified(step, prev)
-        self._prev_step, self._prev_hash = step, digest
+        if self._next != step:
+            self._steps = self.log.iter_steps(step, len(self.log))
+        got, batch = next(self._steps)
+        assert got == step, (got, step)
+        self._next = step + 1
         return batch
 
 
@@ -276,6 +284,7 @@ class ShuffledReplay:
             raise ValueError(f"shuffle window must be >= 1, got {window}")
         self.log, self.window, self.seed = log, window, seed
         self.num_steps = len(log)
+        self._block, self._window = None, {}
 
     def source_step(self, step: int) -> int:
         block, offset = divmod(step, self.window)
@@ -289,6 +298,13 @@ class ShuffledReplay:
         return start + int(perm[offset])
 
     def batch(self, step: int, policy=None) -> Batch:
-        src = self.source_step(step)
-        batch, _ = self.log.read_verified(src, None)
-        return batch
+        """The batch of log step `source_step(step)`. A window's steps are read and verified
+        together (one chain check over the window) when the window is first entered."""
+        block = step // self.window
+        if self._block != block:
+            start = block * self.window
+            stop = min(start + self.window, self.num_steps)
+            if start >= stop:
+                self.source_step(step)  # raises the ReplayError naming the step
+            self._block, self._window = block, dict(self.log.iter_steps(start, stop))
+        return self._window[self.source_step(step)]

@@ -24,7 +24,7 @@ import numpy as np
 
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.train import steps
-from ipo_gap.train_state_io import CheckpointManager, TrainState
+from ipo_gap.train_state_io import CheckpointManager, TrainState, key_to_data
 
 
 @functools.cache
@@ -60,6 +60,72 @@ def to_pair_batch(batch: dict[str, np.ndarray]) -> steps.PairBatch:
     if "ref_w" in batch and "ref_l" in batch:
         refs = {"ref_w": jnp.asarray(batch["ref_w"]), "ref_l": jnp.asarray(batch["ref_l"])}
     return steps.PairBatch(*(jnp.asarray(batch[f]) for f in fields), **refs)
+
+
+PAIR_FIELDS = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
+
+
+class BatchError(ValueError):
+    """A batch that disagrees with the run: missing fields, inconsistent or changed shapes,
+    token ids outside the model's vocabulary."""
+
+
+def check_pair_batch(
+    batch: dict, *, step: int, name: str, vocab_size: int, expect: dict | None = None
+) -> dict[str, tuple]:
+    """Checks a pair batch before it is trained on; returns its field shapes.
+
+    Raises BatchError naming the run, the step and the field when a field is missing, the
+    prompt and response fields disagree on the batch or length, a shape differs from the
+    run's first batch (`expect`: a source whose batches disagree with its configuration), or
+    a token id lies outside [0, vocab_size) (a tokenizer of another model: JAX would clamp
+    the embedding lookup and train on garbage silently).
+    """
+    where = f"[{name}] step {step}"
+    missing = [f for f in PAIR_FIELDS if f not in batch]
+    if missing:
+        raise BatchError(f"{where}: the batch lacks fields {missing} (has {sorted(batch)})")
+    shapes = {f: tuple(np.shape(batch[f])) for f in PAIR_FIELDS}
+    groups = (("prompt", "prompt_mask"), ("y_w", "y_w_mask", "y_l", "y_l_mask"))
+    for group in groups:
+        if len({shapes[f] for f in group}) != 1 or len(shapes[group[0]]) != 2:
+            raise BatchError(
+                f"{where}: fields {list(group)} must share one [batch, length] shape, got "
+                + ", ".join(f"{f} {shapes[f]}" for f in group)
+            )
+    if shapes["prompt"][0] != shapes["y_w"][0]:
+        raise BatchError(
+            f"{where}: prompt batch {shapes['prompt'][0]} != response batch {shapes['y_w'][0]}"
+        )
+    if expect is not None:
+        for f in PAIR_FIELDS:
+            if shapes[f] != expect[f]:
+                raise BatchError(
+                    f"{where}: field {f!r} has shape {shapes[f]} but this run's batches are "
+                    f"{expect[f]} (the source disagrees with the run's batch size or lengths)"
+                )
+    for f in ("prompt", "y_w", "y_l"):
+        a = np.asarray(batch[f])
+        if a.size and (a.min() < 0 or a.max() >= vocab_size):
+            raise BatchError(
+                f"{where}: field {f!r} holds token ids in [{a.min()}, {a.max()}] but the model's "
+                f"vocabulary has {vocab_size} (tokenizer of another model?)"
+            )
+    return shapes
+
+
+def source_key_data(source) -> jax.Array:
+    """Raw key data identifying a source's randomness (its key, else its seed; a wrapped
+    source's otherwise; zeros for a source with neither, e.g. an exact log replay). Stored
+    in checkpoints as `TrainState.rng` and compared on resume."""
+    if getattr(source, "key", None) is not None:
+        return key_to_data(source.key)
+    if getattr(source, "seed", None) is not None:
+        return key_to_data(jax.random.key(int(source.seed)))
+    for inner in ("online", "offline", "source"):
+        if getattr(source, inner, None) is not None:
+            return source_key_data(getattr(source, inner))
+    return jnp.zeros((2,), jnp.uint32)
 
 
 def _logged_fields(order_log: OrderLog, batch: dict) -> dict:
@@ -145,8 +211,15 @@ def train_policy(
     else:
         step_fn = steps.make_policy_step(loss, optimizer)
 
+    shapes = {}
+
     def next_batch(step, model):
         batch = source.batch(step, model)
+        shapes.update(
+            check_pair_batch(
+                batch, step=step, name=name, vocab_size=model.cfg.vocab_size, expect=shapes or None
+            )
+        )
         if order_log is not None:
             if step < len(order_log):  # logged before a crash: must regenerate equal
                 order_log.compare_step(step, _logged_fields(order_log, batch))
@@ -173,6 +246,7 @@ def train_policy(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         checkpoint_meta=checkpoint_meta,
+        rng_data=source_key_data(source),
     )
 
 
@@ -217,6 +291,17 @@ def train_hypo(
     else:
         step_fn = steps.make_hypo_step(optimizer, normalize=normalize)
 
+    shapes = {}
+
+    def next_batch(step, model):
+        pairs, samples = batch = source.batch(step, model)
+        shapes.update(
+            check_pair_batch(
+                pairs, step=step, name=name, vocab_size=model.cfg.vocab_size, expect=shapes or None
+            )
+        )
+        return batch
+
     def update(model, opt_state, batch, step):
         pairs, samples = batch
         return step_fn(
@@ -237,7 +322,7 @@ def train_hypo(
         model=model,
         opt_state=opt_state,
         optimizer=optimizer,
-        next_batch=source.batch,
+        next_batch=next_batch,
         update=update,
         count_tokens=count_tokens,
         num_steps=num_steps,
@@ -249,6 +334,7 @@ def train_hypo(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         checkpoint_meta=checkpoint_meta,
+        rng_data=source_key_data(source),
     )
 
 
@@ -269,8 +355,13 @@ def _run(
     checkpoint_dir,
     checkpoint_every,
     checkpoint_meta,
+    rng_data,
 ):
     """The host loop shared by `train_policy` and `train_hypo` (see `train_policy`).
+
+    `rng_data` (`source_key_data`) is saved as the checkpoint's `rng`; resuming from a
+    checkpoint written with another source key or seed is refused (it would continue the run
+    on another data stream).
 
     next_batch(step, model) -> batch; update(model, opt_state, batch, step) -> (model,
     opt_state, metrics); count_tokens(batch) -> int.
@@ -280,9 +371,17 @@ def _run(
     manager = CheckpointManager(checkpoint_dir) if checkpoint_dir else None
     if manager is not None and manager.latest_step() is not None:
         template = TrainState(
-            model, opt_state, jnp.int32(0), jnp.zeros((2,), jnp.uint32), jnp.int32(0)
+            model, opt_state, jnp.int32(0), jnp.zeros_like(rng_data), jnp.int32(0)
         )
         restored = manager.restore(manager.latest_step(), template)
+        if not np.array_equal(np.asarray(restored.rng), np.asarray(rng_data)):
+            raise ValueError(
+                f"[{name}] the checkpoint in {manager.directory} (step "
+                f"{manager.latest_step()}) was written by a run whose data source had key data "
+                f"{np.asarray(restored.rng).tolist()}; this run's is "
+                f"{np.asarray(rng_data).tolist()}: resuming would continue on another data "
+                "stream (use the original seed, or a new checkpoint directory)"
+            )
         model, opt_state = restored.model, restored.opt_state
         start_step = int(restored.data_position)
         print(f"[{name}] resumed from {manager.directory} at step {start_step}", flush=True)
@@ -292,7 +391,7 @@ def _run(
             model,
             opt_state,
             jnp.int32(step_done),
-            jnp.zeros((2,), jnp.uint32),
+            rng_data,
             jnp.int32(step_done),
         )
         if step_done not in manager.all_steps():

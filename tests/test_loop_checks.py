@@ -1,0 +1,114 @@
+"""The training loop refuses bad batches (naming run, step and field) and a resume from a
+checkpoint written with another data source key."""
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from ipo_gap.data import sources
+from ipo_gap.t5 import model as t5
+from ipo_gap.train import loop, steps
+from ipo_gap.train_state_io import CheckpointManager, TrainState, key_to_data
+
+
+def _data(cfg, n=16, S=6, T=5, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for f, L in (("prompt", S), ("y_w", T), ("y_l", T)):
+        out[f] = rng.integers(3, cfg.vocab_size, (n, L)).astype(np.int32)
+        out[f + "_mask"] = np.ones((n, L), np.int32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = tiny_config(num_encoder_layers=1, num_decoder_layers=1)
+    return cfg, t5.init(cfg, key=jax.random.key(0))
+
+
+class Scripted:
+    """A source that hands out given batches (the last one on step `bad_step`)."""
+
+    def __init__(self, good, bad, bad_step):
+        self.good, self.bad, self.bad_step = good, bad, bad_step
+
+    def batch(self, step, policy=None):
+        return self.bad if step == self.bad_step else self.good
+
+
+def _train(model, source, num_steps=3, **kw):
+    return loop.train_policy(
+        model=sources.copy_arrays(model),
+        ref_model=model,
+        source=source,
+        num_steps=num_steps,
+        hparams=steps.Hparams.make(1e-3, 0.1),
+        loss="ipo",
+        name="checked",
+        **kw,
+    )
+
+
+def test_bad_batches_are_named(setup):
+    cfg, model = setup
+    good = {k: v[:4] for k, v in _data(cfg).items()}
+    longer = dict(good, y_w=np.pad(good["y_w"], ((0, 0), (0, 2))))
+    longer["y_w_mask"] = np.pad(good["y_w_mask"], ((0, 0), (0, 2)))
+    longer["y_l"], longer["y_l_mask"] = longer["y_w"], longer["y_w_mask"]
+    cases = [
+        (
+            {k: v for k, v in good.items() if k != "y_l_mask"},
+            0,
+            r"step 0: .*lacks fields \['y_l_mask'\]",
+        ),
+        (dict(good, y_l=good["y_l"][:, :4]), 1, r"step 1: fields \['y_w', .*y_l \(4, 4\)"),
+        (dict(good, prompt_mask=good["prompt_mask"][:3]), 0, r"must share one \[batch, length\]"),
+        (
+            longer,
+            2,
+            r"\[checked\] step 2: field 'y_w' has shape \(4, 7\) but this run's batches "
+            r"are \(4, 5\)",
+        ),
+        (
+            dict(good, y_l=good["y_l"] + cfg.vocab_size),
+            1,
+            rf"step 1: field 'y_l' .* vocabulary has {cfg.vocab_size}",
+        ),
+    ]
+    for bad, at, match in cases:
+        with pytest.raises(loop.BatchError, match=match):
+            _train(model, Scripted(good, bad, at))
+    _, _, hist = _train(model, Scripted(good, good, 0))  # the good batch trains
+    assert len(hist) == 3
+
+
+def test_checkpoint_records_the_source_key_and_resume_checks_it(setup, tmp_path):
+    cfg, model = setup
+    data = _data(cfg)
+    src = sources.OfflineSource(data, batch_size=4, seed=7)
+    _train(model, src, num_steps=2, checkpoint_dir=tmp_path, checkpoint_every=1)
+    want = np.asarray(key_to_data(jax.random.key(7)))
+    opt_state = steps.make_optimizer().init(eqx.filter(model, eqx.is_array))
+    like = TrainState(model, opt_state, np.int32(0), np.zeros(2, np.uint32), np.int32(0))
+    with CheckpointManager(tmp_path) as mngr:
+        state = mngr.restore(2, like)
+    np.testing.assert_array_equal(np.asarray(state.rng), want)
+    # The same source resumes (and finishes); another seed is refused, naming both keys.
+    _, _, hist = _train(
+        model,
+        sources.OfflineSource(data, batch_size=4, seed=7),
+        num_steps=3,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=1,
+    )
+    assert [h["step"] for h in hist] == [2]
+    with pytest.raises(ValueError, match="another data stream"):
+        _train(
+            model,
+            sources.OfflineSource(data, batch_size=4, seed=8),
+            num_steps=4,
+            checkpoint_dir=tmp_path,
+        )
+    assert loop.source_key_data(sources.LogReplay.__new__(sources.LogReplay)).tolist() == [0, 0]

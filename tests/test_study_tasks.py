@@ -1,0 +1,177 @@
+"""The study on a real dataset's format with pretrained (Hugging Face) starts.
+
+No download is needed: a hand-made HH-RLHF file (gzip JSON lines {chosen, rejected}, dialogues
+built from the embedded task's texts), a SentencePiece model trained on it and saved as a file,
+and randomly initialised presets written as Hugging Face T5 directories (`save_hf_t5`) stand
+in for the user's downloads, so every line of the real-data path runs here. The unit tests
+check what the configuration and the starting models are; the end-to-end test (slow) runs the
+whole micro study on them and checks the artefacts. With ../shared/data present, a last test
+loads the real HH helpful records through the study's task loader.
+"""
+
+import dataclasses
+import gzip
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import SHARED_DATA
+
+from ipo_gap import checkpoint, study
+from ipo_gap.configs import model_preset
+from ipo_gap.data import embedded_task
+from ipo_gap.study_runs import Study
+from ipo_gap.t5 import model as t5
+from ipo_gap.tokenizer import Tokenizer
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+
+
+def write_hh(path: pathlib.Path, n: int, seed: int = 0) -> None:
+    """n HH-format records whose prompts are distinct embedded-task prompts."""
+    task = embedded_task.make_task(
+        seed, num_train=n, num_valid=0, num_test=0, num_rl_prompts=0, num_eval_prompts=0
+    )
+    lines = []
+    for r in task.pairs["train"]:
+        prompt = f"\n\nHuman: {r['prompt']}\n\nAssistant:"
+        lines.append(
+            json.dumps(
+                {"chosen": f"{prompt} {r['chosen']}", "rejected": f"{prompt} {r['rejected']}"}
+            )
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory):
+    """What a user would download: data, a SentencePiece model, two T5 sizes, a golden T5."""
+    root = tmp_path_factory.mktemp("downloads")
+    write_hh(root / "hh" / "train.jsonl.gz", 900)
+    from ipo_gap.data import preference_data
+
+    pairs, _ = preference_data.load_task_pairs("hh_helpful", root / "hh")
+    texts = [t for p in pairs for t in (p.prompt, p.chosen, p.rejected)]
+    tok = Tokenizer.train(texts, vocab_size=400)
+    tok.save(root / "spiece.model")
+    dirs = {}
+    for name, preset, seed in (
+        ("policy", "toy-s", 1),
+        ("policy_m", "toy-m", 2),
+        ("golden", "toy-s", 3),
+    ):
+        cfg = model_preset(preset, vocab_size=tok.vocab_size + 28)  # like T5: a few spare rows
+        checkpoint.save_hf_t5(root / name, t5.init(cfg, key=jax.random.key(seed)), cfg)
+        dirs[name] = root / name
+    return root, dirs
+
+
+def _cfg(downloads, **kw):
+    import reproduce
+
+    root, dirs = downloads
+    return reproduce.config(
+        "micro",
+        task="hh_helpful",
+        data_dir=str(root / "hh"),
+        tokenizer_model=str(root / "spiece.model"),
+        policy_checkpoint=str(dirs["policy"]),
+        golden_checkpoint=str(dirs["golden"]),
+        **kw,
+    )
+
+
+def test_config_for_a_real_task(downloads):
+    root, dirs = downloads
+    cfg = _cfg(downloads)
+    assert cfg.task == "hh_helpful" and cfg.data_dir == str((root / "hh").resolve())
+    # Real texts get the real-task windows of the preset; the embedded task keeps its own.
+    for k, v in study.REAL_TASK_OVERRIDES["micro"].items():
+        assert getattr(cfg, k) == v
+    assert study.for_task(study.PRESETS["micro"], "embedded").prompt_len == 16
+    # With a pretrained policy the scaling study defaults to that checkpoint alone.
+    assert cfg.scaling_models == (str(dirs["policy"].resolve()),)
+    two = _cfg(downloads, scaling_models=[str(dirs["policy"]), str(dirs["policy_m"])])
+    assert two.scaling_models == tuple(str(dirs[k].resolve()) for k in ("policy", "policy_m"))
+
+
+def test_pretrained_starts_are_the_checkpoints(downloads, tmp_path):
+    root, dirs = downloads
+    s = Study(tmp_path, _cfg(downloads))
+    assert s.prep.tokenizer.sha256 == Tokenizer.load(root / "spiece.model").sha256
+    assert not (tmp_path / "tokenizer.model").exists()  # the given model is used, not trained
+    for which, d in (("policy", dirs["policy"]), ("golden", dirs["golden"])):
+        _, want = checkpoint.load_hf_t5(d)
+        got = s.init_model(which, "sft")
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert s.policy_cfg.vocab_size == s.prep.tokenizer.vocab_size + 28
+    # A scaling size must be a checkpoint too when the policy is pretrained.
+    with pytest.raises(ValueError, match="Hugging Face T5 directory"):
+        s.variant("toy-m")
+    m = s.variant(str(dirs["policy_m"]))
+    assert m.policy_cfg.d_model == model_preset("toy-m").d_model and m.tag == "_policy_m"
+    _, want = checkpoint.load_hf_t5(dirs["policy_m"])
+    jax.tree.map(np.testing.assert_array_equal, m.init_model("policy", "sft"), want)
+
+
+def test_bad_real_task_inputs_are_named(downloads, tmp_path):
+    root, dirs = downloads
+    # A checkpoint whose vocabulary is smaller than the tokenizer's.
+    small = model_preset("toy-s", vocab_size=64)
+    checkpoint.save_hf_t5(tmp_path / "small", t5.init(small, key=jax.random.key(0)), small)
+    cfg = dataclasses.replace(_cfg(downloads), policy_checkpoint=str(tmp_path / "small"))
+    with pytest.raises(ValueError, match="64 embeddings.*--tokenizer_model"):
+        Study(tmp_path / "w1", cfg)
+    with pytest.raises(ValueError, match="needs --data_dir.*jsonl.gz.*github.com/anthropics"):
+        Study(tmp_path / "w2", dataclasses.replace(_cfg(downloads), data_dir=None))
+    with pytest.raises(FileNotFoundError, match="hh_helpful"):
+        Study(tmp_path / "w3", dataclasses.replace(_cfg(downloads), data_dir=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_micro_study_on_hh_format_from_pretrained_starts(downloads, tmp_path):
+    import reproduce
+
+    root, dirs = downloads
+    report_path = reproduce.run(
+        tmp_path,
+        "micro",
+        task="hh_helpful",
+        data_dir=str(root / "hh"),
+        tokenizer_model=str(root / "spiece.model"),
+        policy_checkpoint=str(dirs["policy"]),
+        golden_checkpoint=str(dirs["golden"]),
+        scaling_models=[str(dirs["policy"]), str(dirs["policy_m"])],
+    )
+    text = report_path.read_text()
+    assert "hh_helpful" in text and "**Verdict:**" in text
+    assert "Bayes" not in text  # a real dataset has no hidden reward to compare with
+    pipe = json.loads((tmp_path / "pipeline" / "done.json").read_text())
+    assert pipe["task"] == "hh_helpful"
+    assert pipe["data"]["obtained"]["test"] == 64 and pipe["data"]["loader"]["records"] == 900
+    assert "bayes_accuracy_vs_human_labels" not in pipe["golden_pm"]
+    assert (tmp_path / "runs_policy_m" / "online_ipo" / "done.json").exists()
+    assert len(list((tmp_path / "figures").glob("*.png"))) == 7
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "hh_rlhf_helpful_base").exists(), reason="no shared data")
+def test_real_hh_helpful_through_the_study_loader(tmp_path):
+    cfg = dataclasses.replace(
+        study.for_task(study.PRESETS["quick"], "hh_helpful"),
+        data_dir=str(SHARED_DATA / "hh_rlhf_helpful_base"),
+    )
+    task = study.load_task(tmp_path, cfg)
+    sizes = {s: len(v) for s, v in task.pairs.items()}
+    # 2,352 usable pairs: test and valid are filled first, train takes the rest.
+    assert sizes["test"] == cfg.num_test and sizes["valid"] == cfg.num_valid
+    assert sum(sizes.values()) + task.report["pairs_dropped_at_split_boundaries"] == 2352
+    assert len(task.prompts["eval"]) == cfg.num_eval_prompts
+    train_prompts = {r["prompt"] for r in task.pairs["train"]}
+    assert not train_prompts & {r["prompt"] for r in task.pairs["test"]}
+    assert set(task.prompts["rl"]) <= train_prompts
+    assert all(p.endswith("\n\nAssistant:") for p in task.prompts["eval"])

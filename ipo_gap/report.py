@@ -10,6 +10,7 @@ says so.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from collections.abc import Sequence
 
@@ -181,6 +182,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
             ]
         )
     lines.append(_table(["quantity", "value"], rows))
+    if "test_pairs" in g:
+        lines += ["", golden_caveat(g["test_accuracy_vs_human_labels"], g["test_pairs"])]
     lines += [
         "",
         "## H0 (Fig. 1): online beats offline at the same KL",
@@ -411,3 +414,22 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
         "",
         f"**Verdict:** {trend}",
     ]
+
+
+def golden_caveat(accuracy: float, n: int) -> str:
+    """A line on whether the golden PM learned the human labels at all: its held-out accuracy
+    with a normal 95% interval; at chance, every win rate below measures agreement with an
+    arbitrary function, not with human preferences."""
+    half = 1.96 * math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / max(n, 1))
+    text = (
+        f"Golden PM on {n} held-out human labels: {accuracy:.3f} "
+        f"[{accuracy - half:.3f}, {accuracy + half:.3f}]."
+    )
+    if accuracy - half <= 0.5:
+        return text + (
+            " **Caveat: not distinguishable from chance.** The golden PM did not learn the "
+            "human preferences, so the win rates and verdicts below compare policies under an "
+            "arbitrary learned function: they test the pipeline, not the paper's hypotheses "
+            "about human preferences (a larger or pretrained golden PM is needed)."
+        )
+    return text + " Better than chance: the golden labels carry the human signal."

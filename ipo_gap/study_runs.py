@@ -206,7 +206,11 @@ class Study:
             )
             test = p["test"]
             judged = trainers.judge_rows(pm, *pm_rows(test).values())
-            summary = dict(summary, test_accuracy_vs_human_labels=float(judged.mean()))
+            summary = dict(
+                summary,
+                test_accuracy_vs_human_labels=float(judged.mean()),
+                test_pairs=len(judged),
+            )
             rows = self.prep.task.pairs["test"]
             if rows and "p_human" in rows[0]:  # the embedded task knows its hidden humans
                 # Human labels are samples; the hidden reward's own preference is p_human > 1/2.

@@ -142,3 +142,12 @@ def test_interval_and_peak_and_verdicts():
     assert "overlap" in report.compare(p, overlap, "online", "offline")
     assert "weakly" in report.correlation_verdict(0.1)
     assert "negatively" in report.correlation_verdict(-0.5)
+
+
+def test_golden_caveat_flags_a_golden_pm_at_chance():
+    # 0.507 on 300 labels: interval [0.450, 0.564] holds 0.5 -> flagged.
+    weak = report.golden_caveat(0.507, 300)
+    assert "[0.450, 0.564]" in weak and "not distinguishable from chance" in weak
+    # 0.629 on 500 labels: [0.587, 0.671] -> better than chance, no caveat.
+    strong = report.golden_caveat(0.629, 500)
+    assert "[0.587, 0.671]" in strong and "Caveat" not in strong

@@ -175,3 +175,28 @@ def test_real_hh_helpful_through_the_study_loader(tmp_path):
     assert not train_prompts & {r["prompt"] for r in task.pairs["test"]}
     assert set(task.prompts["rl"]) <= train_prompts
     assert all(p.endswith("\n\nAssistant:") for p in task.prompts["eval"])
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "summarize_from_feedback_comparisons").exists(), reason="no shared data"
+)
+def test_real_tldr_through_the_study_loader(tmp_path):
+    cfg = dataclasses.replace(
+        study.for_task(study.PRESETS["micro"], "tldr"),
+        data_dir=str(SHARED_DATA / "summarize_from_feedback_comparisons"),
+    )
+    task = study.load_task(tmp_path, cfg)
+    assert task.report["loader"]["records"] == 1097 + 674
+    assert {len(v) for k, v in task.pairs.items() if k != "train"} == {64}
+    for split in ("train", "test"):
+        for r in task.pairs[split]:
+            assert r["prompt"].startswith("SUBREDDIT: r/") and r["prompt"].endswith("TL;DR:")
+    # The prompt's end survives truncation: left-truncated prompts keep "TL;DR:".
+    prep = study.prepare(tmp_path, cfg)
+    tok = prep.tokenizer
+    tail = tok.encode_as_ids("TL;DR:")
+    x = prep.pairs["test"]["prompt"]
+    lengths = prep.pairs["test"]["prompt_mask"].sum(1)
+    assert prep.truncated["test"] > 0
+    for row, n in zip(x, lengths, strict=True):
+        assert list(row[n - 1 - len(tail) : n - 1]) == tail  # ... TL;DR: EOS

@@ -196,6 +196,37 @@ def _convert(w: np.ndarray, kind: str, cfg: T5Config) -> np.ndarray:
     raise AssertionError(kind)
 
 
+def _hf_config_and_tensors(directory: pathlib.Path, **config_overrides):
+    """(T5Config, memory-mapped tensors by HF name) of a Hugging Face T5 directory."""
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{directory}: no config.json")
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
+    tensors = _read_hf_tensors(directory)
+    try:
+        cfg = hf_config_to_t5(
+            hf,
+            has_lm_head="lm_head.weight" in tensors,
+            source=str(config_path),
+            **config_overrides,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{config_path}: missing field {e}") from e
+    return cfg, tensors
+
+
+def hf_t5_config(directory, *, param_dtype: str = "float32", **config_overrides) -> T5Config:
+    """The T5Config of a Hugging Face T5 directory, without reading its weights (the
+    safetensors files are memory-mapped for their tensor names only)."""
+    cfg, _ = _hf_config_and_tensors(
+        pathlib.Path(directory), param_dtype=param_dtype, **config_overrides
+    )
+    return cfg
+
+
 def load_hf_t5(directory, *, param_dtype: str = "float32", **config_overrides):
     """Loads a Hugging Face T5 checkpoint directory into (T5Config, T5 model).
 
@@ -210,24 +241,7 @@ def load_hf_t5(directory, *, param_dtype: str = "float32", **config_overrides):
         or a shape mismatch (naming the parameter and both shapes).
     """
     directory = pathlib.Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{directory}: no config.json")
-    try:
-        hf = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
-    tensors = _read_hf_tensors(directory)
-    try:
-        cfg = hf_config_to_t5(
-            hf,
-            has_lm_head="lm_head.weight" in tensors,
-            source=str(config_path),
-            param_dtype=param_dtype,
-            **config_overrides,
-        )
-    except KeyError as e:
-        raise CheckpointError(f"{config_path}: missing field {e}") from e
+    cfg, tensors = _hf_config_and_tensors(directory, param_dtype=param_dtype, **config_overrides)
     abstract = jax.eval_shape(lambda: t5.init(cfg, key=jax.random.key(0)))
     used = set()
 

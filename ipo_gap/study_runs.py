@@ -78,7 +78,7 @@ class Study:
         path = self._checkpoint(which)
         if not path:
             return self.cfg.model(which, vocab)
-        model_cfg, _ = checkpoint.load_hf_t5(path)
+        model_cfg = checkpoint.hf_t5_config(path)
         if model_cfg.vocab_size < vocab:
             raise ValueError(
                 f"{which} checkpoint {path} has {model_cfg.vocab_size} embeddings but the "

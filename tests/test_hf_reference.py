@@ -196,3 +196,4 @@ def test_save_hf_t5_round_trip_of_a_preset(tmp_path):
     cfg2, model2 = checkpoint.load_hf_t5(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, model2, model)
     assert cfg2.to_dict() == cfg.to_dict()
+    assert checkpoint.hf_t5_config(tmp_path) == cfg2  # the config alone, weights unread

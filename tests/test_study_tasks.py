@@ -71,19 +71,22 @@ def downloads(tmp_path_factory):
     return root, dirs
 
 
+def _flags(downloads) -> dict:
+    """The main job's flags for the downloads: HH data, tokenizer, policy and golden starts."""
+    root, dirs = downloads
+    return {
+        "task": "hh_helpful",
+        "data_dir": str(root / "hh"),
+        "tokenizer_model": str(root / "spiece.model"),
+        "policy_checkpoint": str(dirs["policy"]),
+        "golden_checkpoint": str(dirs["golden"]),
+    }
+
+
 def _cfg(downloads, **kw):
     import reproduce
 
-    root, dirs = downloads
-    return reproduce.config(
-        "micro",
-        task="hh_helpful",
-        data_dir=str(root / "hh"),
-        tokenizer_model=str(root / "spiece.model"),
-        policy_checkpoint=str(dirs["policy"]),
-        golden_checkpoint=str(dirs["golden"]),
-        **kw,
-    )
+    return reproduce.config("micro", **_flags(downloads), **kw)
 
 
 def test_config_for_a_real_task(downloads):
@@ -141,11 +144,7 @@ def test_micro_study_on_hh_format_from_pretrained_starts(downloads, tmp_path):
     report_path = reproduce.run(
         tmp_path,
         "micro",
-        task="hh_helpful",
-        data_dir=str(root / "hh"),
-        tokenizer_model=str(root / "spiece.model"),
-        policy_checkpoint=str(dirs["policy"]),
-        golden_checkpoint=str(dirs["golden"]),
+        **_flags(downloads),
         scaling_models=[str(dirs["policy"]), str(dirs["policy_m"])],
     )
     text = report_path.read_text()

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipo_gap.data.order_log import OrderLog
+from ipo_gap.data.sources import PAIR_FIELDS
 from ipo_gap.train import steps
 from ipo_gap.train_state_io import CheckpointManager, TrainState, key_to_data
 
@@ -55,14 +56,10 @@ def to_pair_batch(batch: dict[str, np.ndarray]) -> steps.PairBatch:
     differ, so float32 rounding does): a bit-exact tandem replay uses the same reference path
     as the run it replays.
     """
-    fields = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
     refs = {}
     if "ref_w" in batch and "ref_l" in batch:
         refs = {"ref_w": jnp.asarray(batch["ref_w"]), "ref_l": jnp.asarray(batch["ref_l"])}
-    return steps.PairBatch(*(jnp.asarray(batch[f]) for f in fields), **refs)
-
-
-PAIR_FIELDS = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
+    return steps.PairBatch(*(jnp.asarray(batch[f]) for f in PAIR_FIELDS), **refs)
 
 
 class BatchError(ValueError):
@@ -112,6 +109,20 @@ def check_pair_batch(
                 f"vocabulary has {vocab_size} (tokenizer of another model?)"
             )
     return shapes
+
+
+def _batch_checker(name: str):
+    """check(pairs, step, model): `check_pair_batch` against the run's first batch."""
+    shapes: dict[str, tuple] = {}
+
+    def check(pairs, step, model):
+        shapes.update(
+            check_pair_batch(
+                pairs, step=step, name=name, vocab_size=model.cfg.vocab_size, expect=shapes or None
+            )
+        )
+
+    return check
 
 
 def source_key_data(source) -> jax.Array:
@@ -211,15 +222,11 @@ def train_policy(
     else:
         step_fn = steps.make_policy_step(loss, optimizer)
 
-    shapes = {}
+    check = _batch_checker(name)
 
     def next_batch(step, model):
         batch = source.batch(step, model)
-        shapes.update(
-            check_pair_batch(
-                batch, step=step, name=name, vocab_size=model.cfg.vocab_size, expect=shapes or None
-            )
-        )
+        check(batch, step, model)
         if order_log is not None:
             if step < len(order_log):  # logged before a crash: must regenerate equal
                 order_log.compare_step(step, _logged_fields(order_log, batch))
@@ -291,15 +298,11 @@ def train_hypo(
     else:
         step_fn = steps.make_hypo_step(optimizer, normalize=normalize)
 
-    shapes = {}
+    check = _batch_checker(name)
 
     def next_batch(step, model):
-        pairs, samples = batch = source.batch(step, model)
-        shapes.update(
-            check_pair_batch(
-                pairs, step=step, name=name, vocab_size=model.cfg.vocab_size, expect=shapes or None
-            )
-        )
+        batch = source.batch(step, model)
+        check(batch[0], step, model)  # (pairs, on-policy samples)
         return batch
 
     def update(model, opt_state, batch, step):

@@ -1,7 +1,8 @@
 """The main job: the whole controlled study (NOTES.md, Fig. 2) -> figures and REPORT.md.
 
 Stages (each resumable: a finished stage is skipped on re-run, a killed job continues from
-the first unfinished stage or run): the embedded task and its tokenizer, SFT, golden PM,
+the first unfinished stage or run, and inside that run from its last train state when
+--checkpoint_every is set): the embedded task and its tokenizer, SFT, golden PM,
 D_golden, proxy PM, golden baseline policy, then the experiments of Fig. 1, 4/13, 5/12, 6-8, 9,
 semi-online IPO and HyPO. Writes into --workdir: per-run metrics (JSON lines) and checkpoints
 under runs/, one PNG per figure under figures/, and REPORT.md.
@@ -67,6 +68,12 @@ _SCALING = flags.DEFINE_list(
     "that checkpoint only).",
 )
 _SEED = flags.DEFINE_integer("seed", None, "Override the preset's seed.")
+_CKPT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every",
+    None,
+    "Save each policy run's train state every this many steps, so a killed job resumes inside "
+    "the run it was in (default: the preset's; 0 = off, a killed run restarts).",
+)
 _DOCS = flags.DEFINE_string(
     "copy_fig1_to", None, "Also copy Figure 1 here (the README's image is docs/fig1.png)."
 )
@@ -130,6 +137,7 @@ def main(argv):
         policy_checkpoint=_POLICY_CKPT.value,
         golden_checkpoint=_GOLDEN_CKPT.value,
         scaling_models=_SCALING.value,
+        checkpoint_every=_CKPT_EVERY.value,
     )
     if _DOCS.value:
         shutil.copy(workdir / "figures" / "fig1_online_vs_offline.png", _DOCS.value)

@@ -145,6 +145,9 @@ def hf_config_to_t5(
         "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-6),
         "name": hf.get("_name_or_path", "") or "hf-t5",
     }
+    # Execution, not weights: shallow stacks run unrolled (faster on CPU, as the toy presets),
+    # deep ones with lax.scan (compile time); an override decides otherwise.
+    fields["scan_layers"] = max(fields["num_encoder_layers"], fields["num_decoder_layers"]) > 4
     fields.update(overrides)
     return T5Config(**fields)
 

@@ -165,7 +165,9 @@ MODEL_PRESETS: dict[str, T5Config] = {
         name="toy",
     ),
     # CPU presets for the study. Parameter counts (vocab 2048): toy-s 0.46M, toy-m 1.71M,
-    # toy-l 7.35M: about 4x per step, as T5 Large (0.77B) -> XL (3B) -> XXL (11B).
+    # toy-l 7.35M: about 4x per step, as T5 Large (0.77B) -> XL (3B) -> XXL (11B). Their 2-4
+    # layers run unrolled: measured on the 2-core CPU, a toy-m PM train step takes 293 ms
+    # unrolled against 381 ms with lax.scan, a toy-s IPO step about 15% less, same compile time.
     "toy-s": T5Config(
         vocab_size=2048,
         d_model=64,
@@ -176,6 +178,7 @@ MODEL_PRESETS: dict[str, T5Config] = {
         num_decoder_layers=2,
         relative_attention_num_buckets=16,
         relative_attention_max_distance=64,
+        scan_layers=False,
         name="toy-s",
     ),
     "toy-m": T5Config(
@@ -188,6 +191,7 @@ MODEL_PRESETS: dict[str, T5Config] = {
         num_decoder_layers=3,
         relative_attention_num_buckets=16,
         relative_attention_max_distance=64,
+        scan_layers=False,
         name="toy-m",
     ),
     "toy-l": T5Config(
@@ -200,6 +204,7 @@ MODEL_PRESETS: dict[str, T5Config] = {
         num_decoder_layers=4,
         relative_attention_num_buckets=16,
         relative_attention_max_distance=64,
+        scan_layers=False,
         name="toy-l",
     ),
 }

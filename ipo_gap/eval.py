@@ -30,12 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipo_gap import classify, kl, sampling
+from ipo_gap.data.sources import padded_batches
 from ipo_gap.train.trainers import judge_rows
-
-
-def _batches(n: int, batch_size: int):
-    for lo in range(0, n, batch_size):
-        yield lo, np.minimum(np.arange(lo, lo + batch_size), n - 1), min(batch_size, n - lo)
 
 
 @eqx.filter_jit
@@ -47,7 +43,7 @@ def _sample(policy, x, xm, key, max_len):
 def sample_rows(policy, x, xm, *, key, max_len: int, batch_size: int = 256):
     """One sample per prompt row (batch b uses fold_in(key, b)): (tokens, mask) numpy."""
     toks, masks = [], []
-    for b, (_, idx, keep) in enumerate(_batches(len(x), batch_size)):
+    for b, (idx, keep) in enumerate(padded_batches(len(x), batch_size)):
         t, m = _sample(
             policy, jnp.asarray(x[idx]), jnp.asarray(xm[idx]), jax.random.fold_in(key, b), max_len
         )
@@ -73,7 +69,7 @@ class Interval:
 def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> np.ndarray:
     """Per-prompt exact KL(pi_theta || pi_ref) along one sample each (App. D)."""
     out = []
-    for b, (_, idx, keep) in enumerate(_batches(len(x), batch_size)):
+    for b, (idx, keep) in enumerate(padded_batches(len(x), batch_size)):
         s = kl.sampled_kl(
             policy,
             ref,
@@ -96,7 +92,7 @@ def margins_and_drift(policy, ref, pairs: dict[str, np.ndarray], *, batch_size: 
     log pi(y_w|x) - log pi_ref(y_w|x), numpy [N] each."""
     fields = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
     margins, drifts = [], []
-    for _, idx, keep in _batches(len(pairs["prompt"]), batch_size):
+    for idx, keep in padded_batches(len(pairs["prompt"]), batch_size):
         lp = _pair_logps(policy, ref, *(jnp.asarray(pairs[f][idx]) for f in fields))
         margin = classify.policy_margin(lp.logp1, lp.logp2, lp.ref1, lp.ref2)
         margins.append(np.asarray(margin)[:keep])

@@ -170,6 +170,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         ["proxy PM accuracy vs golden labels (valid)", f"{pr['valid_accuracy']:.3f}"],
         ["truncated texts by split", str(pipe["truncated"])],
     ]
+    if "prompt_width" in pipe:
+        rows.append(["prompt width in tokens (the longest prompt)", str(pipe["prompt_width"])])
     if pipe.get("data"):  # a real dataset: what the loader read and the splits obtained
         data = pipe["data"]
         rows.append(["data read", data["summary"]])
@@ -374,6 +376,7 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
         rows.append(
             [
                 f"{s['model']} ({s['params']:,})",
+                f"{s['sft_loss']:.3f}" if "sft_loss" in s else "-",
                 f"{on:.3f}",
                 f"{off:.3f}",
                 f"{off / on:.3f}",
@@ -405,10 +408,19 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
         "![fig10](figures/fig10_11_scaling.png)",
         "",
         "Best performance = 90% quantile of win rates over all checkpoints of a method's "
-        "runs at a size (the offline sweep pooled), normalised by online's.",
+        "runs at a size (the offline sweep pooled), normalised by online's. SFT loss: the "
+        "SFT loss of each size's starting policy (mean of its last 20 steps; SFT learning "
+        "rate scaled by 1/width).",
         "",
         _table(
-            ["policy (params)", "online q90", "offline q90", "offline / online", "offline runs"],
+            [
+                "policy (params)",
+                "SFT loss",
+                "online q90",
+                "offline q90",
+                "offline / online",
+                "offline runs",
+            ],
             rows,
         ),
         "",

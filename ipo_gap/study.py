@@ -79,6 +79,9 @@ class StudyConfig:
     offline_betas: tuple[float, ...] = (0.1, 0.5, 1.0)
     offline_steps_factor: int = 5
     num_evals: int = 8
+    # Policy runs save their train state every this many steps and a killed run resumes from
+    # it (0: no train states; a killed run restarts from step 0, other runs are unaffected).
+    checkpoint_every: int = 0
     shuffle_levels: tuple[int, ...] = (2, 8, 32)  # windows in steps; the uniform shuffle is added
     semi_online_refresh: tuple[int, ...] = (10, 100, 0)  # 0 = never refreshed (s = infinity)
     hypo_lam: float = 0.1
@@ -177,6 +180,7 @@ PRESETS = {
         semi_online_refresh=(10, 100, 0),
         scaling_models=("large", "xl", "xxl"),
         num_evals=10,
+        checkpoint_every=500,
     ),
 }
 
@@ -263,6 +267,29 @@ class Prepared:
     prompts: dict[str, dict[str, np.ndarray]]  # "rl", "eval" -> prompt, prompt_mask
     truncated: dict[str, int]
 
+    @property
+    def prompt_width(self) -> int:
+        """The width of every prompt array (<= the config's prompt_len; see `prepare`)."""
+        return next(iter(self.prompts.values()))["prompt"].shape[1]
+
+
+def _trim_prompts(arrays: list[dict[str, np.ndarray]]) -> int:
+    """Cuts every prompt array to the longest prompt's width (columns past it are padding).
+
+    The encoder and the PM's packing then do no work on columns that are padding in every row
+    of the study; the result is the same up to floating-point reassociation, since masked
+    positions contribute nothing. Returns the width.
+    """
+    width = 1
+    for a in arrays:
+        m = a["prompt_mask"]
+        if (np.diff(m, axis=1) > 0).any():  # a 0 before a 1: not right-padded
+            raise ValueError("prompt masks must be right-padded (ones, then zeros)")
+        width = max(width, int(m.sum(1).max(initial=0)))
+    for a in arrays:
+        a["prompt"], a["prompt_mask"] = a["prompt"][:, :width], a["prompt_mask"][:, :width]
+    return width
+
 
 def encode_pairs(tok: Tokenizer, rows: list[dict], S: int, T: int, counts: dict, split: str):
     x = tok.encode([r["prompt"] for r in rows], S, truncate="left")
@@ -316,7 +343,10 @@ def prepare(workdir: pathlib.Path, cfg: StudyConfig) -> Prepared:
     `cfg.tokenizer_model`, or one trained on the task's text (`workdir/tokenizer.model`).
 
     Prompts are truncated on the left (a dialogue's last turn and "TL;DR:" matter most),
-    responses on the right; `Prepared.truncated` counts truncated rows per split.
+    responses on the right; `Prepared.truncated` counts truncated rows per split. Prompt
+    arrays are then cut to the longest prompt of the study (`Prepared.prompt_width` <=
+    cfg.prompt_len): the embedded task's prompts take at most 12 of 16 tokens, and the encoder
+    and every PM would otherwise spend a quarter of their work on columns of padding.
     """
     task = load_task(workdir, cfg)
     tok_path = workdir / "tokenizer.model"
@@ -335,6 +365,7 @@ def prepare(workdir: pathlib.Path, cfg: StudyConfig) -> Prepared:
         e = tok.encode(texts, S, truncate="left")
         counts[split] = e.num_truncated
         prompts[split] = {"prompt": e.ids, "prompt_mask": e.mask}
+    _trim_prompts([*pairs.values(), *prompts.values()])
     return Prepared(task, tok, pairs, prompts, counts)
 
 

@@ -265,6 +265,9 @@ def fig10(study: Study) -> list[dict]:
             {
                 "model": model,
                 "params": s.policy_cfg.num_params(),
+                "sft_loss": json.loads((s.workdir / f"sft{s.tag}" / "done.json").read_text())[
+                    "final_loss"
+                ],
                 "online": [online],
                 "offline": offline,
             }
@@ -283,6 +286,7 @@ def pipeline_summary(study: Study) -> dict:
             "proxy_pm": proxy,
             "sft": study.sft_eval(),
             "truncated": study.prep.truncated,
+            "prompt_width": study.prep.prompt_width,
             "task": study.cfg.task,
             "data": getattr(study.prep.task, "report", None),
             "d_golden_agreement_with_human_labels": float(

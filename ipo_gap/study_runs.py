@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import pathlib
 import shutil
 
@@ -37,6 +38,49 @@ from ipo_gap.study import (
 )
 from ipo_gap.t5 import model as t5
 from ipo_gap.train import loop, steps, trainers
+from ipo_gap.train_state_io import CheckpointManager
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
+    """Prepares a run directory: the step to resume at (its latest train state), or None.
+
+    Without a train state the directory is emptied (a killed attempt restarts the run). With
+    one, the metrics and evaluations after its step and the snapshots taken after it are
+    dropped; the train state and the data-order log are kept (the loop re-checks logged
+    steps it regenerates).
+    """
+    latest = None
+    if every and (d / "train_state").exists():
+        with CheckpointManager(d / "train_state") as mngr:
+            latest = mngr.latest_step()
+    if latest is None:
+        for child in d.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return None
+    _write_jsonl(
+        d / "metrics.jsonl", [m for m in _read_jsonl(d / "metrics.jsonl") if m["step"] < latest]
+    )
+    _write_jsonl(
+        d / "evals.jsonl", [e for e in _read_jsonl(d / "evals.jsonl") if e["step"] <= latest]
+    )
+    for snap in d.glob("step_*"):
+        if int(snap.name.split("_")[1]) > latest:
+            shutil.rmtree(snap)
+    print(f"[{name}] resuming from its train state at step {latest}", flush=True)
+    return latest
+
 
 STREAM_PAIRS = 64  # Fig. 6: online-stream pairs near each checkpoint (as in the paper)
 
@@ -61,6 +105,7 @@ class Study:
         self.prep = prepare(self.workdir, cfg)
         self.tag = ""
         self._variant_checkpoint = None
+        self.sft_lr = cfg.sft_lr  # a variant of another width scales it (see `variant`)
         vocab = self.prep.tokenizer.vocab_size
         self.policy_cfg = self._model_cfg("policy", vocab)
         self.proxy_cfg = self.policy_cfg  # the proxy PM is policy-sized (of the main policy)
@@ -124,6 +169,11 @@ class Study:
             name = policy_model
         other.tag = f"_{name}"
         other._cache = {}
+        # Adam's step size per weight is about the learning rate, so wider models need a
+        # smaller one (1/width, as muP prescribes for hidden weights). Measured on the quick
+        # preset: toy-m (d_model 128) at toy-s's 3e-3 stays at the unigram loss (3.55 after
+        # 300 steps); at 1.5e-3 it reaches 3.21, at 1e-3 3.12.
+        other.sft_lr = self.cfg.sft_lr * self.policy_cfg.d_model / other.policy_cfg.d_model
         for shared in ("golden_pm", "d_golden", "proxy_pm", "baseline"):  # this study's, lazily
             setattr(other, shared, getattr(self, shared))
         return other
@@ -150,13 +200,17 @@ class Study:
                 sft_rows(self.prep.pairs["train"]),
                 num_steps=self.cfg.sft_steps,
                 batch_size=self.cfg.sft_batch,
-                learning_rate=self.cfg.sft_lr,
+                learning_rate=self.sft_lr,
                 seed=self.cfg.seed,
                 name="sft",
                 metrics_path=d / "metrics.jsonl",
             )
             save_model(d, model, self.policy_cfg)
-            return {"final_loss": float(np.mean(hist[-20:])), "steps": len(hist)}
+            return {
+                "final_loss": float(np.mean(hist[-20:])),
+                "steps": len(hist),
+                "learning_rate": self.sft_lr,
+            }
 
         return self._memo(
             "sft",
@@ -383,6 +437,19 @@ class Study:
 
     # ---- experiments ---------------------------------------------------------------------
 
+    def _checkpoint_every(self, source) -> int:
+        """Steps between a policy run's train-state checkpoints (0: none; a killed run then
+        restarts). A semi-online source is checkpointed only at its refresh boundaries (the
+        batch after a resume comes from the snapshot taken there); one never refreshed gets
+        its step-0 snapshot, the SFT policy, up front."""
+        every = self.cfg.checkpoint_every
+        if every and isinstance(source, sources.SemiOnlineSource):
+            if source.refresh_every is None:
+                source.restore(self.sft(), 0)
+            else:
+                every = math.lcm(every, source.refresh_every)
+        return every
+
     def eval_steps(self, num_steps: int) -> list[int]:
         n = self.cfg.num_evals
         return sorted({max(1, round(num_steps * i / n)) for i in range(1, n + 1)})
@@ -408,12 +475,13 @@ class Study:
         num_steps = num_steps or self.cfg.rl_steps
 
         def fn(d):
-            for child in d.iterdir():  # a killed earlier attempt: start the run afresh
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            source = source_fn()
+            every = self._checkpoint_every(source)
+            resume_at = _resume_point(d, every, name)
             sft = self.sft()
             evaluate = self.evaluator()
             at = set(self.eval_steps(num_steps))
-            evals = [self.sft_eval()]
+            evals = [self.sft_eval()] + _read_jsonl(d / "evals.jsonl")
 
             def on_step(step, model, metrics):
                 if step + 1 in at:
@@ -429,10 +497,12 @@ class Study:
                     save_model(d / f"step_{step + 1}", model, self.policy_cfg)
 
             order_log = None
-            if log:
+            if log and resume_at is not None and (d / "log").exists():
+                order_log = OrderLog.open(d / "log")  # may be ahead: the loop re-checks it
+            elif log:
                 order_log = OrderLog.create(
                     d / "log",
-                    schema=pair_schema(self.cfg.prompt_len, self.cfg.target_len),
+                    schema=pair_schema(self.prep.prompt_width, self.cfg.target_len),
                     batch_size=self.cfg.rl_batch,
                     overwrite=True,
                     meta={
@@ -445,20 +515,27 @@ class Study:
             common = {
                 "model": sources.copy_arrays(sft),
                 "ref_model": sft,
-                "source": source_fn(),
+                "source": source,
                 "num_steps": num_steps,
                 "metrics_path": d / "metrics.jsonl",
                 "name": name,
                 "on_step": on_step,
             }
+            if every:
+                common.update(checkpoint_dir=d / "train_state", checkpoint_every=every)
             hp = steps.Hparams.make(lr, beta, lam=self.cfg.hypo_lam)
             if hypo:
-                model, _, hist = loop.train_hypo(hparams=hp, **common)
+                model, _, _ = loop.train_hypo(hparams=hp, **common)
             else:
-                model, _, hist = loop.train_policy(
+                model, _, _ = loop.train_policy(
                     hparams=hp, loss=loss, order_log=order_log, **common
                 )
             save_model(d, model, self.policy_cfg)
+            hist = _read_jsonl(d / "metrics.jsonl")  # every step, also across a resume
+            if [h["step"] for h in hist] != list(range(num_steps)):
+                raise RuntimeError(f"[{name}] {d / 'metrics.jsonl'} does not hold every step")
+            if every:  # the run is done: its train states are not needed any more
+                shutil.rmtree(d / "train_state")
             out = {
                 "name": name,
                 "method": method,

@@ -112,6 +112,7 @@ def test_lam_zero_is_the_dpo_step(setup):
     assert float(jnp.abs(m1.lm_head - sft.lm_head).max()) > 1e-4  # it trained
 
 
+@pytest.mark.slow  # a training run (~10-17 s on 2 cores): in CI's slow suite
 def test_kl_term_keeps_the_policy_closer_to_the_reference(setup):
     """Same offline pairs and samples' keys; lam > 0 ends with a smaller exact KL (App. D)."""
     sft, data = setup["sft"], setup["data"]

@@ -112,3 +112,24 @@ def test_checkpoint_records_the_source_key_and_resume_checks_it(setup, tmp_path)
             checkpoint_dir=tmp_path,
         )
     assert loop.source_key_data(sources.LogReplay.__new__(sources.LogReplay)).tolist() == [0, 0]
+
+
+def test_a_non_finite_loss_is_named_and_never_checkpointed(setup, tmp_path):
+    """Metrics are read one step late (the host overlaps the device); the error still names
+    the step whose loss is NaN, and no checkpoint is written after it."""
+    cfg, model = setup
+    good = {k: v[:4] for k, v in _data(cfg).items()}
+    with pytest.raises(loop.NonFiniteLossError, match=r"\[checked\] loss is nan at step 1"):
+        loop.train_policy(
+            model=sources.copy_arrays(model),
+            ref_model=model,
+            source=Scripted(good, good, -1),
+            num_steps=6,
+            hparams=steps.Hparams.make(float("nan"), 0.1),  # step 0's update poisons step 1
+            loss="ipo",
+            name="checked",
+            checkpoint_dir=tmp_path / "ckpt",
+            checkpoint_every=3,
+        )
+    with CheckpointManager(tmp_path / "ckpt") as mngr:
+        assert mngr.all_steps() == []

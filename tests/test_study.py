@@ -7,6 +7,7 @@ equal their online runs bit for bit, that evaluation numbers are internally cons
 that a re-run skips every finished stage.
 """
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 
 from ipo_gap import eval as evaluation
-from ipo_gap import report
+from ipo_gap import report, study
+from ipo_gap.determinism import tree_max_abs_diff
+from ipo_gap.study import load_model
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
 
@@ -43,6 +46,27 @@ def _summary(workdir, name):
     return json.loads((workdir / "runs" / name / "done.json").read_text())
 
 
+def test_prompts_are_cut_to_the_longest_prompt():
+    rng = np.random.default_rng(0)
+
+    def prompts(n, longest):
+        lengths = rng.integers(1, longest + 1, n)
+        lengths[0] = longest
+        mask = (np.arange(8)[None, :] < lengths[:, None]).astype(np.int32)
+        return {"prompt": rng.integers(3, 50, (n, 8)) * mask, "prompt_mask": mask}
+
+    a, b = prompts(10, 5), prompts(4, 3)
+    before = [dict(x) for x in (a, b)]
+    assert study._trim_prompts([a, b]) == 5
+    for x, old in zip((a, b), before, strict=True):
+        assert x["prompt"].shape == x["prompt_mask"].shape == (len(old["prompt"]), 5)
+        np.testing.assert_array_equal(x["prompt"], old["prompt"][:, :5])
+        assert not old["prompt_mask"][:, 5:].any()
+    left_padded = {"prompt": np.ones((1, 3), int), "prompt_mask": np.array([[0, 1, 1]])}
+    with pytest.raises(ValueError, match="right-padded"):
+        study._trim_prompts([left_padded])
+
+
 @pytest.mark.slow
 def test_micro_study_artefacts(micro_study):
     w = micro_study
@@ -56,6 +80,12 @@ def test_micro_study_artefacts(micro_study):
     for stage in ("sft", "golden_pm", "proxy_pm", "baseline", "eval_sft", "pipeline"):
         assert (w / stage / "done.json").exists(), stage
     assert (w / "sft_toy-m" / "done.json").exists()  # the second policy size (Fig. 10)
+    pipe = json.loads((w / "pipeline" / "done.json").read_text())
+    prep = study.prepare(w, study.PRESETS["micro"])
+    longest = max(
+        p["prompt_mask"].sum(1).max() for p in [*prep.pairs.values(), *prep.prompts.values()]
+    )
+    assert pipe["prompt_width"] == prep.prompt_width == longest <= study.PRESETS["micro"].prompt_len
     assert (w / "runs_toy-m" / "online_ipo" / "done.json").exists()
     runs = sorted(p.name for p in (w / "runs").iterdir())
     assert {
@@ -82,6 +112,45 @@ def test_exact_replays_equal_the_online_runs(micro_study):
         assert t["losses"] == o["losses"]
         assert t["evals"] == o["evals"]  # same parameters -> same evaluations, bit for bit
     assert "bit-identical" in (micro_study / "REPORT.md").read_text()
+
+
+class _KilledAt:
+    """An online source that dies at `step` (a stand-in for a killed job)."""
+
+    def __init__(self, source, step):
+        self.source, self.step = source, step
+
+    def batch(self, step, policy=None):
+        if step == self.step:
+            raise KeyboardInterrupt(f"killed at step {step}")
+        return self.source.batch(step, policy)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_inside_the_run(micro_study):
+    """With checkpoint_every, a run killed mid-way continues from its last train state and ends
+    bit for bit where an uninterrupted run ends: parameters, losses, evaluations, data log."""
+    from ipo_gap.data.order_log import OrderLog
+    from ipo_gap.study_runs import Study
+
+    s = Study(micro_study, dataclasses.replace(study.PRESETS["micro"], checkpoint_every=2))
+    _, proxy = s.proxy_pm()
+    kw = {"method": "online ipo", "log": True}
+    whole = s.policy_run("resume_whole", source_fn=lambda: s.online_source(proxy), **kw)
+    with pytest.raises(KeyboardInterrupt):  # dies at step 5: train state of step 4 kept
+        s.policy_run("resume_cut", source_fn=lambda: _KilledAt(s.online_source(proxy), 5), **kw)
+    d = micro_study / "runs" / "resume_cut"
+    assert not (d / "done.json").exists() and (d / "train_state").exists()
+    assert len(OrderLog.open(d / "log")) == 5  # steps 0..4 logged: one past the train state
+    cut = s.policy_run("resume_cut", source_fn=lambda: s.online_source(proxy), **kw)
+    assert cut["losses"] == whole["losses"] and len(cut["losses"]) == s.cfg.rl_steps
+    assert cut["evals"] == whole["evals"]
+    a = load_model(micro_study / "runs" / "resume_whole", s.policy_cfg)
+    b = load_model(d, s.policy_cfg)
+    assert tree_max_abs_diff(a, b) == 0.0
+    la, lb = OrderLog.open(micro_study / "runs" / "resume_whole" / "log"), OrderLog.open(d / "log")
+    assert len(la) == len(lb) == s.cfg.rl_steps and la.hash(len(la) - 1) == lb.hash(len(lb) - 1)
+    assert not (d / "train_state").exists()  # a finished run drops its train states
 
 
 @pytest.mark.slow

@@ -11,7 +11,14 @@ from test_preference import make_pairs
 from ipo_gap import preference as pref
 from ipo_gap.t5 import model as t5
 from ipo_gap.train.loop import NonFiniteLossError
-from ipo_gap.train.trainers import PM_FIELDS, pm_accuracy, train_pm, train_sft
+from ipo_gap.train.trainers import (
+    PM_FIELDS,
+    judge_rows,
+    pair_logit_rows,
+    pm_accuracy,
+    train_pm,
+    train_sft,
+)
 
 CFG = tiny_config(num_encoder_layers=1, num_decoder_layers=1, scan_layers=False)
 
@@ -31,6 +38,23 @@ def test_pm_loss_both_orders_is_the_expectation_of_eq5():
     np.testing.assert_allclose(
         metrics["debiased_accuracy"], pref.judge_from_logits(z_wl, z_lw).mean(), rtol=1e-6
     )
+
+
+def test_pair_logit_rows_cut_to_the_real_tokens_equal_the_full_width():
+    """Sorting rows by packed length and cutting each batch to its longest row changes no
+    logit beyond rounding (here: none at all), even with columns of padding in every row."""
+    model = t5.init(CFG, key=jax.random.key(3))
+    batch = make_pairs(np.random.default_rng(3), 37)  # not a multiple of the batch size
+    args = [np.pad(np.asarray(a), ((0, 0), (0, 5))) for a in batch]  # 5 all-padding columns
+    z12, z21 = eqx.filter_jit(pref.pair_logits_both_orders)(model, *args)
+    r12, r21 = pair_logit_rows(model, *args, batch_size=8, bucket=4)
+    np.testing.assert_allclose(r12, z12, atol=1e-5)
+    np.testing.assert_allclose(r21, z21, atol=1e-5)
+    np.testing.assert_array_equal(
+        judge_rows(model, *args, batch_size=8), pref.judge_from_logits(z12, z21)
+    )
+    empty = pair_logit_rows(model, *(a[:0] for a in args))
+    assert [e.shape for e in empty] == [(0,), (0,)]
 
 
 def test_pm_plateau_stops_early_and_keeps_the_best():
@@ -54,6 +78,7 @@ def test_pm_plateau_stops_early_and_keeps_the_best():
     assert res.best_valid_accuracy == pytest.approx(pm_accuracy(model, valid))
 
 
+@pytest.mark.slow  # a training run (~10-17 s on 2 cores): in CI's slow suite
 def test_pm_learns_the_good_token_task_with_both_orders():
     model = t5.init(
         CFG.replace(relative_attention_num_buckets=32, relative_attention_max_distance=32),

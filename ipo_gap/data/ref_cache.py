@@ -38,12 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from ipo_gap.data import sources
 from ipo_gap.data.order_log import hash_batch
+from ipo_gap.data.sources import PAIR_FIELDS
 from ipo_gap.train import steps
 
 FORMAT = "ipo_gap.ref_cache"
 FORMAT_VERSION = 1
-PAIR_FIELDS = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
 KEY_FIELDS = ("reference_fingerprint", "tokenizer_sha256", "normalize", "num_rows", "data_sha256")
 _DATA_TAG = b"ipo_gap.ref_cache.data.v1\0"
 _NORMALIZE_MODES = ("sum", "mean")
@@ -109,11 +110,9 @@ def compute_reference_logprobs(
     n = _check_data(data)
     arrays = [np.asarray(data[f]) for f in PAIR_FIELDS]
     out_w, out_l = [], []
-    for lo in range(0, n, batch_size):
-        idx = np.minimum(np.arange(lo, lo + batch_size), n - 1)  # edge-pad the last batch
+    for idx, keep in sources.padded_batches(n, batch_size):
         batch = steps.PairBatch(*(jnp.asarray(a[idx]) for a in arrays))
         ref_w, ref_l = _pair_logprobs(ref_model, batch, normalize=normalize)
-        keep = min(batch_size, n - lo)
         out_w.append(np.asarray(ref_w, np.float32)[:keep])
         out_l.append(np.asarray(ref_l, np.float32)[:keep])
     if n == 0:

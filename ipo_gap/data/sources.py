@@ -39,6 +39,19 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def padded_batches(n: int, batch_size: int, order: np.ndarray | None = None):
+    """Yields (idx, keep) covering rows 0..n-1 in fixed-size batches, one compilation for all.
+
+    idx holds `batch_size` row indices (of `order`, default 0..n-1, taken in turn); the last
+    batch is edge-padded by repeating its last row, and `keep` says how many rows are real.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = np.arange(n) if order is None else np.asarray(order)
+    for lo in range(0, n, batch_size):
+        yield order[np.minimum(np.arange(lo, lo + batch_size), n - 1)], min(batch_size, n - lo)
+
+
 def schedule_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
     """Example indices of a step: positions step*B .. step*B+B-1 of the epoch-shuffled stream."""
     pos = np.arange(step * batch_size, (step + 1) * batch_size)

@@ -3,8 +3,10 @@
 `train_policy` runs the shared policy step over any source (online, semi-online, offline,
 replayed, shuffled), optionally appending every batch to a data-order log *before* training on
 it, and writes one JSON line of metrics per logging step plus a progress line with rate and ETA.
-Nothing trains on a batch with NaN/inf loss: the loop stops, naming the step. `train_hypo` runs
-HyPO's step (offline pairs + on-policy KL term) in the same loop.
+A NaN/inf loss stops the loop with `NonFiniteLossError` naming the step, and no checkpoint holds
+a state after it. A step's metrics are read after the next step is dispatched, so the host's
+work overlaps the device's. `train_hypo` runs HyPO's step (offline pairs + on-policy KL term)
+in the same loop.
 """
 
 from __future__ import annotations
@@ -215,6 +217,9 @@ def train_policy(
     re-append. Batches are a function of (seed, step, parameters), so resuming continues the
     run bit for bit.
 
+    on_step(step, model, metrics) runs after each step is dispatched, with the model after
+    that step and its metrics as device arrays (reading one waits for the step).
+
     Returns (model, opt_state, history) where history is the list of per-step metrics.
     """
     if optimizer is None:  # the default: one compiled step per loss for the whole process
@@ -403,33 +408,48 @@ def _run(
     history = []
     progress = Progress(num_steps, name)
     out = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115
+    last_done = [time.time()]
+
+    def finish(step, device_metrics, tokens):
+        # Reads a dispatched step's metrics (waiting for it), checks the loss, records it.
+        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        if not np.isfinite(metrics["loss"]):
+            raise NonFiniteLossError(
+                f"[{name}] loss is {metrics['loss']} at step {step}; "
+                f"stopped (the last good state is the previous step)"
+            )
+        now = time.time()
+        metrics.update(step=step, seconds=now - last_done[0], tokens=tokens)
+        last_done[0] = now
+        history.append(metrics)
+        if out is not None and step % log_every == 0:
+            out.write(json.dumps(metrics) + "\n")
+        progress.update(step, metrics["loss"], force=step == num_steps - 1)
+
+    # Step k's metrics are read after step k + 1 is dispatched, so the host's work for the
+    # next batch (and jit dispatch) overlaps the device's compute; checkpoints and the end of
+    # the run wait for the step first, so no checkpoint holds a state with a non-finite loss.
+    pending = None
     try:
         for step in range(start_step, num_steps):
-            t0 = time.time()
             batch = next_batch(step, model)
             model, opt_state, metrics = update(model, opt_state, batch, step)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not np.isfinite(metrics["loss"]):
-                raise NonFiniteLossError(
-                    f"[{name}] loss is {metrics['loss']} at step {step}; "
-                    f"stopped (the last good state is the previous step)"
-                )
-            metrics.update(
-                step=step,
-                seconds=time.time() - t0,
-                tokens=count_tokens(batch),
-            )
-            history.append(metrics)
-            if out is not None and step % log_every == 0:
-                out.write(json.dumps(metrics) + "\n")
+            if pending is not None:
+                finish(*pending)
+            pending = (step, metrics, count_tokens(batch))
             if on_step is not None:
                 on_step(step, model, metrics)
-            progress.update(step, metrics["loss"], force=step == num_steps - 1)
             if manager is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                finish(*pending)
+                pending = None
                 save(step + 1)
+        if pending is not None:
+            finish(*pending)
         if manager is not None:
             save(num_steps)
     finally:
         if out is not None:
             out.close()
+        if manager is not None:
+            manager.close()
     return model, opt_state, history

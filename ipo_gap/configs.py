@@ -153,7 +153,8 @@ MODEL_PRESETS: dict[str, T5Config] = {
     "large": _v11("large", 1024, 2816, 16, 24),
     "xl": _v11("xl", 2048, 5120, 32, 24),
     "xxl": _v11("xxl", 4096, 10240, 64, 24),
-    # The peer benchmark's `toy` configuration (../shared/bench/peer-results.md).
+    # The peer benchmark's `toy` configuration (../shared/bench/peer-results.md); its 2 layers
+    # run unrolled (bench on 2 CPU cores: fwd+bwd 1.56x, IPO step 1.29x the lax.scan speed).
     "toy": T5Config(
         vocab_size=1024,
         d_model=256,
@@ -162,6 +163,7 @@ MODEL_PRESETS: dict[str, T5Config] = {
         d_kv=64,
         num_encoder_layers=2,
         num_decoder_layers=2,
+        scan_layers=False,
         name="toy",
     ),
     # CPU presets for the study. Parameter counts (vocab 2048): toy-s 0.46M, toy-m 1.71M,

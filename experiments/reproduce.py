@@ -9,6 +9,9 @@ under runs/, one PNG per figure under figures/, and REPORT.md.
 
   python experiments/reproduce.py --preset=quick --workdir=/tmp/ipo_gap_quick
 
+On a host with several devices, --mesh=data:4,model:2 shards every model and batch of the
+study (ipo_gap.sharding); the mesh is recorded in the study's config.
+
 Presets (ipo_gap.study.PRESETS): micro (tests), quick (the whole study in <= 15 minutes on a
 2-core CPU), standard (the paper's full grid and evaluation counts at toy sizes, about two
 hours), paper (the paper's counts and model sizes, for accelerators).
@@ -74,6 +77,12 @@ _CKPT_EVERY = flags.DEFINE_integer(
     "Save each policy run's train state every this many steps, so a killed job resumes inside "
     "the run it was in (default: the preset's; 0 = off, a killed run restarts).",
 )
+_MESH = flags.DEFINE_string(
+    "mesh",
+    None,
+    "Device mesh for every model and batch, e.g. 'data:4,model:2' or 'data:-1' (all devices "
+    "on the data axis); default: one device. Recorded in the study's config.",
+)
 _DOCS = flags.DEFINE_string(
     "copy_fig1_to", None, "Also copy Figure 1 here (the README's image is docs/fig1.png)."
 )
@@ -138,6 +147,7 @@ def main(argv):
         golden_checkpoint=_GOLDEN_CKPT.value,
         scaling_models=_SCALING.value,
         checkpoint_every=_CKPT_EVERY.value,
+        mesh=_MESH.value,
     )
     if _DOCS.value:
         shutil.copy(workdir / "figures" / "fig1_online_vs_offline.png", _DOCS.value)

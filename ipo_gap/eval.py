@@ -31,6 +31,7 @@ import numpy as np
 
 from ipo_gap import classify, kl, sampling
 from ipo_gap.data.sources import padded_batches
+from ipo_gap.sharding import to_device
 from ipo_gap.train.trainers import judge_rows
 
 
@@ -45,7 +46,7 @@ def sample_rows(policy, x, xm, *, key, max_len: int, batch_size: int = 256):
     toks, masks = [], []
     for b, (idx, keep) in enumerate(padded_batches(len(x), batch_size)):
         t, m = _sample(
-            policy, jnp.asarray(x[idx]), jnp.asarray(xm[idx]), jax.random.fold_in(key, b), max_len
+            policy, to_device(x[idx]), to_device(xm[idx]), jax.random.fold_in(key, b), max_len
         )
         toks.append(np.asarray(t)[:keep])
         masks.append(np.asarray(m)[:keep])
@@ -73,8 +74,8 @@ def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> 
         s = kl.sampled_kl(
             policy,
             ref,
-            jnp.asarray(x[idx]),
-            jnp.asarray(xm[idx]),
+            to_device(x[idx]),
+            to_device(xm[idx]),
             key=jax.random.fold_in(key, b),
             max_len=max_len,
         )
@@ -93,7 +94,7 @@ def margins_and_drift(policy, ref, pairs: dict[str, np.ndarray], *, batch_size: 
     fields = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
     margins, drifts = [], []
     for idx, keep in padded_batches(len(pairs["prompt"]), batch_size):
-        lp = _pair_logps(policy, ref, *(jnp.asarray(pairs[f][idx]) for f in fields))
+        lp = _pair_logps(policy, ref, *(to_device(pairs[f][idx]) for f in fields))
         margin = classify.policy_margin(lp.logp1, lp.logp2, lp.ref1, lp.ref2)
         margins.append(np.asarray(margin)[:keep])
         drifts.append(np.asarray(lp.logp1 - lp.ref1)[:keep])

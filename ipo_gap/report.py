@@ -177,6 +177,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
     ]
     if "prompt_width" in pipe:
         rows.append(["prompt width in tokens (the longest prompt)", str(pipe["prompt_width"])])
+    if "mesh" in pipe:
+        rows.append(["device mesh (devices)", f"{pipe['mesh']} ({pipe['devices']})"])
     if pipe.get("data"):  # a real dataset: what the loader read and the splits obtained
         data = pipe["data"]
         rows.append(["data read", data["summary"]])

@@ -18,16 +18,23 @@ operands; we ask for Auto explicitly.
 
 Multi-host: call `initialize_distributed(True)` first thing in a binary; each host loads
 `process_batch_slice(...)` of the global batch and `shard_batch` assembles the global array.
+
+The study's code (trainers, evaluation, data sources) takes its mesh from the context:
+inside `with use_mesh(mesh):`, `place_model` shards a model by `LOGICAL_RULES` and `to_device`
+puts a host batch with its leading axis over "data"; outside, both are plain single-device
+placements, so an unsharded run's bits do not depend on this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -394,3 +401,47 @@ def process_batch_slice(
         raise ValueError(f"global batch {global_batch} not divisible by {count} processes")
     per = global_batch // count
     return slice(index * per, (index + 1) * per)
+
+
+# ---- the ambient mesh of the study's code ------------------------------------------------
+
+_MESHES: list[Mesh] = []  # a stack: `use_mesh` contexts nest
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None):
+    """Within the block, `place_model` and `to_device` place onto `mesh` (None: no mesh)."""
+    _MESHES.append(mesh)
+    try:
+        yield mesh
+    finally:
+        _MESHES.pop()
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the innermost `use_mesh` block, or None."""
+    return _MESHES[-1] if _MESHES else None
+
+
+def place_model(model):
+    """`shard_model(model, active_mesh())`, or `model` unchanged without an active mesh."""
+    mesh = active_mesh()
+    return model if mesh is None else shard_model(model, mesh)
+
+
+def to_device(x) -> jax.Array:
+    """A host batch array on the device(s): `jnp.asarray(x)` without an active mesh.
+
+    With one, the leading (batch) axis goes over "data" when the mesh's "data" size divides
+    it, and the array is replicated otherwise (a batch of 3 on data:4 still runs). Every
+    process is expected to hold the same global `x` (the study computes its batches
+    deterministically on each process), and each takes its own shards from it.
+    """
+    mesh = active_mesh()
+    if mesh is None:
+        return jnp.asarray(x)
+    x = np.asarray(x)
+    sharding = batch_sharding(mesh, x.ndim)
+    if x.ndim and x.shape[0] % _data_size(mesh):
+        sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

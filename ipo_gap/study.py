@@ -22,6 +22,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from ipo_gap import sharding
 from ipo_gap.configs import T5Config, model_preset
 from ipo_gap.data import embedded_task, preference_data
 from ipo_gap.t5 import model as t5
@@ -87,6 +88,10 @@ class StudyConfig:
     hypo_lam: float = 0.1
     scaling_models: tuple[str, ...] = ("toy-s", "toy-m", "toy-l")
     eval_batch: int = 256
+    # Device mesh of every model and batch, e.g. "data:4,model:2" (`sharding.make_mesh`;
+    # None: one device). Part of the config because sharding changes the order of float
+    # sums: a sharded run agrees with an unsharded one to ~1e-5, not to the bit.
+    mesh: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -248,9 +253,12 @@ def save_model(directory: pathlib.Path, model, cfg: T5Config) -> None:
 
 
 def load_model(directory: pathlib.Path, cfg: T5Config):
+    """The model saved by `save_model`, sharded over `sharding.active_mesh()` when there is one."""
     like = t5.init(cfg, key=jax.random.key(0))
+    mesh = sharding.active_mesh()
+    shardings = None if mesh is None else sharding.model_shardings(like, mesh)
     with CheckpointManager(directory / "ckpt") as mngr:
-        return mngr.restore(0, like)
+        return mngr.restore(0, like, shardings=shardings)
 
 
 # ------------------------------------------------------------------------------------------

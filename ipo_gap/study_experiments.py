@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from ipo_gap import eval as evaluation
+from ipo_gap import sharding
 from ipo_gap.data import ref_cache, sources
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.determinism import tree_max_abs_diff
@@ -287,6 +288,8 @@ def pipeline_summary(study: Study) -> dict:
             "sft": study.sft_eval(),
             "truncated": study.prep.truncated,
             "prompt_width": study.prep.prompt_width,
+            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "mesh": study.cfg.mesh or "none (one device)",
             "task": study.cfg.task,
             "data": getattr(study.prep.task, "report", None),
             "d_golden_agreement_with_human_labels": float(
@@ -298,14 +301,16 @@ def pipeline_summary(study: Study) -> dict:
 
 
 def run_all(study: Study) -> dict[str, list[dict]]:
-    study.baseline()
-    summary = pipeline_summary(study)
-    return {
-        "pipeline": summary,
-        "fig1": fig1(study),
-        "fig4": fig4(study),
-        "fig5": fig5(study),
-        "fig9": fig9(study),
-        "beyond": beyond(study),
-        "fig10": fig10(study),
-    }
+    """Every stage of the study, on `study.mesh` (the config's `mesh`) when it has one."""
+    with sharding.use_mesh(study.mesh):
+        study.baseline()
+        summary = pipeline_summary(study)
+        return {
+            "pipeline": summary,
+            "fig1": fig1(study),
+            "fig4": fig4(study),
+            "fig5": fig5(study),
+            "fig9": fig9(study),
+            "beyond": beyond(study),
+            "fig10": fig10(study),
+        }

@@ -21,7 +21,7 @@ import shutil
 import jax
 import numpy as np
 
-from ipo_gap import checkpoint
+from ipo_gap import checkpoint, sharding
 from ipo_gap import eval as evaluation
 from ipo_gap.configs import model_preset
 from ipo_gap.data import sources
@@ -111,6 +111,9 @@ class Study:
         self.proxy_cfg = self.policy_cfg  # the proxy PM is policy-sized (of the main policy)
         self.golden_cfg = self._model_cfg("golden", vocab)
         self._cache: dict = {}
+        # Entered by `study_experiments.run_all` (`sharding.use_mesh`); methods called
+        # directly run unsharded unless the caller enters `sharding.use_mesh(study.mesh)`.
+        self.mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
 
     def _checkpoint(self, which: str) -> str | None:
         if which == "golden":
@@ -135,12 +138,12 @@ class Study:
     def init_model(self, which: str, purpose: str):
         """A starting model: the pretrained checkpoint when one is given (policy and proxy PM
         from `policy_checkpoint`, golden PM from `golden_checkpoint`), else a random init of
-        the preset with the purpose's key."""
+        the preset with the purpose's key. Sharded over `sharding.active_mesh()` if any."""
         path = self._checkpoint(which)
         if path:
-            return checkpoint.load_hf_t5(path)[1]
+            return sharding.place_model(checkpoint.load_hf_t5(path)[1])
         cfg = self.golden_cfg if which == "golden" else self.policy_cfg
-        return t5.init(cfg, key=self.key(purpose))
+        return sharding.place_model(t5.init(cfg, key=self.key(purpose)))
 
     def variant(self, policy_model: str) -> Study:
         """The same study with a policy of another size (Fig. 10-11): its own SFT, SFT

@@ -25,6 +25,7 @@ import numpy as np
 
 from ipo_gap import preference, sampling
 from ipo_gap.data.order_log import OrderLog, ReplayError
+from ipo_gap.sharding import to_device
 
 Batch = dict[str, np.ndarray]
 PAIR_FIELDS = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
@@ -114,7 +115,7 @@ class OnlineSource:
         if policy is None:
             raise ValueError("an online source needs the current policy")
         idx = schedule_indices(self.seed, step, self.batch_size, len(self.prompts))
-        x, xm = jnp.asarray(self.prompts[idx]), jnp.asarray(self.prompt_mask[idx])
+        x, xm = to_device(self.prompts[idx]), to_device(self.prompt_mask[idx])
         out = _sample_and_rank(
             policy, self.pm, x, xm, jax.random.fold_in(self.key, step), self.max_len
         )
@@ -220,7 +221,7 @@ class HypoSource:
         if policy is None:
             raise ValueError("HyPO's on-policy samples need the current policy")
         pairs = self.offline.batch(step, policy)
-        x, xm = jnp.asarray(pairs["prompt"]), jnp.asarray(pairs["prompt_mask"])
+        x, xm = to_device(pairs["prompt"]), to_device(pairs["prompt_mask"])
         s = sampling.sample(
             policy, x, xm, key=jax.random.fold_in(self.key, step), max_len=self.max_len
         )

@@ -26,6 +26,7 @@ import numpy as np
 
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.data.sources import PAIR_FIELDS
+from ipo_gap.sharding import to_device
 from ipo_gap.train import steps
 from ipo_gap.train_state_io import CheckpointManager, TrainState, key_to_data
 
@@ -60,8 +61,8 @@ def to_pair_batch(batch: dict[str, np.ndarray]) -> steps.PairBatch:
     """
     refs = {}
     if "ref_w" in batch and "ref_l" in batch:
-        refs = {"ref_w": jnp.asarray(batch["ref_w"]), "ref_l": jnp.asarray(batch["ref_l"])}
-    return steps.PairBatch(*(jnp.asarray(batch[f]) for f in PAIR_FIELDS), **refs)
+        refs = {"ref_w": to_device(batch["ref_w"]), "ref_l": to_device(batch["ref_l"])}
+    return steps.PairBatch(*(to_device(batch[f]) for f in PAIR_FIELDS), **refs)
 
 
 class BatchError(ValueError):
@@ -264,7 +265,7 @@ def train_policy(
 
 def to_seq_batch(samples: dict[str, np.ndarray]) -> steps.SeqBatch:
     return steps.SeqBatch(
-        *(jnp.asarray(samples[f]) for f in ("prompt", "prompt_mask", "y", "y_mask"))
+        *(to_device(samples[f]) for f in ("prompt", "prompt_mask", "y", "y_mask"))
     )
 
 

@@ -23,6 +23,7 @@ import optax
 
 from ipo_gap import preference
 from ipo_gap.data import sources
+from ipo_gap.sharding import to_device
 from ipo_gap.train import steps
 from ipo_gap.train.loop import NonFiniteLossError, Progress
 
@@ -81,7 +82,7 @@ def train_sft(
     try:
         for step in range(num_steps):
             idx = sources.schedule_indices(seed, step, batch_size, n)
-            batch = steps.SeqBatch(*(jnp.asarray(data[f][idx]) for f in SEQ_FIELDS))
+            batch = steps.SeqBatch(*(to_device(data[f][idx]) for f in SEQ_FIELDS))
             model, opt_state, m = step_fn(model, opt_state, batch)
             loss = float(m["loss"])
             _finite(loss, name, step)
@@ -127,7 +128,7 @@ def pair_logit_rows(
     arrays = [np.asarray(a) for a in (x, xm, y1, m1, y2, m2)]
     packed = [[], [], [], []]
     for idx, keep in sources.padded_batches(n, batch_size):
-        rows = _pack_both_orders(*(jnp.asarray(a[idx]) for a in arrays))
+        rows = _pack_both_orders(*(to_device(a[idx]) for a in arrays))
         for out, a in zip(packed, rows, strict=True):
             out.append(np.asarray(a)[:keep])
     t12, m12, t21, m21 = (np.concatenate(p) for p in packed)
@@ -137,7 +138,7 @@ def pair_logit_rows(
     z12, z21 = np.zeros(n, np.float32), np.zeros(n, np.float32)
     for idx, keep in sources.padded_batches(n, batch_size, order):
         cut = min(worst, -(-int(lengths[idx].max()) // bucket) * bucket)
-        rows = (jnp.asarray(a[idx, :cut]) for a in (t12, m12, t21, m21))
+        rows = (to_device(a[idx, :cut]) for a in (t12, m12, t21, m21))
         a12, a21 = _logits_both_orders(pm, *rows)
         z12[idx[:keep]], z21[idx[:keep]] = np.asarray(a12)[:keep], np.asarray(a21)[:keep]
     return z12, z21
@@ -205,7 +206,7 @@ def train_pm(
     try:
         for step in range(num_steps):
             idx = sources.schedule_indices(seed, step, batch_size, n)
-            batch = preference.PreferenceBatch(*(jnp.asarray(train[f][idx]) for f in PM_FIELDS))
+            batch = preference.PreferenceBatch(*(to_device(train[f][idx]) for f in PM_FIELDS))
             model, opt_state, m = step_fn(model, opt_state, batch, jax.random.fold_in(key, step))
             loss = float(m["loss"])
             _finite(loss, name, step)

@@ -1,7 +1,7 @@
 """The main job: the whole controlled study (NOTES.md, Fig. 2) -> figures and REPORT.md.
 
 Stages (each resumable: a finished stage is skipped on re-run, a killed job continues from
-the first unfinished stage or run, and inside that run from its last train state when
+the first unfinished stage or run, and inside it from its last train state when
 --checkpoint_every is set): the embedded task and its tokenizer, SFT, golden PM,
 D_golden, proxy PM, golden baseline policy, then the experiments of Fig. 1, 4/13, 5/12, 6-8, 9,
 semi-online IPO and HyPO. Writes into --workdir: per-run metrics (JSON lines) and checkpoints
@@ -74,8 +74,9 @@ _SEED = flags.DEFINE_integer("seed", None, "Override the preset's seed.")
 _CKPT_EVERY = flags.DEFINE_integer(
     "checkpoint_every",
     None,
-    "Save each policy run's train state every this many steps, so a killed job resumes inside "
-    "the run it was in (default: the preset's; 0 = off, a killed run restarts).",
+    "Save the train state of SFT, the PMs and each policy run every this many steps, so a "
+    "killed job resumes inside the stage it was in (default: the preset's; 0 = off, a killed "
+    "stage restarts).",
 )
 _MESH = flags.DEFINE_string(
     "mesh",

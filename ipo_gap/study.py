@@ -80,8 +80,9 @@ class StudyConfig:
     offline_betas: tuple[float, ...] = (0.1, 0.5, 1.0)
     offline_steps_factor: int = 5
     num_evals: int = 8
-    # Policy runs save their train state every this many steps and a killed run resumes from
-    # it (0: no train states; a killed run restarts from step 0, other runs are unaffected).
+    # SFT, the PMs and the policy runs save their train state every this many steps and a
+    # killed stage resumes from it (0: no train states; a killed stage restarts from step 0,
+    # finished stages are unaffected).
     checkpoint_every: int = 0
     shuffle_levels: tuple[int, ...] = (2, 8, 32)  # windows in steps; the uniform shuffle is added
     semi_online_refresh: tuple[int, ...] = (10, 100, 0)  # 0 = never refreshed (s = infinity)

@@ -53,6 +53,14 @@ def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+TRAIN_STATE = "train_state"  # a run's or stage's train states, removed when it is done
+
+
+def _drop_train_state(d: pathlib.Path) -> None:
+    if (d / TRAIN_STATE).exists():
+        shutil.rmtree(d / TRAIN_STATE)
+
+
 def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
     """Prepares a run directory: the step to resume at (its latest train state), or None.
 
@@ -62,8 +70,8 @@ def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
     steps it regenerates).
     """
     latest = None
-    if every and (d / "train_state").exists():
-        with CheckpointManager(d / "train_state") as mngr:
+    if every and (d / TRAIN_STATE).exists():
+        with CheckpointManager(d / TRAIN_STATE) as mngr:
             latest = mngr.latest_step()
     if latest is None:
         for child in d.iterdir():
@@ -207,8 +215,11 @@ class Study:
                 seed=self.cfg.seed,
                 name="sft",
                 metrics_path=d / "metrics.jsonl",
+                checkpoint_dir=d / TRAIN_STATE,
+                checkpoint_every=self.cfg.checkpoint_every,
             )
             save_model(d, model, self.policy_cfg)
+            _drop_train_state(d)
             return {
                 "final_loss": float(np.mean(hist[-20:])),
                 "steps": len(hist),
@@ -240,8 +251,11 @@ class Study:
                 name=name,
                 metrics_path=d / "metrics.jsonl",
                 kind="pairwise-both",
+                checkpoint_dir=d / TRAIN_STATE,
+                checkpoint_every=self.cfg.checkpoint_every,
             )
             save_model(d, res.model, cfg_model)
+            _drop_train_state(d)
             return {
                 "best_step": res.best_step,
                 "valid_accuracy": res.best_valid_accuracy,
@@ -525,7 +539,7 @@ class Study:
                 "on_step": on_step,
             }
             if every:
-                common.update(checkpoint_dir=d / "train_state", checkpoint_every=every)
+                common.update(checkpoint_dir=d / TRAIN_STATE, checkpoint_every=every)
             hp = steps.Hparams.make(lr, beta, lam=self.cfg.hypo_lam)
             if hypo:
                 model, _, _ = loop.train_hypo(hparams=hp, **common)
@@ -537,8 +551,7 @@ class Study:
             hist = _read_jsonl(d / "metrics.jsonl")  # every step, also across a resume
             if [h["step"] for h in hist] != list(range(num_steps)):
                 raise RuntimeError(f"[{name}] {d / 'metrics.jsonl'} does not hold every step")
-            if every:  # the run is done: its train states are not needed any more
-                shutil.rmtree(d / "train_state")
+            _drop_train_state(d)  # the run is done: its train states are not needed any more
             out = {
                 "name": name,
                 "method": method,

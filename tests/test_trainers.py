@@ -1,5 +1,7 @@
 """SFT and PM trainers: plateau stopping, the both-orders eq. (5) loss, NaN and bad-input errors."""
 
+import json
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -144,3 +146,57 @@ def test_bad_input_names_the_problem():
             learning_rate=1e-3,
             seed=0,
         )
+
+
+def _same_arrays(a, b) -> bool:
+    xs, ys = jax.tree.leaves(eqx.filter(a, eqx.is_array)), jax.tree.leaves(b)
+    return len(xs) == len(ys) and all(np.array_equal(x, y) for x, y in zip(xs, ys, strict=True))
+
+
+def test_sft_resumes_from_its_train_state_bit_for_bit(tmp_path):
+    """A run killed after step 5 with states every 2 steps (the last at 4), called again,
+    ends with the parameters and losses of an uninterrupted run, each step logged once."""
+    data = _sft_data()
+    model = t5.init(CFG, key=jax.random.key(5))
+    common = {"batch_size": 8, "learning_rate": 1e-2, "seed": 0}
+    want, want_hist = train_sft(model, data, num_steps=8, **common)
+    ckpt = {"checkpoint_dir": tmp_path / "state", "checkpoint_every": 2}
+    metrics = tmp_path / "metrics.jsonl"
+    train_sft(model, data, num_steps=5, metrics_path=metrics, **common, **ckpt)
+    got, hist = train_sft(model, data, num_steps=8, metrics_path=metrics, **common, **ckpt)
+    assert hist == want_hist
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(8))
+    assert _same_arrays(got, want)
+    with pytest.raises(ValueError, match="train state .* was written by a run with"):
+        train_sft(model, data, num_steps=8, **dict(common, learning_rate=2e-2), **ckpt)
+
+
+@pytest.mark.slow  # three PM runs with evaluations (~30 s on 2 cores): in CI's slow suite
+def test_pm_resumes_with_its_best_model_and_plateau_count(tmp_path):
+    model = t5.init(CFG, key=jax.random.key(6))
+    train, valid = _pm_data(6, 64), _pm_data(7, 32)
+    common = {
+        "batch_size": 16,
+        "learning_rate": 3e-3,
+        "seed": 0,
+        "eval_every": 4,
+        "patience": 5,
+        "kind": "pairwise-both",
+    }
+    want = train_pm(model, train, valid, num_steps=12, **common)
+    ckpt = {"checkpoint_dir": tmp_path / "state", "checkpoint_every": 3}
+    metrics = tmp_path / "metrics.jsonl"
+    train_pm(model, train, valid, num_steps=7, metrics_path=metrics, **common, **ckpt)
+    got = train_pm(model, train, valid, num_steps=12, metrics_path=metrics, **common, **ckpt)
+    assert got.history == want.history and len(got.history) == 12
+    assert (got.best_step, got.best_valid_accuracy) == (want.best_step, want.best_valid_accuracy)
+    assert _same_arrays(got.model, want.model)
+    # A state saved at the plateau (killed before returning): the resumed run stops there.
+    flat = dict(common, learning_rate=0.0, eval_every=2, patience=2)
+    ckpt = {"checkpoint_dir": tmp_path / "flat", "checkpoint_every": 2}
+    first = train_pm(model, train, valid, num_steps=50, **flat, **ckpt)
+    assert first.stopped_early and first.best_step == 2 and len(first.history) == 6
+    again = train_pm(model, train, valid, num_steps=50, **flat, **ckpt)
+    assert again.stopped_early and again.best_step == 2
+    assert again.best_valid_accuracy == first.best_valid_accuracy
+    assert _same_arrays(again.model, first.model)

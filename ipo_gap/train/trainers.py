@@ -26,6 +26,7 @@ from ipo_gap.data import sources
 from ipo_gap.sharding import to_device
 from ipo_gap.train import steps
 from ipo_gap.train.loop import NonFiniteLossError, Progress
+from ipo_gap.train_state_io import CheckpointManager
 
 SEQ_FIELDS = ("src", "src_mask", "tgt", "tgt_mask")
 PM_FIELDS = ("x", "x_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
@@ -38,6 +39,60 @@ def adam_with_warmup(learning_rate: float, warmup_steps: int) -> optax.GradientT
     else:
         schedule = learning_rate
     return optax.adam(schedule)
+
+
+class _Resumable:
+    """Train states of a trainer every `every` steps in `directory` (orbax), and its resume.
+
+    A state holds the trainer's arrays (model, optimizer state, ...) and JSON metadata: the
+    settings that fix the run (`identity`: seed, learning rate, batch, steps), which must
+    match on resume, and the trainer's host variables (`extra`, e.g. the PM's best step).
+    Batches and keys derive from (seed, step), so a resumed run repeats the uninterrupted one
+    bit for bit. On resume, the metrics file keeps its lines of the steps before the state.
+    """
+
+    def __init__(self, directory, every: int, name: str, identity: dict):
+        self.every, self.name, self.identity = every, name, identity
+        self.manager = CheckpointManager(directory) if directory and every else None
+
+    def restore(self, like, metrics_path) -> tuple[object, dict, int] | None:
+        """(arrays, extra metadata, step to continue at), or None when nothing is saved."""
+        if self.manager is None or self.manager.latest_step() is None:
+            return None
+        step = self.manager.latest_step()
+        meta = self.manager.restore_metadata(step)
+        if meta.get("identity") != json.loads(json.dumps(self.identity)):
+            raise ValueError(
+                f"[{self.name}] the train state in {self.manager.directory} (step {step}) was "
+                f"written by a run with {meta.get('identity')}; this run has {self.identity}: "
+                "use the original settings, or delete that directory"
+            )
+        arrays = self.manager.restore(step, like)
+        if metrics_path and pathlib.Path(metrics_path).exists():
+            lines = pathlib.Path(metrics_path).read_text().splitlines()
+            keep = [line for line in lines if line.strip() and json.loads(line)["step"] < step]
+            pathlib.Path(metrics_path).write_text("".join(line + "\n" for line in keep))
+        print(f"[{self.name}] resumed from its train state at step {step}", flush=True)
+        return arrays, meta.get("extra", {}), step
+
+    def maybe_save(self, step_done: int, arrays, extra: dict | None = None) -> None:
+        if self.manager is None or step_done % self.every:
+            return
+        if step_done not in self.manager.all_steps():
+            meta = {"identity": self.identity, "extra": extra or {}}
+            self.manager.save(step_done, arrays, metadata=meta, force=True)
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+
+
+def _history(metrics_path) -> list[dict]:
+    """The metrics lines kept by a resume (the steps before it), else []."""
+    if not metrics_path or not pathlib.Path(metrics_path).exists():
+        return []
+    lines = pathlib.Path(metrics_path).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _check_rows(data: dict[str, np.ndarray], fields: tuple[str, ...], what: str) -> int:
@@ -66,21 +121,31 @@ def train_sft(
     warmup_steps: int = 0,
     name: str = "sft",
     metrics_path: str | pathlib.Path | None = None,
+    checkpoint_dir: str | pathlib.Path | None = None,
+    checkpoint_every: int = 0,
 ):
     """Supervised fine-tuning on (src, tgt) rows; returns (model, history of losses).
 
     The model passed in is left intact: a copy is trained (the jitted step donates buffers).
+    With `checkpoint_dir` and `checkpoint_every`, the train state is saved every that many
+    steps and a killed run called again with the same arguments continues from its latest
+    state, bit for bit (the history then includes the steps before the resume).
     """
     n = _check_rows(data, SEQ_FIELDS, name)
     model = sources.copy_arrays(model)
     optimizer = adam_with_warmup(learning_rate, warmup_steps)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    identity = {"seed": seed, "lr": learning_rate, "batch": batch_size, "warmup": warmup_steps}
+    ckpt = _Resumable(checkpoint_dir, checkpoint_every, name, identity)
+    start, resumed = 0, ckpt.restore((model, opt_state), metrics_path)
+    if resumed is not None:
+        (model, opt_state), _, start = resumed
     step_fn = steps.make_sft_step(optimizer)
     progress = Progress(num_steps, name)
-    history = []
-    out = open(metrics_path, "w") if metrics_path else None  # noqa: SIM115
+    history = [r["loss"] for r in _history(metrics_path)] if resumed else []
+    out = open(metrics_path, "a" if resumed else "w") if metrics_path else None  # noqa: SIM115
     try:
-        for step in range(num_steps):
+        for step in range(start, num_steps):
             idx = sources.schedule_indices(seed, step, batch_size, n)
             batch = steps.SeqBatch(*(to_device(data[f][idx]) for f in SEQ_FIELDS))
             model, opt_state, m = step_fn(model, opt_state, batch)
@@ -89,8 +154,11 @@ def train_sft(
             history.append(loss)
             if out is not None:
                 out.write(json.dumps({"step": step, "loss": loss}) + "\n")
+                out.flush()
+            ckpt.maybe_save(step + 1, (model, opt_state))
             progress.update(step, loss, force=step == num_steps - 1)
     finally:
+        ckpt.close()
         if out is not None:
             out.close()
     return model, history
@@ -181,6 +249,8 @@ def train_pm(
     name: str = "pm",
     metrics_path: str | pathlib.Path | None = None,
     kind: str = "pairwise",
+    checkpoint_dir: str | pathlib.Path | None = None,
+    checkpoint_every: int = 0,
 ) -> PMResult:
     """Trains a pairwise PM (eq. 5) on (x, y_w, y_l) rows, stopping at a validation plateau.
 
@@ -188,7 +258,9 @@ def train_pm(
     and at the end), the step they come from, and whether training stopped early. The model
     passed in is left intact (a copy is trained). `kind` is `make_pm_train_step`'s:
     "pairwise" (eq. 5 with a random order per example), "pairwise-both" (eq. 5 exactly, both
-    orders; learns faster, see `preference.pm_loss_both_orders`) or "bt".
+    orders; learns faster, see `preference.pm_loss_both_orders`) or "bt". `checkpoint_dir` /
+    `checkpoint_every`: as `train_sft`'s; the state also holds the best parameters so far and
+    the plateau count, so a resumed run stops where the uninterrupted one would.
     """
     n = _check_rows(train, PM_FIELDS, f"{name} train")
     _check_rows(valid, PM_FIELDS, f"{name} valid")
@@ -202,9 +274,28 @@ def train_pm(
     best = (-1.0, -1, None)
     since_best = 0
     stopped_early = False
-    out = open(metrics_path, "w") if metrics_path else None  # noqa: SIM115
+    identity = {
+        "seed": seed,
+        "lr": learning_rate,
+        "batch": batch_size,
+        "warmup": warmup_steps,
+        "eval_every": eval_every,
+        "patience": patience,
+        "kind": kind,
+    }
+    ckpt = _Resumable(checkpoint_dir, checkpoint_every, name, identity)
+    # Before the first evaluation the best model slot holds the current one (best step -1).
+    start, resumed = 0, ckpt.restore((model, opt_state, model), metrics_path)
+    if resumed is not None:
+        (model, opt_state, best_model), extra, start = resumed
+        best_model = best_model if extra["best_step"] >= 0 else None
+        best, since_best = (extra["best_accuracy"], extra["best_step"], best_model), extra["since"]
+        history = _history(metrics_path)
+        if since_best >= patience:  # saved at the plateau, killed before returning
+            start, stopped_early = num_steps, True
+    out = open(metrics_path, "a" if resumed else "w") if metrics_path else None  # noqa: SIM115
     try:
-        for step in range(num_steps):
+        for step in range(start, num_steps):
             idx = sources.schedule_indices(seed, step, batch_size, n)
             batch = preference.PreferenceBatch(*(to_device(train[f][idx]) for f in PM_FIELDS))
             model, opt_state, m = step_fn(model, opt_state, batch, jax.random.fold_in(key, step))
@@ -222,12 +313,20 @@ def train_pm(
             history.append(record)
             if out is not None:
                 out.write(json.dumps(record) + "\n")
+                out.flush()
+            best_arrays = model if best[2] is None else best[2]
+            ckpt.maybe_save(
+                step + 1,
+                (model, opt_state, best_arrays),
+                {"best_accuracy": best[0], "best_step": best[1], "since": since_best},
+            )
             progress.update(step, loss, force=step == num_steps - 1)
             if since_best >= patience:
                 print(f"[{name}] validation plateau: stopped at step {step + 1}", flush=True)
                 stopped_early = True
                 break
     finally:
+        ckpt.close()
         if out is not None:
             out.close()
     return PMResult(best[2], best[1], best[0], stopped_early, history)

@@ -20,6 +20,7 @@ hours), paper (the paper's counts and model sizes, for accelerators).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import shutil
@@ -28,6 +29,7 @@ import time
 from absl import app, flags, logging
 
 from ipo_gap import report, study_experiments
+from ipo_gap import seeds as seeds_report
 from ipo_gap.data import preference_data
 from ipo_gap.study import PRESETS, for_task
 from ipo_gap.study_runs import Study
@@ -71,6 +73,13 @@ _SCALING = flags.DEFINE_list(
     "that checkpoint only).",
 )
 _SEED = flags.DEFINE_integer("seed", None, "Override the preset's seed.")
+_SEEDS = flags.DEFINE_list(
+    "seeds",
+    None,
+    "Run the whole study once per seed (in --workdir/seed_<s>/) and write --workdir/SEEDS.md: "
+    "the headline numbers per seed and their mean with a t-interval over seeds, which holds "
+    "training noise (one study's intervals hold evaluation noise only).",
+)
 _CKPT_EVERY = flags.DEFINE_integer(
     "checkpoint_every",
     None,
@@ -110,6 +119,21 @@ def config(preset: str, *, seed: int | None = None, **overrides):
 
 
 def run(workdir: pathlib.Path, preset: str, seed: int | None = None, **overrides) -> pathlib.Path:
+    """Runs (or resumes) the study in `workdir`; returns the path of its REPORT.md."""
+    return _run(workdir, preset, seed, **overrides)[0]
+
+
+def run_seeds(workdir: pathlib.Path, preset: str, seeds: list[int], **overrides) -> pathlib.Path:
+    """Runs the study once per seed in `workdir/seed_<s>/`; returns the path of SEEDS.md."""
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds has a seed twice: {seeds}")
+    per_seed = {s: _run(workdir / f"seed_{s}", preset, s, **overrides)[1] for s in seeds}
+    path = seeds_report.write(workdir / "SEEDS.md", per_seed, preset)
+    print(f"{len(seeds)} seeds compared: {path}", flush=True)
+    return path
+
+
+def _run(workdir: pathlib.Path, preset: str, seed: int | None = None, **overrides):
     cfg = config(preset, seed=seed, **overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "study_config.json"
@@ -128,7 +152,7 @@ def run(workdir: pathlib.Path, preset: str, seed: int | None = None, **overrides
     results = study_experiments.run_all(study)
     path = report.write(workdir, results, preset)
     print(f"study finished in {time.time() - start:.0f}s: {path}", flush=True)
-    return path
+    return path, results
 
 
 def main(argv):
@@ -136,10 +160,19 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save and restore at INFO
         logging.set_verbosity(logging.WARNING)
     workdir = pathlib.Path(_WORKDIR.value)
-    run(
+    if _SEEDS.value:
+        if _SEED.value is not None:
+            raise app.UsageError("give --seed or --seeds, not both")
+        try:
+            seeds = [int(s) for s in _SEEDS.value]
+        except ValueError:
+            raise app.UsageError(f"--seeds must be integers, got {_SEEDS.value}") from None
+        runner = functools.partial(run_seeds, seeds=seeds)
+    else:
+        runner = functools.partial(run, seed=_SEED.value)
+    runner(
         workdir,
         _PRESET.value,
-        _SEED.value,
         task=_TASK.value,
         data_dir=_DATA_DIR.value,
         skip_bad_records=_SKIP_BAD.value,
@@ -151,7 +184,8 @@ def main(argv):
         mesh=_MESH.value,
     )
     if _DOCS.value:
-        shutil.copy(workdir / "figures" / "fig1_online_vs_offline.png", _DOCS.value)
+        first = workdir / f"seed_{_SEEDS.value[0]}" if _SEEDS.value else workdir
+        shutil.copy(first / "figures" / "fig1_online_vs_offline.png", _DOCS.value)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def compare(a: Peak, b: Peak, name_a: str, name_b: str) -> str:
     )
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
@@ -190,7 +190,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
                 )
             ]
         )
-    lines.append(_table(["quantity", "value"], rows))
+    lines.append(table(["quantity", "value"], rows))
     if "test_pairs" in g:
         lines += ["", golden_caveat(g["test_accuracy_vs_human_labels"], g["test_pairs"])]
     lines += [
@@ -199,7 +199,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "",
         "![fig1](figures/fig1_online_vs_offline.png)",
         "",
-        _table(PEAK_HEADER, _peak_rows({"online ipo": [online], "offline ipo": offline})),
+        table(PEAK_HEADER, _peak_rows({"online ipo": [online], "offline ipo": offline})),
         "",
         f"**Verdict:** {compare(p_on, p_off, 'online', 'offline')}. Online peaks at "
         f"KL {p_on.kl:.2f}, offline at KL {p_off.kl:.2f}."
@@ -228,7 +228,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         for r in [tandem, *shuffled]
     ]
     lines.append(
-        _table(
+        table(
             [
                 "replay",
                 "max |param - online|",
@@ -257,7 +257,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "",
         "![fig5](figures/fig5_12_datasets.png)",
         "",
-        _table(
+        table(
             PEAK_HEADER,
             _peak_rows(
                 {
@@ -280,7 +280,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
     final = lambda r: r["evals"][-1]  # noqa: E731
     opt = lambda e, k: f"{e[k]:.3f}" if k in e else "n/a"  # noqa: E731
     lines.append(
-        _table(
+        table(
             [
                 "policy",
                 "final accuracy on D_golden",
@@ -327,7 +327,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "",
         "![fig9](figures/fig9_best_of_2.png)",
         "",
-        _table(PEAK_HEADER, _peak_rows({r["method"]: [r] for r in fig9})),
+        table(PEAK_HEADER, _peak_rows({r["method"]: [r] for r in fig9})),
         "",
         f"**Verdict:** {compare(b_on, b_off, 'online Bo2', 'offline Bo2')}; the tandem "
         f"Bo2 replay's max parameter difference to online: "
@@ -339,7 +339,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "",
         "![beyond](figures/beyond_semi_online_hypo.png)",
         "",
-        _table(PEAK_HEADER, _peak_rows({r["method"]: [r] for r in [online, *beyond]})),
+        table(PEAK_HEADER, _peak_rows({r["method"]: [r] for r in [online, *beyond]})),
     ]
     lines += scaling_section(results["fig10"], figs)
     path = workdir / "REPORT.md"
@@ -419,7 +419,7 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
         "SFT loss of each size's starting policy (mean of its last 20 steps; SFT learning "
         "rate scaled by 1/width).",
         "",
-        _table(
+        table(
             [
                 "policy (params)",
                 "SFT loss",

@@ -1,22 +1,23 @@
 """The study end to end at the micro preset, plus unit checks of eval and report helpers.
 
 The end-to-end tests (marked slow: they run in CI, not in the default run) run
-experiments/reproduce.py's `run` into a temporary workdir (about two minutes on 2 CPU cores,
+experiments/reproduce.py's `run` into a temporary workdir (about four minutes on 2 CPU cores,
 mostly compilation of two policy sizes), then checks every artefact, that the exact-order replays
-equal their online runs bit for bit, that evaluation numbers are internally consistent, and
-that a re-run skips every finished stage.
+equal their online runs bit for bit, that evaluation numbers are internally consistent, that
+a re-run skips every finished stage, and that `--seeds` writes SEEDS.md from one study per seed.
 """
 
 import dataclasses
 import json
 import pathlib
+import shutil
 import sys
 
 import numpy as np
 import pytest
 
 from ipo_gap import eval as evaluation
-from ipo_gap import report, study
+from ipo_gap import report, seeds, study
 from ipo_gap.determinism import tree_max_abs_diff
 from ipo_gap.study import load_model
 
@@ -187,6 +188,27 @@ def test_rerun_skips_finished_stages(micro_study, capsys):
     assert (micro_study / "runs" / "online_ipo" / "done.json").read_text() == before
     with pytest.raises(ValueError, match="another configuration"):
         reproduce.run(micro_study, "micro", seed=99)
+
+
+@pytest.mark.slow  # one more micro study (~4 minutes on 2 cores); seed 0 is a copy of the fixture
+def test_reproduce_seeds_runs_one_study_per_seed(micro_study, tmp_path):
+    import reproduce
+
+    shutil.copytree(micro_study, tmp_path / "many" / "seed_0")
+    path = reproduce.run_seeds(tmp_path / "many", "micro", [0, 1])
+    text = path.read_text()
+    diffs = {}
+    for s in (0, 1):
+        d = tmp_path / "many" / f"seed_{s}"
+        assert json.loads((d / "study_config.json").read_text())["seed"] == s
+        assert (d / "REPORT.md").exists()
+        runs = {p.parent.name: json.loads(p.read_text()) for p in (d / "runs").glob("*/done.json")}
+        offline = [r for n, r in runs.items() if n.startswith("offline_ipo_lr")]
+        diffs[s] = report.peak([runs["online_ipo"]]).win - report.peak(offline).win
+        assert f"| {s} |" in text and f"{diffs[s]:+.3f}" in text
+    assert f"| online - offline | {seeds.spread(list(diffs.values())).cell()} |" in text
+    with pytest.raises(ValueError, match="a seed twice"):
+        reproduce.run_seeds(tmp_path / "many", "micro", [1, 1])
 
 
 def test_interval_and_peak_and_verdicts():

@@ -153,6 +153,7 @@ def _same_arrays(a, b) -> bool:
     return len(xs) == len(ys) and all(np.array_equal(x, y) for x, y in zip(xs, ys, strict=True))
 
 
+@pytest.mark.slow  # three SFT runs compiled anew (~20 s on 2 cores): in CI's slow suite
 def test_sft_resumes_from_its_train_state_bit_for_bit(tmp_path):
     """A run killed after step 5 with states every 2 steps (the last at 4), called again,
     ends with the parameters and losses of an uninterrupted run, each step logged once."""

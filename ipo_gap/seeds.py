@@ -1,0 +1,147 @@
+"""SEEDS.md: the study's headline numbers over several seeds, with intervals over seeds.
+
+One study's REPORT.md gives 95% intervals of evaluation noise only (a finite set of prompts
+judged once); they say nothing about training noise, which on the quick preset moves online
+IPO's peak win rate by more than its interval (README, "How firm are the numbers"). Runs of
+the same study with different seeds (`reproduce.py --seeds=0,1,2`) measure both: per seed,
+the Fig. 1 peaks and their difference; over seeds, the mean difference with a Student-t 95%
+interval (n - 1 degrees of freedom), and the same for Fig. 10's offline/online ratios.
+
+The verdict over seeds is a rule on those numbers: "online beats offline" requires the lower
+end of the t-interval of the mean difference (online peak - offline peak) to exceed 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+from ipo_gap import report
+
+
+@dataclasses.dataclass(frozen=True)
+class Spread:
+    """Mean of per-seed values with a Student-t 95% interval over seeds (nan for one seed)."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    def cell(self) -> str:
+        if self.n < 2:
+            return f"{self.mean:.3f} (one seed: no interval)"
+        return f"{self.mean:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
+
+
+def spread(values: Sequence[float], level: float = 0.95) -> Spread:
+    """Mean and the t-interval mean +- t_{(1+level)/2, n-1} * sd / sqrt(n) of `values`."""
+    v = np.asarray(values, np.float64)
+    if v.ndim != 1 or len(v) == 0:
+        raise ValueError(f"spread needs a non-empty list of numbers, got {values!r}")
+    mean = float(v.mean())
+    if len(v) < 2:
+        return Spread(mean, math.nan, math.nan, 1)
+    half = float(stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return Spread(mean, mean - half, mean + half, len(v))
+
+
+def headline(results: Mapping) -> dict:
+    """One study's numbers that the seeds compare: Fig. 1's peaks and Fig. 10's ratios."""
+    fig1 = results["fig1"]
+    on, off = report.peak([fig1[0]]), report.peak(fig1[1:])
+    ratios = {
+        s["model"]: report.quantile_win(s["offline"]) / report.quantile_win(s["online"])
+        for s in results.get("fig10", [])
+    }
+    return {"online": on, "offline": off, "difference": on.win - off.win, "ratios": ratios}
+
+
+def verdict(diff: Spread) -> str:
+    if diff.n < 2:
+        return "one seed: no interval over seeds; run more seeds"
+    if diff.lo > 0:
+        return "online beats offline over seeds (the t-interval of the mean difference is > 0)"
+    if diff.hi < 0:
+        return "offline beats online over seeds (the t-interval of the mean difference is < 0)"
+    return (
+        "not separated over these seeds: the t-interval of the mean difference contains 0 "
+        "(run more seeds, or a larger preset)"
+    )
+
+
+def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> pathlib.Path:
+    """Writes SEEDS.md for {seed: results of `study_experiments.run_all`}; returns its path."""
+    if not per_seed:
+        raise ValueError("no seeds to compare")
+    heads = {seed: headline(res) for seed, res in sorted(per_seed.items())}
+    rows = []
+    for seed, h in heads.items():
+        on, off = h["online"], h["offline"]
+        rows.append(
+            [
+                seed,
+                on.cell(),
+                f"{on.kl:.2f}",
+                off.cell(),
+                f"{off.kl:.2f}",
+                f"{h['difference']:+.3f}",
+                report.compare(on, off, "online", "offline"),
+            ]
+        )
+    diff = spread([h["difference"] for h in heads.values()])
+    on_all = spread([h["online"].win for h in heads.values()])
+    off_all = spread([h["offline"].win for h in heads.values()])
+    lines = [
+        f"# ipo_gap study over seeds ({preset} preset, seeds {', '.join(map(str, heads))})",
+        "",
+        "Each seed is a whole study (its own task sample, models, runs and evaluation "
+        "prompts' samples). Per seed, the intervals are evaluation noise only (REPORT.md); "
+        "over seeds, the Student-t 95% interval of the mean holds training noise too.",
+        "",
+        "## Fig. 1: online vs offline IPO, peak win rate against the golden baseline",
+        "",
+        report.table(
+            [
+                "seed",
+                "online peak [95% CI]",
+                "KL",
+                "offline peak [95% CI]",
+                "KL",
+                "online - offline",
+                "verdict of this seed",
+            ],
+            rows,
+        ),
+        "",
+        report.table(
+            ["over seeds", "mean [t 95% CI]"],
+            [
+                ["online peak", on_all.cell()],
+                ["offline peak (pooled sweep)", off_all.cell()],
+                ["online - offline", diff.cell()],
+            ],
+        ),
+        "",
+        f"**Verdict over seeds:** {verdict(diff)}.",
+    ]
+    sizes = sorted({m for h in heads.values() for m in h["ratios"]})
+    if sizes:
+        size_rows = []
+        for m in sizes:
+            values = [h["ratios"][m] for h in heads.values() if m in h["ratios"]]
+            size_rows.append([m, " ".join(f"{v:.3f}" for v in values), spread(values).cell()])
+        lines += [
+            "",
+            "## Fig. 10: offline / online best performance (90% quantile) per policy size",
+            "",
+            report.table(["size", "per seed", "mean [t 95% CI]"], size_rows),
+        ]
+    path = pathlib.Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path

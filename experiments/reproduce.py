@@ -28,7 +28,7 @@ import time
 
 from absl import app, flags, logging
 
-from ipo_gap import report, study_experiments
+from ipo_gap import report, sharding, study_experiments
 from ipo_gap import seeds as seeds_report
 from ipo_gap.data import preference_data
 from ipo_gap.study import PRESETS, for_task
@@ -115,6 +115,9 @@ def config(preset: str, *, seed: int | None = None, **overrides):
         )
     elif overrides.get("policy_checkpoint"):
         overrides["scaling_models"] = (overrides["policy_checkpoint"],)
+    if overrides.get("mesh"):  # recorded resolved ("data:-1" -> "data:8"), so it is checked
+        mesh = sharding.make_mesh(overrides["mesh"])
+        overrides["mesh"] = ",".join(f"{name}:{size}" for name, size in mesh.shape.items())
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -160,7 +163,10 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save and restore at INFO
         logging.set_verbosity(logging.WARNING)
     workdir = pathlib.Path(_WORKDIR.value)
-    if _SEEDS.value:
+    seeds = None
+    if _SEEDS.value is not None:
+        if not _SEEDS.value:
+            raise app.UsageError("--seeds is empty: give seeds like --seeds=0,1,2")
         if _SEED.value is not None:
             raise app.UsageError("give --seed or --seeds, not both")
         try:
@@ -184,7 +190,7 @@ def main(argv):
         mesh=_MESH.value,
     )
     if _DOCS.value:
-        first = workdir / f"seed_{_SEEDS.value[0]}" if _SEEDS.value else workdir
+        first = workdir / f"seed_{seeds[0]}" if seeds else workdir
         shutil.copy(first / "figures" / "fig1_online_vs_offline.png", _DOCS.value)
 
 

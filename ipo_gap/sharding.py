@@ -33,6 +33,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -445,3 +446,23 @@ def to_device(x) -> jax.Array:
     if x.ndim and x.shape[0] % _data_size(mesh):
         sharding = NamedSharding(mesh, PartitionSpec())
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def restore_shardings(template):
+    """Shardings for restoring a train state like `template` onto the active mesh, or None.
+
+    Arrays the template already holds on the mesh keep their sharding; every other array
+    (e.g. Adam's step count, which `optimizer.init` leaves on one device) is replicated, so
+    a restored state never mixes one-device and mesh arrays in one jitted step.
+    """
+    mesh = active_mesh()
+    if mesh is None:
+        return None
+
+    def one(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == mesh:
+            return s
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, eqx.filter(template, eqx.is_array))

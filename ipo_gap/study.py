@@ -19,6 +19,7 @@ import os
 import pathlib
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import numpy as np
 
@@ -254,8 +255,10 @@ def save_model(directory: pathlib.Path, model, cfg: T5Config) -> None:
 
 
 def load_model(directory: pathlib.Path, cfg: T5Config):
-    """The model saved by `save_model`, sharded over `sharding.active_mesh()` when there is one."""
-    like = t5.init(cfg, key=jax.random.key(0))
+    """The model saved by `save_model`, sharded over `sharding.active_mesh()` when there is one.
+
+    The template is abstract (shapes only): no second copy of the model is initialised."""
+    like = eqx.filter_eval_shape(t5.init, cfg, key=jax.random.key(0))
     mesh = sharding.active_mesh()
     shardings = None if mesh is None else sharding.model_shardings(like, mesh)
     with CheckpointManager(directory / "ckpt") as mngr:

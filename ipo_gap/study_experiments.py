@@ -288,7 +288,7 @@ def pipeline_summary(study: Study) -> dict:
             "sft": study.sft_eval(),
             "truncated": study.prep.truncated,
             "prompt_width": study.prep.prompt_width,
-            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} visible",
             "mesh": study.cfg.mesh or "none (one device)",
             "task": study.cfg.task,
             "data": getattr(study.prep.task, "report", None),

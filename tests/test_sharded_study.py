@@ -42,13 +42,41 @@ def go(workdir, mesh):
             hashlib.sha256(b"".join(np.asarray(b[f]).tobytes() for f in ("prompt", "y_w", "y_l")))
             .hexdigest() for _, b in log.iter_steps()
         ],
-        "fallbacks": sharding.sharding_fallbacks(sft, mesh and sharding.make_mesh(mesh)),
+        "fallbacks": sharding.sharding_fallbacks(sft, mesh and sharding.make_mesh(mesh))
+        if mesh else [],
     }
 
 tmp = pathlib.Path(tempfile.mkdtemp())
 one = go(tmp / "one", None)
 meshed = go(tmp / "mesh", "data:4,model:2")
-print(json.dumps({"one": one, "mesh": meshed, "devices": jax.device_count()}))
+
+# The placement helpers themselves, and a killed SFT resumed on the mesh.
+sys.path.insert(0, "tests")
+from conftest import tiny_config
+from ipo_gap.t5 import model as t5
+from ipo_gap.train.trainers import train_sft
+rng = np.random.default_rng(0)
+data = {f: rng.integers(3, 60, (32, 6)).astype(np.int32) for f in ("src", "tgt")}
+data.update(src_mask=np.ones((32, 6), np.int32), tgt_mask=np.ones((32, 6), np.int32))
+mesh = sharding.make_mesh("data:4,model:2")
+with sharding.use_mesh(mesh):
+    placed = {
+        "batch": str(sharding.to_device(np.zeros((8, 3), np.int32)).sharding.spec),
+        "odd_batch": str(sharding.to_device(np.zeros((3, 3), np.int32)).sharding.spec),
+        "lm_head": str(sharding.place_model(t5.init(tiny_config(), key=jax.random.key(0)))
+                       .lm_head.sharding.spec),
+    }
+    start = sharding.place_model(t5.init(tiny_config(), key=jax.random.key(1)))
+    kw = dict(batch_size=8, learning_rate=1e-2, seed=0)
+    want, _ = train_sft(start, data, num_steps=4, **kw)
+    ck = dict(checkpoint_dir=tmp / "sft_state", checkpoint_every=2, metrics_path=tmp / "m.jsonl")
+    train_sft(start, data, num_steps=3, **kw, **ck)
+    got, _ = train_sft(start, data, num_steps=4, **kw, **ck)
+    resume_diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                      for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+    resumed_spec = str(got.lm_head.sharding.spec)
+print(json.dumps({"one": one, "mesh": meshed, "devices": jax.device_count(), "placed": placed,
+                  "resume_diff": resume_diff, "resumed_spec": resumed_spec}))
 """
 
 
@@ -65,6 +93,18 @@ def test_a_study_on_a_mesh_equals_the_study_on_one_device():
     # attention, MLP and vocabulary weights over "model".
     assert one["on_model"] == 0
     assert mesh["on_model"] >= mesh["num_params"] // 3, mesh
+    # Replicated only where the vocabulary (the trained tokenizer's) does not divide "model".
+    assert all("vocab=" in f for f in mesh["fallbacks"]), mesh["fallbacks"]
+    # Batches go over "data" (replicated when they do not divide); models over "model".
+    assert res["placed"] == {
+        "batch": "P('data', None)",
+        "odd_batch": "P()",
+        "lm_head": "P(None, 'model')",
+    }, res["placed"]
+    # A killed SFT resumes on the mesh (Adam's step count restored onto it, not one device)
+    # and ends where the uninterrupted run does, still sharded.
+    assert res["resume_diff"] <= 1e-6, res["resume_diff"]
+    assert res["resumed_spec"] == "P(None, 'model')"
     for key in ("sft", "golden", "proxy", "online"):
         assert len(one[key]) == len(mesh[key]) > 0, key
         # Measured: SFT 5e-7, PMs 2e-7, online IPO 9e-6 (relative; IPO losses are ~25).

@@ -154,7 +154,7 @@ def _same_arrays(a, b) -> bool:
 
 
 @pytest.mark.slow  # three SFT runs compiled anew (~20 s on 2 cores): in CI's slow suite
-def test_sft_resumes_from_its_train_state_bit_for_bit(tmp_path):
+def test_sft_resumes_from_its_train_state_bit_for_bit(tmp_path, capsys):
     """A run killed after step 5 with states every 2 steps (the last at 4), called again,
     ends with the parameters and losses of an uninterrupted run, each step logged once."""
     data = _sft_data()
@@ -164,16 +164,29 @@ def test_sft_resumes_from_its_train_state_bit_for_bit(tmp_path):
     ckpt = {"checkpoint_dir": tmp_path / "state", "checkpoint_every": 2}
     metrics = tmp_path / "metrics.jsonl"
     train_sft(model, data, num_steps=5, metrics_path=metrics, **common, **ckpt)
+    capsys.readouterr()
     got, hist = train_sft(model, data, num_steps=8, metrics_path=metrics, **common, **ckpt)
+    assert "[sft] resumed from its train state at step 4" in capsys.readouterr().out
     assert hist == want_hist
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(8))
     assert _same_arrays(got, want)
     with pytest.raises(ValueError, match="train state .* was written by a run with"):
-        train_sft(model, data, num_steps=8, **dict(common, learning_rate=2e-2), **ckpt)
+        train_sft(
+            model,
+            data,
+            num_steps=8,
+            metrics_path=metrics,
+            **dict(common, learning_rate=2e-2),
+            **ckpt,
+        )
+    with pytest.raises(ValueError, match="at step 8, past this run's 6 steps"):
+        train_sft(model, data, num_steps=6, metrics_path=metrics, **common, **ckpt)
+    with pytest.raises(ValueError, match="needs a metrics_path"):
+        train_sft(model, data, num_steps=8, **common, **ckpt)
 
 
 @pytest.mark.slow  # three PM runs with evaluations (~30 s on 2 cores): in CI's slow suite
-def test_pm_resumes_with_its_best_model_and_plateau_count(tmp_path):
+def test_pm_resumes_with_its_best_model_and_plateau_count(tmp_path, capsys):
     model = t5.init(CFG, key=jax.random.key(6))
     train, valid = _pm_data(6, 64), _pm_data(7, 32)
     common = {
@@ -188,16 +201,25 @@ def test_pm_resumes_with_its_best_model_and_plateau_count(tmp_path):
     ckpt = {"checkpoint_dir": tmp_path / "state", "checkpoint_every": 3}
     metrics = tmp_path / "metrics.jsonl"
     train_pm(model, train, valid, num_steps=7, metrics_path=metrics, **common, **ckpt)
+    capsys.readouterr()
     got = train_pm(model, train, valid, num_steps=12, metrics_path=metrics, **common, **ckpt)
+    assert "resumed from its train state at step 6" in capsys.readouterr().out
     assert got.history == want.history and len(got.history) == 12
     assert (got.best_step, got.best_valid_accuracy) == (want.best_step, want.best_valid_accuracy)
     assert _same_arrays(got.model, want.model)
     # A state saved at the plateau (killed before returning): the resumed run stops there.
     flat = dict(common, learning_rate=0.0, eval_every=2, patience=2)
-    ckpt = {"checkpoint_dir": tmp_path / "flat", "checkpoint_every": 2}
+    ckpt = {
+        "checkpoint_dir": tmp_path / "flat",
+        "checkpoint_every": 2,
+        "metrics_path": tmp_path / "flat.jsonl",
+    }
     first = train_pm(model, train, valid, num_steps=50, **flat, **ckpt)
     assert first.stopped_early and first.best_step == 2 and len(first.history) == 6
+    capsys.readouterr()
     again = train_pm(model, train, valid, num_steps=50, **flat, **ckpt)
-    assert again.stopped_early and again.best_step == 2
+    out = capsys.readouterr().out
+    assert "resumed from its train state at step 6" in out and "step 7/" not in out
+    assert again.stopped_early and again.best_step == 2 and again.history == first.history
     assert again.best_valid_accuracy == first.best_valid_accuracy
     assert _same_arrays(again.model, first.model)

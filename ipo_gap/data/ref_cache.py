@@ -34,13 +34,13 @@ from collections.abc import Mapping
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from ipo_gap.data import sources
 from ipo_gap.data.order_log import hash_batch
 from ipo_gap.data.sources import PAIR_FIELDS
+from ipo_gap.sharding import to_device
 from ipo_gap.train import steps
 
 FORMAT = "ipo_gap.ref_cache"
@@ -111,7 +111,7 @@ def compute_reference_logprobs(
     arrays = [np.asarray(data[f]) for f in PAIR_FIELDS]
     out_w, out_l = [], []
     for idx, keep in sources.padded_batches(n, batch_size):
-        batch = steps.PairBatch(*(jnp.asarray(a[idx]) for a in arrays))
+        batch = steps.PairBatch(*(to_device(a[idx]) for a in arrays))
         ref_w, ref_l = _pair_logprobs(ref_model, batch, normalize=normalize)
         out_w.append(np.asarray(ref_w, np.float32)[:keep])
         out_l.append(np.asarray(ref_l, np.float32)[:keep])
@@ -252,7 +252,7 @@ def with_refs(data: Mapping[str, np.ndarray], ref_w, ref_l) -> dict[str, np.ndar
 
 def pair_batch(batch: Mapping[str, np.ndarray]) -> steps.PairBatch:
     """A `PairBatch` of a source's batch, carrying ref_w/ref_l when the batch has them."""
-    fields = [jnp.asarray(batch[f]) for f in PAIR_FIELDS]
+    fields = [to_device(batch[f]) for f in PAIR_FIELDS]
     if "ref_w" in batch:
-        return steps.PairBatch(*fields, jnp.asarray(batch["ref_w"]), jnp.asarray(batch["ref_l"]))
+        return steps.PairBatch(*fields, to_device(batch["ref_w"]), to_device(batch["ref_l"]))
     return steps.PairBatch(*fields)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.data.sources import PAIR_FIELDS
-from ipo_gap.sharding import to_device
+from ipo_gap.sharding import restore_shardings, to_device
 from ipo_gap.train import steps
 from ipo_gap.train_state_io import CheckpointManager, TrainState, key_to_data
 
@@ -382,7 +382,9 @@ def _run(
         template = TrainState(
             model, opt_state, jnp.int32(0), jnp.zeros_like(rng_data), jnp.int32(0)
         )
-        restored = manager.restore(manager.latest_step(), template)
+        restored = manager.restore(
+            manager.latest_step(), template, shardings=restore_shardings(template)
+        )
         if not np.array_equal(np.asarray(restored.rng), np.asarray(rng_data)):
             raise ValueError(
                 f"[{name}] the checkpoint in {manager.directory} (step "

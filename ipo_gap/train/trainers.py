@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ipo_gap import preference
+from ipo_gap import preference, sharding
 from ipo_gap.data import sources
 from ipo_gap.sharding import to_device
 from ipo_gap.train import steps
@@ -48,18 +48,29 @@ class _Resumable:
     settings that fix the run (`identity`: seed, learning rate, batch, steps), which must
     match on resume, and the trainer's host variables (`extra`, e.g. the PM's best step).
     Batches and keys derive from (seed, step), so a resumed run repeats the uninterrupted one
-    bit for bit. On resume, the metrics file keeps its lines of the steps before the state.
+    bit for bit. On resume, the metrics file keeps its lines of the steps before the state
+    (it must hold all of them). The last two states are kept. On an active mesh, the state
+    is restored onto it (`sharding.restore_shardings`).
     """
 
-    def __init__(self, directory, every: int, name: str, identity: dict):
+    def __init__(self, directory, every: int, name: str, identity: dict, metrics_path):
         self.every, self.name, self.identity = every, name, identity
-        self.manager = CheckpointManager(directory) if directory and every else None
+        self.manager = None
+        if directory and every:
+            if not metrics_path:
+                raise ValueError(f"[{name}] checkpointing needs a metrics_path (the history)")
+            self.manager = CheckpointManager(directory, max_to_keep=2)
 
-    def restore(self, like, metrics_path) -> tuple[object, dict, int] | None:
+    def restore(self, like, metrics_path, num_steps: int) -> tuple[object, dict, int] | None:
         """(arrays, extra metadata, step to continue at), or None when nothing is saved."""
         if self.manager is None or self.manager.latest_step() is None:
             return None
         step = self.manager.latest_step()
+        if step > num_steps:
+            raise ValueError(
+                f"[{self.name}] the train state in {self.manager.directory} is at step {step}, "
+                f"past this run's {num_steps} steps"
+            )
         meta = self.manager.restore_metadata(step)
         if meta.get("identity") != json.loads(json.dumps(self.identity)):
             raise ValueError(
@@ -67,11 +78,23 @@ class _Resumable:
                 f"written by a run with {meta.get('identity')}; this run has {self.identity}: "
                 "use the original settings, or delete that directory"
             )
-        arrays = self.manager.restore(step, like)
-        if metrics_path and pathlib.Path(metrics_path).exists():
-            lines = pathlib.Path(metrics_path).read_text().splitlines()
-            keep = [line for line in lines if line.strip() and json.loads(line)["step"] < step]
-            pathlib.Path(metrics_path).write_text("".join(line + "\n" for line in keep))
+        arrays = self.manager.restore(step, like, shardings=sharding.restore_shardings(like))
+        path = pathlib.Path(metrics_path)
+        rows = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by the kill: its step is redone
+                continue
+        rows = [r for r in rows if r["step"] < step]
+        if [r["step"] for r in rows] != list(range(step)):
+            raise ValueError(
+                f"[{self.name}] {path} does not hold steps 0..{step - 1} of the train state at "
+                f"step {step}: cannot resume with a complete history"
+            )
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
         print(f"[{self.name}] resumed from its train state at step {step}", flush=True)
         return arrays, meta.get("extra", {}), step
 
@@ -136,8 +159,8 @@ def train_sft(
     optimizer = adam_with_warmup(learning_rate, warmup_steps)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     identity = {"seed": seed, "lr": learning_rate, "batch": batch_size, "warmup": warmup_steps}
-    ckpt = _Resumable(checkpoint_dir, checkpoint_every, name, identity)
-    start, resumed = 0, ckpt.restore((model, opt_state), metrics_path)
+    ckpt = _Resumable(checkpoint_dir, checkpoint_every, name, identity, metrics_path)
+    start, resumed = 0, ckpt.restore((model, opt_state), metrics_path, num_steps)
     if resumed is not None:
         (model, opt_state), _, start = resumed
     step_fn = steps.make_sft_step(optimizer)
@@ -283,9 +306,9 @@ def train_pm(
         "patience": patience,
         "kind": kind,
     }
-    ckpt = _Resumable(checkpoint_dir, checkpoint_every, name, identity)
+    ckpt = _Resumable(checkpoint_dir, checkpoint_every, name, identity, metrics_path)
     # Before the first evaluation the best model slot holds the current one (best step -1).
-    start, resumed = 0, ckpt.restore((model, opt_state, model), metrics_path)
+    start, resumed = 0, ckpt.restore((model, opt_state, model), metrics_path, num_steps)
     if resumed is not None:
         (model, opt_state, best_model), extra, start = resumed
         best_model = best_model if extra["best_step"] >= 0 else None

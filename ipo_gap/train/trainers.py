@@ -61,8 +61,9 @@ class _Resumable:
                 raise ValueError(f"[{name}] checkpointing needs a metrics_path (the history)")
             self.manager = CheckpointManager(directory, max_to_keep=2)
 
-    def restore(self, like, metrics_path, num_steps: int) -> tuple[object, dict, int] | None:
-        """(arrays, extra metadata, step to continue at), or None when nothing is saved."""
+    def restore(self, like, metrics_path, num_steps: int):
+        """(arrays, extra metadata, step to continue at, the metrics rows of the steps before
+        it), or None when nothing is saved."""
         if self.manager is None or self.manager.latest_step() is None:
             return None
         step = self.manager.latest_step()
@@ -96,7 +97,7 @@ class _Resumable:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(path)
         print(f"[{self.name}] resumed from its train state at step {step}", flush=True)
-        return arrays, meta.get("extra", {}), step
+        return arrays, meta.get("extra", {}), step, rows
 
     def maybe_save(self, step_done: int, arrays, extra: dict | None = None) -> None:
         if self.manager is None or step_done % self.every:
@@ -108,14 +109,6 @@ class _Resumable:
     def close(self) -> None:
         if self.manager is not None:
             self.manager.close()
-
-
-def _history(metrics_path) -> list[dict]:
-    """The metrics lines kept by a resume (the steps before it), else []."""
-    if not metrics_path or not pathlib.Path(metrics_path).exists():
-        return []
-    lines = pathlib.Path(metrics_path).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _check_rows(data: dict[str, np.ndarray], fields: tuple[str, ...], what: str) -> int:
@@ -160,12 +153,12 @@ def train_sft(
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     identity = {"seed": seed, "lr": learning_rate, "batch": batch_size, "warmup": warmup_steps}
     ckpt = _Resumable(checkpoint_dir, checkpoint_every, name, identity, metrics_path)
-    start, resumed = 0, ckpt.restore((model, opt_state), metrics_path, num_steps)
+    start, history, resumed = 0, [], ckpt.restore((model, opt_state), metrics_path, num_steps)
     if resumed is not None:
-        (model, opt_state), _, start = resumed
+        (model, opt_state), _, start, rows = resumed
+        history = [r["loss"] for r in rows]
     step_fn = steps.make_sft_step(optimizer)
     progress = Progress(num_steps, name)
-    history = [r["loss"] for r in _history(metrics_path)] if resumed else []
     out = open(metrics_path, "a" if resumed else "w") if metrics_path else None  # noqa: SIM115
     try:
         for step in range(start, num_steps):
@@ -310,10 +303,9 @@ def train_pm(
     # Before the first evaluation the best model slot holds the current one (best step -1).
     start, resumed = 0, ckpt.restore((model, opt_state, model), metrics_path, num_steps)
     if resumed is not None:
-        (model, opt_state, best_model), extra, start = resumed
+        (model, opt_state, best_model), extra, start, history = resumed
         best_model = best_model if extra["best_step"] >= 0 else None
         best, since_best = (extra["best_accuracy"], extra["best_step"], best_model), extra["since"]
-        history = _history(metrics_path)
         if since_best >= patience:  # saved at the plateau, killed before returning
             start, stopped_early = num_steps, True
     out = open(metrics_path, "a" if resumed else "w") if metrics_path else None  # noqa: SIM115

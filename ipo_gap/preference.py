@@ -296,12 +296,28 @@ def pair_logits_both_orders(
     length: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(logit r(x, y1, y2), logit r(x, y2, y1)), each [B], from ONE forward on 2B rows."""
+    packed = pack_both_orders(x_BxS, x_mask, y1_BxT, y1_mask, y2_BxT, y2_mask, length=length)
+    return logits_of_packed_pairs(model, *packed, logit_fn=logit_fn)
+
+
+def pack_both_orders(x_BxS, x_mask, y1_BxT, y1_mask, y2_BxT, y2_mask, *, length=None):
+    """(t12, m12, t21, m21): `pack_pair` of (x, y1, y2) and of (x, y2, y1), both length N."""
     if length is None:
         length = packed_length(x_BxS.shape[1], y1_BxT.shape[1], y2_BxT.shape[1])
     t12, m12 = pack_pair(x_BxS, x_mask, y1_BxT, y1_mask, y2_BxT, y2_mask, length=length)
     t21, m21 = pack_pair(x_BxS, x_mask, y2_BxT, y2_mask, y1_BxT, y1_mask, length=length)
-    logit_2B = logit_fn(model, jnp.concatenate([t12, t21]), jnp.concatenate([m12, m21]))
-    batch = x_BxS.shape[0]
+    return t12, m12, t21, m21
+
+
+def logits_of_packed_pairs(
+    model: t5.T5, t12_BxN, m12_BxN, t21_BxN, m21_BxN, *, logit_fn: LogitFn = pm_logit
+) -> tuple[jax.Array, jax.Array]:
+    """The two orders' logits of `pack_both_orders`' rows, from ONE forward on 2B rows (the
+    rows may be cut to any common width N' <= N: columns past every row's end are padding)."""
+    logit_2B = logit_fn(
+        model, jnp.concatenate([t12_BxN, t21_BxN]), jnp.concatenate([m12_BxN, m21_BxN])
+    )
+    batch = t12_BxN.shape[0]
     return logit_2B[:batch], logit_2B[batch:]
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 from collections.abc import Callable
 
@@ -23,7 +22,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from ipo_gap import sharding
+from ipo_gap import jsonl, sharding
 from ipo_gap.configs import T5Config, model_preset
 from ipo_gap.data import embedded_task, preference_data
 from ipo_gap.t5 import model as t5
@@ -229,12 +228,6 @@ def for_task(cfg: StudyConfig, task: str) -> StudyConfig:
 # Stage bookkeeping.
 
 
-def _write_json_atomic(path: pathlib.Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
-
-
 def stage(directory: pathlib.Path, fn: Callable[[pathlib.Path], dict]) -> dict:
     """Runs fn(directory) unless `directory/done.json` exists; returns the stage summary."""
     done = directory / "done.json"
@@ -244,7 +237,7 @@ def stage(directory: pathlib.Path, fn: Callable[[pathlib.Path], dict]) -> dict:
         return summary
     directory.mkdir(parents=True, exist_ok=True)
     summary = fn(directory)
-    _write_json_atomic(done, summary)
+    jsonl.write_atomic(done, json.dumps(summary, indent=1, default=float))
     return summary
 
 

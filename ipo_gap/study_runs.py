@@ -21,7 +21,7 @@ import shutil
 import jax
 import numpy as np
 
-from ipo_gap import checkpoint, sharding
+from ipo_gap import checkpoint, jsonl, sharding
 from ipo_gap import eval as evaluation
 from ipo_gap.configs import model_preset
 from ipo_gap.data import sources
@@ -39,19 +39,6 @@ from ipo_gap.study import (
 from ipo_gap.t5 import model as t5
 from ipo_gap.train import loop, steps, trainers
 from ipo_gap.train_state_io import CheckpointManager
-
-
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
 
 TRAIN_STATE = "train_state"  # a run's or stage's train states, removed when it is done
 
@@ -77,12 +64,11 @@ def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
         for child in d.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
         return None
-    _write_jsonl(
-        d / "metrics.jsonl", [m for m in _read_jsonl(d / "metrics.jsonl") if m["step"] < latest]
-    )
-    _write_jsonl(
-        d / "evals.jsonl", [e for e in _read_jsonl(d / "evals.jsonl") if e["step"] <= latest]
-    )
+    # A kill during an append cuts at most the last line; its step is after `latest`.
+    metrics = jsonl.read_rows(d / "metrics.jsonl", cut_tail_ok=True)
+    jsonl.write_rows(d / "metrics.jsonl", [m for m in metrics if m["step"] < latest])
+    evals = jsonl.read_rows(d / "evals.jsonl", cut_tail_ok=True)
+    jsonl.write_rows(d / "evals.jsonl", [e for e in evals if e["step"] <= latest])
     for snap in d.glob("step_*"):
         if int(snap.name.split("_")[1]) > latest:
             shutil.rmtree(snap)
@@ -498,7 +484,7 @@ class Study:
             sft = self.sft()
             evaluate = self.evaluator()
             at = set(self.eval_steps(num_steps))
-            evals = [self.sft_eval()] + _read_jsonl(d / "evals.jsonl")
+            evals = [self.sft_eval()] + jsonl.read_rows(d / "evals.jsonl")
 
             def on_step(step, model, metrics):
                 if step + 1 in at:
@@ -539,7 +525,10 @@ class Study:
                 "on_step": on_step,
             }
             if every:
-                common.update(checkpoint_dir=d / TRAIN_STATE, checkpoint_every=every)
+                # Only the newest two states: one survives a kill during the other's save.
+                common.update(
+                    checkpoint_dir=d / TRAIN_STATE, checkpoint_every=every, checkpoint_keep=2
+                )
             hp = steps.Hparams.make(lr, beta, lam=self.cfg.hypo_lam)
             if hypo:
                 model, _, _ = loop.train_hypo(hparams=hp, **common)
@@ -548,7 +537,7 @@ class Study:
                     hparams=hp, loss=loss, order_log=order_log, **common
                 )
             save_model(d, model, self.policy_cfg)
-            hist = _read_jsonl(d / "metrics.jsonl")  # every step, also across a resume
+            hist = jsonl.read_rows(d / "metrics.jsonl")  # every step, also across a resume
             if [h["step"] for h in hist] != list(range(num_steps)):
                 raise RuntimeError(f"[{name}] {d / 'metrics.jsonl'} does not hold every step")
             _drop_train_state(d)  # the run is done: its train states are not needed any more

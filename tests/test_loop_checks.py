@@ -93,22 +93,26 @@ def test_checkpoint_records_the_source_key_and_resume_checks_it(setup, tmp_path)
     opt_state = steps.make_optimizer().init(eqx.filter(model, eqx.is_array))
     like = TrainState(model, opt_state, np.int32(0), np.zeros(2, np.uint32), np.int32(0))
     with CheckpointManager(tmp_path) as mngr:
+        assert mngr.all_steps() == [1, 2]  # every state is kept by default
         state = mngr.restore(2, like)
     np.testing.assert_array_equal(np.asarray(state.rng), want)
     # The same source resumes (and finishes); another seed is refused, naming both keys.
     _, _, hist = _train(
         model,
         sources.OfflineSource(data, batch_size=4, seed=7),
-        num_steps=3,
+        num_steps=4,
         checkpoint_dir=tmp_path,
         checkpoint_every=1,
+        checkpoint_keep=2,
     )
-    assert [h["step"] for h in hist] == [2]
+    assert [h["step"] for h in hist] == [2, 3]
+    with CheckpointManager(tmp_path) as mngr:
+        assert mngr.all_steps() == [3, 4]  # checkpoint_keep=2: the older states are gone
     with pytest.raises(ValueError, match="another data stream"):
         _train(
             model,
             sources.OfflineSource(data, batch_size=4, seed=8),
-            num_steps=4,
+            num_steps=5,
             checkpoint_dir=tmp_path,
         )
     assert loop.source_key_data(sources.LogReplay.__new__(sources.LogReplay)).tolist() == [0, 0]

@@ -143,6 +143,8 @@ def test_a_killed_run_resumes_inside_the_run(micro_study):
     d = micro_study / "runs" / "resume_cut"
     assert not (d / "done.json").exists() and (d / "train_state").exists()
     assert len(OrderLog.open(d / "log")) == 5  # steps 0..4 logged: one past the train state
+    with open(d / "metrics.jsonl", "a") as f:  # a kill during an append cuts the last line
+        f.write('{"step": 5, "lo')
     cut = s.policy_run("resume_cut", source_fn=lambda: s.online_source(proxy), **kw)
     assert cut["losses"] == whole["losses"] and len(cut["losses"]) == s.cfg.rl_steps
     assert cut["evals"] == whole["evals"]

@@ -201,6 +201,7 @@ def train_policy(
     checkpoint_dir: str | pathlib.Path | None = None,
     checkpoint_every: int = 0,
     checkpoint_meta: dict | None = None,
+    checkpoint_keep: int | None = None,
 ):
     """Trains `model` for steps [start_step, num_steps) on `source`.
 
@@ -211,7 +212,9 @@ def train_policy(
 
     Checkpoints (`checkpoint_dir`): the train state (model, optimizer state, step, data
     position) is saved every `checkpoint_every` steps and at the end. If the directory
-    already holds a checkpoint, training resumes from the latest one. The log may then be
+    already holds a checkpoint, training resumes from the latest one. `checkpoint_keep`
+    keeps only the newest that many states (None: all of them, e.g. for
+    `experiments/check_determinism.py`, which compares every step). The log may then be
     ahead of the checkpoint (a crash between logging and saving): each already-logged step is
     regenerated and must hash-equal the logged batch (else `DeterminismError` names the step
     and field) before training on it, which is a rollback of the log with a verified
@@ -259,6 +262,7 @@ def train_policy(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         checkpoint_meta=checkpoint_meta,
+        checkpoint_keep=checkpoint_keep,
         rng_data=source_key_data(source),
     )
 
@@ -287,6 +291,7 @@ def train_hypo(
     checkpoint_dir: str | pathlib.Path | None = None,
     checkpoint_every: int = 0,
     checkpoint_meta: dict | None = None,
+    checkpoint_keep: int | None = None,
 ):
     """HyPO training (002, Algorithm 1) for steps [start_step, num_steps): `train_policy`'s loop.
 
@@ -343,6 +348,7 @@ def train_hypo(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         checkpoint_meta=checkpoint_meta,
+        checkpoint_keep=checkpoint_keep,
         rng_data=source_key_data(source),
     )
 
@@ -364,6 +370,7 @@ def _run(
     checkpoint_dir,
     checkpoint_every,
     checkpoint_meta,
+    checkpoint_keep,
     rng_data,
 ):
     """The host loop shared by `train_policy` and `train_hypo` (see `train_policy`).
@@ -377,7 +384,9 @@ def _run(
     """
     if opt_state is None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
-    manager = CheckpointManager(checkpoint_dir) if checkpoint_dir else None
+    manager = (
+        CheckpointManager(checkpoint_dir, max_to_keep=checkpoint_keep) if checkpoint_dir else None
+    )
     if manager is not None and manager.latest_step() is not None:
         template = TrainState(
             model, opt_state, jnp.int32(0), jnp.zeros_like(rng_data), jnp.int32(0)

@@ -17,11 +17,10 @@ import pathlib
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ipo_gap import preference, sharding
+from ipo_gap import jsonl, preference, sharding
 from ipo_gap.data import sources
 from ipo_gap.sharding import to_device
 from ipo_gap.train import steps
@@ -81,21 +80,14 @@ class _Resumable:
             )
         arrays = self.manager.restore(step, like, shardings=sharding.restore_shardings(like))
         path = pathlib.Path(metrics_path)
-        rows = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by the kill: its step is redone
-                continue
-        rows = [r for r in rows if r["step"] < step]
+        # A line cut by the kill (the last) is dropped: its step is redone.
+        rows = [r for r in jsonl.read_rows(path, cut_tail_ok=True) if r["step"] < step]
         if [r["step"] for r in rows] != list(range(step)):
             raise ValueError(
                 f"[{self.name}] {path} does not hold steps 0..{step - 1} of the train state at "
                 f"step {step}: cannot resume with a complete history"
             )
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
+        jsonl.write_rows(path, rows)
         print(f"[{self.name}] resumed from its train state at step {step}", flush=True)
         return arrays, meta.get("extra", {}), step, rows
 
@@ -180,17 +172,9 @@ def train_sft(
     return model, history
 
 
-@jax.jit
-def _pack_both_orders(x, xm, y1, m1, y2, m2):
-    t12, m12 = preference.pack_pair(x, xm, y1, m1, y2, m2)
-    t21, m21 = preference.pack_pair(x, xm, y2, m2, y1, m1)
-    return t12, m12, t21, m21
-
-
-@eqx.filter_jit
-def _logits_both_orders(pm, t12, m12, t21, m21):
-    z = preference.pm_logit(pm, jnp.concatenate([t12, t21]), jnp.concatenate([m12, m21]))
-    return z[: t12.shape[0]], z[t12.shape[0] :]
+# `preference.pair_logits_both_orders` in its two halves, so the rows can be cut in between.
+_pack_both_orders = jax.jit(preference.pack_both_orders)
+_logits_both_orders = eqx.filter_jit(preference.logits_of_packed_pairs)
 
 
 def pair_logit_rows(

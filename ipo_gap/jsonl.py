@@ -1,0 +1,46 @@
+"""Files the study rewrites or resumes from: atomic writes, and JSON-lines reads that know
+a kill can cut the last line of a file being appended to."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename: a reader (or a kill)
+    sees the old file or the new one, never part of either."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Rewrites a JSON-lines file atomically (one JSON object per line)."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_rows(path: str | os.PathLike, *, cut_tail_ok: bool = False) -> list[dict]:
+    """The rows of a JSON-lines file ([] when it does not exist).
+
+    cut_tail_ok: a last line that is not valid JSON was cut by a kill during an append, and
+    is dropped (its step is redone on resume). Any other bad line is an error naming the
+    file and line: the file was damaged, and nothing should resume from it.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if cut_tail_ok and i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON line ({e.msg}): {line[:80]!r}") from e
+    return rows

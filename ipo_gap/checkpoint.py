@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from ipo_gap import sharding
 from ipo_gap.configs import T5Config
 from ipo_gap.t5 import model as t5
 from ipo_gap.train_state_io import (  # noqa: F401  (re-exported: the train-state half)
@@ -230,13 +231,16 @@ def hf_t5_config(directory, *, param_dtype: str = "float32", **config_overrides)
     return cfg
 
 
-def load_hf_t5(directory, *, param_dtype: str = "float32", **config_overrides):
+def load_hf_t5(directory, *, param_dtype: str = "float32", mesh=None, **config_overrides):
     """Loads a Hugging Face T5 checkpoint directory into (T5Config, T5 model).
 
     Args:
       directory: holds config.json and model.safetensors (or a sharded
         model.safetensors.index.json with its shards).
       param_dtype: dtype to store the parameters in.
+      mesh: a `jax.sharding.Mesh`: each parameter goes straight from the (memory-mapped)
+        file to its `sharding.model_shardings` placement, so no device ever holds more than
+        its shards (an XXL checkpoint never lands whole on one device). None: default device.
       **config_overrides: other T5Config fields (compute_dtype, scan_layers, ...).
 
     Raises:
@@ -247,6 +251,10 @@ def load_hf_t5(directory, *, param_dtype: str = "float32", **config_overrides):
     cfg, tensors = _hf_config_and_tensors(directory, param_dtype=param_dtype, **config_overrides)
     abstract = jax.eval_shape(lambda: t5.init(cfg, key=jax.random.key(0)))
     used = set()
+    placements = {}
+    if mesh is not None:
+        flat, _ = jax.tree_util.tree_flatten_with_path(sharding.model_shardings(abstract, mesh))
+        placements = {jax.tree_util.keystr(path): s for path, s in flat}
 
     def fill(path, leaf):
         names = [p.name for p in path]
@@ -266,7 +274,10 @@ def load_hf_t5(directory, *, param_dtype: str = "float32", **config_overrides):
                 f"{tuple(leaf.shape)}"
             )
         used.update(hf_names)
-        return jnp.asarray(value.astype(np.float32), dtype=leaf.dtype)
+        value = np.asarray(value.astype(np.float32), dtype=leaf.dtype)  # one leaf on the host
+        if mesh is None:
+            return jnp.asarray(value)
+        return jax.device_put(value, placements[jax.tree_util.keystr(path)])
 
     model = jax.tree_util.tree_map_with_path(fill, abstract)
     # HF ignores these: embeddings duplicated per stack, a stray cross-attention bias table.

@@ -40,6 +40,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from ipo_gap.t5 import model as t5
 from ipo_gap.t5.model import Axes, DecodeCache, logical_axes
 
 DEFAULT_MESH_SPEC = "data:1"
@@ -422,6 +423,35 @@ def use_mesh(mesh: Mesh | None):
 def active_mesh() -> Mesh | None:
     """The mesh of the innermost `use_mesh` block, or None."""
     return _MESHES[-1] if _MESHES else None
+
+
+def init_model(cfg, *, key: jax.Array, mesh: Mesh | None = None, rules: Rules = LOGICAL_RULES):
+    """`t5.init(cfg, key=key)` (the same values, bit for bit), each parameter created on its
+    `model_shardings` placement over `mesh` (default: the active mesh; none: `t5.init`).
+
+    With a mesh, the parameters are drawn by `t5.init_by_counters` inside one jit whose
+    outputs are sharded, so every device computes only its own shards: no device ever holds
+    the whole model (`t5.init` draws one vector as large as the model, with temporaries
+    about four times that, on one device). Where the counters cannot reproduce `t5.init`
+    (non-threefry keys, or jax_threefry_partitionable off), it falls back to `t5.init` on one
+    device and then shards, with a warning.
+    """
+    mesh = active_mesh() if mesh is None else mesh
+    if mesh is None:
+        return t5.init(cfg, key=key)
+    if not t5.counters_supported(key):
+        logging.warning("init_model: counters unsupported for this key; init on one device")
+        return shard_model(t5.init(cfg, key=key), mesh, rules)
+    abstract = eqx.filter_eval_shape(t5.init_by_counters, cfg, key=key)
+    static = eqx.filter(abstract, lambda x: not isinstance(x, jax.ShapeDtypeStruct))
+    shardings = eqx.filter(
+        model_shardings(abstract, mesh, rules), lambda x: isinstance(x, NamedSharding)
+    )
+
+    def draw(k):
+        return eqx.filter(t5.init_by_counters(cfg, key=k), eqx.is_array)
+
+    return eqx.combine(jax.jit(draw, out_shardings=shardings)(key), static)
 
 
 def place_model(model):

@@ -36,7 +36,6 @@ from ipo_gap.study import (
     sft_rows,
     stage,
 )
-from ipo_gap.t5 import model as t5
 from ipo_gap.train import loop, steps, trainers
 from ipo_gap.train_state_io import CheckpointManager
 
@@ -132,12 +131,15 @@ class Study:
     def init_model(self, which: str, purpose: str):
         """A starting model: the pretrained checkpoint when one is given (policy and proxy PM
         from `policy_checkpoint`, golden PM from `golden_checkpoint`), else a random init of
-        the preset with the purpose's key. Sharded over `sharding.active_mesh()` if any."""
+        the preset with the purpose's key. Sharded over `sharding.active_mesh()` if any: a
+        checkpoint goes to the mesh tensor by tensor, a random init is drawn shard by shard
+        (`sharding.init_model`: the same values as on one device); no device holds a whole
+        model."""
         path = self._checkpoint(which)
         if path:
-            return sharding.place_model(checkpoint.load_hf_t5(path)[1])
+            return checkpoint.load_hf_t5(path, mesh=sharding.active_mesh())[1]
         cfg = self.golden_cfg if which == "golden" else self.policy_cfg
-        return sharding.place_model(t5.init(cfg, key=self.key(purpose)))
+        return sharding.init_model(cfg, key=self.key(purpose))
 
     def variant(self, policy_model: str) -> Study:
         """The same study with a policy of another size (Fig. 10-11): its own SFT, SFT

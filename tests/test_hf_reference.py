@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, run_with_devices
 
 from ipo_gap import checkpoint
 from ipo_gap.t5 import model as t5
@@ -197,3 +197,37 @@ def test_save_hf_t5_round_trip_of_a_preset(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, model2, model)
     assert cfg2.to_dict() == cfg.to_dict()
     assert checkpoint.hf_t5_config(tmp_path) == cfg2  # the config alone, weights unread
+
+
+_SHARDED_LOAD = """
+import json
+import jax, numpy as np
+from ipo_gap import checkpoint, sharding
+mesh = sharding.make_mesh("data:2,model:4")
+out = {}
+for variant in ("hf_t5_v11", "hf_t5_original"):
+    path = "tests/fixtures/" + variant
+    _, plain = checkpoint.load_hf_t5(path)
+    _, placed = checkpoint.load_hf_t5(path, mesh=mesh)
+    want = jax.tree.leaves(sharding.model_shardings(placed, mesh))
+    rows = []
+    for a, b, s in zip(jax.tree.leaves(plain), jax.tree.leaves(placed), want):
+        rows.append({
+            "equal": bool(np.array_equal(np.asarray(a), np.asarray(b))),
+            "placed": b.sharding == s,
+            "devices": len(b.sharding.device_set),
+            "split": b.addressable_shards[0].data.size < b.size,
+        })
+    out[variant] = rows
+print(json.dumps(out))
+"""
+
+
+def test_load_onto_a_mesh_places_each_tensor_on_its_sharding():
+    """With `mesh`, every parameter goes from the file to its own sharding (no device holds a
+    whole split tensor) and the values equal a one-device load."""
+    res = run_with_devices(_SHARDED_LOAD, num_devices=8)
+    for variant, rows in res.items():
+        assert rows and all(r["equal"] for r in rows), variant
+        assert all(r["placed"] and r["devices"] == 8 for r in rows), variant
+        assert sum(r["split"] for r in rows) >= len(rows) // 2, (variant, rows)

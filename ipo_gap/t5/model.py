@@ -24,7 +24,9 @@ from typing import NamedTuple
 
 import equinox as eqx
 import jax
+import jax.extend.random as jax_random_ext
 import jax.numpy as jnp
+import numpy as np
 
 from ipo_gap.configs import T5Config
 from ipo_gap.t5.layers import (
@@ -146,7 +148,8 @@ def init(cfg: T5Config, *, key: jax.Array) -> T5:
     All random parameters are consecutive slices of ONE standard-normal vector drawn with
     `key`, scaled per parameter: XLA compiles one threefry kernel instead of one per
     parameter, which on CPU cuts the compile time of `init` from tens of seconds to about
-    one. Jitted: one compiled program per config.
+    one. Jitted: one compiled program per config. `init_by_counters` gives the same values
+    without the vector (for sharded initialisation, see `sharding.init_model`).
     """
     sizes = []
 
@@ -166,6 +169,74 @@ def init(cfg: T5Config, *, key: jax.Array) -> T5:
         return out
 
     return _build(cfg, take)
+
+
+def counters_supported(key: jax.Array) -> bool:
+    """Whether `init_by_counters` reproduces `init` for this key: threefry keys with JAX's
+    partitionable threefry (the default since JAX 0.5), where element i of a random vector
+    depends only on the key and i."""
+    return (
+        bool(jax.config.jax_threefry_partitionable)
+        and str(jax.random.key_impl(key)) == "threefry2x32"
+    )
+
+
+def _normal_at(key_data: jax.Array, offset: int, shape: tuple[int, ...]) -> jax.Array:
+    """Elements [offset, offset + prod(shape)) of `jax.random.normal(key, (N,))` (any N past
+    them; partitionable threefry), reshaped, computed elementwise from their 64-bit counters.
+
+    The same bit-level steps as `jax.random.normal`: 32 random bits -> a float in [1, 2) from
+    the top 23 bits -> uniform on [nextafter(-1, 0), 1) -> sqrt(2) erfinv. Every element is a
+    function of its own index, so XLA's partitioner computes each shard where it lives.
+    """
+    n = math.prod(shape)
+    if n >= 2**32:
+        raise ValueError(f"a parameter of {n} elements is too large for 32-bit local counters")
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    local = jnp.zeros(shape, jnp.uint32)
+    for d, stride in enumerate(strides):
+        local = local + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)
+    off_lo, off_hi = jnp.uint32(offset & 0xFFFFFFFF), jnp.uint32(offset >> 32)
+    lo = local + off_lo
+    hi = off_hi + (lo < off_lo).astype(jnp.uint32)  # the carry out of the low word
+    bits1, bits2 = jax_random_ext.threefry2x32_p.bind(key_data[0], key_data[1], hi, lo)
+    bits = bits1 ^ bits2
+    one_bits = jnp.uint32(np.array(1.0, np.float32).view(np.uint32))
+    floats = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | one_bits, jnp.float32)
+    floats = floats - jnp.float32(1.0)
+    lo_val = np.nextafter(np.float32(-1.0), np.float32(0.0), dtype=np.float32)
+    width = np.float32(1.0) - lo_val
+    uniform = jax.lax.max(jnp.float32(lo_val), floats * width + lo_val)
+    return jnp.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
+
+
+def init_by_counters(cfg: T5Config, *, key: jax.Array) -> T5:
+    """`init`'s parameters, bit for bit, each drawn from its own element counters instead of
+    sliced from one vector (see `_normal_at`; requires `counters_supported(key)`).
+
+    Not jitted here: jit it with `out_shardings` (as `sharding.init_model` does) and no device
+    ever holds more than its shards of the model, where `init` holds the whole vector (and
+    its temporaries) on one device. Compiles one threefry kernel per parameter array.
+    """
+    if not counters_supported(key):
+        raise ValueError(
+            "init_by_counters needs a threefry key and jax_threefry_partitionable=True; "
+            f"got {jax.random.key_impl(key)}, partitionable="
+            f"{jax.config.jax_threefry_partitionable}"
+        )
+    key_data = jax.random.key_data(key)
+    offset = 0
+
+    def draw(shape, std):
+        nonlocal offset
+        # The barrier keeps XLA from folding std into _normal_at's sqrt(2) (a different
+        # rounding); `init` multiplies a materialised vector, so must we.
+        normal = jax.lax.optimization_barrier(_normal_at(key_data, offset, tuple(shape)))
+        out = (std * normal).astype(cfg.param_jnp_dtype)
+        offset += math.prod(shape)
+        return out
+
+    return _build(cfg, draw)
 
 
 def num_params(model: T5) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shutil
 from collections.abc import Callable
 
 import equinox as eqx
@@ -228,16 +229,25 @@ def for_task(cfg: StudyConfig, task: str) -> StudyConfig:
 # Stage bookkeeping.
 
 
+TRAIN_STATE = "train_state"  # a stage's train states (resume inside it), dropped when done
+
+
 def stage(directory: pathlib.Path, fn: Callable[[pathlib.Path], dict]) -> dict:
-    """Runs fn(directory) unless `directory/done.json` exists; returns the stage summary."""
+    """Runs fn(directory) unless `directory/done.json` exists; returns the stage summary.
+
+    The stage's train states (`directory/TRAIN_STATE`) are removed only after done.json is
+    written, so a kill at any moment leaves either a finished stage or one that resumes.
+    """
     done = directory / "done.json"
     if done.exists():
         summary = json.loads(done.read_text())
         print(f"[{directory.name}] done already: skipped", flush=True)
-        return summary
-    directory.mkdir(parents=True, exist_ok=True)
-    summary = fn(directory)
-    jsonl.write_atomic(done, json.dumps(summary, indent=1, default=float))
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        summary = fn(directory)
+        jsonl.write_atomic(done, json.dumps(summary, indent=1, default=float))
+    if (directory / TRAIN_STATE).exists():  # also one left by a kill right after done.json
+        shutil.rmtree(directory / TRAIN_STATE)
     return summary
 
 

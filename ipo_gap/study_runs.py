@@ -27,6 +27,7 @@ from ipo_gap.configs import model_preset
 from ipo_gap.data import sources
 from ipo_gap.data.order_log import OrderLog, pair_schema
 from ipo_gap.study import (
+    TRAIN_STATE,
     StudyConfig,
     load_model,
     pm_rows,
@@ -38,13 +39,6 @@ from ipo_gap.study import (
 )
 from ipo_gap.train import loop, steps, trainers
 from ipo_gap.train_state_io import CheckpointManager
-
-TRAIN_STATE = "train_state"  # a run's or stage's train states, removed when it is done
-
-
-def _drop_train_state(d: pathlib.Path) -> None:
-    if (d / TRAIN_STATE).exists():
-        shutil.rmtree(d / TRAIN_STATE)
 
 
 def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
@@ -207,7 +201,6 @@ class Study:
                 checkpoint_every=self.cfg.checkpoint_every,
             )
             save_model(d, model, self.policy_cfg)
-            _drop_train_state(d)
             return {
                 "final_loss": float(np.mean(hist[-20:])),
                 "steps": len(hist),
@@ -243,7 +236,6 @@ class Study:
                 checkpoint_every=self.cfg.checkpoint_every,
             )
             save_model(d, res.model, cfg_model)
-            _drop_train_state(d)
             return {
                 "best_step": res.best_step,
                 "valid_accuracy": res.best_valid_accuracy,
@@ -542,7 +534,6 @@ class Study:
             hist = jsonl.read_rows(d / "metrics.jsonl")  # every step, also across a resume
             if [h["step"] for h in hist] != list(range(num_steps)):
                 raise RuntimeError(f"[{name}] {d / 'metrics.jsonl'} does not hold every step")
-            _drop_train_state(d)  # the run is done: its train states are not needed any more
             out = {
                 "name": name,
                 "method": method,

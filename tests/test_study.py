@@ -213,6 +213,30 @@ def test_reproduce_seeds_runs_one_study_per_seed(micro_study, tmp_path):
         reproduce.run_seeds(tmp_path / "many", "micro", [1, 1])
 
 
+def test_a_stage_drops_its_train_states_only_after_done_json(tmp_path):
+    """A kill between the two leaves a finished stage (a re-run drops the states), never a
+    stage whose train states are gone but whose summary is missing (it would train again)."""
+    d = tmp_path / "sft"
+
+    def fails(directory):
+        (directory / study.TRAIN_STATE).mkdir()
+        raise KeyboardInterrupt  # killed during the stage
+
+    with pytest.raises(KeyboardInterrupt):
+        study.stage(d, fails)
+    assert (d / study.TRAIN_STATE).exists() and not (d / "done.json").exists()
+
+    def finishes(directory):
+        assert not (directory / "done.json").exists()
+        return {"steps": 3}
+
+    assert study.stage(d, finishes) == {"steps": 3}
+    assert (d / "done.json").exists() and not (d / study.TRAIN_STATE).exists()
+    (d / study.TRAIN_STATE).mkdir()  # as if killed right after done.json was written
+    assert study.stage(d, fails) == {"steps": 3}  # skipped: fn is not called
+    assert not (d / study.TRAIN_STATE).exists()
+
+
 def test_interval_and_peak_and_verdicts():
     iv = evaluation.Interval.of(np.array([1.0, 0.0, 0.5, 1.0]))
     assert iv.mean == 0.625 and iv.n == 4

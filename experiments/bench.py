@@ -20,10 +20,12 @@ Achieved FLOP/s are reported as a fraction of a matmul peak measured here (best 
 over n in {512, 1024}, before and after each configuration: this VM drifts by tens of %).
 
 With --peer_python=PATH (a Python with torch and transformers, see ../shared/bench/README.md),
-the peer's script runs right after ours for each configuration, alternating, and a `compare`
-line gives the ratios. Usage:
+the peer's script runs next to ours for each configuration, in --rounds rounds that alternate
+who goes first (ours then the peer, then the peer then ours, ...), and a `compare` line gives
+the median over rounds of each side's throughput and of the per-round ratio, with every
+round's ratio. Usage:
 
-  python experiments/bench.py --config=toy,small --peer_python=.peerenv/bin/python
+  python experiments/bench.py --config=toy,small --peer_python=.peerenv/bin/python --rounds=4
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ _BENCH = flags.DEFINE_list(
 )
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds",
+    1,
+    "Rounds of (ours, peer), alternating which goes first; `compare` gives the median of the "
+    "per-round ratios and each round's ratio (this VM's speed drifts by tens of %).",
+)
 _SCAN = flags.DEFINE_bool("scan_layers", None, "Override the preset's scan_layers.")
 _PEER = flags.DEFINE_string("peer_python", None, "Python of the peer venv; runs the peer too.")
 _PEER_SCRIPT = flags.DEFINE_string(
@@ -230,8 +238,63 @@ def run_peer(config: str, benches: list[str]) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+def _ours(name: str, cfg, model, w, round_: int) -> dict[str, dict]:
+    """One round of our workloads between two matmul calibrations; emits and returns lines."""
+    peak_before = matmul_peak()
+    emit(
+        {
+            "config": name,
+            "round": round_,
+            "bench": "calib_matmul",
+            "when": "before",
+            "best_gflops": round(peak_before, 1),
+        }
+    )
+    ours = {}
+    for bench in _BENCH.value:
+        ts, extra = BENCHES[bench](cfg, model, w)
+        med = statistics.median(ts)
+        flops = extra.pop("flops")
+        line = {
+            "config": name,
+            "round": round_,
+            "bench": bench,
+            "median_s": round(med, 5),
+            "min_s": round(min(ts), 5),
+            "repeats": len(ts),
+            **{f"{k}_per_s": round(v / med, 1) for k, v in extra.items()},
+            "model_gflops_per_s": round(flops / med / 1e9, 1),
+            "fraction_of_peak": round(flops / med / 1e9 / peak_before, 3),
+            "batch": w["batch"],
+            "prompt_len": w["prompt_len"],
+            "response_len": w["response_len"],
+            "dtype": cfg.compute_dtype,
+        }
+        ours[bench] = line
+        emit(line)
+    emit(
+        {
+            "config": name,
+            "round": round_,
+            "bench": "calib_matmul",
+            "when": "after",
+            "best_gflops": round(matmul_peak(), 1),
+        }
+    )
+    return ours
+
+
+def _peer(name: str, round_: int) -> dict[str, dict]:
+    peer = {r.get("bench"): r for r in run_peer(name, _BENCH.value)}
+    for r in peer.values():
+        emit({"peer": True, "round": round_, **r})
+    return peer
+
+
 def main(argv):
     del argv
+    if _ROUNDS.value < 1:
+        raise app.UsageError(f"--rounds must be >= 1, got {_ROUNDS.value}")
     emit(
         {
             "bench": "setup",
@@ -247,61 +310,38 @@ def main(argv):
         if _SCAN.value is not None:
             cfg = cfg.replace(scan_layers=_SCAN.value)
         model = t5.init(cfg, key=jax.random.key(0))
-        peak_before = matmul_peak()
-        emit(
-            {
-                "config": name,
-                "bench": "calib_matmul",
-                "when": "before",
-                "best_gflops": round(peak_before, 1),
-            }
-        )
-        ours = {}
-        for bench in _BENCH.value:
-            ts, extra = BENCHES[bench](cfg, model, w)
-            med = statistics.median(ts)
-            flops = extra.pop("flops")
-            line = {
-                "config": name,
-                "bench": bench,
-                "median_s": round(med, 5),
-                "min_s": round(min(ts), 5),
-                "repeats": len(ts),
-                **{f"{k}_per_s": round(v / med, 1) for k, v in extra.items()},
-                "model_gflops_per_s": round(flops / med / 1e9, 1),
-                "fraction_of_peak": round(flops / med / 1e9 / peak_before, 3),
-                "batch": w["batch"],
-                "prompt_len": w["prompt_len"],
-                "response_len": w["response_len"],
-                "dtype": cfg.compute_dtype,
-            }
-            ours[bench] = line
-            emit(line)
-        peak_after = matmul_peak()
-        emit(
-            {
-                "config": name,
-                "bench": "calib_matmul",
-                "when": "after",
-                "best_gflops": round(peak_after, 1),
-            }
-        )
-        if _PEER.value:
-            peer = {r.get("bench"): r for r in run_peer(name, _BENCH.value)}
-            for r in peer.values():
-                emit({"peer": True, **r})
-            for bench, (peer_name, field) in COMPARE.items():
-                if bench in ours and peer_name in peer:
-                    emit(
-                        {
-                            "config": name,
-                            "bench": "compare",
-                            "what": f"{bench} {field}",
-                            "ours": ours[bench][field],
-                            "peer": peer[peer_name][field],
-                            "ratio": round(ours[bench][field] / peer[peer_name][field], 2),
-                        }
-                    )
+        rounds = []  # (ours, peer) per round
+        for r in range(_ROUNDS.value):
+            # Alternate who goes first, so a drift of the machine's speed during a round
+            # favours each side equally often.
+            if _PEER.value and r % 2:
+                peer = _peer(name, r)
+                ours = _ours(name, cfg, model, w, r)
+            else:
+                ours = _ours(name, cfg, model, w, r)
+                peer = _peer(name, r) if _PEER.value else {}
+            rounds.append((ours, peer))
+        for bench, (peer_name, field) in COMPARE.items():
+            pairs = [
+                (o[bench][field], p[peer_name][field])
+                for o, p in rounds
+                if bench in o and peer_name in p
+            ]
+            if not pairs:
+                continue
+            ratios = [a / b for a, b in pairs]
+            emit(
+                {
+                    "config": name,
+                    "bench": "compare",
+                    "what": f"{bench} {field}",
+                    "rounds": len(pairs),
+                    "ours": round(statistics.median(a for a, _ in pairs), 1),
+                    "peer": round(statistics.median(b for _, b in pairs), 1),
+                    "ratio": round(statistics.median(ratios), 2),
+                    "ratio_per_round": [round(x, 2) for x in ratios],
+                }
+            )
         del model
 
 

@@ -84,6 +84,7 @@ def test_bad_batches_are_named(setup):
     assert len(hist) == 3
 
 
+@pytest.mark.slow  # kept out of the default suite's 5 minutes; runs in CI
 def test_checkpoint_records_the_source_key_and_resume_checks_it(setup, tmp_path):
     cfg, model = setup
     data = _data(cfg)

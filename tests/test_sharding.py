@@ -313,6 +313,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # kept out of the default suite's 5 minutes; runs in CI
 def test_init_model_draws_each_shard_on_its_device_with_the_one_device_values():
     """sharding.init_model = t5.init bit for bit, placed by the logical rules; by compiled
     memory, no device of data:2,model:4 holds the whole model while initialising it (t5.init

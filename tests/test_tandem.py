@@ -144,6 +144,7 @@ def test_tandem_check_binary_passes(tmp_path):
     assert (tmp_path / "tandem_report.json").read_text() == first
 
 
+@pytest.mark.slow  # kept out of the default suite's 5 minutes; runs in CI
 def test_offline_run_with_cached_refs_logs_only_the_schema(online_run, tmp_path):
     from ipo_gap.data import ref_cache
 

@@ -328,6 +328,7 @@ _SHARDED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # kept out of the default suite's 5 minutes; runs in CI
 def test_restore_onto_named_shardings_8_devices(tmp_path):
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"

@@ -59,6 +59,7 @@ def test_pair_logit_rows_cut_to_the_real_tokens_equal_the_full_width():
     assert [e.shape for e in empty] == [(0,), (0,)]
 
 
+@pytest.mark.slow  # kept out of the default suite's 5 minutes; runs in CI
 def test_pm_plateau_stops_early_and_keeps_the_best():
     model = t5.init(CFG, key=jax.random.key(1))
     train, valid = _pm_data(1, 64), _pm_data(2, 32)
@@ -111,6 +112,7 @@ def _sft_data(n=32, S=6, T=5, V=64):
     }
 
 
+@pytest.mark.slow  # kept out of the default suite's 5 minutes; runs in CI
 def test_sft_reduces_loss_and_stops_on_nan():
     model = t5.init(CFG, key=jax.random.key(3))
     data = _sft_data()

@@ -20,9 +20,9 @@ Multi-host: call `initialize_distributed(True)` first thing in a binary; each ho
 `process_batch_slice(...)` of the global batch and `shard_batch` assembles the global array.
 
 The study's code (trainers, evaluation, data sources) takes its mesh from the context:
-inside `with use_mesh(mesh):`, `place_model` shards a model by `LOGICAL_RULES` and `to_device`
-puts a host batch with its leading axis over "data"; outside, both are plain single-device
-placements, so an unsharded run's bits do not depend on this module.
+inside `with use_mesh(mesh):`, `init_model` creates a model sharded by `LOGICAL_RULES` and
+`to_device` puts a host batch with its leading axis over "data"; outside, both are plain
+single-device placements, so an unsharded run's bits do not depend on this module.
 """
 
 from __future__ import annotations
@@ -412,7 +412,7 @@ _MESHES: list[Mesh] = []  # a stack: `use_mesh` contexts nest
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh | None):
-    """Within the block, `place_model` and `to_device` place onto `mesh` (None: no mesh)."""
+    """Within the block, `init_model` and `to_device` place onto `mesh` (None: no mesh)."""
     _MESHES.append(mesh)
     try:
         yield mesh
@@ -452,12 +452,6 @@ def init_model(cfg, *, key: jax.Array, mesh: Mesh | None = None, rules: Rules = 
         return eqx.filter(t5.init_by_counters(cfg, key=k), eqx.is_array)
 
     return eqx.combine(jax.jit(draw, out_shardings=shardings)(key), static)
-
-
-def place_model(model):
-    """`shard_model(model, active_mesh())`, or `model` unchanged without an active mesh."""
-    mesh = active_mesh()
-    return model if mesh is None else shard_model(model, mesh)
 
 
 def to_device(x) -> jax.Array:

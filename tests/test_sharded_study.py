@@ -53,7 +53,6 @@ meshed = go(tmp / "mesh", "data:4,model:2")
 # The placement helpers themselves, and a killed SFT resumed on the mesh.
 sys.path.insert(0, "tests")
 from conftest import tiny_config
-from ipo_gap.t5 import model as t5
 from ipo_gap.train.trainers import train_sft
 rng = np.random.default_rng(0)
 data = {f: rng.integers(3, 60, (32, 6)).astype(np.int32) for f in ("src", "tgt")}
@@ -63,10 +62,10 @@ with sharding.use_mesh(mesh):
     placed = {
         "batch": str(sharding.to_device(np.zeros((8, 3), np.int32)).sharding.spec),
         "odd_batch": str(sharding.to_device(np.zeros((3, 3), np.int32)).sharding.spec),
-        "lm_head": str(sharding.place_model(t5.init(tiny_config(), key=jax.random.key(0)))
+        "lm_head": str(sharding.init_model(tiny_config(), key=jax.random.key(0))
                        .lm_head.sharding.spec),
     }
-    start = sharding.place_model(t5.init(tiny_config(), key=jax.random.key(1)))
+    start = sharding.init_model(tiny_config(), key=jax.random.key(1))
     kw = dict(batch_size=8, learning_rate=1e-2, seed=0)
     want, _ = train_sft(start, data, num_steps=4, **kw)
     ck = dict(checkpoint_dir=tmp / "sft_state", checkpoint_every=2, metrics_path=tmp / "m.jsonl")

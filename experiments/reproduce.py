@@ -9,6 +9,11 @@ under runs/, one PNG per figure under figures/, and REPORT.md.
 
   python experiments/reproduce.py --preset=quick --workdir=/tmp/ipo_gap_quick
 
+On a CPU host the stages run side by side in worker processes of one core each (--jobs, one
+per core by default; ipo_gap.parallel): the golden PM trains while the other policy sizes run
+SFT, the offline sweep's runs train two at a time, and so on. Every jobs >= 1 gives the same
+bits; --jobs=0 runs everything in this process (last bits differ: XLA splits matmuls by thread).
+
 On a host with several devices, --mesh=data:4,model:2 shards every model and batch of the
 study (ipo_gap.sharding); the mesh is recorded in the study's config.
 
@@ -26,9 +31,10 @@ import pathlib
 import shutil
 import time
 
+import jax
 from absl import app, flags, logging
 
-from ipo_gap import report, sharding, study_experiments
+from ipo_gap import parallel, report, sharding, study_experiments
 from ipo_gap import seeds as seeds_report
 from ipo_gap.data import preference_data
 from ipo_gap.study import PRESETS, for_task
@@ -93,6 +99,13 @@ _MESH = flags.DEFINE_string(
     "Device mesh for every model and batch, e.g. 'data:4,model:2' or 'data:-1' (all devices "
     "on the data axis); default: one device. Recorded in the study's config.",
 )
+_JOBS = flags.DEFINE_integer(
+    "jobs",
+    None,
+    "Worker processes of one CPU core each that run independent stages side by side "
+    "(ipo_gap.parallel); 0 = every stage in this process. Default: one per core on a CPU "
+    "host without --mesh, else 0. The results are the same bits for every jobs >= 1.",
+)
 _DOCS = flags.DEFINE_string(
     "copy_fig1_to", None, "Also copy Figure 1 here (the README's image is docs/fig1.png)."
 )
@@ -121,22 +134,39 @@ def config(preset: str, *, seed: int | None = None, **overrides):
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def run(workdir: pathlib.Path, preset: str, seed: int | None = None, **overrides) -> pathlib.Path:
-    """Runs (or resumes) the study in `workdir`; returns the path of its REPORT.md."""
-    return _run(workdir, preset, seed, **overrides)[0]
+def default_jobs(mesh: str | None) -> int:
+    """One worker per core on a CPU host (`ipo_gap.parallel`), 0 (one process) on a mesh or
+    an accelerator."""
+    if mesh or jax.default_backend() != "cpu":
+        return 0
+    return len(parallel.cores())
 
 
-def run_seeds(workdir: pathlib.Path, preset: str, seeds: list[int], **overrides) -> pathlib.Path:
+def run(
+    workdir: pathlib.Path,
+    preset: str,
+    seed: int | None = None,
+    jobs: int = 0,
+    **overrides,
+) -> pathlib.Path:
+    """Runs (or resumes) the study in `workdir`; returns the path of its REPORT.md. jobs: see
+    `study_experiments.run_all`."""
+    return _run(workdir, preset, seed, jobs, **overrides)[0]
+
+
+def run_seeds(
+    workdir: pathlib.Path, preset: str, seeds: list[int], jobs: int = 0, **overrides
+) -> pathlib.Path:
     """Runs the study once per seed in `workdir/seed_<s>/`; returns the path of SEEDS.md."""
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds has a seed twice: {seeds}")
-    per_seed = {s: _run(workdir / f"seed_{s}", preset, s, **overrides)[1] for s in seeds}
+    per_seed = {s: _run(workdir / f"seed_{s}", preset, s, jobs, **overrides)[1] for s in seeds}
     path = seeds_report.write(workdir / "SEEDS.md", per_seed, preset)
     print(f"{len(seeds)} seeds compared: {path}", flush=True)
     return path
 
 
-def _run(workdir: pathlib.Path, preset: str, seed: int | None = None, **overrides):
+def _run(workdir: pathlib.Path, preset: str, seed: int | None = None, jobs: int = 0, **overrides):
     cfg = config(preset, seed=seed, **overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "study_config.json"
@@ -152,7 +182,7 @@ def _run(workdir: pathlib.Path, preset: str, seed: int | None = None, **override
     print(f"study {preset} in {workdir}: {cfg}", flush=True)
     start = time.time()
     study = Study(workdir, cfg)
-    results = study_experiments.run_all(study)
+    results = study_experiments.run_all(study, jobs=jobs)
     path = report.write(workdir, results, preset)
     print(f"study finished in {time.time() - start:.0f}s: {path}", flush=True)
     return path, results
@@ -176,9 +206,11 @@ def main(argv):
         runner = functools.partial(run_seeds, seeds=seeds)
     else:
         runner = functools.partial(run, seed=_SEED.value)
+    jobs = default_jobs(_MESH.value) if _JOBS.value is None else _JOBS.value
     runner(
         workdir,
         _PRESET.value,
+        jobs=jobs,
         task=_TASK.value,
         data_dir=_DATA_DIR.value,
         skip_bad_records=_SKIP_BAD.value,

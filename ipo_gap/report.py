@@ -179,6 +179,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         rows.append(["prompt width in tokens (the longest prompt)", str(pipe["prompt_width"])])
     if "mesh" in pipe:
         rows.append(["device mesh (devices)", f"{pipe['mesh']} ({pipe['devices']})"])
+    if "execution" in pipe:
+        rows.append(["stages ran", pipe["execution"]])
     if pipe.get("data"):  # a real dataset: what the loader read and the splits obtained
         data = pipe["data"]
         rows.append(["data read", data["summary"]])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 from collections.abc import Callable
@@ -216,6 +217,25 @@ REAL_TASK_OVERRIDES = {
     "standard": {"prompt_len": 128, "target_len": 64, "vocab_size": 2048},
     "paper": {},
 }
+
+
+def study_config(workdir: pathlib.Path) -> StudyConfig:
+    """The config a study in `workdir` was started with (`workdir/study_config.json`)."""
+    path = workdir / "study_config.json"
+    saved = json.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(StudyConfig)}
+    unknown = sorted(set(saved) - fields)
+    if unknown:
+        raise ValueError(f"{path}: unknown StudyConfig fields {unknown}")
+    return StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+def savez_atomic(path: pathlib.Path, **arrays: np.ndarray) -> None:
+    """np.savez through a temporary file and a rename: a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
 
 
 def for_task(cfg: StudyConfig, task: str) -> StudyConfig:

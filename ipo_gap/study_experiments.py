@@ -8,16 +8,19 @@ their summaries: dicts with "name", "method", "evals" (list of evaluation dicts 
 from __future__ import annotations
 
 import json
+import pathlib
+from collections.abc import Callable
 
 import jax
 import numpy as np
+from absl import logging
 
 from ipo_gap import eval as evaluation
-from ipo_gap import sharding
+from ipo_gap import jsonl, parallel, sharding
 from ipo_gap.data import ref_cache, sources
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.determinism import tree_max_abs_diff
-from ipo_gap.study import load_model, relabel, stage
+from ipo_gap.study import load_model, relabel, savez_atomic, stage, study_config
 from ipo_gap.study_runs import Study
 from ipo_gap.train import trainers
 
@@ -90,94 +93,124 @@ def _replay(study: Study, online_name: str, name: str, method: str, loss: str, w
     return study.policy_run(name, method=method, loss=loss, source_fn=source_fn, extra=extra)
 
 
-def fig1(study: Study) -> list[dict]:
+def fig1_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
     """Online IPO and the offline IPO sweep on D_golden (lr x beta, run 5x longer)."""
-    out = [_online(study, "ipo", "online_ipo")]
-    d = study.d_golden()["train"]
+    out = [("online_ipo", lambda: _online(study, "ipo", "online_ipo"))]
     n = study.cfg.rl_steps * study.cfg.offline_steps_factor
     for lr in study.cfg.offline_lrs:
         for beta in study.cfg.offline_betas:
+            name = f"offline_ipo_lr{lr:g}_b{beta:g}"
             out.append(
-                study.policy_run(
-                    f"offline_ipo_lr{lr:g}_b{beta:g}",
-                    method="offline ipo",
-                    lr=lr,
-                    beta=beta,
-                    num_steps=n,
-                    source_fn=_offline(study, d, "d_golden"),
+                (
+                    name,
+                    lambda name=name, lr=lr, beta=beta: study.policy_run(
+                        name,
+                        method="offline ipo",
+                        lr=lr,
+                        beta=beta,
+                        num_steps=n,
+                        source_fn=_offline(study, study.d_golden()["train"], "d_golden"),
+                    ),
                 )
             )
     return out
 
 
-def fig4(study: Study) -> list[dict]:
+def fig1(study: Study) -> list[dict]:
+    return [fn() for _, fn in fig1_runs(study)]
+
+
+def fig4_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
     """Exact-order replay (tandem), uniform shuffle and shuffle levels of the online stream."""
-    out = [_replay(study, "online_ipo", "tandem_ipo", "offline ipo (exact order)", "ipo")]
+    exact = "offline ipo (exact order)"
+    out = [("tandem_ipo", lambda: _replay(study, "online_ipo", "tandem_ipo", exact, "ipo"))]
     windows = [*study.cfg.shuffle_levels, study.cfg.rl_steps]
     for w in windows:
         label = "uniform" if w == study.cfg.rl_steps else f"w{w}"
+        name = f"shuffled_ipo_{label}"
         out.append(
-            _replay(
-                study,
-                "online_ipo",
-                f"shuffled_ipo_{label}",
-                f"offline ipo (shuffled {label})",
-                "ipo",
-                window=w,
+            (
+                name,
+                lambda name=name, label=label, w=w: _replay(
+                    study, "online_ipo", name, f"offline ipo (shuffled {label})", "ipo", window=w
+                ),
             )
         )
     return out
 
 
-def fig9(study: Study) -> list[dict]:
+def fig4(study: Study) -> list[dict]:
+    return [fn() for _, fn in fig4_runs(study)]
+
+
+def fig9_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
     """Best-of-2: online, offline on D_golden, and the tandem replay of the online stream."""
-    d = study.d_golden()["train"]
     return [
-        _online(study, "bo2", "online_bo2"),
-        study.policy_run(
+        ("online_bo2", lambda: _online(study, "bo2", "online_bo2")),
+        (
             "offline_bo2",
-            method="offline bo2",
-            loss="bo2",
-            source_fn=_offline(study, d, "d_golden"),
+            lambda: study.policy_run(
+                "offline_bo2",
+                method="offline bo2",
+                loss="bo2",
+                source_fn=_offline(study, study.d_golden()["train"], "d_golden"),
+            ),
         ),
-        _replay(study, "online_bo2", "tandem_bo2", "offline bo2 (exact order)", "bo2"),
+        (
+            "tandem_bo2",
+            lambda: _replay(study, "online_bo2", "tandem_bo2", "offline bo2 (exact order)", "bo2"),
+        ),
     ]
 
 
-def beyond(study: Study) -> list[dict]:
+def fig9(study: Study) -> list[dict]:
+    return [fn() for _, fn in fig9_runs(study)]
+
+
+def beyond_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
     """Semi-online IPO (refresh every s steps; 0 = never) and HyPO on D_golden."""
-    _, proxy = study.proxy_pm()
     out = []
     for s in study.cfg.semi_online_refresh:
         label = "inf" if s == 0 else str(s)
+        name = f"semi_online_ipo_s{label}"
         out.append(
-            study.policy_run(
-                f"semi_online_ipo_s{label}",
-                method=f"semi-online ipo (s={label})",
-                source_fn=lambda s=s: sources.SemiOnlineSource(
-                    study.online_source(proxy), refresh_every=s or None
+            (
+                name,
+                lambda name=name, label=label, s=s: study.policy_run(
+                    name,
+                    method=f"semi-online ipo (s={label})",
+                    source_fn=lambda: sources.SemiOnlineSource(
+                        study.online_source(study.proxy_pm()[1]), refresh_every=s or None
+                    ),
                 ),
             )
         )
-    d = study.d_golden()["train"]
     out.append(
-        study.policy_run(
+        (
             "hypo",
-            method="hypo",
-            loss="dpo",
-            hypo=True,
-            source_fn=lambda: sources.HypoSource(
-                _offline(study, d, "d_golden")(),
-                key=study.key("hypo"),
-                max_len=study.cfg.target_len,
+            lambda: study.policy_run(
+                "hypo",
+                method="hypo",
+                loss="dpo",
+                hypo=True,
+                source_fn=lambda: sources.HypoSource(
+                    _offline(study, study.d_golden()["train"], "d_golden")(),
+                    key=study.key("hypo"),
+                    max_len=study.cfg.target_len,
+                ),
             ),
         )
     )
     return out
 
 
+def beyond(study: Study) -> list[dict]:
+    return [fn() for _, fn in beyond_runs(study)]
+
+
 def _sampled_dataset(study: Study, name: str, policy_a, policy_b) -> dict:
-    """Prompts of D_golden's train split, y1 ~ policy_a, y2 ~ policy_b, golden labels.
+    """Prompts of D_golden's train split, y1 ~ policy_a(), y2 ~ policy_b(), golden labels
+    (the policies are loaded only when the dataset is not saved yet).
 
     As many prompts as the offline run on it consumes (rl_steps x rl_batch: one epoch), the
     first ones of D_golden's train split.
@@ -189,8 +222,8 @@ def _sampled_dataset(study: Study, name: str, policy_a, policy_b) -> dict:
         x, xm = d["prompt"][:n], d["prompt_mask"][:n]
         k1, k2 = jax.random.split(jax.random.fold_in(study.key("datasets"), hash_name(name)))
         kw = {"max_len": study.cfg.target_len, "batch_size": study.cfg.eval_batch}
-        y1, m1 = evaluation.sample_rows(policy_a, x, xm, key=k1, **kw)
-        y2, m2 = evaluation.sample_rows(policy_b, x, xm, key=k2, **kw)
+        y1, m1 = evaluation.sample_rows(policy_a(), x, xm, key=k1, **kw)
+        y2, m2 = evaluation.sample_rows(policy_b(), x, xm, key=k2, **kw)
         judged = trainers.judge_rows(study.golden_pm()[1], x, xm, y1, m1, y2, m2)
         pairs = {
             "prompt": x,
@@ -200,7 +233,7 @@ def _sampled_dataset(study: Study, name: str, policy_a, policy_b) -> dict:
             "y_l": y2,
             "y_l_mask": m2,
         }
-        np.savez(path, **relabel(pairs, judged))  # y_w = the golden PM's winner
+        savez_atomic(path, **relabel(pairs, judged))  # y_w = the golden PM's winner
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 
@@ -209,26 +242,69 @@ def hash_name(name: str) -> int:
     return sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2**31)
 
 
-def fig5(study: Study) -> list[dict]:
+def fig5_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
     """Offline IPO on datasets of online-policy samples (D_4k-vs-4k, D_sft-vs-800, D_800-vs-4k)."""
-    _online(study, "ipo", "online_ipo")
-    run = study.runs_dir / "online_ipo"
-    final = load_model(run, study.policy_cfg)
-    mid = load_model(run / f"step_{mid_step(study)}", study.policy_cfg)
-    sft = study.sft()
-    specs = {
-        "d_final_vs_final": (final, final),
-        "d_sft_vs_mid": (sft, mid),
-        "d_mid_vs_final": (mid, final),
+    specs = {  # the two sampling policies: "final" / "mid" checkpoints of the online run
+        "d_final_vs_final": ("final", "final"),
+        "d_sft_vs_mid": ("sft", "mid"),
+        "d_mid_vs_final": ("mid", "final"),
     }
-    out = []
-    for name, (a, b) in specs.items():
-        data = _sampled_dataset(study, name, a, b)
+
+    def policy(which):
+        run = study.runs_dir / "online_ipo"
+        if which == "sft":
+            return study.sft()
+        path = run if which == "final" else run / f"step_{mid_step(study)}"
+        return study._memo(f"online_ipo_{which}", lambda: load_model(path, study.policy_cfg))
+
+    def one(name, a, b):
+        _online(study, "ipo", "online_ipo")
+        data = _sampled_dataset(study, name, lambda: policy(a), lambda: policy(b))
+        return study.policy_run(
+            f"offline_ipo_{name}",
+            method=f"offline ipo on {name}",
+            source_fn=_offline(study, data, name),
+        )
+
+    return [
+        (f"offline_ipo_{name}", lambda name=name, a=a, b=b: one(name, a, b))
+        for name, (a, b) in specs.items()
+    ]
+
+
+def fig5(study: Study) -> list[dict]:
+    return [fn() for _, fn in fig5_runs(study)]
+
+
+def variants(study: Study) -> dict[str, Study]:
+    """The other policy sizes of Fig. 10 (`Study.variant`), by model name (memoised, so the
+    variants keep their caches across calls)."""
+    return study._memo(
+        "variants",
+        lambda: {
+            m: study.variant(m)
+            for m in study.cfg.scaling_models
+            if m not in (study.cfg.policy_model, study.cfg.policy_checkpoint)
+        },
+    )
+
+
+def variant_runs(s: Study) -> list[tuple[str, Callable[[], dict]]]:
+    """A policy size's runs: online IPO and offline IPO at each beta at the online lr."""
+    n = s.cfg.rl_steps * s.cfg.offline_steps_factor
+    out = [("online_ipo", lambda: _online(s, "ipo", "online_ipo"))]
+    for beta in s.cfg.offline_betas:
+        name = f"offline_ipo_lr{s.cfg.rl_lr:g}_b{beta:g}"
         out.append(
-            study.policy_run(
-                f"offline_ipo_{name}",
-                method=f"offline ipo on {name}",
-                source_fn=_offline(study, data, name),
+            (
+                name,
+                lambda name=name, beta=beta: s.policy_run(
+                    name,
+                    method="offline ipo",
+                    beta=beta,
+                    num_steps=n,
+                    source_fn=_offline(s, s.d_golden()["train"], "d_golden"),
+                ),
             )
         )
     return out
@@ -242,26 +318,15 @@ def fig10(study: Study) -> list[dict]:
     count; the report takes the 90% quantile of win rates over each method's checkpoints.
     """
     out = []
-    d = study.d_golden()["train"]
-    n = study.cfg.rl_steps * study.cfg.offline_steps_factor
+    others = variants(study)
     for model in study.cfg.scaling_models:
-        if model in (study.cfg.policy_model, study.cfg.policy_checkpoint):
+        if model in others:
+            s = others[model]
+            runs = [fn() for _, fn in variant_runs(s)]
+        else:
             s = study
             runs = fig1(study)
-            online, offline = runs[0], runs[1:]
-        else:
-            s = study.variant(model)
-            online = _online(s, "ipo", "online_ipo")
-            offline = [
-                s.policy_run(
-                    f"offline_ipo_lr{s.cfg.rl_lr:g}_b{beta:g}",
-                    method="offline ipo",
-                    beta=beta,
-                    num_steps=n,
-                    source_fn=_offline(s, d, "d_golden"),
-                )
-                for beta in s.cfg.offline_betas
-            ]
+        online, offline = runs[0], runs[1:]
         out.append(
             {
                 "model": model,
@@ -300,11 +365,103 @@ def pipeline_summary(study: Study) -> dict:
     return stage(study.workdir / "pipeline", fn)
 
 
-def run_all(study: Study) -> dict[str, list[dict]]:
-    """Every stage of the study, on `study.mesh` (the config's `mesh`) when it has one."""
+def _ref_cache(s: Study) -> None:
+    """D_golden's reference log-probs under `s`'s SFT policy, cached for the runs on it."""
+    _offline(s, s.d_golden()["train"], "d_golden")()
+
+
+def tasks(study: Study) -> list[parallel.Task]:
+    """Every stage and run of the study as a task graph, in priority order (`parallel.run`).
+
+    A task is named after the directory it fills (`sft`, `runs/offline_ipo_lr0.0005_b0.1`,
+    `runs_toy-m/online_ipo`, ...). Every policy run needs its size's online IPO run, because
+    its evaluations measure accuracy on that run's stream (Fig. 6); the replays need the run
+    they replay. Long chains go first: the golden PM and the other sizes' SFT start together.
+    """
+    out: list[parallel.Task] = []
+
+    def add(name, fn, *after):
+        out.append(parallel.Task(name, tuple(after), fn))
+
+    others = variants(study)
+    add("golden_pm", study.golden_pm)
+    add("sft", study.sft)
+    for s in others.values():
+        add(f"sft{s.tag}", s.sft)
+    add("d_golden", study.d_golden, "golden_pm")
+    add("proxy_pm", study.proxy_pm, "d_golden")
+    add("baseline", study.baseline, "sft", "golden_pm")
+    add("eval_sft", study.sft_eval, "baseline", "d_golden")
+    add("ref_cache", lambda: _ref_cache(study), "sft", "d_golden")
+    add("pipeline", lambda: pipeline_summary(study), "eval_sft", "proxy_pm")
+    # Longest first, so that no long run is left for one worker at the end: the other sizes'
+    # runs (toy-m's offline runs take about 3x a toy-s one), then Best-of-2 online and HyPO
+    # (about 2x), the offline sweep, and the short replays last.
+    f1, f4, f5, f9, bey = (
+        f(study) for f in (fig1_runs, fig4_runs, fig5_runs, fig9_runs, beyond_runs)
+    )
+    groups = [(study, f1[:1])]
+    groups += [(s, variant_runs(s)) for s in others.values()]
+    groups += [(study, f9[:1] + bey[-1:] + f1[1:] + f9[1:2] + f5 + bey[:-1] + f9[2:] + f4)]
+    for s in others.values():
+        add(f"eval_sft{s.tag}", s.sft_eval, f"sft{s.tag}", "baseline", "d_golden")
+        add(f"ref_cache{s.tag}", lambda s=s: _ref_cache(s), f"sft{s.tag}", "d_golden")
+    replays = {"tandem_ipo": "online_ipo", "tandem_bo2": "online_bo2"}
+    for s, runs in groups:
+        r = f"runs{s.tag}"
+        base = (f"eval_sft{s.tag}", f"ref_cache{s.tag}", "proxy_pm")
+        for name, fn in runs:
+            after = base if name == "online_ipo" else (*base, f"{r}/online_ipo")
+            if name in replays:
+                after += (f"{r}/{replays[name]}",)
+            add(f"{r}/{name}", fn, *after)
+    return out
+
+
+def worker(workdir: str):
+    """A worker's task runner (`parallel`): the study in `workdir` (its saved config)."""
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
+    # Workers compile the same train steps and samplers: the first one to compile a function
+    # leaves it in the study's compilation cache and the others load it. A size limit turns
+    # on the cache's file lock, so no worker reads an entry that another is still writing.
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(workdir) / "jax_cache"))
+    jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    study = Study(workdir, study_config(pathlib.Path(workdir)))
+    by_name = {t.name: t.fn for t in tasks(study)}
+    return lambda name: by_name[name]()
+
+
+def _execution(study: Study, jobs: int) -> str:
+    """How the study's stages ran, over every (re)start recorded in `execution.jsonl`."""
+    path = study.workdir / "execution.jsonl"
+    rows = jsonl.read_rows(path, cut_tail_ok=True) + [{"jobs": jobs}]
+    jsonl.write_rows(path, rows)
+    modes = list(dict.fromkeys(r["jobs"] for r in rows))
+    say = {0: "in one process"}
+    text = ", then ".join(say.get(j, f"{j} one-core worker processes") for j in modes)
+    if 0 in modes and len(modes) > 1:
+        text += " (mixed: a stage's last bits depend on its threads; see ipo_gap.parallel)"
+    return text
+
+
+def run_all(study: Study, jobs: int = 0) -> dict[str, list[dict]]:
+    """Every stage of the study, on `study.mesh` (the config's `mesh`) when it has one.
+
+    jobs > 0: first every stage and run on that many worker processes of one CPU core each
+    (`parallel`; needs the study's config saved in `workdir/study_config.json`), then their
+    results are collected here. jobs = 0: everything in this process.
+    """
+    if jobs:
+        if study.mesh is not None:
+            raise ValueError(
+                f"jobs={jobs} runs stages in one-core CPU workers; a study on a mesh "
+                f"({study.cfg.mesh}) runs in one process (jobs=0)"
+            )
+        parallel.run(tasks(study), f"{__name__}:worker", [str(study.workdir)], jobs=jobs)
     with sharding.use_mesh(study.mesh):
         study.baseline()
-        summary = pipeline_summary(study)
+        summary = dict(pipeline_summary(study), execution=_execution(study, jobs))
         return {
             "pipeline": summary,
             "fig1": fig1(study),

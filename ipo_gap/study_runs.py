@@ -34,6 +34,7 @@ from ipo_gap.study import (
     prepare,
     relabel,
     save_model,
+    savez_atomic,
     sft_rows,
     stage,
 )
@@ -287,7 +288,7 @@ class Study:
                 if not path.exists():
                     pairs = self.prep.pairs[split]
                     judged = trainers.judge_rows(pm, *pm_rows(pairs).values())
-                    np.savez(path, **relabel(pairs, judged), agree_human=judged)
+                    savez_atomic(path, **relabel(pairs, judged), agree_human=judged)
                 with np.load(path) as z:
                     out[split] = {k: z[k] for k in z.files}
             return out
@@ -345,7 +346,7 @@ class Study:
                 key=self.key("baseline_samples"),
                 max_len=self.cfg.target_len,
             )
-            np.savez(d / "samples.npz", y=y, y_mask=ym)
+            savez_atomic(d / "samples.npz", y=y, y_mask=ym)
             return {"final_loss": hist[-1]["loss"], "steps": len(hist)}
 
         def build():

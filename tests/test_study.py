@@ -213,6 +213,66 @@ def test_reproduce_seeds_runs_one_study_per_seed(micro_study, tmp_path):
         reproduce.run_seeds(tmp_path / "many", "micro", [1, 1])
 
 
+@pytest.mark.slow
+def test_the_task_graph_holds_every_stage(micro_study):
+    """`study_experiments.tasks` (the --jobs graph) names every stage that the in-process
+    run made, and nothing else: a stage missing from it would run in the parent's gathering
+    pass, outside the workers."""
+    from ipo_gap import parallel, study_experiments
+    from ipo_gap.study_runs import Study
+
+    s = Study(micro_study, study.PRESETS["micro"])
+    tasks = study_experiments.tasks(s)
+    parallel.check_graph(tasks)
+    stages = {
+        str(p.parent.relative_to(micro_study))
+        for p in micro_study.rglob("done.json")
+        if not p.parent.name.startswith("resume_")  # made by test_a_killed_run_...
+    }
+    files = {"d_golden", "ref_cache", "ref_cache_toy-m"}  # tasks that write files, not stages
+    assert {t.name for t in tasks} - files == stages
+    assert (micro_study / "ref_cache_toy-m").is_dir()
+    assert (micro_study / "d_golden_train.npz").exists()
+
+
+@pytest.mark.slow  # two micro studies in one-core workers (about 5 minutes on 2 cores)
+def test_workers_give_the_same_bits_for_any_number_of_jobs(tmp_path):
+    """--jobs=1 and --jobs=2 (each stage in a worker of one core) give the same study, bit for
+    bit: which worker ran a stage, and when, does not matter. The exact replay still equals
+    its online run, and the report says how the stages ran."""
+    import reproduce
+
+    from ipo_gap import parallel
+
+    if len(parallel.cores()) < 2:
+        pytest.skip("needs 2 CPU cores")
+    small = {"scaling_models": ("toy-s",)}
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    reproduce.run(one, "micro", jobs=1, **small)
+    reproduce.run(two, "micro", jobs=2, **small)
+    done = sorted(str(p.relative_to(one)) for p in one.rglob("done.json"))
+    assert done == sorted(str(p.relative_to(two)) for p in two.rglob("done.json"))
+    assert len(done) >= 15
+    for rel in done:
+        assert (one / rel).read_text() == (two / rel).read_text(), rel  # losses, evals, ...
+    for name in ("online_ipo", "offline_bo2", "hypo"):
+        a = load_model(one / "runs" / name, load_cfg(one))
+        b = load_model(two / "runs" / name, load_cfg(one))
+        assert tree_max_abs_diff(a, b) == 0.0, name
+    assert _summary(two, "tandem_ipo")["max_param_diff_to_online"] == 0.0
+    for f in FIGURES:
+        assert (two / "figures" / f).exists(), f
+    text = (two / "REPORT.md").read_text()
+    assert "| stages ran | 2 one-core worker processes |" in text
+
+
+def load_cfg(workdir):
+    from ipo_gap.study_runs import Study
+
+    return Study(workdir, study.study_config(workdir)).policy_cfg
+
+
 def test_a_stage_drops_its_train_states_only_after_done_json(tmp_path):
     """A kill between the two leaves a finished stage (a re-run drops the states), never a
     stage whose train states are gone but whose summary is missing (it would train again)."""

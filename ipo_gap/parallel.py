@@ -107,7 +107,6 @@ class _Worker:
     results: int  # read end of the result pipe
     buffer: bytes = b""
     task: str | None = None
-    started: float = 0.0
 
 
 def run(
@@ -155,9 +154,15 @@ def run(
                     if ready is None:
                         continue
                     pending.remove(ready)
-                    wk.task, wk.started = ready.name, time.time()
-                    wk.proc.stdin.write((ready.name + "\n").encode())
-                    wk.proc.stdin.flush()
+                    wk.task = ready.name
+                    try:
+                        wk.proc.stdin.write((ready.name + "\n").encode())
+                        wk.proc.stdin.flush()
+                    except BrokenPipeError:  # it died before its first task (see its stderr)
+                        raise TaskFailed(
+                            f"worker on core {wk.core} exited (code {wk.proc.wait()}) before "
+                            f"task {wk.task!r} could start"
+                        ) from None
             busy = [wk for wk in workers if wk.task]
             if not busy:
                 stuck = ", ".join(t.name for t in pending)

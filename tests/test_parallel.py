@@ -110,3 +110,12 @@ def test_bad_graphs_and_job_counts_are_refused(tmp_path):
     n = len(parallel.cores())
     with pytest.raises(ValueError, match=f"jobs={n + 1} but this process may run on {n} cores"):
         parallel.run([Task("a")], "test_parallel:fake_tasks", [str(tmp_path)], jobs=n + 1)
+
+
+def broken_factory(outdir: str):
+    raise RuntimeError(f"no runner for {outdir}")
+
+
+def test_a_worker_that_cannot_start_is_reported(tmp_path, on_path):
+    with pytest.raises(parallel.TaskFailed, match=r"worker on core \d+ exited \(code 1\)"):
+        parallel.run([Task("a")], "test_parallel:broken_factory", [str(tmp_path)], jobs=1)

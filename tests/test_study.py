@@ -186,7 +186,8 @@ def test_rerun_skips_finished_stages(micro_study, capsys):
     before = (micro_study / "runs" / "online_ipo" / "done.json").read_text()
     reproduce.run(micro_study, "micro")
     out = capsys.readouterr().out
-    assert "[online_ipo] done already: skipped" in out and "[sft] done already" in out
+    assert "[online_ipo] done already: skipped" in out and "[baseline] done already" in out
+    assert "[sft] step" not in out and "first step, with compilation" not in out  # no training
     assert (micro_study / "runs" / "online_ipo" / "done.json").read_text() == before
     with pytest.raises(ValueError, match="another configuration"):
         reproduce.run(micro_study, "micro", seed=99)

@@ -6,15 +6,33 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Calls `write` on a fresh temporary file beside `path`, syncs it and renames it over
+    `path`: a reader (or a kill) sees the old file or the new one, never part of either. The
+    temporary name is unique, so two processes writing one path never mix their bytes."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename: a reader (or a kill)
-    sees the old file or the new one, never part of either."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Writes `text` (UTF-8) to `path` atomically (`write_file_atomic`)."""
+    write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:

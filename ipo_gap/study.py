@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 from collections.abc import Callable
@@ -232,10 +231,7 @@ def study_config(workdir: pathlib.Path) -> StudyConfig:
 
 def savez_atomic(path: pathlib.Path, **arrays: np.ndarray) -> None:
     """np.savez through a temporary file and a rename: a kill never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    jsonl.write_file_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def for_task(cfg: StudyConfig, task: str) -> StudyConfig:

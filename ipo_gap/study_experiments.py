@@ -50,6 +50,11 @@ def _offline(study: Study, data: dict, name: str) -> callable:
     )
 
 
+def _on_d_golden(study: Study) -> callable:
+    """`_offline` over D_golden's train split (the offline sweep, Bo2, HyPO, other sizes)."""
+    return _offline(study, study.d_golden()["train"], "d_golden")
+
+
 def _online(study: Study, loss: str, name: str) -> dict:
     """An online run against the proxy PM with its data-order log (and mid-run snapshot)."""
     _, proxy = study.proxy_pm()
@@ -109,7 +114,7 @@ def fig1_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
                         lr=lr,
                         beta=beta,
                         num_steps=n,
-                        source_fn=_offline(study, study.d_golden()["train"], "d_golden"),
+                        source_fn=_on_d_golden(study),
                     ),
                 )
             )
@@ -153,7 +158,7 @@ def fig9_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
                 "offline_bo2",
                 method="offline bo2",
                 loss="bo2",
-                source_fn=_offline(study, study.d_golden()["train"], "d_golden"),
+                source_fn=_on_d_golden(study),
             ),
         ),
         (
@@ -194,7 +199,7 @@ def beyond_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
                 loss="dpo",
                 hypo=True,
                 source_fn=lambda: sources.HypoSource(
-                    _offline(study, study.d_golden()["train"], "d_golden")(),
+                    _on_d_golden(study)(),
                     key=study.key("hypo"),
                     max_len=study.cfg.target_len,
                 ),
@@ -303,7 +308,7 @@ def variant_runs(s: Study) -> list[tuple[str, Callable[[], dict]]]:
                     method="offline ipo",
                     beta=beta,
                     num_steps=n,
-                    source_fn=_offline(s, s.d_golden()["train"], "d_golden"),
+                    source_fn=_on_d_golden(s),
                 ),
             )
         )
@@ -367,7 +372,7 @@ def pipeline_summary(study: Study) -> dict:
 
 def _ref_cache(s: Study) -> None:
     """D_golden's reference log-probs under `s`'s SFT policy, cached for the runs on it."""
-    _offline(s, s.d_golden()["train"], "d_golden")()
+    _on_d_golden(s)()
 
 
 def tasks(study: Study) -> list[parallel.Task]:

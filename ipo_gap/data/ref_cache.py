@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 
 import equinox as eqx
@@ -37,6 +36,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from ipo_gap import jsonl
 from ipo_gap.data import sources
 from ipo_gap.data.order_log import hash_batch
 from ipo_gap.data.sources import PAIR_FIELDS
@@ -161,21 +161,6 @@ def _read_cache(npz_path: str, json_path: str, key: dict):
     return (ref_w, ref_l), None
 
 
-def _write_atomic(path: str, write) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def load_or_compute(
     cache_dir: str | os.PathLike,
     ref_model,
@@ -226,7 +211,7 @@ def load_or_compute(
     if os.path.exists(json_path):  # From here no sidecar vouches for the old arrays.
         os.remove(json_path)
     key_json = _key_json(key)
-    _write_atomic(npz_path, lambda f: np.savez(f, ref_w=ref_w, ref_l=ref_l, key=key_json))
+    jsonl.write_file_atomic(npz_path, lambda f: np.savez(f, ref_w=ref_w, ref_l=ref_l, key=key_json))
     sidecar = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -237,7 +222,7 @@ def load_or_compute(
         "backend": jax.default_backend(),
     }
     text = json.dumps(sidecar, indent=1, sort_keys=True) + "\n"
-    _write_atomic(json_path, lambda f: f.write(text.encode("utf-8")))
+    jsonl.write_atomic(json_path, text)
     logging.info("reference log-probs: computed %d rows into %s", key["num_rows"], npz_path)
     return ref_w, ref_l
 

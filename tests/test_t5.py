@@ -109,6 +109,57 @@ def test_param_counts_and_axes():
         assert axes.embedding.names == ("vocab", "embed")
 
 
+def test_init_by_counters_equals_init_bit_for_bit():
+    """The per-element counter init (what sharding.init_model jits with out_shardings) draws
+    exactly `init`'s values, for both variants; the sharded placement is tested in
+    test_sharding.py."""
+    for overrides in VARIANTS[:2]:
+        cfg = tiny_config(**overrides)
+        key = jax.random.key(3)
+        assert t5.counters_supported(key)
+        want, got = t5.init(cfg, key=key), t5.init_by_counters(cfg, key=key)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("offset", [0, 5, 2**32 - 5, 2**32, 2**33 + 7, 3 * 2**32 - 1])
+@pytest.mark.parametrize("shape", [(16,), (3, 5), (2, 3, 4)])
+def test_counters_carry_into_the_high_word_as_jax_does(offset, shape):
+    """A parameter past element 2**32 of the model's normal vector (a model over 4G
+    parameters, e.g. XXL at 4.9G ... 11B) needs the low word's carry: the counters equal the
+    64-bit index split in words (numpy uint64) and jax's own partitionable counters
+    (`iota_2x32_shape` of the whole vector, sliced: XLA computes only the slice)."""
+    from jax._src.random.prng import iota_2x32_shape  # the convention jax.random follows
+
+    n = int(np.prod(shape))
+    hi, lo = (np.asarray(a) for a in t5._counters_at(offset, shape))
+    index = np.uint64(offset) + np.arange(n, dtype=np.uint64)
+    np.testing.assert_array_equal(hi.ravel(), (index >> np.uint64(32)).astype(np.uint32))
+    np.testing.assert_array_equal(lo.ravel(), (index & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    jax_hi, jax_lo = jax.jit(
+        lambda: tuple(a[offset : offset + n] for a in iota_2x32_shape((offset + n,)))
+    )()
+    np.testing.assert_array_equal(hi.ravel(), np.asarray(jax_hi))
+    np.testing.assert_array_equal(lo.ravel(), np.asarray(jax_lo))
+
+
+def test_normal_at_is_one_vector_across_the_carry():
+    """Drawing elements [2**32 - 5, 2**32 + 5) at once or from any split point gives the same
+    values (a parameter straddling the boundary is drawn as one slice of the vector), and the
+    high word matters: they differ from elements [0, 5) and [2**33 - 5, 2**33 + 5)."""
+    key_data = jax.random.key_data(jax.random.key(11))
+    start = 2**32 - 5
+    whole = np.asarray(t5._normal_at(key_data, start, (10,)))
+    for i in (1, 5, 6, 9):
+        part = np.asarray(t5._normal_at(key_data, start + i, (10 - i,)))
+        np.testing.assert_array_equal(part, whole[i:])
+    same_low_words = np.asarray(t5._normal_at(key_data, 0, (5,)))  # hi 0, lo 0..4
+    assert not np.any(same_low_words == whole[5:])  # hi 1, lo 0..4
+    assert not np.any(np.asarray(t5._normal_at(key_data, start + 2**32, (10,))) == whole)
+    with pytest.raises(ValueError, match="outside"):
+        t5._counters_at(2**64 - 3, (4,))
+
+
 def test_bf16_params_and_compute():
     cfg = tiny_config(param_dtype="bfloat16", compute_dtype="bfloat16")
     model = t5.init(cfg, key=jax.random.key(0))

@@ -181,6 +181,28 @@ def counters_supported(key: jax.Array) -> bool:
     )
 
 
+def _counters_at(offset: int, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """The 64-bit counters (hi, lo words, uint32) of elements [offset, offset + prod(shape)) of
+    a flat vector, reshaped: what partitionable threefry feeds its hash for those elements.
+
+    The element's index within `shape` fits in 32 bits (checked); adding the offset may carry
+    into the high word, which is why the low word's overflow is tested explicitly.
+    """
+    n = math.prod(shape)
+    if n >= 2**32:
+        raise ValueError(f"a parameter of {n} elements is too large for 32-bit local counters")
+    if not 0 <= offset < 2**64 - n:
+        raise ValueError(f"counter offset {offset} is outside [0, 2**64 - {n})")
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    local = jnp.zeros(shape, jnp.uint32)
+    for d, stride in enumerate(strides):
+        local = local + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)
+    off_lo, off_hi = jnp.uint32(offset & 0xFFFFFFFF), jnp.uint32(offset >> 32)
+    lo = local + off_lo
+    hi = off_hi + (lo < off_lo).astype(jnp.uint32)  # the carry out of the low word
+    return hi, lo
+
+
 def _normal_at(key_data: jax.Array, offset: int, shape: tuple[int, ...]) -> jax.Array:
     """Elements [offset, offset + prod(shape)) of `jax.random.normal(key, (N,))` (any N past
     them; partitionable threefry), reshaped, computed elementwise from their 64-bit counters.
@@ -189,16 +211,7 @@ def _normal_at(key_data: jax.Array, offset: int, shape: tuple[int, ...]) -> jax.
     the top 23 bits -> uniform on [nextafter(-1, 0), 1) -> sqrt(2) erfinv. Every element is a
     function of its own index, so XLA's partitioner computes each shard where it lives.
     """
-    n = math.prod(shape)
-    if n >= 2**32:
-        raise ValueError(f"a parameter of {n} elements is too large for 32-bit local counters")
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    local = jnp.zeros(shape, jnp.uint32)
-    for d, stride in enumerate(strides):
-        local = local + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)
-    off_lo, off_hi = jnp.uint32(offset & 0xFFFFFFFF), jnp.uint32(offset >> 32)
-    lo = local + off_lo
-    hi = off_hi + (lo < off_lo).astype(jnp.uint32)  # the carry out of the low word
+    hi, lo = _counters_at(offset, shape)
     bits1, bits2 = jax_random_ext.threefry2x32_p.bind(key_data[0], key_data[1], hi, lo)
     bits = bits1 ^ bits2
     one_bits = jnp.uint32(np.array(1.0, np.float32).view(np.uint32))

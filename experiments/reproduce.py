@@ -15,11 +15,14 @@ SFT, the offline sweep's runs train two at a time, and so on. Every jobs >= 1 gi
 bits; --jobs=0 runs everything in this process (last bits differ: XLA splits matmuls by thread).
 
 On a host with several devices, --mesh=data:4,model:2 shards every model and batch of the
-study (ipo_gap.sharding); the mesh is recorded in the study's config.
+study (ipo_gap.sharding); the mesh is recorded in the study's config. Across hosts, run the
+same command on every host with --distributed (ipo_gap.hosts: process 0 writes the files, so
+--workdir must be shared by all hosts).
 
 Presets (ipo_gap.study.PRESETS): micro (tests), quick (the whole study in <= 15 minutes on a
-2-core CPU), standard (the paper's full grid and evaluation counts at toy sizes, about two
-hours), paper (the paper's counts and model sizes, for accelerators).
+2-core CPU), standard (the paper's full grid and evaluation counts at toy sizes; not yet timed
+end to end, estimated at 4-5 hours on 2 cores, see the README), paper (the paper's counts and
+model sizes, for accelerators).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import time
 import jax
 from absl import app, flags, logging
 
-from ipo_gap import parallel, report, sharding, study_experiments
+from ipo_gap import hosts, jsonl, parallel, report, sharding, study_experiments
 from ipo_gap import seeds as seeds_report
 from ipo_gap.data import preference_data
 from ipo_gap.study import PRESETS, for_task
@@ -106,6 +109,17 @@ _JOBS = flags.DEFINE_integer(
     "(ipo_gap.parallel); 0 = every stage in this process. Default: one per core on a CPU "
     "host without --mesh, else 0. The results are the same bits for every jobs >= 1.",
 )
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Multi-host: jax.distributed.initialize before anything else; every process runs this "
+    "same command (on Cloud TPU, SLURM or Open MPI the three flags below may be left unset).",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "With --distributed: process 0's host:port."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's id.")
 _DOCS = flags.DEFINE_string(
     "copy_fig1_to", None, "Also copy Figure 1 here (the README's image is docs/fig1.png)."
 )
@@ -170,7 +184,7 @@ def _run(workdir: pathlib.Path, preset: str, seed: int | None = None, jobs: int 
     cfg = config(preset, seed=seed, **overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "study_config.json"
-    if config_path.exists():
+    if hosts.exists(config_path):
         saved = json.loads(config_path.read_text())
         if saved != json.loads(json.dumps(cfg.to_dict())):
             raise ValueError(
@@ -178,7 +192,7 @@ def _run(workdir: pathlib.Path, preset: str, seed: int | None = None, jobs: int 
                 f"use a new --workdir or delete it"
             )
     else:
-        config_path.write_text(json.dumps(cfg.to_dict(), indent=1))
+        jsonl.write_atomic(config_path, json.dumps(cfg.to_dict(), indent=1))
     print(f"study {preset} in {workdir}: {cfg}", flush=True)
     start = time.time()
     study = Study(workdir, cfg)
@@ -192,6 +206,14 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save and restore at INFO
         logging.set_verbosity(logging.WARNING)
+    if _DISTRIBUTED.value and not _MESH.value:
+        raise app.UsageError(
+            "--distributed needs --mesh over the devices of all hosts (e.g. --mesh=data:-1): "
+            "without one every host would train its own copy of the study"
+        )
+    sharding.initialize_distributed(
+        _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
     workdir = pathlib.Path(_WORKDIR.value)
     seeds = None
     if _SEEDS.value is not None:

@@ -31,7 +31,7 @@ import numpy as np
 
 from ipo_gap import classify, kl, sampling
 from ipo_gap.data.sources import padded_batches
-from ipo_gap.sharding import to_device
+from ipo_gap.sharding import to_device, to_host
 from ipo_gap.train.trainers import judge_rows
 
 
@@ -48,8 +48,8 @@ def sample_rows(policy, x, xm, *, key, max_len: int, batch_size: int = 256):
         t, m = _sample(
             policy, to_device(x[idx]), to_device(xm[idx]), jax.random.fold_in(key, b), max_len
         )
-        toks.append(np.asarray(t)[:keep])
-        masks.append(np.asarray(m)[:keep])
+        toks.append(to_host(t)[:keep])
+        masks.append(to_host(m)[:keep])
     return np.concatenate(toks), np.concatenate(masks)
 
 
@@ -79,7 +79,7 @@ def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> 
             key=jax.random.fold_in(key, b),
             max_len=max_len,
         )
-        out.append(np.asarray(s.exact)[:keep])
+        out.append(to_host(s.exact)[:keep])
     return np.concatenate(out)
 
 
@@ -96,8 +96,8 @@ def margins_and_drift(policy, ref, pairs: dict[str, np.ndarray], *, batch_size: 
     for idx, keep in padded_batches(len(pairs["prompt"]), batch_size):
         lp = _pair_logps(policy, ref, *(to_device(pairs[f][idx]) for f in fields))
         margin = classify.policy_margin(lp.logp1, lp.logp2, lp.ref1, lp.ref2)
-        margins.append(np.asarray(margin)[:keep])
-        drifts.append(np.asarray(lp.logp1 - lp.ref1)[:keep])
+        margins.append(to_host(margin)[:keep])
+        drifts.append(to_host(lp.logp1 - lp.ref1)[:keep])
     return np.concatenate(margins), np.concatenate(drifts)
 
 

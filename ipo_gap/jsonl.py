@@ -10,12 +10,21 @@ import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
+from ipo_gap import hosts
+
 
 def write_file_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Calls `write` on a fresh temporary file beside `path`, syncs it and renames it over
     `path`: a reader (or a kill) sees the old file or the new one, never part of either. The
-    temporary name is unique, so two processes writing one path never mix their bytes."""
+    temporary name is unique, so two processes writing one path never mix their bytes.
+
+    In a multi-host job only process 0 writes, and every process waits until the file is
+    there (`hosts`): all of them may read it next.
+    """
     path = os.fspath(path)
+    if not hosts.is_writer():
+        hosts.sync(f"write {path}")
+        return
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
@@ -28,6 +37,7 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], objec
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    hosts.sync(f"write {path}")
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ipo_gap import jsonl  # noqa: E402
+
 _COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
@@ -73,7 +75,7 @@ def kl_winrate(ax, runs: Sequence[dict], *, lines_for: Sequence[str] = ()) -> No
 def save(fig, path: pathlib.Path) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    jsonl.write_file_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
 

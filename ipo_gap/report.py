@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ipo_gap import plots
+from ipo_gap import jsonl, plots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,7 +345,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
     ]
     lines += scaling_section(results["fig10"], figs)
     path = workdir / "REPORT.md"
-    path.write_text("\n".join(lines) + "\n")
+    jsonl.write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from ipo_gap import report
+from ipo_gap import jsonl, report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,5 +143,5 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
             report.table(["size", "per seed", "mean [t 95% CI]"], size_rows),
         ]
     path = pathlib.Path(path)
-    path.write_text("\n".join(lines) + "\n")
+    jsonl.write_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -472,6 +472,21 @@ def to_device(x) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def to_host(x) -> np.ndarray:
+    """`np.asarray(x)` that also works for an array spread over several processes.
+
+    On a multi-host mesh an array sharded over "data" (samples, per-example values) is not
+    addressable from any one process; it is all-gathered (`process_allgather`, a collective:
+    every process must call this in the same order, which the study's SPMD code does) so each
+    process holds the global value. Replicated arrays and host arrays are read directly.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def restore_shardings(template):
     """Shardings for restoring a train state like `template` onto the active mesh, or None.
 

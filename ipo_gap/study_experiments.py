@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from ipo_gap import eval as evaluation
-from ipo_gap import jsonl, parallel, sharding
+from ipo_gap import hosts, jsonl, parallel, sharding
 from ipo_gap.data import ref_cache, sources
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.determinism import tree_max_abs_diff
@@ -221,7 +221,7 @@ def _sampled_dataset(study: Study, name: str, policy_a, policy_b) -> dict:
     first ones of D_golden's train split.
     """
     path = study.workdir / f"{name}.npz"
-    if not path.exists():
+    if not hosts.exists(path):
         d = study.d_golden()["train"]
         n = min(len(d["prompt"]), study.cfg.rl_steps * study.cfg.rl_batch)
         x, xm = d["prompt"][:n], d["prompt_mask"][:n]

@@ -16,12 +16,11 @@ import copy
 import json
 import math
 import pathlib
-import shutil
 
 import jax
 import numpy as np
 
-from ipo_gap import checkpoint, jsonl, sharding
+from ipo_gap import checkpoint, hosts, jsonl, sharding
 from ipo_gap import eval as evaluation
 from ipo_gap.configs import model_preset
 from ipo_gap.data import sources
@@ -51,12 +50,12 @@ def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
     steps it regenerates).
     """
     latest = None
-    if every and (d / TRAIN_STATE).exists():
+    if every and hosts.exists(d / TRAIN_STATE):
         with CheckpointManager(d / TRAIN_STATE) as mngr:
             latest = mngr.latest_step()
     if latest is None:
-        for child in d.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        for child in sorted(d.iterdir()):
+            hosts.remove(child)
         return None
     # A kill during an append cuts at most the last line; its step is after `latest`.
     metrics = jsonl.read_rows(d / "metrics.jsonl", cut_tail_ok=True)
@@ -65,7 +64,7 @@ def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
     jsonl.write_rows(d / "evals.jsonl", [e for e in evals if e["step"] <= latest])
     for snap in d.glob("step_*"):
         if int(snap.name.split("_")[1]) > latest:
-            shutil.rmtree(snap)
+            hosts.remove(snap)
     print(f"[{name}] resuming from its train state at step {latest}", flush=True)
     return latest
 
@@ -285,7 +284,7 @@ class Study:
             out = {}
             for split in ("train", "valid"):
                 path = self.workdir / f"d_golden_{split}.npz"
-                if not path.exists():
+                if not hosts.exists(path):
                     pairs = self.prep.pairs[split]
                     judged = trainers.judge_rows(pm, *pm_rows(pairs).values())
                     savez_atomic(path, **relabel(pairs, judged), agree_human=judged)
@@ -400,7 +399,7 @@ class Study:
             return self._cache[name]
         if log is None:
             online = self.runs_dir / "online_ipo"
-            if not (online / "done.json").exists():
+            if not hosts.exists(online / "done.json"):
                 return None
             log = OrderLog.open(online / "log")
             log.check_tokenizer(self.prep.tokenizer.sha256)
@@ -489,14 +488,18 @@ class Study:
                         self.stream_metrics(k, model, order_log if name == "online_ipo" else None)
                     )
                     evals.append(e)
-                    with open(d / "evals.jsonl", "a") as f:
-                        f.write(json.dumps(e) + "\n")
+                    if hosts.is_writer():
+                        with open(d / "evals.jsonl", "a") as f:
+                            f.write(json.dumps(e) + "\n")
                 if step + 1 in save_at:
                     save_model(d / f"step_{step + 1}", model, self.policy_cfg)
 
             order_log = None
-            if log and resume_at is not None and (d / "log").exists():
+            if log and resume_at is not None and hosts.exists(d / "log"):
                 order_log = OrderLog.open(d / "log")  # may be ahead: the loop re-checks it
+            elif log and not hosts.is_writer():  # process 0 creates it (multi-host)
+                hosts.sync(f"create {d / 'log'}")
+                order_log = OrderLog.open(d / "log")
             elif log:
                 order_log = OrderLog.create(
                     d / "log",
@@ -510,6 +513,7 @@ class Study:
                         "study": self.cfg.to_dict(),
                     },
                 )
+                hosts.sync(f"create {d / 'log'}")
             common = {
                 "model": sources.copy_arrays(sft),
                 "ref_model": sft,

@@ -190,9 +190,11 @@ class Tokenizer:
         return cls(processor, proto, source)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the serialized model proto to `path` (loadable by `load` or SentencePiece)."""
-        with open(path, "wb") as f:
-            f.write(self._proto)
+        """Writes the serialized model proto to `path` (loadable by `load` or SentencePiece),
+        atomically (`jsonl.write_file_atomic`; one writer in a multi-host job)."""
+        from ipo_gap import jsonl
+
+        jsonl.write_file_atomic(path, lambda f: f.write(self._proto))
 
     @property
     def proto(self) -> bytes:

@@ -33,6 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath  # orbax's path library (a dependency of orbax-checkpoint)
 
+from ipo_gap import hosts
+
 _STATE = "state"
 _METADATA = "metadata"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -420,7 +422,9 @@ def rollback(directory, keep_up_to_step: int) -> list[int]:
             mngr.delete(s)
     finally:
         mngr.close()
-    for child in root.iterdir():
+    for child in sorted(root.iterdir(), key=lambda c: c.name):
         if _TMP_MARKER in child.name and child.is_dir():
-            child.rmtree()
+            if hosts.is_writer():
+                child.rmtree()
+            hosts.sync(f"rollback {child}")
     return doomed

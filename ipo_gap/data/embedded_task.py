@@ -40,6 +40,8 @@ import os
 import pathlib
 import random
 
+from ipo_gap import hosts, jsonl
+
 INSTRUCTIONS = {"list": (1, 0), "summarize": (1, 1), "explain": (2, 1), "expand": (2, 3)}
 # target length in words = a * num_topics + b for INSTRUCTIONS[instruction] = (a, b).
 OPENERS = ("please", "sure", "thanks", "okay")
@@ -309,13 +311,11 @@ def load_or_make(path: str | os.PathLike, seed: int, **sizes: int) -> TaskData:
     """The task cached as JSON at `path` (regenerated when missing or made with other sizes)."""
     path = pathlib.Path(path)
     key = {"seed": seed, **sizes}
-    if path.exists():
+    if hosts.exists(path):
         blob = json.loads(path.read_text())
         if blob.get("key") == key:
             return TaskData(**blob["data"])
     task = make_task(seed, **sizes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "data": task.to_json()}))
-    os.replace(tmp, path)
+    jsonl.write_atomic(path, json.dumps({"key": key, "data": task.to_json()}))
     return task

@@ -42,10 +42,10 @@ import json
 import os
 import pathlib
 import random
-import tempfile
 import zlib
 from collections.abc import Callable
 
+from ipo_gap import hosts, jsonl
 from ipo_gap.data import embedded_task
 
 _H, _A = "\n\nHuman:", "\n\nAssistant:"
@@ -617,7 +617,7 @@ def load_or_make_task(
         "skip_bad_records": skip_bad_records,
     }
     path = pathlib.Path(cache_path)
-    if path.exists():
+    if hosts.exists(path):
         try:
             blob = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, OSError):
@@ -627,13 +627,5 @@ def load_or_make_task(
     pairs, report = load_task_pairs(name, data_dir, skip_bad_records=skip_bad_records)
     task = split_task(name, pairs, report, seed=seed, **sizes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"key": key, "task": task.to_json()}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    jsonl.write_atomic(path, json.dumps({"key": key, "task": task.to_json()}))
     return task

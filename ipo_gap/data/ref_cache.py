@@ -36,11 +36,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from ipo_gap import jsonl
+from ipo_gap import hosts, jsonl
 from ipo_gap.data import sources
 from ipo_gap.data.order_log import hash_batch
 from ipo_gap.data.sources import PAIR_FIELDS
-from ipo_gap.sharding import to_device
+from ipo_gap.sharding import to_device, to_host
 from ipo_gap.train import steps
 
 FORMAT = "ipo_gap.ref_cache"
@@ -58,7 +58,7 @@ def model_fingerprint(model) -> str:
 
     For each array leaf (in `jax.tree_util` flattening order, which is fixed by the model's
     structure) the digest takes its path, dtype, shape and raw bytes. Arrays are fetched to the
-    host, so every shard must be addressable from this process.
+    host (all-gathered across the processes of a multi-host job: call it on every process).
     """
     h = hashlib.sha256(b"ipo_gap.model_fingerprint.v1\0")
     cfg = getattr(model, "cfg", None)
@@ -66,7 +66,7 @@ def model_fingerprint(model) -> str:
     h.update(cfg_json.encode("utf-8") + b"\0")
     flat, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_array))
     for path, leaf in flat:
-        a = np.ascontiguousarray(jax.device_get(leaf))
+        a = np.ascontiguousarray(to_host(leaf))
         header = f"{jax.tree_util.keystr(path)}|{a.dtype.name}|{a.shape}\0"
         h.update(header.encode("utf-8"))
         h.update(a.tobytes())
@@ -113,8 +113,8 @@ def compute_reference_logprobs(
     for idx, keep in sources.padded_batches(n, batch_size):
         batch = steps.PairBatch(*(to_device(a[idx]) for a in arrays))
         ref_w, ref_l = _pair_logprobs(ref_model, batch, normalize=normalize)
-        out_w.append(np.asarray(ref_w, np.float32)[:keep])
-        out_l.append(np.asarray(ref_l, np.float32)[:keep])
+        out_w.append(to_host(ref_w).astype(np.float32)[:keep])
+        out_l.append(to_host(ref_l).astype(np.float32)[:keep])
     if n == 0:
         return np.zeros((0,), np.float32), np.zeros((0,), np.float32)
     return np.concatenate(out_w), np.concatenate(out_l)
@@ -208,8 +208,8 @@ def load_or_compute(
     ref_w, ref_l = compute_reference_logprobs(
         ref_model, data, batch_size=batch_size, normalize=normalize
     )
-    if os.path.exists(json_path):  # From here no sidecar vouches for the old arrays.
-        os.remove(json_path)
+    if hosts.exists(json_path):  # From here no sidecar vouches for the old arrays.
+        hosts.remove(json_path)
     key_json = _key_json(key)
     jsonl.write_file_atomic(npz_path, lambda f: np.savez(f, ref_w=ref_w, ref_l=ref_l, key=key_json))
     sidecar = {

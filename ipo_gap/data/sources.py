@@ -25,7 +25,7 @@ import numpy as np
 
 from ipo_gap import preference, sampling
 from ipo_gap.data.order_log import OrderLog, ReplayError
-from ipo_gap.sharding import to_device
+from ipo_gap.sharding import to_device, to_host
 
 Batch = dict[str, np.ndarray]
 PAIR_FIELDS = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
@@ -119,7 +119,7 @@ class OnlineSource:
         out = _sample_and_rank(
             policy, self.pm, x, xm, jax.random.fold_in(self.key, step), self.max_len
         )
-        return {k: np.asarray(v) for k, v in out.items()}
+        return {k: to_host(v) for k, v in out.items()}
 
 
 def copy_arrays(model):
@@ -227,7 +227,7 @@ class HypoSource:
         )
         samples = {"prompt": x, "prompt_mask": xm, "y": s.tokens, "y_mask": s.mask}
         samples["logp"] = s.logprobs.sum(-1)
-        return pairs, {k: np.asarray(v) for k, v in samples.items()}
+        return pairs, {k: to_host(v) for k, v in samples.items()}
 
 
 @jax.jit

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ipo_gap import hosts
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.data.sources import PAIR_FIELDS
 from ipo_gap.sharding import restore_shardings, to_device
@@ -240,7 +241,12 @@ def train_policy(
             if step < len(order_log):  # logged before a crash: must regenerate equal
                 order_log.compare_step(step, _logged_fields(order_log, batch))
             else:
-                order_log.append(step, _logged_fields(order_log, batch))
+                if hosts.is_writer():  # every process holds the batch; process 0 logs it
+                    order_log.append(step, _logged_fields(order_log, batch))
+                if hosts.process_count() > 1:  # the step is on disk before anyone reads it
+                    hosts.sync(f"{name}: logged step {step}")
+                    if not hosts.is_writer():
+                        order_log.refresh()
         return batch
 
     def update(model, opt_state, batch, step):
@@ -419,7 +425,8 @@ def _run(
 
     history = []
     progress = Progress(num_steps, name)
-    out = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115
+    writes = metrics_path and hosts.is_writer()  # one writer per multi-host job
+    out = open(metrics_path, "a") if writes else None  # noqa: SIM115
     last_done = [time.time()]
 
     def finish(step, device_metrics, tokens):

@@ -20,9 +20,9 @@ import jax
 import numpy as np
 import optax
 
-from ipo_gap import jsonl, preference, sharding
+from ipo_gap import hosts, jsonl, preference, sharding
 from ipo_gap.data import sources
-from ipo_gap.sharding import to_device
+from ipo_gap.sharding import to_device, to_host
 from ipo_gap.train import steps
 from ipo_gap.train.loop import NonFiniteLossError, Progress
 from ipo_gap.train_state_io import CheckpointManager
@@ -151,7 +151,9 @@ def train_sft(
         history = [r["loss"] for r in rows]
     step_fn = steps.make_sft_step(optimizer)
     progress = Progress(num_steps, name)
-    out = open(metrics_path, "a" if resumed else "w") if metrics_path else None  # noqa: SIM115
+    # One writer per multi-host job (`hosts`); every process computes the same rows.
+    writes = metrics_path and hosts.is_writer()
+    out = open(metrics_path, "a" if resumed else "w") if writes else None  # noqa: SIM115
     try:
         for step in range(start, num_steps):
             idx = sources.schedule_indices(seed, step, batch_size, n)
@@ -198,7 +200,7 @@ def pair_logit_rows(
     for idx, keep in sources.padded_batches(n, batch_size):
         rows = _pack_both_orders(*(to_device(a[idx]) for a in arrays))
         for out, a in zip(packed, rows, strict=True):
-            out.append(np.asarray(a)[:keep])
+            out.append(to_host(a)[:keep])
     t12, m12, t21, m21 = (np.concatenate(p) for p in packed)
     worst = t12.shape[1]
     lengths = m12.sum(1)
@@ -208,7 +210,7 @@ def pair_logit_rows(
         cut = min(worst, -(-int(lengths[idx].max()) // bucket) * bucket)
         rows = (to_device(a[idx, :cut]) for a in (t12, m12, t21, m21))
         a12, a21 = _logits_both_orders(pm, *rows)
-        z12[idx[:keep]], z21[idx[:keep]] = np.asarray(a12)[:keep], np.asarray(a21)[:keep]
+        z12[idx[:keep]], z21[idx[:keep]] = to_host(a12)[:keep], to_host(a21)[:keep]
     return z12, z21
 
 
@@ -292,7 +294,9 @@ def train_pm(
         best, since_best = (extra["best_accuracy"], extra["best_step"], best_model), extra["since"]
         if since_best >= patience:  # saved at the plateau, killed before returning
             start, stopped_early = num_steps, True
-    out = open(metrics_path, "a" if resumed else "w") if metrics_path else None  # noqa: SIM115
+    # One writer per multi-host job (`hosts`); every process computes the same rows.
+    writes = metrics_path and hosts.is_writer()
+    out = open(metrics_path, "a" if resumed else "w") if writes else None  # noqa: SIM115
     try:
         for step in range(start, num_steps):
             idx = sources.schedule_indices(seed, step, batch_size, n)

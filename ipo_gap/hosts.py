@@ -1,0 +1,69 @@
+"""Multi-host runs: every process computes the study's files, process 0 writes them.
+
+A multi-host job (`sharding.initialize_distributed`) runs the same program on every process
+(SPMD): every process holds the same host-side values (batches, judgements, summaries), so the
+files they would write are identical. Process 0 writes them; the others skip the write and
+wait at a barrier (`sync`) until it is done, so that a file written by one stage is there for
+every process to read in the next. The work directory must therefore be a filesystem that all
+hosts share (as orbax's multi-host checkpoints require too). Orbax checkpoints are written by
+all processes together (each its own shards), not through this module.
+
+On one process (`jax.distributed` not initialised, or JAX not imported) `is_writer()` is True
+and `sync` does nothing, so single-host runs and the parallel CPU workers
+(`ipo_gap.parallel`, one process each) are unaffected.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _jax():
+    return sys.modules.get("jax")  # None: JAX not imported, so not a multi-process job
+
+
+def process_index() -> int:
+    jax = _jax()
+    return jax.process_index() if jax is not None else 0
+
+
+def process_count() -> int:
+    jax = _jax()
+    return jax.process_count() if jax is not None else 1
+
+
+def is_writer() -> bool:
+    """True on the one process that writes the study's (non-orbax) files: process 0."""
+    return process_index() == 0
+
+
+def sync(name: str) -> None:
+    """A barrier across all processes of a multi-host job (no-op on one process). Every process
+    must reach the barriers in the same order with the same names: a process that took another
+    path is reported by JAX as a mismatch, not left to deadlock silently."""
+    if process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def remove(path) -> None:
+    """Deletes a file or a directory tree (process 0 only, then a barrier; see `sync`)."""
+    import pathlib
+    import shutil
+
+    path = pathlib.Path(path)
+    if is_writer():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    sync(f"remove {path}")
+
+
+def exists(path) -> bool:
+    """`os.path.exists(path)`, agreed by every process: each looks, then all meet at a barrier,
+    so process 0 cannot create or delete `path` between one process's look and another's
+    (only process 0 writes). Use it wherever a look decides whether to write."""
+    import os
+
+    found = os.path.exists(path)
+    sync(f"exists {path}")
+    return found

@@ -1,0 +1,60 @@
+"""ipo_gap.hosts: one writer per multi-host job, the same barriers on every process.
+
+The multi-process behaviour end to end is tests/test_multihost.py (slow, two real processes).
+These tests pin the contract that keeps such a job from deadlocking: a process that does not
+write still meets the writer at a barrier of the same name, and reading a file's existence
+is agreed before anyone may change it. `process_index`/`process_count` are replaced to play
+process 1 of 2; `sync` records the barrier names instead of calling JAX.
+"""
+
+import pytest
+
+from ipo_gap import hosts, jsonl
+
+
+@pytest.fixture
+def barriers(monkeypatch):
+    names = []
+    monkeypatch.setattr(hosts, "sync", names.append)
+    return names
+
+
+def play(monkeypatch, index, count=2):
+    monkeypatch.setattr(hosts, "process_index", lambda: index)
+    monkeypatch.setattr(hosts, "process_count", lambda: count)
+
+
+def test_one_process_writes_and_needs_no_barrier(tmp_path):
+    assert hosts.process_count() == 1 and hosts.is_writer()
+    hosts.sync("a no-op on one process")
+    path = tmp_path / "a.json"
+    jsonl.write_atomic(path, "{}")
+    assert path.read_text() == "{}" and hosts.exists(path)
+    hosts.remove(path)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_writer_and_reader_meet_at_the_same_barriers(tmp_path, monkeypatch, barriers, index):
+    play(monkeypatch, index)
+    path, tree = tmp_path / "done.json", tmp_path / "state"
+    tree.mkdir()
+    assert hosts.exists(tree)
+    jsonl.write_atomic(path, '{"step": 3}')
+    hosts.remove(tree)
+    # Process 0 writes and deletes; process 1 leaves the disk alone. Both pass the same
+    # barriers in the same order, so neither waits for a barrier the other never reaches.
+    assert path.exists() == (index == 0)
+    assert tree.exists() == (index != 0)
+    assert barriers == [f"exists {tree}", f"write {path}", f"remove {tree}"]
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_a_failed_write_leaves_no_temporary_and_passes_no_barrier(tmp_path, barriers):
+    def boom(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        jsonl.write_file_atomic(tmp_path / "x.npz", boom)
+    assert list(tmp_path.iterdir()) == [] and barriers == []

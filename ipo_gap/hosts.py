@@ -8,6 +8,9 @@ every process to read in the next. The work directory must therefore be a filesy
 hosts share (as orbax's multi-host checkpoints require too). Orbax checkpoints are written by
 all processes together (each its own shards), not through this module.
 
+If process 0 fails, the others are left at a barrier until JAX's coordination service notices
+that a process of the job is gone and stops them: a multi-host job fails as a whole.
+
 On one process (`jax.distributed` not initialised, or JAX not imported) `is_writer()` is True
 and `sync` does nothing, so single-host runs and the parallel CPU workers
 (`ipo_gap.parallel`, one process each) are unaffected.

@@ -61,6 +61,16 @@ def remove(path) -> None:
     sync(f"remove {path}")
 
 
+def listed(paths) -> list:
+    """`sorted(paths)` (e.g. of a `Path.glob`), agreed by every process: each lists, then all
+    meet at a barrier before anyone may delete one of them. Without it, process 0 could
+    remove the first entry before another process has listed the directory, and the two
+    would then disagree on which barriers follow."""
+    out = sorted(paths, key=str)
+    sync("listed " + " ".join(str(p) for p in out))
+    return out
+
+
 def exists(path) -> bool:
     """`os.path.exists(path)`, agreed by every process: each looks, then all meet at a barrier,
     so process 0 cannot create or delete `path` between one process's look and another's

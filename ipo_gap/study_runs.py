@@ -54,7 +54,7 @@ def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
         with CheckpointManager(d / TRAIN_STATE) as mngr:
             latest = mngr.latest_step()
     if latest is None:
-        for child in sorted(d.iterdir()):
+        for child in hosts.listed(d.iterdir()):
             hosts.remove(child)
         return None
     # A kill during an append cuts at most the last line; its step is after `latest`.
@@ -62,7 +62,7 @@ def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
     jsonl.write_rows(d / "metrics.jsonl", [m for m in metrics if m["step"] < latest])
     evals = jsonl.read_rows(d / "evals.jsonl", cut_tail_ok=True)
     jsonl.write_rows(d / "evals.jsonl", [e for e in evals if e["step"] <= latest])
-    for snap in d.glob("step_*"):
+    for snap in hosts.listed(d.glob("step_*")):
         if int(snap.name.split("_")[1]) > latest:
             hosts.remove(snap)
     print(f"[{name}] resuming from its train state at step {latest}", flush=True)

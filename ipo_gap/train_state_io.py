@@ -422,9 +422,9 @@ def rollback(directory, keep_up_to_step: int) -> list[int]:
             mngr.delete(s)
     finally:
         mngr.close()
-    for child in sorted(root.iterdir(), key=lambda c: c.name):
-        if _TMP_MARKER in child.name and child.is_dir():
-            if hosts.is_writer():
-                child.rmtree()
-            hosts.sync(f"rollback {child}")
+    unfinished = [c for c in root.iterdir() if _TMP_MARKER in c.name and c.is_dir()]
+    for child in hosts.listed(unfinished):  # agreed before process 0 deletes any
+        if hosts.is_writer():
+            child.rmtree()
+        hosts.sync(f"rollback {child}")
     return doomed

@@ -39,14 +39,27 @@ def test_writer_and_reader_meet_at_the_same_barriers(tmp_path, monkeypatch, barr
     play(monkeypatch, index)
     path, tree = tmp_path / "done.json", tmp_path / "state"
     tree.mkdir()
+    snaps = [tree / "step_2", tree / "step_10"]
+    for s in snaps:
+        s.mkdir()
     assert hosts.exists(tree)
     jsonl.write_atomic(path, '{"step": 3}')
+    for snap in hosts.listed(tree.glob("step_*")):  # listed by all before any is deleted
+        hosts.remove(snap)
     hosts.remove(tree)
     # Process 0 writes and deletes; process 1 leaves the disk alone. Both pass the same
     # barriers in the same order, so neither waits for a barrier the other never reaches.
     assert path.exists() == (index == 0)
     assert tree.exists() == (index != 0)
-    assert barriers == [f"exists {tree}", f"write {path}", f"remove {tree}"]
+    listing = f"listed {snaps[1]} {snaps[0]}"  # sorted by name: step_10 < step_2
+    assert barriers == [
+        f"exists {tree}",
+        f"write {path}",
+        listing,
+        f"remove {snaps[1]}",
+        f"remove {snaps[0]}",
+        f"remove {tree}",
+    ]
     assert list(tmp_path.glob("*.tmp")) == []
 
 

@@ -176,7 +176,7 @@ def run_seeds(
         raise ValueError(f"--seeds has a seed twice: {seeds}")
     per_seed = {s: _run(workdir / f"seed_{s}", preset, s, jobs, **overrides)[1] for s in seeds}
     path = seeds_report.write(workdir / "SEEDS.md", per_seed, preset)
-    print(f"{len(seeds)} seeds compared: {path}", flush=True)
+    hosts.say(f"{len(seeds)} seeds compared: {path}")
     return path
 
 
@@ -193,12 +193,12 @@ def _run(workdir: pathlib.Path, preset: str, seed: int | None = None, jobs: int 
             )
     else:
         jsonl.write_atomic(config_path, json.dumps(cfg.to_dict(), indent=1))
-    print(f"study {preset} in {workdir}: {cfg}", flush=True)
+    hosts.say(f"study {preset} in {workdir}: {cfg}")
     start = time.time()
     study = Study(workdir, cfg)
     results = study_experiments.run_all(study, jobs=jobs)
     path = report.write(workdir, results, preset)
-    print(f"study finished in {time.time() - start:.0f}s: {path}", flush=True)
+    hosts.say(f"study finished in {time.time() - start:.0f}s: {path}")
     return path, results
 
 

@@ -40,6 +40,21 @@ def is_writer() -> bool:
     return process_index() == 0
 
 
+def say(message: str, stream=None) -> None:
+    """Prints a progress line, on process 0 only: every process runs the same program, so the
+    others would print the same line once more each."""
+    if is_writer():
+        print(message, file=stream if stream is not None else sys.stdout, flush=True)
+
+
+def open_on_writer(path, mode: str = "a"):
+    """`open(path, mode)` on process 0; None on the others, and when `path` is None or "".
+    Appended files (metrics, evaluations) have one writer per multi-host job."""
+    if not path or not is_writer():
+        return None
+    return open(path, mode)  # noqa: SIM115 (the caller closes it)
+
+
 def sync(name: str) -> None:
     """A barrier across all processes of a multi-host job (no-op on one process). Every process
     must reach the barriers in the same order with the same names: a process that took another
@@ -51,13 +66,22 @@ def sync(name: str) -> None:
 
 
 def remove(path) -> None:
-    """Deletes a file or a directory tree (process 0 only, then a barrier; see `sync`)."""
+    """Deletes a file or a directory tree (process 0 only, then a barrier; see `sync`).
+
+    `path`: a string, a `pathlib.Path`, or an `etils.epath.Path` (orbax's paths, which may be
+    remote: they are deleted through their own `rmtree`/`unlink`)."""
     import pathlib
     import shutil
 
-    path = pathlib.Path(path)
+    if not hasattr(path, "is_dir"):
+        path = pathlib.Path(path)
     if is_writer():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if not path.is_dir():
+            path.unlink()
+        elif hasattr(path, "rmtree"):  # epath
+            path.rmtree()
+        else:
+            shutil.rmtree(path)
     sync(f"remove {path}")
 
 

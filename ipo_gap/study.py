@@ -257,7 +257,7 @@ def stage(directory: pathlib.Path, fn: Callable[[pathlib.Path], dict]) -> dict:
     done = directory / "done.json"
     if hosts.exists(done):
         summary = json.loads(done.read_text())
-        print(f"[{directory.name}] done already: skipped", flush=True)
+        hosts.say(f"[{directory.name}] done already: skipped")
     else:
         directory.mkdir(parents=True, exist_ok=True)
         summary = fn(directory)

@@ -65,7 +65,7 @@ def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
     for snap in hosts.listed(d.glob("step_*")):
         if int(snap.name.split("_")[1]) > latest:
             hosts.remove(snap)
-    print(f"[{name}] resuming from its train state at step {latest}", flush=True)
+    hosts.say(f"[{name}] resuming from its train state at step {latest}")
     return latest
 
 
@@ -497,23 +497,23 @@ class Study:
             order_log = None
             if log and resume_at is not None and hosts.exists(d / "log"):
                 order_log = OrderLog.open(d / "log")  # may be ahead: the loop re-checks it
-            elif log and not hosts.is_writer():  # process 0 creates it (multi-host)
-                hosts.sync(f"create {d / 'log'}")
-                order_log = OrderLog.open(d / "log")
             elif log:
-                order_log = OrderLog.create(
-                    d / "log",
-                    schema=pair_schema(self.prep.prompt_width, self.cfg.target_len),
-                    batch_size=self.cfg.rl_batch,
-                    overwrite=True,
-                    meta={
-                        "tokenizer_sha256": self.prep.tokenizer.sha256,
-                        "loss": loss,
-                        "model": self.policy_cfg.to_dict(),
-                        "study": self.cfg.to_dict(),
-                    },
-                )
+                if hosts.is_writer():  # process 0 creates it, the others open it after the barrier
+                    order_log = OrderLog.create(
+                        d / "log",
+                        schema=pair_schema(self.prep.prompt_width, self.cfg.target_len),
+                        batch_size=self.cfg.rl_batch,
+                        overwrite=True,
+                        meta={
+                            "tokenizer_sha256": self.prep.tokenizer.sha256,
+                            "loss": loss,
+                            "model": self.policy_cfg.to_dict(),
+                            "study": self.cfg.to_dict(),
+                        },
+                    )
                 hosts.sync(f"create {d / 'log'}")
+                if order_log is None:  # (an empty log is falsy: test for None)
+                    order_log = OrderLog.open(d / "log")
             common = {
                 "model": sources.copy_arrays(sft),
                 "ref_model": sft,

@@ -71,3 +71,42 @@ def test_a_failed_write_leaves_no_temporary_and_passes_no_barrier(tmp_path, barr
     with pytest.raises(OSError, match="disk full"):
         jsonl.write_file_atomic(tmp_path / "x.npz", boom)
     assert list(tmp_path.iterdir()) == [] and barriers == []
+
+
+def test_remove_takes_orbax_epath_paths(tmp_path):
+    # orbax's directories are etils.epath paths (possibly remote); rollback deletes its
+    # unfinished saves through hosts.remove, so remove must take them as they are.
+    from etils import epath
+
+    tree = epath.Path(tmp_path) / "ckpt.orbax-checkpoint-tmp-7"
+    (tree / "inner").mkdir(parents=True)
+    (tree / "inner" / "data").write_text("x")
+    file = epath.Path(tmp_path) / "loose.json"
+    file.write_text("{}")
+    hosts.remove(tree)
+    hosts.remove(file)
+    hosts.remove(str(tmp_path))  # a plain string names a directory tree too
+    assert not tmp_path.exists()
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_progress_and_appended_files_on_the_writer_only(tmp_path, monkeypatch, capsys, index):
+    from ipo_gap.train.loop import Progress
+
+    play(monkeypatch, index)
+    progress = Progress(3, "online_ipo")
+    for step in range(3):
+        progress.update(step, 0.5, force=True)
+    hosts.say("[sft] done already: skipped")
+    out = hosts.open_on_writer(tmp_path / "metrics.jsonl")
+    if out is not None:
+        with out:
+            out.write("{}\n")
+    printed = capsys.readouterr().out.splitlines()
+    if index == 0:
+        assert printed[0].startswith("[online_ipo] step 1/3  loss 0.5000  (first step")
+        assert "steps/s  ETA" in printed[2] and printed[-1] == "[sft] done already: skipped"
+        assert len(printed) == 4 and (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+    else:  # every process runs the same program: the others would print the same lines
+        assert printed == [] and out is None and not (tmp_path / "metrics.jsonl").exists()
+    assert hosts.open_on_writer(None) is None and hosts.open_on_writer("") is None

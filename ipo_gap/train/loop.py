@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -149,9 +148,10 @@ def _logged_fields(order_log: OrderLog, batch: dict) -> dict:
 
 
 class Progress:
-    """Prints `step, loss, rate, ETA` lines at most every `every_s` seconds."""
+    """Prints `step, loss, rate, ETA` lines at most every `every_s` seconds (on process 0 of a
+    multi-host job only: `hosts.say`)."""
 
-    def __init__(self, total: int, name: str, every_s: float = 5.0, stream=sys.stdout):
+    def __init__(self, total: int, name: str, every_s: float = 5.0, stream=None):
         self.total, self.name, self.every_s, self.stream = total, name, every_s, stream
         self.start = time.time()
         self.last = 0.0
@@ -161,11 +161,10 @@ class Progress:
         now = time.time()
         if self.first_step_done is None:  # rates exclude compilation
             self.first_step_done = (now, step)
-            print(
+            hosts.say(
                 f"[{self.name}] step {step + 1}/{self.total}  loss {loss:.4f}  (first step, "
                 f"with compilation: {now - self.start:.1f}s)",
-                file=self.stream,
-                flush=True,
+                self.stream,
             )
             self.last = now
             return
@@ -175,11 +174,10 @@ class Progress:
         t0, s0 = self.first_step_done
         rate = (step - s0) / (now - t0) if step > s0 else float("nan")
         eta = (self.total - step - 1) / rate if rate == rate and rate > 0 else float("nan")
-        print(
+        hosts.say(
             f"[{self.name}] step {step + 1}/{self.total}  loss {loss:.4f}  "
             f"{rate:.2f} steps/s  ETA {eta:.0f}s",
-            file=self.stream,
-            flush=True,
+            self.stream,
         )
 
 
@@ -410,7 +408,7 @@ def _run(
             )
         model, opt_state = restored.model, restored.opt_state
         start_step = int(restored.data_position)
-        print(f"[{name}] resumed from {manager.directory} at step {start_step}", flush=True)
+        hosts.say(f"[{name}] resumed from {manager.directory} at step {start_step}")
 
     def save(step_done: int):
         state = TrainState(
@@ -425,8 +423,7 @@ def _run(
 
     history = []
     progress = Progress(num_steps, name)
-    writes = metrics_path and hosts.is_writer()  # one writer per multi-host job
-    out = open(metrics_path, "a") if writes else None  # noqa: SIM115
+    out = hosts.open_on_writer(metrics_path, "a")
     last_done = [time.time()]
 
     def finish(step, device_metrics, tokens):

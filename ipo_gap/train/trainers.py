@@ -88,7 +88,7 @@ class _Resumable:
                 f"step {step}: cannot resume with a complete history"
             )
         jsonl.write_rows(path, rows)
-        print(f"[{self.name}] resumed from its train state at step {step}", flush=True)
+        hosts.say(f"[{self.name}] resumed from its train state at step {step}")
         return arrays, meta.get("extra", {}), step, rows
 
     def maybe_save(self, step_done: int, arrays, extra: dict | None = None) -> None:
@@ -152,8 +152,7 @@ def train_sft(
     step_fn = steps.make_sft_step(optimizer)
     progress = Progress(num_steps, name)
     # One writer per multi-host job (`hosts`); every process computes the same rows.
-    writes = metrics_path and hosts.is_writer()
-    out = open(metrics_path, "a" if resumed else "w") if writes else None  # noqa: SIM115
+    out = hosts.open_on_writer(metrics_path, "a" if resumed else "w")
     try:
         for step in range(start, num_steps):
             idx = sources.schedule_indices(seed, step, batch_size, n)
@@ -295,8 +294,7 @@ def train_pm(
         if since_best >= patience:  # saved at the plateau, killed before returning
             start, stopped_early = num_steps, True
     # One writer per multi-host job (`hosts`); every process computes the same rows.
-    writes = metrics_path and hosts.is_writer()
-    out = open(metrics_path, "a" if resumed else "w") if writes else None  # noqa: SIM115
+    out = hosts.open_on_writer(metrics_path, "a" if resumed else "w")
     try:
         for step in range(start, num_steps):
             idx = sources.schedule_indices(seed, step, batch_size, n)
@@ -312,7 +310,7 @@ def train_pm(
                     best, since_best = (acc, step + 1, sources.copy_arrays(model)), 0
                 else:
                     since_best += 1
-                print(f"[{name}] step {step + 1}: validation accuracy {acc:.4f}", flush=True)
+                hosts.say(f"[{name}] step {step + 1}: validation accuracy {acc:.4f}")
             history.append(record)
             if out is not None:
                 out.write(json.dumps(record) + "\n")
@@ -325,7 +323,7 @@ def train_pm(
             )
             progress.update(step, loss, force=step == num_steps - 1)
             if since_best >= patience:
-                print(f"[{name}] validation plateau: stopped at step {step + 1}", flush=True)
+                hosts.say(f"[{name}] validation plateau: stopped at step {step + 1}")
                 stopped_early = True
                 break
     finally:

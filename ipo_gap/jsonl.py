@@ -50,6 +50,15 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def append_row(path: str | os.PathLike, row: dict) -> None:
+    """Appends one JSON line to `path` (process 0 only: `hosts.open_on_writer`). A kill can
+    cut the line; `read_rows(..., cut_tail_ok=True)` drops a cut last line."""
+    out = hosts.open_on_writer(path, "a")
+    if out is not None:
+        with out:
+            out.write(json.dumps(row) + "\n")
+
+
 def read_rows(path: str | os.PathLike, *, cut_tail_ok: bool = False) -> list[dict]:
     """The rows of a JSON-lines file ([] when it does not exist).
 

@@ -13,7 +13,6 @@ Keys: the root key jax.random.key(seed) is folded with a fixed number per purpos
 from __future__ import annotations
 
 import copy
-import json
 import math
 import pathlib
 
@@ -488,9 +487,7 @@ class Study:
                         self.stream_metrics(k, model, order_log if name == "online_ipo" else None)
                     )
                     evals.append(e)
-                    if hosts.is_writer():
-                        with open(d / "evals.jsonl", "a") as f:
-                            f.write(json.dumps(e) + "\n")
+                    jsonl.append_row(d / "evals.jsonl", e)
                 if step + 1 in save_at:
                     save_model(d / f"step_{step + 1}", model, self.policy_cfg)
 

@@ -110,3 +110,20 @@ def test_progress_and_appended_files_on_the_writer_only(tmp_path, monkeypatch, c
     else:  # every process runs the same program: the others would print the same lines
         assert printed == [] and out is None and not (tmp_path / "metrics.jsonl").exists()
     assert hosts.open_on_writer(None) is None and hosts.open_on_writer("") is None
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_append_row_writes_on_process_zero_only(tmp_path, monkeypatch, index):
+    from ipo_gap import jsonl
+
+    play(monkeypatch, index)
+    path = tmp_path / "evals.jsonl"
+    jsonl.append_row(path, {"step": 1, "win_rate": 0.5})
+    jsonl.append_row(path, {"step": 2, "win_rate": 0.25})
+    if index == 0:
+        assert jsonl.read_rows(path) == [
+            {"step": 1, "win_rate": 0.5},
+            {"step": 2, "win_rate": 0.25},
+        ]
+    else:
+        assert not path.exists()

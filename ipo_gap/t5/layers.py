@@ -208,9 +208,8 @@ class GatedGeluMLP(eqx.Module):
         )
 
     def __call__(self, x_BxTxD, cd) -> jax.Array:
-        x = x_BxTxD.astype(cd)
-        h = jax.nn.gelu(dense(x, self.wi_0, cd), approximate=True) * dense(x, self.wi_1, cd)
-        return dense(h, self.wo, cd)
+        gate = jax.nn.gelu(dense(x_BxTxD, self.wi_0, cd), approximate=True)
+        return dense(gate * dense(x_BxTxD, self.wi_1, cd), self.wo, cd)
 
 
 class ReluMLP(eqx.Module):
@@ -227,5 +226,4 @@ class ReluMLP(eqx.Module):
         )
 
     def __call__(self, x_BxTxD, cd) -> jax.Array:
-        x = x_BxTxD.astype(cd)
-        return dense(jax.nn.relu(dense(x, self.wi, cd)), self.wo, cd)
+        return dense(jax.nn.relu(dense(x_BxTxD, self.wi, cd)), self.wo, cd)

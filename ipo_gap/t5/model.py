@@ -447,8 +447,8 @@ def decode_step(model: T5, cache: DecodeCache, token_B: jax.Array, layers=None):
     for i, layer in enumerate(layers):
         h = layer.ln_sa(x, cd)
         k_new, v_new = layer.sa.project_kv(h, cd)
-        self_k[i] = jax.lax.dynamic_update_slice(self_k[i], k_new.astype(cd), (0, 0, t, 0))
-        self_v[i] = jax.lax.dynamic_update_slice(self_v[i], v_new.astype(cd), (0, 0, t, 0))
+        self_k[i] = jax.lax.dynamic_update_slice(self_k[i], k_new, (0, 0, t, 0))
+        self_v[i] = jax.lax.dynamic_update_slice(self_v[i], v_new, (0, 0, t, 0))
         x = x + layer.sa.attend_one(h, self_k[i], self_v[i], self_bias, cd).astype(jnp.float32)
         x = x + layer.ca.attend_one(
             layer.ln_ca(x, cd), cache.cross_k[i], cache.cross_v[i], cross_bias, cd

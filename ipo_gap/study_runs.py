@@ -215,6 +215,10 @@ class Study:
         )
 
     def _train_pm(self, name, cfg_model, train, valid, batch):
+        lr = self.cfg.pm_lr
+        if name == "golden_pm" and self.cfg.pm_lr_golden is not None:
+            lr = self.cfg.pm_lr_golden
+
         def fn(d):
             init = self.init_model("golden" if name == "golden_pm" else "policy", name)
             res = trainers.train_pm(
@@ -223,7 +227,7 @@ class Study:
                 pm_rows(valid),
                 num_steps=self.cfg.pm_steps,
                 batch_size=batch,
-                learning_rate=self.cfg.pm_lr,
+                learning_rate=lr,
                 seed=self.cfg.seed,
                 warmup_steps=self.cfg.pm_warmup,
                 eval_every=self.cfg.pm_eval_every,
@@ -239,6 +243,7 @@ class Study:
                 "best_step": res.best_step,
                 "valid_accuracy": res.best_valid_accuracy,
                 "stopped_early": res.stopped_early,
+                "learning_rate": lr,
                 "model": cfg_model.name,
                 "params": cfg_model.num_params(),
             }

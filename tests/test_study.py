@@ -81,6 +81,10 @@ def test_micro_study_artefacts(micro_study):
     for stage in ("sft", "golden_pm", "proxy_pm", "baseline", "eval_sft", "pipeline"):
         assert (w / stage / "done.json").exists(), stage
     assert (w / "sft_toy-m" / "done.json").exists()  # the second policy size (Fig. 10)
+    cfg = study.PRESETS["micro"]
+    for stage, lr in (("golden_pm", cfg.pm_lr_golden), ("proxy_pm", cfg.pm_lr)):
+        assert json.loads((w / stage / "done.json").read_text())["learning_rate"] == lr, stage
+    assert cfg.pm_lr_golden != cfg.pm_lr
     pipe = json.loads((w / "pipeline" / "done.json").read_text())
     prep = study.prepare(w, study.PRESETS["micro"])
     longest = max(

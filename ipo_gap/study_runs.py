@@ -214,11 +214,7 @@ class Study:
             )[1],
         )
 
-    def _train_pm(self, name, cfg_model, train, valid, batch):
-        lr = self.cfg.pm_lr
-        if name == "golden_pm" and self.cfg.pm_lr_golden is not None:
-            lr = self.cfg.pm_lr_golden
-
+    def _train_pm(self, name, cfg_model, train, valid, batch, lr):
         def fn(d):
             init = self.init_model("golden" if name == "golden_pm" else "policy", name)
             res = trainers.train_pm(
@@ -257,7 +253,12 @@ class Study:
         def build():
             p = self.prep.pairs
             summary, pm = self._train_pm(
-                "golden_pm", self.golden_cfg, p["train"], p["valid"], self.cfg.pm_batch_golden
+                "golden_pm",
+                self.golden_cfg,
+                p["train"],
+                p["valid"],
+                self.cfg.pm_batch_golden,
+                self.cfg.pm_lr if self.cfg.pm_lr_golden is None else self.cfg.pm_lr_golden,
             )
             test = p["test"]
             judged = trainers.judge_rows(pm, *pm_rows(test).values())
@@ -308,6 +309,7 @@ class Study:
                 strip(d["train"]),
                 strip(d["valid"]),
                 self.cfg.pm_batch_proxy,
+                self.cfg.pm_lr,
             )
 
         return self._memo("proxy_pm", build)

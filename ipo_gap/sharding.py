@@ -472,6 +472,16 @@ def to_device(x) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def to_jit_arg(x):
+    """A host batch array to pass to a jitted function: `x` itself without an active mesh (the
+    jitted call transfers it; ~10x cheaper on the host than `jnp.asarray`'s eager dispatch,
+    which costs ~0.1 ms per array and adds up in a loop of small steps), `to_device(x)` with
+    one. The values, and so the computation's bits, are the same either way."""
+    if active_mesh() is None:
+        return np.asarray(x)
+    return to_device(x)
+
+
 def to_host(x) -> np.ndarray:
     """`np.asarray(x)` that also works for an array spread over several processes.
 

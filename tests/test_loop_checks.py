@@ -1,6 +1,8 @@
 """The training loop refuses bad batches (naming run, step and field) and a resume from a
 checkpoint written with another data source key."""
 
+import json
+
 import equinox as eqx
 import jax
 import numpy as np
@@ -138,3 +140,48 @@ def test_a_non_finite_loss_is_named_and_never_checkpointed(setup, tmp_path):
         )
     with CheckpointManager(tmp_path / "ckpt") as mngr:
         assert mngr.all_steps() == []
+
+
+@pytest.mark.parametrize("every", [1, 0])
+def test_poisoned_parameters_are_never_saved_or_returned(setup, tmp_path, every):
+    """A NaN learning rate leaves step 0's loss finite but its update makes every parameter
+    NaN. With a checkpoint after every step, the save of step 1 must refuse it (naming the
+    step), leaving no checkpoint; without checkpoints, the poisoned model must not be
+    returned."""
+    cfg, model = setup
+    good = {k: v[:4] for k, v in _data(cfg).items()}
+    ckpt = {"checkpoint_dir": tmp_path / "ckpt", "checkpoint_every": 1} if every else {}
+    with pytest.raises(loop.NonFiniteLossError, match=r"\[poisoned\] the parameters .* step 0"):
+        loop.train_policy(
+            model=sources.copy_arrays(model),
+            ref_model=model,
+            source=Scripted(good, good, -1),
+            num_steps=1,
+            hparams=steps.Hparams.make(float("nan"), 0.1),
+            loss="ipo",
+            name="poisoned",
+            **ckpt,
+        )
+    if every:
+        with CheckpointManager(tmp_path / "ckpt") as mngr:
+            assert mngr.all_steps() == []
+
+
+def test_metrics_lines_carry_rates(setup, tmp_path):
+    cfg, model = setup
+    good = {k: v[:4] for k, v in _data(cfg).items()}
+    loop.train_policy(
+        model=sources.copy_arrays(model),
+        ref_model=model,
+        source=Scripted(good, good, -1),
+        num_steps=2,
+        hparams=steps.Hparams.make(1e-3, 0.1),
+        loss="ipo",
+        metrics_path=tmp_path / "m.jsonl",
+    )
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    tokens = int(good["y_w_mask"].sum() + good["y_l_mask"].sum())
+    for r in rows:
+        assert r["tokens"] == tokens and r["seconds"] > 0
+        assert r["steps_per_s"] == pytest.approx(1 / r["seconds"])
+        assert r["tokens_per_s"] == pytest.approx(tokens / r["seconds"])

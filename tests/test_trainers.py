@@ -121,6 +121,9 @@ def test_sft_reduces_loss_and_stops_on_nan():
     model = t5.init(CFG, key=jax.random.key(3))
     with pytest.raises(NonFiniteLossError, match="at step 1"):
         train_sft(model, data, num_steps=5, batch_size=8, learning_rate=float("nan"), seed=0)
+    # One step: its loss is finite, its update is not; the poisoned model is not returned.
+    with pytest.raises(NonFiniteLossError, match="parameters are NaN or inf after step 0"):
+        train_sft(model, data, num_steps=1, batch_size=8, learning_rate=float("nan"), seed=0)
 
 
 def test_bad_input_names_the_problem():

@@ -4,8 +4,10 @@
 replayed, shuffled), optionally appending every batch to a data-order log *before* training on
 it, and writes one JSON line of metrics per logging step plus a progress line with rate and ETA.
 A NaN/inf loss stops the loop with `NonFiniteLossError` naming the step, and no checkpoint holds
-a state after it. A step's metrics are read after the next step is dispatched, so the host's
-work overlaps the device's. `train_hypo` runs HyPO's step (offline pairs + on-policy KL term)
+a state after it; nor does any hold non-finite parameters (an update can poison them while its
+own loss is finite: `check_finite_params` runs before every save and on the returned model).
+A step's metrics are read after the next step is dispatched, so the host's work overlaps the
+device's. `train_hypo` runs HyPO's step (offline pairs + on-policy KL term)
 in the same loop.
 """
 
@@ -26,7 +28,7 @@ import numpy as np
 from ipo_gap import hosts
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.data.sources import PAIR_FIELDS
-from ipo_gap.sharding import restore_shardings, to_device
+from ipo_gap.sharding import restore_shardings, to_jit_arg
 from ipo_gap.train import steps
 from ipo_gap.train_state_io import CheckpointManager, TrainState, key_to_data
 
@@ -49,7 +51,45 @@ def _default_hypo_step(normalize: str):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; the run stopped before applying that update."""
+    """The loss (or the parameters) became NaN or inf; the run stopped and saved nothing
+    after it."""
+
+
+def rates(seconds: float, tokens: int) -> dict:
+    """A metrics line's timing fields: wall seconds since the previous line (the first step's
+    include its compilation), the batch's response tokens, and both as rates."""
+    per = 1.0 / seconds if seconds > 0 else float("inf")
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "steps_per_s": per,
+        "tokens_per_s": tokens * per,
+    }
+
+
+def not_saved(manager: CheckpointManager) -> str:
+    """`check_finite_params`' note before a save: nothing saved, and the last good state."""
+    done = manager.all_steps()
+    return "not saved; " + (f"the last checkpoint is step {max(done)}" if done else "no checkpoint")
+
+
+@eqx.filter_jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def check_finite_params(tree, name: str, step_done: int, note: str) -> None:
+    """Raises `NonFiniteLossError` when any float array of `tree` (a model, a train state)
+    holds NaN or inf after `step_done` steps. The losses check each step's loss; this catches
+    an update that poisons the parameters while its loss is still finite (a NaN learning rate,
+    an inf gradient), before a checkpoint or a returned model keeps them. One fused reduction
+    over the parameters: run it where a state is saved or returned, not every step."""
+    if not bool(_all_finite(tree)):
+        raise NonFiniteLossError(
+            f"[{name}] the parameters are NaN or inf after step {step_done - 1} (its loss was "
+            f"finite: a non-finite update); stopped, {note}"
+        )
 
 
 def to_pair_batch(batch: dict[str, np.ndarray]) -> steps.PairBatch:
@@ -61,8 +101,8 @@ def to_pair_batch(batch: dict[str, np.ndarray]) -> steps.PairBatch:
     """
     refs = {}
     if "ref_w" in batch and "ref_l" in batch:
-        refs = {"ref_w": to_device(batch["ref_w"]), "ref_l": to_device(batch["ref_l"])}
-    return steps.PairBatch(*(to_device(batch[f]) for f in PAIR_FIELDS), **refs)
+        refs = {"ref_w": to_jit_arg(batch["ref_w"]), "ref_l": to_jit_arg(batch["ref_l"])}
+    return steps.PairBatch(*(to_jit_arg(batch[f]) for f in PAIR_FIELDS), **refs)
 
 
 class BatchError(ValueError):
@@ -248,7 +288,7 @@ def train_policy(
         return batch
 
     def update(model, opt_state, batch, step):
-        return step_fn(model, opt_state, ref_model, to_pair_batch(batch), hparams, jnp.int32(step))
+        return step_fn(model, opt_state, ref_model, to_pair_batch(batch), hparams, np.int32(step))
 
     return _run(
         model=model,
@@ -273,7 +313,7 @@ def train_policy(
 
 def to_seq_batch(samples: dict[str, np.ndarray]) -> steps.SeqBatch:
     return steps.SeqBatch(
-        *(to_device(samples[f]) for f in ("prompt", "prompt_mask", "y", "y_mask"))
+        *(to_jit_arg(samples[f]) for f in ("prompt", "prompt_mask", "y", "y_mask"))
     )
 
 
@@ -329,7 +369,7 @@ def train_hypo(
             to_pair_batch(pairs),
             to_seq_batch(samples),
             hparams,
-            jnp.int32(step),
+            np.int32(step),
         )
 
     def count_tokens(batch):
@@ -411,6 +451,7 @@ def _run(
         hosts.say(f"[{name}] resumed from {manager.directory} at step {start_step}")
 
     def save(step_done: int):
+        check_finite_params((model, opt_state), name, step_done, not_saved(manager))
         state = TrainState(
             model,
             opt_state,
@@ -435,7 +476,7 @@ def _run(
                 f"stopped (the last good state is the previous step)"
             )
         now = time.time()
-        metrics.update(step=step, seconds=now - last_done[0], tokens=tokens)
+        metrics.update(step=step, **rates(now - last_done[0], tokens))
         last_done[0] = now
         history.append(metrics)
         if out is not None and step % log_every == 0:
@@ -463,6 +504,8 @@ def _run(
             finish(*pending)
         if manager is not None:
             save(num_steps)
+        else:
+            check_finite_params(model, name, num_steps, "the model is not returned")
     finally:
         if out is not None:
             out.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import time
 
 import equinox as eqx
 import jax
@@ -24,7 +25,13 @@ from ipo_gap import hosts, jsonl, preference, sharding
 from ipo_gap.data import sources
 from ipo_gap.sharding import to_device, to_host
 from ipo_gap.train import steps
-from ipo_gap.train.loop import NonFiniteLossError, Progress
+from ipo_gap.train.loop import (
+    NonFiniteLossError,
+    Progress,
+    check_finite_params,
+    not_saved,
+    rates,
+)
 from ipo_gap.train_state_io import CheckpointManager
 
 SEQ_FIELDS = ("src", "src_mask", "tgt", "tgt_mask")
@@ -95,6 +102,7 @@ class _Resumable:
         if self.manager is None or step_done % self.every:
             return
         if step_done not in self.manager.all_steps():
+            check_finite_params(arrays, self.name, step_done, not_saved(self.manager))
             meta = {"identity": self.identity, "extra": extra or {}}
             self.manager.save(step_done, arrays, metadata=meta, force=True)
 
@@ -153,6 +161,7 @@ def train_sft(
     progress = Progress(num_steps, name)
     # One writer per multi-host job (`hosts`); every process computes the same rows.
     out = hosts.open_on_writer(metrics_path, "a" if resumed else "w")
+    last = time.time()
     try:
         for step in range(start, num_steps):
             idx = sources.schedule_indices(seed, step, batch_size, n)
@@ -161,8 +170,11 @@ def train_sft(
             loss = float(m["loss"])
             _finite(loss, name, step)
             history.append(loss)
+            now = time.time()
+            timing = rates(now - last, int(data["tgt_mask"][idx].sum()))
+            last = now
             if out is not None:
-                out.write(json.dumps({"step": step, "loss": loss}) + "\n")
+                out.write(json.dumps({"step": step, "loss": loss, **timing}) + "\n")
                 out.flush()
             ckpt.maybe_save(step + 1, (model, opt_state))
             progress.update(step, loss, force=step == num_steps - 1)
@@ -170,6 +182,7 @@ def train_sft(
         ckpt.close()
         if out is not None:
             out.close()
+    check_finite_params(model, name, num_steps, "the model is not returned")
     return model, history
 
 
@@ -295,6 +308,7 @@ def train_pm(
             start, stopped_early = num_steps, True
     # One writer per multi-host job (`hosts`); every process computes the same rows.
     out = hosts.open_on_writer(metrics_path, "a" if resumed else "w")
+    last = time.time()
     try:
         for step in range(start, num_steps):
             idx = sources.schedule_indices(seed, step, batch_size, n)
@@ -303,6 +317,7 @@ def train_pm(
             loss = float(m["loss"])
             _finite(loss, name, step)
             record = {"step": step, "loss": loss, "accuracy": float(m["accuracy"])}
+            tokens = sum(int(train[f][idx].sum()) for f in ("x_mask", "y_w_mask", "y_l_mask"))
             if (step + 1) % eval_every == 0 or step == num_steps - 1:
                 acc = pm_accuracy(model, valid)
                 record["valid_accuracy"] = acc
@@ -311,6 +326,9 @@ def train_pm(
                 else:
                     since_best += 1
                 hosts.say(f"[{name}] step {step + 1}: validation accuracy {acc:.4f}")
+            now = time.time()
+            record.update(rates(now - last, tokens))  # with the validation, if any
+            last = now
             history.append(record)
             if out is not None:
                 out.write(json.dumps(record) + "\n")
@@ -330,4 +348,6 @@ def train_pm(
         ckpt.close()
         if out is not None:
             out.close()
+    if best[2] is not None:
+        check_finite_params(best[2], name, best[1], "the model is not returned")
     return PMResult(best[2], best[1], best[0], stopped_early, history)

@@ -103,8 +103,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         figs / "fig4_13_replay_and_shuffle.png",
         "Fig. 4 / 13: offline IPO on the online stream, exact and shuffled",
     )
-    plots.figure_kl_winrate(
-        [online, offline[0], *fig5],
+    plots.figure_kl_winrate(  # the same offline run as H2's table
+        [online, offline_same(offline, online), *fig5],
         figs / "fig5_12_datasets.png",
         "Fig. 5 / 12: offline IPO on datasets of online-policy samples",
         lines_for=[r["method"] for r in [online, *fig5]],
@@ -206,8 +206,10 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         f"**Verdict:** {compare(p_on, p_off, 'online', 'offline')}. Online peaks at "
         f"KL {p_on.kl:.2f}, offline at KL {p_off.kl:.2f}."
         + (
-            " Online's best checkpoint is its last: it may not have reached its peak (a longer "
-            "run, e.g. the standard preset, shows where it turns over)."
+            " Online's best checkpoint is its last: it may not have reached its peak (a run "
+            "with more online steps"
+            + (", e.g. the standard preset," if preset in ("micro", "quick") else "")
+            + " would show where it turns over)."
             if at_last_checkpoint([online], p_on)
             else ""
         ),
@@ -269,6 +271,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
                 }
             ),
         ),
+        "",
+        f"**Verdict:** {h2_verdict(p_on, fig5)}",
     ]
     lines += [
         "",
@@ -342,6 +346,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "![beyond](figures/beyond_semi_online_hypo.png)",
         "",
         table(PEAK_HEADER, _peak_rows({r["method"]: [r] for r in [online, *beyond]})),
+        "",
+        f"**Verdict:** {beyond_verdict(p_on, beyond)}",
     ]
     lines += scaling_section(results["fig10"], figs)
     path = workdir / "REPORT.md"
@@ -355,6 +361,69 @@ def offline_same(offline: Sequence[dict], online: dict) -> dict:
         if np.isclose(r["lr"], online["lr"]) and np.isclose(r["beta"], online["beta"]):
             return r
     return offline[0]
+
+
+def h2_verdict(p_on: Peak, datasets: Sequence[dict]) -> str:
+    """H2: does offline IPO on datasets of online-policy samples (golden labels) reach online?
+    The paper found it does not: better data alone does not close the gap."""
+    name = lambda r: r["method"].removeprefix("offline ipo on ")  # noqa: E731
+    below, above, tied = [], [], []
+    for r in datasets:
+        p = peak([r])
+        (below if p_on.lo > p.hi else above if p.lo > p_on.hi else tied).append(name(r))
+    parts = [f"{name(r)}: {compare(peak([r]), p_on, 'offline', 'online')}" for r in datasets]
+    if not datasets:
+        return "no dataset runs."
+    if len(below) == len(datasets):
+        end = (
+            "Every dataset of online-policy samples leaves offline IPO below online, as the "
+            "paper found: better data alone does not close the gap."
+        )
+    elif above:
+        end = (
+            f"Offline on {', '.join(above)} is above online: unlike the paper, better data "
+            "closes the gap here."
+        )
+    else:
+        end = (
+            f"Not separated from online: {', '.join(tied)} (the paper found these below "
+            "online); more evaluation prompts would tell."
+        )
+    return "; ".join(parts) + ". " + end
+
+
+def beyond_verdict(p_on: Peak, runs: Sequence[dict]) -> str:
+    """Semi-online and HyPO against online, and whether semi-online's peak falls as its
+    refresh period s grows (s = 1 is online; s = infinity learns from pi_sft's samples)."""
+    if not runs:
+        return "no runs."
+    parts = [
+        f"{r['method']}: {compare(peak([r]), p_on, r['method'].split(' (')[0], 'online')}"
+        for r in runs
+    ]
+    semi = sorted(
+        (
+            (_refresh_period(r["method"]), peak([r]).win)
+            for r in runs
+            if r["method"].startswith("semi-online")
+        ),
+    )  # by growing s, infinity last
+    text = "; ".join(parts) + "."
+    if len(semi) >= 2:
+        wins = [w for _, w in semi]
+        trend = (
+            "falls as s grows, as expected if fresher samples help"
+            if all(a >= b for a, b in zip(wins, wins[1:], strict=False))
+            else "does not fall monotonically with s (at this sample size: see the intervals)"
+        )
+        by_s = ", ".join(f"s={s:g} {w:.3f}" for s, w in semi)
+        text += f" Semi-online peak win rate by refresh period ({by_s}): it {trend}."
+    return text
+
+
+def _refresh_period(method: str) -> float:
+    """s of a method named "semi-online ipo (s=10)" (s=inf: never refreshed)."""
+    return float(method.rsplit("s=", 1)[1].rstrip(")"))
 
 
 def correlation_verdict(r: float) -> str:

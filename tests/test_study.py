@@ -77,7 +77,11 @@ def test_micro_study_artefacts(micro_study):
     text = (w / "REPORT.md").read_text()
     for f in FIGURES:
         assert f"figures/{f}" in text
-    assert "**Verdict:**" in text
+    # Every section after the pipeline's (H0-H5 and beyond the paper) ends in a verdict.
+    sections = text.split("\n## ")[2:]
+    assert len(sections) == 7 and all("**Verdict:**" in sec for sec in sections), [
+        sec.splitlines()[0] for sec in sections if "**Verdict:**" not in sec
+    ]
     for stage in ("sft", "golden_pm", "proxy_pm", "baseline", "eval_sft", "pipeline"):
         assert (w / stage / "done.json").exists(), stage
     assert (w / "sft_toy-m" / "done.json").exists()  # the second policy size (Fig. 10)
@@ -324,6 +328,32 @@ def test_interval_and_peak_and_verdicts():
     assert "overlap" in report.compare(p, overlap, "online", "offline")
     assert "weakly" in report.correlation_verdict(0.1)
     assert "negatively" in report.correlation_verdict(-0.5)
+
+
+def test_h2_and_beyond_verdicts_follow_the_intervals():
+    def run(method, w, lo, hi):
+        ev = {"step": 5, "win_rate": w, "win_lo": lo, "win_hi": hi, "kl": 1.0}
+        return {"name": method, "method": method, "evals": [ev]}
+
+    on = report.Peak("online", 5, 0.7, 0.65, 0.75, 1.0)
+    below = [run("offline ipo on d_a", 0.5, 0.45, 0.55), run("offline ipo on d_b", 0.6, 0.55, 0.64)]
+    assert "as the paper found" in report.h2_verdict(on, below)
+    tied = [*below, run("offline ipo on d_c", 0.68, 0.62, 0.74)]
+    text = report.h2_verdict(on, tied)
+    assert "Not separated from online: d_c " in text and "as the paper found" not in text
+    above = [*below, run("offline ipo on d_d", 0.85, 0.8, 0.9)]
+    assert "Offline on d_d is above online: unlike the paper" in report.h2_verdict(on, above)
+
+    semi = [
+        run(f"semi-online ipo (s={s})", w, w - 0.02, w + 0.02)
+        for s, w in (("inf", 0.4), ("10", 0.69), ("50", 0.5))
+    ]  # out of order: sorted by s
+    text = report.beyond_verdict(on, [*semi, run("hypo", 0.8, 0.76, 0.84)])
+    assert "(s=10 0.690, s=50 0.500, s=inf 0.400): it falls as s grows" in text
+    assert "hypo: hypo is higher than online" in text
+    assert "semi-online ipo (s=inf): online is higher" in text
+    semi[0] = run("semi-online ipo (s=inf)", 0.6, 0.58, 0.62)
+    assert "does not fall monotonically" in report.beyond_verdict(on, semi)
 
 
 def test_golden_caveat_flags_a_golden_pm_at_chance():

@@ -122,6 +122,17 @@ def test_pretrained_starts_are_the_checkpoints(downloads, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, m.init_model("policy", "sft"), want)
 
 
+def test_real_data_flags_are_refused_on_the_embedded_task():
+    import reproduce
+
+    # Ignored silently, they would still be written into the study's config.
+    with pytest.raises(ValueError, match="--data_dir applies to a real dataset"):
+        reproduce.config("micro", data_dir="/tmp")
+    with pytest.raises(ValueError, match="--data_dir and --skip_bad_records apply"):
+        reproduce.config("micro", task="embedded", data_dir="/tmp", skip_bad_records=True)
+    assert reproduce.config("micro", skip_bad_records=False).task == "embedded"
+
+
 def test_bad_real_task_inputs_are_named(downloads, tmp_path):
     root, dirs = downloads
     # A checkpoint whose vocabulary is smaller than the tokenizer's.

@@ -77,6 +77,11 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert len(log) == 5 and log.batch_size == B
     assert log.meta["tokenizer_sha256"] == SHA and log.meta["run"] == {"loss": "ipo"}
     assert log.meta["schema"]["y_w"] == {"dtype": "int32", "shape": [T]}
+    # The code that wrote it: this checkout's commit (the tests run from a git clone).
+    here = os.path.dirname(os.path.abspath(__file__))
+    head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True)
+    code = log.meta["code_version"]
+    assert code["ipo_gap"] and code["git_commit"] == (head.stdout.strip() or None)
     for step, got in log.iter_steps():
         want = batches[step]
         assert sorted(got) == sorted(want)

@@ -54,12 +54,16 @@ Hosts are assumed little-endian (every JAX platform is); dtypes are bool, ints a
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 import os
+import pathlib
 import re
 import shutil
 import struct
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -70,7 +74,46 @@ import tensorstore as ts
 FORMAT = "ipo_gap.order_log"
 FORMAT_VERSION = 1
 _GENESIS_TAG = b"ipo_gap.order_log.v1\0"
-_RESERVED = ("format", "format_version", "schema", "batch_size", "batch_chunk", "steps_per_chunk")
+_RESERVED = (
+    "format",
+    "format_version",
+    "schema",
+    "batch_size",
+    "batch_chunk",
+    "steps_per_chunk",
+    "code_version",
+)
+
+
+@functools.cache
+def code_version() -> dict[str, Any]:
+    """Which code wrote a log: the installed ipo_gap version and, when the package lies in a
+    git checkout, its commit and whether the working tree had uncommitted changes (None
+    where git or the checkout is absent)."""
+    try:
+        version = importlib.metadata.version("ipo_gap")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    root = pathlib.Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "ipo_gap": version,
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+    }
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -239,7 +282,7 @@ class OrderLog:
             schema: field name -> (dtype, per-example shape).
             batch_size: rows per step (B).
             meta: JSON-serialisable; must hold "tokenizer_sha256" (64 lowercase hex). Put the
-                model/run configs, seeds and code version here.
+                model/run configs and seeds here; the code version (`code_version`) is added.
             batch_chunk: rows per chunk (default B); multi-host writers need slices aligned
                 to it.
             steps_per_chunk: steps per chunk along axis 0.
@@ -261,6 +304,7 @@ class OrderLog:
             raise ValueError(f"meta keys {clash} are reserved by the order log")
         full = dict(meta)
         full.update(
+            code_version=code_version(),
             format=FORMAT,
             format_version=FORMAT_VERSION,
             schema={k: {"dtype": d.name, "shape": list(s)} for k, (d, s) in schema.items()},

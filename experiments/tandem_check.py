@@ -6,7 +6,13 @@ hash-chained data-order log, then replays the log offline from the same start wi
 compiled step. Prints the per-step loss deviation, the max parameter difference and a final
 PASS/FAIL line: on CPU the replay must be bit-identical (difference exactly 0).
 With --shuffle_levels it also replays with steps shuffled in windows of w steps ('all' =
-uniform shuffle) and reports how far each drifts from the online run.
+uniform shuffle) and reports how far each drifts from the online run, step by step (the max
+parameter difference to the online run after the same step, and both losses): in
+tandem_report.json and in tandem_shuffle.png.
+
+--sft_dir / --pm_dir start from a given SFT policy and proxy PM (directories written by
+`ipo_gap.study.save_model` for --model at this check's toy vocabulary, e.g. the sft_* and pm_*
+directories of an earlier run) instead of training them.
 
   python experiments/tandem_check.py --workdir=/tmp/tandem
 """
@@ -43,6 +49,22 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
 _MODEL = flags.DEFINE_string("model", "toy-s", "Model preset of policy and PM.")
 _SHUFFLE = flags.DEFINE_list("shuffle_levels", [], "Replay shuffle windows, e.g. 2,5,all.")
 _PREP_STEPS = flags.DEFINE_integer("prep_steps", 150, "SFT and PM training steps.")
+_SFT_DIR = flags.DEFINE_string("sft_dir", None, "A saved SFT policy to start from (not trained).")
+_PM_DIR = flags.DEFINE_string("pm_dir", None, "A saved proxy PM to judge with (not trained).")
+
+for _name in ("steps", "batch_size", "prep_steps"):
+    flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be >= 1")
+flags.register_validator(
+    "shuffle_levels",
+    lambda levels: all(w == "all" or (w.isdigit() and int(w) >= 1) for w in levels),
+    message="--shuffle_levels: each level is a window of >= 1 steps or 'all', e.g. 2,5,all",
+)
+for _name in ("sft_dir", "pm_dir"):
+    flags.register_validator(
+        _name,
+        lambda d: d is None or (pathlib.Path(d) / "ckpt").is_dir(),
+        message=f"--{_name} must be a directory written by ipo_gap.study.save_model (with ckpt/)",
+    )
 
 S, T = 16, 16
 
@@ -93,13 +115,23 @@ def prepare(workdir: pathlib.Path, seed: int):
         save_model(d, pm, cfg)
         return {"steps": _PREP_STEPS.value, "final_loss": float(m["loss"])}
 
-    # Reused from --workdir when a previous run finished them (with the same flags).
+    # Given, or reused from --workdir when a previous run finished them (with the same flags).
     tag = f"{_MODEL.value}_seed{seed}_prep{_PREP_STEPS.value}"
-    stage(workdir / f"sft_{tag}", train_sft)
-    stage(workdir / f"pm_{tag}", train_pm)
-    sft = load_model(workdir / f"sft_{tag}", cfg)
-    pm = load_model(workdir / f"pm_{tag}", cfg)
-    return tok, cfg, sft, pm, src, key_online
+    dirs = {}
+    for which, given, fn in (("sft", _SFT_DIR.value, train_sft), ("pm", _PM_DIR.value, train_pm)):
+        dirs[which] = pathlib.Path(given) if given else workdir / f"{which}_{tag}"
+        if not given:
+            stage(dirs[which], fn)
+    models = {}
+    for which, d in dirs.items():
+        try:
+            models[which] = load_model(d, cfg)
+        except Exception as e:  # orbax names the first mismatching array
+            raise ValueError(
+                f"{d}: not a {_MODEL.value} model at this check's vocabulary "
+                f"({tok.vocab_size}): {e}"
+            ) from e
+    return tok, cfg, models["sft"], models["pm"], src, key_online
 
 
 def run(workdir: pathlib.Path) -> bool:
@@ -123,6 +155,13 @@ def run(workdir: pathlib.Path) -> bool:
             "steps": n,
         },
     )
+    # Host copies of the online parameters after every step, for the shuffled replays' drift.
+    online_params = []
+
+    def keep_online(step, model, metrics):
+        if _SHUFFLE.value:
+            online_params.append(jax.device_get(eqx.filter(model, eqx.is_array)))
+
     online, _, hist_on = loop.train_policy(
         model=sources.copy_arrays(sft),
         ref_model=sft,
@@ -133,6 +172,7 @@ def run(workdir: pathlib.Path) -> bool:
         order_log=log,
         metrics_path=workdir / "online_metrics.jsonl",
         name="online",
+        on_step=keep_online,
     )
     replay = OrderLog.open(workdir / "online_log")
     replay.check_tokenizer(tok.sha256)
@@ -156,6 +196,11 @@ def run(workdir: pathlib.Path) -> bool:
     }
     for level in _SHUFFLE.value:
         window = n if level == "all" else int(level)
+        drift = []
+
+        def track(step, model, metrics, drift=drift):
+            drift.append(tree_max_abs_diff(online_params[step], model))
+
         shuffled, _, hist = loop.train_policy(
             model=sources.copy_arrays(sft),
             ref_model=sft,
@@ -164,6 +209,7 @@ def run(workdir: pathlib.Path) -> bool:
             hparams=hp,
             loss="ipo",
             name=f"shuffle-{level}",
+            on_step=track,
         )
         report[f"shuffle_{level}"] = {
             "param_distance_to_online": tree_max_abs_diff(online, shuffled),
@@ -172,7 +218,12 @@ def run(workdir: pathlib.Path) -> bool:
             "mean_abs_loss_deviation": float(
                 np.mean([abs(a["loss"] - b["loss"]) for a, b in zip(hist_on, hist, strict=True)])
             ),
+            "per_step_param_distance_to_online": drift,
+            "per_step_loss": [h["loss"] for h in hist],
         }
+    if _SHUFFLE.value:
+        report["online_per_step_loss"] = [h["loss"] for h in hist_on]
+        plot_shuffles(report, _SHUFFLE.value, workdir / "tandem_shuffle.png")
     (workdir / "tandem_report.json").write_text(json.dumps(report, indent=1))
     for i, d in enumerate(loss_dev):
         print(
@@ -189,6 +240,33 @@ def run(workdir: pathlib.Path) -> bool:
         else "FAIL: the offline replay differs from the online run"
     )
     return ok
+
+
+def plot_shuffles(report: dict, levels, path: pathlib.Path) -> None:
+    """Loss per step (online and each shuffled replay) and each replay's parameter distance
+    to the online run after the same step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_dist) = plt.subplots(1, 2, figsize=(10, 4))
+    steps_axis = np.arange(report["steps"])
+    ax_loss.plot(steps_axis, report["online_per_step_loss"], "k-", label="online")
+    for level in levels:
+        r = report[f"shuffle_{level}"]
+        label = "uniform shuffle" if level == "all" else f"window {level}"
+        ax_loss.plot(steps_axis, r["per_step_loss"], label=label)
+        ax_dist.plot(steps_axis, r["per_step_param_distance_to_online"], label=label)
+    ax_loss.set(xlabel="step", ylabel="IPO loss", title="loss per step")
+    ax_dist.set(
+        xlabel="step", ylabel="max |param - online param|", title="drift from the online run"
+    )
+    ax_loss.legend()
+    ax_dist.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv):

@@ -1,5 +1,6 @@
 """The tandem identity: offline training on the online run's logged stream is the online run."""
 
+import json
 import subprocess
 import sys
 
@@ -138,6 +139,13 @@ def test_tandem_check_binary_passes(tmp_path):
     assert "PASS: the offline replay is bit-identical" in proc.stdout
     assert (tmp_path / "tandem_report.json").exists()
     first = (tmp_path / "tandem_report.json").read_text()
+    rep = json.loads(first)
+    uniform = rep["shuffle_all"]
+    assert len(uniform["per_step_loss"]) == len(uniform["per_step_param_distance_to_online"]) == 6
+    assert uniform["per_step_param_distance_to_online"][-1] == uniform["param_distance_to_online"]
+    assert uniform["per_step_loss"][-1] == uniform["final_loss"]
+    assert len(rep["online_per_step_loss"]) == 6
+    assert (tmp_path / "tandem_shuffle.png").read_bytes()[:4] == b"\x89PNG"
     again = run()  # the SFT policy and PM are reused from the workdir, the result is the same
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("done already: skipped") == 2
@@ -173,3 +181,23 @@ def test_offline_run_with_cached_refs_logs_only_the_schema(online_run, tmp_path)
     assert len(log) == 2 and "ref_w" not in log.read(0)
     # At step 0 the policy is the reference: Delta = 0, so the IPO loss is (1/(2 beta))^2 = 1.
     assert abs(hist[0]["loss"] - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--steps=0", "--steps must be >= 1"),
+        ("--shuffle_levels=2,foo", "--shuffle_levels: each level is a window"),
+        ("--sft_dir=/nonexistent", "--sft_dir must be a directory written by"),
+    ],
+)
+def test_tandem_check_refuses_bad_flags_before_training(tmp_path, flag, message):
+    proc = subprocess.run(
+        [sys.executable, "experiments/tandem_check.py", f"--workdir={tmp_path}", flag],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written

@@ -117,12 +117,13 @@ def test_replay_refuses_an_altered_log(online_run, tmp_path):
 
 @pytest.mark.slow  # trains an SFT policy and a PM, then 2 x 6 policy steps: ~1-2 min
 def test_tandem_check_binary_passes(tmp_path):
-    def run():
+    def run(*extra, workdir=tmp_path):
         return subprocess.run(
             [
                 sys.executable,
                 "experiments/tandem_check.py",
-                f"--workdir={tmp_path}",
+                f"--workdir={workdir}",
+                *extra,
                 "--steps=6",
                 "--prep_steps=30",
                 "--batch_size=4",
@@ -150,6 +151,13 @@ def test_tandem_check_binary_passes(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("done already: skipped") == 2
     assert (tmp_path / "tandem_report.json").read_text() == first
+    # Given SFT and PM directories (the first run's) in a new workdir: nothing is trained.
+    given = [f"--{w}_dir={d}" for w in ("sft", "pm") for d in tmp_path.glob(f"{w}_toy-s_*")]
+    other = tmp_path / "given"
+    third = run(*given, workdir=other)
+    assert len(given) == 2 and third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "SFT:" not in third.stdout and not list(other.glob("sft_*"))
+    assert (other / "tandem_report.json").read_text() == first
 
 
 @pytest.mark.slow  # kept out of the default suite's 5 minutes; runs in CI

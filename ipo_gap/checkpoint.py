@@ -187,6 +187,19 @@ def _hf_names(path_names: list[str], cfg: T5Config) -> tuple[list[str], str]:
     return names, kind
 
 
+def _hf_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    """The torch (HF) layout shape of one tensor that `_convert` turns into `shape`."""
+    if kind == "copy":
+        return tuple(shape)
+    if kind == "transpose":
+        return tuple(reversed(shape))
+    if kind == "qkv":  # [D, H, K] <- [H*K, D]
+        return (math.prod(shape[1:]), shape[0])
+    if kind == "o":  # [H, K, D] <- [D, H*K]
+        return (shape[-1], math.prod(shape[:-1]))
+    raise AssertionError(kind)
+
+
 def _convert(w: np.ndarray, kind: str, cfg: T5Config) -> np.ndarray:
     H, K = cfg.num_heads, cfg.d_kv
     if kind == "copy":
@@ -265,14 +278,21 @@ def load_hf_t5(directory, *, param_dtype: str = "float32", mesh=None, **config_o
                 f"{directory}: tensor {missing[0]} (for parameter "
                 f"{'.'.join(names)}) is missing from the checkpoint"
             )
+        stacked = len(hf_names) > 1 or "layers" in names
+        # Check each tensor in HF's own layout before any reshape or stack, so a config that
+        # disagrees with the weights names the tensor, not a bare numpy reshape error.
+        per_tensor = leaf.shape[1:] if stacked else leaf.shape
+        expected = _hf_shape(per_tensor, kind)
+        for n in hf_names:
+            found = tuple(tensors[n].shape)
+            if found != expected:
+                raise CheckpointError(
+                    f"{directory}: tensor {n} has shape {found} but the config implies "
+                    f"{expected} (HF layout) for parameter {'.'.join(names)} of shape "
+                    f"{tuple(leaf.shape)}"
+                )
         arrays = [_convert(np.asarray(tensors[n]), kind, cfg) for n in hf_names]
-        value = arrays[0] if len(arrays) == 1 and "layers" not in names else np.stack(arrays)
-        if value.shape != leaf.shape:
-            raise CheckpointError(
-                f"{directory}: parameter {'.'.join(names)} (from {hf_names[0]}) has shape "
-                f"{tuple(value.shape)} after conversion but the model expects "
-                f"{tuple(leaf.shape)}"
-            )
+        value = np.stack(arrays) if stacked else arrays[0]
         used.update(hf_names)
         value = np.asarray(value.astype(np.float32), dtype=leaf.dtype)  # one leaf on the host
         if mesh is None:

@@ -63,7 +63,7 @@ def test_loader_errors_name_the_problem(tmp_path):
     hf = json.loads((bad / "config.json").read_text())
     hf["d_ff"] = 40  # every MLP weight now disagrees
     (bad / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(checkpoint.CheckpointError, match=r"wi_0.*\(2, 32, 48\).*\(2, 32, 40\)"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"wi_0.*\(48, 32\).*\(40, 32\)"):
         checkpoint.load_hf_t5(bad)
     trunc = tmp_path / "trunc"
     shutil.copytree(src, trunc)
@@ -78,6 +78,57 @@ def test_loader_errors_name_the_problem(tmp_path):
     (noisy / "config.json").write_text(json.dumps(hf))
     with pytest.raises(checkpoint.CheckpointError, match="gated-silu"):
         checkpoint.load_hf_t5(noisy)
+
+
+@pytest.mark.parametrize(
+    "field,value,tensor,found,expected",
+    [
+        # q is [H*K, D] in HF: d_kv 8 -> 4 used to die in a bare numpy reshape.
+        ("d_kv", 4, "encoder.block.0.layer.0.SelfAttention.q.weight", (32, 32), (16, 32)),
+        ("num_heads", 2, "encoder.block.0.layer.0.SelfAttention.q.weight", (32, 32), (16, 32)),
+        ("d_ff", 40, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", (48, 32), (40, 32)),
+        ("d_model", 16, "shared.weight", (64, 32), (64, 16)),
+    ],
+)
+def test_config_disagreeing_with_tensors_names_tensor_and_shapes(
+    tmp_path, field, value, tensor, found, expected
+):
+    """A config.json whose dimensions disagree with the saved tensors raises CheckpointError
+    naming the HF tensor and both of its shapes (HF layout), before any reshape or stack."""
+    bad = tmp_path / "bad"
+    shutil.copytree(FIXTURES / "hf_t5_v11", bad)
+    hf = json.loads((bad / "config.json").read_text())
+    hf[field] = value
+    (bad / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load_hf_t5(bad)
+    msg = str(err.value)
+    assert f"tensor {tensor} has shape {found}" in msg, msg
+    assert f"implies {expected}" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "tensor,shape,expected",
+    [
+        ("decoder.block.1.layer.2.DenseReluDense.wo.weight", (32, 40), (32, 48)),
+        ("decoder.block.2.layer.1.EncDecAttention.k.weight", (16, 32), (32, 32)),
+    ],
+)
+def test_one_layer_of_the_wrong_shape_is_named(tmp_path, tensor, shape, expected):
+    """One layer's tensor shaped unlike its siblings (np.stack or reshape used to fail with a
+    bare numpy error) is named with both shapes."""
+    src = FIXTURES / "hf_t5_v11"
+    tensors = dict(checkpoint.read_safetensors(src / "model.safetensors"))
+    tensors[tensor] = np.ones(shape, np.float32)
+    out = tmp_path / "odd_layer"
+    out.mkdir()
+    shutil.copy(src / "config.json", out / "config.json")
+    _write_safetensors(out / "model.safetensors", tensors)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load_hf_t5(out)
+    msg = str(err.value)
+    assert f"tensor {tensor} has shape {shape}" in msg, msg
+    assert f"implies {expected}" in msg, msg
 
 
 def test_sharded_index_and_missing_tensor(tmp_path):

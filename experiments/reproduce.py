@@ -120,6 +120,15 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's id.")
+_EXPERIMENTS = flags.DEFINE_list(
+    "experiments",
+    [],
+    "Run only these experiments, besides the pipeline and Fig. 1 (which every other one is "
+    f"compared with): some of {', '.join(study_experiments.EXPERIMENTS[1:])} (fig4: Fig. 4/13 "
+    "and, with Fig. 1, Fig. 6-8; fig5: Fig. 5/12; fig9: Best-of-2; beyond: semi-online and "
+    "HyPO; fig10: policy sizes, Fig. 10/11/14). Empty: all. The per-figure binaries beside "
+    "this one set it.",
+)
 _DOCS = flags.DEFINE_string(
     "copy_fig1_to", None, "Also copy Figure 1 here (the README's image is docs/fig1.png)."
 )
@@ -169,26 +178,42 @@ def run(
     preset: str,
     seed: int | None = None,
     jobs: int = 0,
+    selected=None,
     **overrides,
 ) -> pathlib.Path:
-    """Runs (or resumes) the study in `workdir`; returns the path of its REPORT.md. jobs: see
-    `study_experiments.run_all`."""
-    return _run(workdir, preset, seed, jobs, **overrides)[0]
+    """Runs (or resumes) the study in `workdir`; returns the path of its REPORT.md. jobs and
+    selected (experiments; None: all): see `study_experiments.run_all`."""
+    return _run(workdir, preset, seed, jobs, selected, **overrides)[0]
 
 
 def run_seeds(
-    workdir: pathlib.Path, preset: str, seeds: list[int], jobs: int = 0, **overrides
+    workdir: pathlib.Path,
+    preset: str,
+    seeds: list[int],
+    jobs: int = 0,
+    selected=None,
+    **overrides,
 ) -> pathlib.Path:
     """Runs the study once per seed in `workdir/seed_<s>/`; returns the path of SEEDS.md."""
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds has a seed twice: {seeds}")
-    per_seed = {s: _run(workdir / f"seed_{s}", preset, s, jobs, **overrides)[1] for s in seeds}
+    per_seed = {
+        s: _run(workdir / f"seed_{s}", preset, s, jobs, selected, **overrides)[1] for s in seeds
+    }
     path = seeds_report.write(workdir / "SEEDS.md", per_seed, preset)
     hosts.say(f"{len(seeds)} seeds compared: {path}")
     return path
 
 
-def _run(workdir: pathlib.Path, preset: str, seed: int | None = None, jobs: int = 0, **overrides):
+def _run(
+    workdir: pathlib.Path,
+    preset: str,
+    seed: int | None = None,
+    jobs: int = 0,
+    selected=None,
+    **overrides,
+):
+    study_experiments.experiments(selected)  # unknown names fail before any work
     cfg = config(preset, seed=seed, **overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "study_config.json"
@@ -204,7 +229,7 @@ def _run(workdir: pathlib.Path, preset: str, seed: int | None = None, jobs: int 
     hosts.say(f"study {preset} in {workdir}: {cfg}")
     start = time.time()
     study = Study(workdir, cfg)
-    results = study_experiments.run_all(study, jobs=jobs)
+    results = study_experiments.run_all(study, jobs=jobs, selected=selected)
     path = report.write(workdir, results, preset)
     hosts.say(f"study finished in {time.time() - start:.0f}s: {path}")
     return path, results
@@ -241,6 +266,7 @@ def main(argv):
         workdir,
         _PRESET.value,
         jobs=jobs,
+        selected=_EXPERIMENTS.value,
         task=_TASK.value,
         data_dir=_DATA_DIR.value,
         skip_bad_records=_SKIP_BAD.value,
@@ -254,6 +280,14 @@ def main(argv):
     if _DOCS.value:
         first = workdir / f"seed_{seeds[0]}" if seeds else workdir
         shutil.copy(first / "figures" / "fig1_online_vs_offline.png", _DOCS.value)
+
+
+def only(*selected: str) -> None:
+    """The entry point of a per-figure binary: this job with --experiments defaulting to
+    `selected` (the same flags, the same --workdir layout: stages are shared with the main
+    job, which reuses them)."""
+    flags.FLAGS.set_default("experiments", list(selected))
+    app.run(main)
 
 
 if __name__ == "__main__":

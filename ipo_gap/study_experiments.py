@@ -375,7 +375,51 @@ def _ref_cache(s: Study) -> None:
     _on_d_golden(s)()
 
 
-def tasks(study: Study) -> list[parallel.Task]:
+# The study's experiments, by their report section: Fig. 1, 4/13, 5/12, 9, semi-online and
+# HyPO, 10/11/14 (Fig. 6-8 read Fig. 1's and 4's runs). Fig. 1's runs are what every other
+# experiment is compared with, so every selection includes them.
+EXPERIMENTS = ("fig1", "fig4", "fig5", "fig9", "beyond", "fig10")
+
+
+def experiments(selected=None) -> tuple[str, ...]:
+    """`EXPERIMENTS` restricted to `selected` (None or empty: all), always with fig1."""
+    if not selected:
+        return EXPERIMENTS
+    unknown = sorted(set(selected) - set(EXPERIMENTS))
+    if unknown:
+        raise ValueError(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}")
+    return tuple(e for e in EXPERIMENTS if e == "fig1" or e in selected)
+
+
+def tasks(study: Study, selected=None) -> list[parallel.Task]:
+    """`all_tasks`, or only what the `selected` experiments need (`experiments`): their runs,
+    the stages those runs wait for, and the pipeline summary."""
+    graph = all_tasks(study)
+    chosen = experiments(selected)
+    if chosen == EXPERIMENTS:
+        return graph
+    runs = {
+        "fig1": fig1_runs,
+        "fig4": fig4_runs,
+        "fig5": fig5_runs,
+        "fig9": fig9_runs,
+        "beyond": beyond_runs,
+    }
+    want = {"pipeline"} | {f"runs/{n}" for e in chosen if e in runs for n, _ in runs[e](study)}
+    if "fig10" in chosen:
+        for s in variants(study).values():
+            want |= {f"runs{s.tag}/{n}" for n, _ in variant_runs(s)}
+    after = {t.name: t.after for t in graph}
+    todo = list(want)
+    while todo:  # and everything they wait for
+        for dep in after[todo.pop()]:
+            if dep not in want:
+                want.add(dep)
+                todo.append(dep)
+    return [t for t in graph if t.name in want]
+
+
+def all_tasks(study: Study) -> list[parallel.Task]:
     """Every stage and run of the study as a task graph, in priority order (`parallel.run`).
 
     A task is named after the directory it fills (`sft`, `runs/offline_ipo_lr0.0005_b0.1`,
@@ -433,7 +477,7 @@ def worker(workdir: str):
     jax.config.update("jax_compilation_cache_max_size", 4 << 30)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     study = Study(workdir, study_config(pathlib.Path(workdir)))
-    by_name = {t.name: t.fn for t in tasks(study)}
+    by_name = {t.name: t.fn for t in all_tasks(study)}
     return lambda name: by_name[name]()
 
 
@@ -450,29 +494,31 @@ def _execution(study: Study, jobs: int) -> str:
     return text
 
 
-def run_all(study: Study, jobs: int = 0) -> dict[str, list[dict]]:
-    """Every stage of the study, on `study.mesh` (the config's `mesh`) when it has one.
+def run_all(study: Study, jobs: int = 0, selected=None) -> dict[str, list[dict]]:
+    """Every stage of the study, on `study.mesh` (the config's `mesh`) when it has one; with
+    `selected`, only the pipeline and those experiments (`experiments`: Fig. 1 always).
 
     jobs > 0: first every stage and run on that many worker processes of one CPU core each
     (`parallel`; needs the study's config saved in `workdir/study_config.json`), then their
     results are collected here. jobs = 0: everything in this process.
     """
+    chosen = experiments(selected)
     if jobs:
         if study.mesh is not None:
             raise ValueError(
                 f"jobs={jobs} runs stages in one-core CPU workers; a study on a mesh "
                 f"({study.cfg.mesh}) runs in one process (jobs=0)"
             )
-        parallel.run(tasks(study), f"{__name__}:worker", [str(study.workdir)], jobs=jobs)
+        parallel.run(tasks(study, chosen), f"{__name__}:worker", [str(study.workdir)], jobs=jobs)
+    collect = {
+        "fig1": fig1,
+        "fig4": fig4,
+        "fig5": fig5,
+        "fig9": fig9,
+        "beyond": beyond,
+        "fig10": fig10,
+    }
     with sharding.use_mesh(study.mesh):
         study.baseline()
         summary = dict(pipeline_summary(study), execution=_execution(study, jobs))
-        return {
-            "pipeline": summary,
-            "fig1": fig1(study),
-            "fig4": fig4(study),
-            "fig5": fig5(study),
-            "fig9": fig9(study),
-            "beyond": beyond(study),
-            "fig10": fig10(study),
-        }
+        return {"pipeline": summary, **{e: collect[e](study) for e in chosen}}

@@ -244,6 +244,46 @@ def test_the_task_graph_holds_every_stage(micro_study):
     assert (micro_study / "d_golden_train.npz").exists()
 
 
+@pytest.mark.slow
+def test_selected_experiments_run_only_what_they_need(micro_study, tmp_path):
+    """A per-figure binary (`reproduce.only`, --experiments) runs the pipeline, Fig. 1's runs
+    and its own, with every stage they wait for; its report says what is missing."""
+    import subprocess
+
+    from ipo_gap import parallel, study_experiments
+    from ipo_gap.study_runs import Study
+
+    s = Study(micro_study, study.PRESETS["micro"])
+    every = {t.name for t in study_experiments.tasks(s)}
+    fig5 = study_experiments.tasks(s, ["fig5"])
+    parallel.check_graph(fig5)  # closed: every dependency is in the selection
+    names = {t.name for t in fig5}
+    want = {f"runs/{n}" for n, _ in study_experiments.fig5_runs(s) + study_experiments.fig1_runs(s)}
+    assert want <= names and {"pipeline", "golden_pm", "proxy_pm", "baseline"} <= names
+    assert not {n for n in names if "tandem" in n or "bo2" in n or "hypo" in n or "toy-m" in n}
+    assert "runs_toy-m/online_ipo" in {t.name for t in study_experiments.tasks(s, ["fig10"])}
+    assert {t.name for t in study_experiments.tasks(s, [])} == every
+    with pytest.raises(ValueError, match="unknown experiments \\['fig7'\\]"):
+        study_experiments.tasks(s, ["fig7"])
+    # The Best-of-2 binary on a finished study: every stage is reused, the report is partial.
+    copy = tmp_path / "study"
+    shutil.copytree(micro_study, copy)
+    (copy / "REPORT.md").unlink()
+    proc = subprocess.run(
+        [sys.executable, "experiments/fig9_best_of_2.py", "--preset=micro", f"--workdir={copy}"],
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 1/" not in proc.stdout + proc.stderr  # nothing trained again
+    text = (copy / "REPORT.md").read_text()
+    assert "## H4, non-contrastive losses" in text and "## H0 (Fig. 1)" in text
+    assert "## H1" not in text and "## H5" not in text
+    assert "not run: fig4, fig5, beyond, fig10" in text
+
+
 @pytest.mark.slow  # two micro studies in one-core workers (about 5 minutes on 2 cores)
 def test_workers_give_the_same_bits_for_any_number_of_jobs(tmp_path):
     """--jobs=1 and --jobs=2 (each stage in a worker of one core) give the same study, bit for

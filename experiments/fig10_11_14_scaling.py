@@ -1,0 +1,16 @@
+"""Fig. 10 / 11 / 14: policy sizes (the preset's scaling_models): online and offline IPO per
+size, best performance = 90% quantile of win rates, offline normalised by online.
+
+Runs the pipeline (SFT, golden PM, D_golden, proxy PM, golden baseline) and Fig. 1's runs
+(every figure compares with them), then this experiment, and writes
+figures/fig10_11_scaling.png and a partial REPORT.md into --workdir. It is `reproduce.py
+--experiments=fig10`: the same flags and stages, so a later `reproduce.py` on the same
+--workdir reuses every finished stage.
+
+  python experiments/fig10_11_14_scaling.py --preset=quick --workdir=/tmp/ipo_gap_quick
+"""
+
+import reproduce
+
+if __name__ == "__main__":
+    reproduce.only("fig10")

@@ -175,11 +175,10 @@ def run(workdir: pathlib.Path) -> bool:
         on_step=keep_online,
     )
     replay = OrderLog.open(workdir / "online_log")
-    replay.check_tokenizer(tok.sha256)
     offline, _, hist_off = loop.train_policy(
         model=sources.copy_arrays(sft),
         ref_model=sft,
-        source=sources.LogReplay(replay),
+        source=sources.LogReplay(replay, tokenizer=tok),
         num_steps=n,
         hparams=hp,
         loss="ipo",
@@ -204,7 +203,7 @@ def run(workdir: pathlib.Path) -> bool:
         shuffled, _, hist = loop.train_policy(
             model=sources.copy_arrays(sft),
             ref_model=sft,
-            source=sources.ShuffledReplay(replay, window=window, seed=_SEED.value),
+            source=sources.ShuffledReplay(replay, window=window, seed=_SEED.value, tokenizer=tok),
             num_steps=n,
             hparams=hp,
             loss="ipo",

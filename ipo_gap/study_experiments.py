@@ -79,11 +79,10 @@ def _replay(study: Study, online_name: str, name: str, method: str, loss: str, w
     online = study.runs_dir / online_name
 
     def source_fn():
-        log = OrderLog.open(log_dir)
-        log.check_tokenizer(study.prep.tokenizer.sha256)
+        log, tok = OrderLog.open(log_dir), study.prep.tokenizer
         if window is None:
-            return sources.LogReplay(log)
-        return sources.ShuffledReplay(log, window=window, seed=study.cfg.seed)
+            return sources.LogReplay(log, tokenizer=tok)
+        return sources.ShuffledReplay(log, window=window, seed=study.cfg.seed, tokenizer=tok)
 
     def extra(model, hist):
         ref = load_model(online, study.policy_cfg)

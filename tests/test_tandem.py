@@ -18,6 +18,7 @@ from ipo_gap.t5 import model as t5
 from ipo_gap.train import loop, steps
 
 S, T, B, N = 6, 5, 4, 4
+TOK = "0" * 64  # the logs' tokenizer SHA-256
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def online_run(tmp_path_factory):
     )
     directory = tmp_path_factory.mktemp("tandem") / "log"
     log = OrderLog.create(
-        directory, schema=pair_schema(S, T), batch_size=B, meta={"tokenizer_sha256": "0" * 64}
+        directory, schema=pair_schema(S, T), batch_size=B, meta={"tokenizer_sha256": TOK}
     )
     hp = steps.Hparams.make(1e-2, beta=0.5)
     online, _, hist = loop.train_policy(
@@ -55,7 +56,7 @@ def test_exact_replay_is_bit_identical(online_run):
     offline, _, hist_off = loop.train_policy(
         model=sources.copy_arrays(sft),
         ref_model=sft,
-        source=sources.LogReplay(log),
+        source=sources.LogReplay(log, tokenizer=TOK),
         num_steps=N,
         hparams=hp,
         loss="ipo",
@@ -74,12 +75,11 @@ def test_exact_replay_is_bit_identical(online_run):
 def test_shuffled_replay_differs_and_covers_the_same_steps(online_run):
     sft, online, _, directory, hp = online_run
     log = OrderLog.open(directory)
-    shuffled = sources.ShuffledReplay(log, window=N, seed=2)
+    shuffled = sources.ShuffledReplay(log, window=N, seed=2, tokenizer=TOK)
     order = [shuffled.source_step(s) for s in range(N)]
     assert sorted(order) == list(range(N)) and order != list(range(N))
-    assert [sources.ShuffledReplay(log, window=1, seed=1).source_step(s) for s in range(N)] == list(
-        range(N)
-    )
+    exact = sources.ShuffledReplay(log, window=1, seed=1, tokenizer=TOK)
+    assert [exact.source_step(s) for s in range(N)] == list(range(N))
     model, _, _ = loop.train_policy(
         model=sources.copy_arrays(sft),
         ref_model=sft,
@@ -107,12 +107,21 @@ def test_replay_refuses_an_altered_log(online_run, tmp_path):
         loop.train_policy(
             model=sources.copy_arrays(sft),
             ref_model=sft,
-            source=sources.LogReplay(log),
+            source=sources.LogReplay(log, tokenizer=TOK),
             num_steps=N,
             hparams=hp,
             loss="ipo",
         )
     assert err.value.step == 2 and err.value.field == "y_w"
+
+
+def test_replay_sources_refuse_another_tokenizers_log(online_run):
+    log = OrderLog.open(online_run[3])
+    other = "1" * 64
+    with pytest.raises(ReplayError, match=f"tokenizer sha256 {TOK}, got {other}"):
+        sources.LogReplay(log, tokenizer=other)
+    with pytest.raises(ReplayError, match="tokenizer mismatch"):
+        sources.ShuffledReplay(log, window=2, seed=0, tokenizer=other)
 
 
 @pytest.mark.slow  # trains an SFT policy and a PM, then 2 x 6 policy steps: ~1-2 min
@@ -175,7 +184,7 @@ def test_offline_run_with_cached_refs_logs_only_the_schema(online_run, tmp_path)
         tmp_path / "offline_log",
         schema=pair_schema(S, T),
         batch_size=B,
-        meta={"tokenizer_sha256": "0" * 64},
+        meta={"tokenizer_sha256": TOK},
     )
     _, _, hist = loop.train_policy(
         model=sources.copy_arrays(sft),

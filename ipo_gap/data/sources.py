@@ -264,9 +264,12 @@ class LogReplay:
     tensorstore read but verifies (and hands out) one step at a time, chained from step 0's
     genesis hash: nothing is trained on before its hash checks, and a bad step stops the run
     at that step. A request out of sequence (a resume) restarts the chain at that step.
+    `tokenizer` (a `Tokenizer` or its SHA-256) must be the one the log was recorded with
+    (`ReplayError` naming both hashes otherwise).
     """
 
-    def __init__(self, log: OrderLog):
+    def __init__(self, log: OrderLog, *, tokenizer):
+        log.check_tokenizer(tokenizer)  # a log of another tokenizer's ids is not replayed
         self.log = log
         self._next, self._steps = None, None
 
@@ -290,10 +293,11 @@ class ShuffledReplay:
 
     window = 1 is the exact order; window >= the log's length is a uniform shuffle of all
     steps (the paper's D_online-shuffled, Fig. 4); levels in between are App. G's Fig. 13.
-    Each step read is hash-verified.
+    Each step read is hash-verified; `tokenizer` as in `LogReplay`.
     """
 
-    def __init__(self, log: OrderLog, *, window: int, seed: int):
+    def __init__(self, log: OrderLog, *, window: int, seed: int, tokenizer):
+        log.check_tokenizer(tokenizer)
         if window < 1:
             raise ValueError(f"shuffle window must be >= 1, got {window}")
         self.log, self.window, self.seed = log, window, seed

@@ -129,6 +129,9 @@ class Evaluator:
     seed: int
     batch_size: int = 256
     num_self: int = 64  # prompts for self-classification (E.1); 0 = not measured
+    # Other judges of the same win-rate samples, e.g. {"proxy": proxy_pm}: each adds
+    # "<name>_win_rate" (and its interval) judged by that PM, for over-optimisation curves.
+    other_judges: dict = dataclasses.field(default_factory=dict)
 
     def __call__(self, policy) -> dict[str, float]:
         key = jax.random.key(self.seed)
@@ -165,6 +168,26 @@ class Evaluator:
         )
         acc, drift = pair_metrics(policy, self.ref, self.pairs, batch_size=self.batch_size)
         extra = {}
+        for name, pm in self.other_judges.items():
+            other = Interval.of(
+                judge_rows(
+                    pm,
+                    self.eval_x,
+                    self.eval_xm,
+                    y,
+                    ym,
+                    self.base_y,
+                    self.base_ym,
+                    batch_size=self.batch_size,
+                )
+            )
+            extra.update(
+                {
+                    f"{name}_win_rate": other.mean,
+                    f"{name}_win_lo": other.lo,
+                    f"{name}_win_hi": other.hi,
+                }
+            )
         if self.num_self:
             extra["self_accuracy"] = self.self_classification(policy, y, ym, key)
         return {

@@ -87,6 +87,24 @@ def figure_kl_winrate(runs, path, title, lines_for=()) -> pathlib.Path:
     return save(fig, path)
 
 
+def figure_goodhart(online: dict, path, title) -> pathlib.Path:
+    """Over-optimisation: the online run's win rate at each checkpoint judged by the golden PM
+    and by the proxy PM it was trained against (the same samples), against KL."""
+    ev = [e for e in online["evals"] if "proxy_win_rate" in e]
+    proxy = [
+        dict(e, win_rate=e["proxy_win_rate"], win_lo=e["proxy_win_lo"], win_hi=e["proxy_win_hi"])
+        for e in ev
+    ]
+    runs = [
+        {"method": "judged by the golden PM", "evals": ev},
+        {"method": "judged by the proxy PM (its training signal)", "evals": proxy},
+    ]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    kl_winrate(ax, runs, lines_for=[r["method"] for r in runs])
+    ax.set_title(title, fontsize=10)
+    return save(fig, path)
+
+
 def figure_shuffle(online: dict, replays: Sequence[dict], path, title) -> pathlib.Path:
     """Fig. 4/13: KL vs win rate, and the training loss over steps, online vs replays."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))

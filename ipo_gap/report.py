@@ -228,6 +228,18 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
             else ""
         ),
     ]
+    if any("proxy_win_rate" in e for e in online["evals"]):
+        plots.figure_goodhart(
+            online,
+            figs / "goodhart_proxy_vs_golden.png",
+            "Over-optimisation: online IPO judged by the golden and the proxy PM",
+        )
+        lines += [
+            "",
+            "![goodhart](figures/goodhart_proxy_vs_golden.png)",
+            "",
+            f"**Over-optimisation (Goodhart):** {goodhart_verdict(online)}",
+        ]
     if fig4:
         lines += [
             "",
@@ -381,6 +393,35 @@ def offline_same(offline: Sequence[dict], online: dict) -> dict:
         if np.isclose(r["lr"], online["lr"]) and np.isclose(r["beta"], online["beta"]):
             return r
     return offline[0]
+
+
+def goodhart_verdict(online: dict) -> str:
+    """Does the online run over-optimise its proxy PM? Its win rate judged by the proxy (the
+    signal it trains on) against the golden PM's judgement of the same samples."""
+    ev = [e for e in online["evals"] if "proxy_win_rate" in e]
+    first, last = ev[0], ev[-1]
+    top = max(ev, key=lambda e: e["win_rate"])
+    text = (
+        f"judged by the proxy PM, online IPO's win rate goes from {first['proxy_win_rate']:.3f} "
+        f"(step {first['step']}) to {last['proxy_win_rate']:.3f} (step {last['step']}, KL "
+        f"{last['kl']:.2f}); judged by the golden PM, from {first['win_rate']:.3f} to "
+        f"{last['win_rate']:.3f}, with its peak {top['win_rate']:.3f} at step {top['step']}. "
+    )
+    rising = last["proxy_win_lo"] > first["proxy_win_hi"]
+    if top is last:
+        return text + (
+            "No over-optimisation within this run: the golden win rate peaks at the last "
+            "checkpoint (a longer run, to a larger KL, would show whether it turns over)."
+        )
+    if rising and top["win_lo"] > last["win_hi"]:
+        return text + (
+            "The proxy's win rate rose (intervals disjoint) while the golden one fell from its "
+            "peak (intervals disjoint): the policy over-optimises the proxy PM."
+        )
+    return text + (
+        "The golden win rate ends below its peak but the fall, or the proxy's rise, is not "
+        "separated by the 95% intervals: no clear over-optimisation at this sample size."
+    )
 
 
 def h2_verdict(p_on: Peak, datasets: Sequence[dict]) -> str:

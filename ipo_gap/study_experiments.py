@@ -65,6 +65,7 @@ def _online(study: Study, loss: str, name: str) -> dict:
         log=True,
         source_fn=lambda: study.online_source(proxy),
         save_at=(mid_step(study),),
+        proxy_judged=True,  # its win rate by the PM it optimises, too (over-optimisation)
     )
 
 

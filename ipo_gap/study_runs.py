@@ -13,6 +13,7 @@ Keys: the root key jax.random.key(seed) is folded with a fixed number per purpos
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import pathlib
 
@@ -384,6 +385,16 @@ class Study:
 
         return self._memo("evaluator", build)
 
+    def proxy_evaluator(self) -> evaluation.Evaluator:
+        """`evaluator` that also judges the win-rate samples with the proxy PM (the online runs'
+        judge): "proxy_win_rate" beside the golden "win_rate" shows over-optimisation."""
+        return self._memo(
+            "proxy_evaluator",
+            lambda: dataclasses.replace(
+                self.evaluator(), other_judges={"proxy": self.proxy_pm()[1]}
+            ),
+        )
+
     def sft_eval(self) -> dict:
         def fn(d):
             return dict(self.evaluator()(self.sft()), step=0)
@@ -471,6 +482,7 @@ class Study:
         hypo: bool = False,
         save_at=(),
         extra=None,
+        proxy_judged: bool = False,
     ) -> dict:
         """One evaluated policy run from the SFT start (a resumable stage `runs/<name>`)."""
         lr = self.cfg.rl_lr if lr is None else lr
@@ -482,7 +494,7 @@ class Study:
             every = self._checkpoint_every(source)
             resume_at = _resume_point(d, every, name)
             sft = self.sft()
-            evaluate = self.evaluator()
+            evaluate = self.proxy_evaluator() if proxy_judged else self.evaluator()
             at = set(self.eval_steps(num_steps))
             evals = [self.sft_eval()] + jsonl.read_rows(d / "evals.jsonl")
 

@@ -31,6 +31,7 @@ FIGURES = (
     "fig9_best_of_2.png",
     "beyond_semi_online_hypo.png",
     "fig10_11_scaling.png",
+    "goodhart_proxy_vs_golden.png",
 )
 
 
@@ -79,6 +80,9 @@ def test_micro_study_artefacts(micro_study):
         assert f"figures/{f}" in text
     # Every section after the pipeline's (H0-H5 and beyond the paper) ends in a verdict.
     sections = text.split("\n## ")[2:]
+    online = json.loads((w / "runs" / "online_ipo" / "done.json").read_text())
+    assert all(0 <= e["proxy_win_rate"] <= 1 for e in online["evals"] if e["step"])
+    assert "**Over-optimisation (Goodhart):**" in text
     assert len(sections) == 7 and all("**Verdict:**" in sec for sec in sections), [
         sec.splitlines()[0] for sec in sections if "**Verdict:**" not in sec
     ]
@@ -394,6 +398,29 @@ def test_h2_and_beyond_verdicts_follow_the_intervals():
     assert "semi-online ipo (s=inf): online is higher" in text
     semi[0] = run("semi-online ipo (s=inf)", 0.6, 0.58, 0.62)
     assert "does not fall monotonically" in report.beyond_verdict(on, semi)
+
+
+def test_goodhart_verdict_needs_separated_intervals():
+    def ev(step, gold, proxy, half=0.02):
+        return {
+            "step": step,
+            "kl": step / 10,
+            "win_rate": gold,
+            "win_lo": gold - half,
+            "win_hi": gold + half,
+            "proxy_win_rate": proxy,
+            "proxy_win_lo": proxy - half,
+            "proxy_win_hi": proxy + half,
+        }
+
+    over = {"evals": [ev(10, 0.5, 0.5), ev(20, 0.7, 0.7), ev(30, 0.55, 0.9)]}
+    text = report.goodhart_verdict(over)
+    assert "from 0.500 (step 10) to 0.900 (step 30" in text and "peak 0.700 at step 20" in text
+    assert "over-optimises the proxy PM" in text
+    still_rising = {"evals": [ev(10, 0.5, 0.5), ev(20, 0.7, 0.7)]}
+    assert "No over-optimisation within this run" in report.goodhart_verdict(still_rising)
+    noisy = {"evals": [ev(10, 0.5, 0.5), ev(20, 0.7, 0.7), ev(30, 0.68, 0.9)]}
+    assert "no clear over-optimisation" in report.goodhart_verdict(noisy)
 
 
 def test_golden_caveat_flags_a_golden_pm_at_chance():

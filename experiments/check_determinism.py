@@ -8,8 +8,14 @@ and `killed` with `a`: the checkpoint step lists, every common checkpoint array 
 (naming the first differing parameter) and the data-order logs hash for hash (naming the first
 differing step), and prints a final PASS/FAIL line.
 
-Stages:
-  online_ipo   tiny T5 policy + PM, online IPO (OnlineSource), order log, checkpoints.
+Stages (each a tiny T5 on seeded random tokens, through the same code as the study's stages):
+  online_ipo   online IPO (OnlineSource: sampling + PM judging), order log, train states.
+  offline_ipo  offline IPO on a fixed pair dataset (OfflineSource), order log, train states.
+  sft          SFT (trainers.train_sft), train states, the returned model and the metrics.
+  pm           pairwise PM training (trainers.train_pm, random order per example, validation),
+               train states, the returned best model and the metrics.
+For the trainers (sft, pm), which keep their last two train states, the returned model is saved
+in final/ and compared too, and every run's per-step losses must agree exactly.
 
   python experiments/check_determinism.py --stage=online_ipo --workdir=/tmp/det --steps=8
 """
@@ -28,15 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from ipo_gap import determinism
+from ipo_gap import determinism, jsonl
 from ipo_gap.configs import T5Config
 from ipo_gap.data import sources
 from ipo_gap.data.order_log import OrderLog, pair_schema
 from ipo_gap.t5 import model as t5
-from ipo_gap.train import loop, steps
+from ipo_gap.train import loop, steps, trainers
 from ipo_gap.train_state_io import CheckpointManager
 
-_STAGE = flags.DEFINE_enum("stage", "online_ipo", ["online_ipo"], "Stage to check.")
+_STAGE = flags.DEFINE_enum(
+    "stage", "online_ipo", ["online_ipo", "offline_ipo", "sft", "pm"], "Stage to check."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _STEPS = flags.DEFINE_integer("steps", 8, "Training steps of the stage.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the stage.")
@@ -65,22 +73,103 @@ TINY = T5Config(
 )
 
 
+S, T, B = 6, 5, 4  # prompt and response lengths, batch
+
+
+def _tokens(rng, n: int, length: int, min_len: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """n right-padded random token rows (ids >= 3) and their masks."""
+    mask = (np.arange(length)[None] < rng.integers(min_len, length + 1, (n, 1))).astype(np.int32)
+    return rng.integers(3, TINY.vocab_size, (n, length)).astype(np.int32) * mask, mask
+
+
+def _pairs(rng, n: int) -> dict[str, np.ndarray]:
+    x, xm = _tokens(rng, n, S)
+    (yw, ywm), (yl, ylm) = _tokens(rng, n, T, 1), _tokens(rng, n, T, 1)
+    return {"x": x, "x_mask": xm, "y_w": yw, "y_w_mask": ywm, "y_l": yl, "y_l_mask": ylm}
+
+
+def _say_step(step, *_):
+    print(STEP_LINE.format(step), flush=True)
+
+
 def run_online_ipo(workdir: pathlib.Path, *, num_steps: int, seed: int, checkpoint_every: int):
     """The toy online IPO run: resumes from `workdir` if it holds a checkpoint and a log.
 
     Prompts, model inits, sampling keys and the data order all derive from `seed`. Prints
     `STEP s` after each step and `DONE` at the end.
     """
-    S, T, B, num_prompts = 6, 5, 4, 12
     key_sft, key_pm, key_sample = jax.random.split(jax.random.key(seed), 3)
-    sft = t5.init(TINY, key=key_sft)
     pm = t5.init(TINY, key=key_pm)
-    rng = np.random.default_rng([seed, 0])
-    mask = (np.arange(S)[None] < rng.integers(2, S + 1, (num_prompts, 1))).astype(np.int32)
-    prompts = rng.integers(3, TINY.vocab_size, (num_prompts, S)).astype(np.int32) * mask
+    prompts, mask = _tokens(np.random.default_rng([seed, 0]), 12, S)
     source = sources.OnlineSource(
         prompts, mask, pm, batch_size=B, seed=seed, key=key_sample, max_len=T
     )
+    _policy_run(workdir, "online_ipo", source, key_sft, num_steps, seed, checkpoint_every)
+
+
+def run_offline_ipo(workdir: pathlib.Path, *, num_steps: int, seed: int, checkpoint_every: int):
+    """Offline IPO on 20 seeded random pairs (epoch-shuffled), logged like the online run."""
+    p = _pairs(np.random.default_rng([seed, 1]), 20)
+    data = {k.replace("x", "prompt") if k.startswith("x") else k: v for k, v in p.items()}
+    source = sources.OfflineSource(data, batch_size=B, seed=seed)
+    _policy_run(
+        workdir, "offline_ipo", source, jax.random.key(seed), num_steps, seed, checkpoint_every
+    )
+
+
+def _save_final(workdir: pathlib.Path, model, num_steps: int) -> None:
+    with CheckpointManager(workdir / "final") as mngr:
+        mngr.save(num_steps, model, force=True)
+
+
+def run_sft(workdir: pathlib.Path, *, num_steps: int, seed: int, checkpoint_every: int):
+    """SFT of a tiny T5 on 24 seeded random (prompt, response) rows."""
+    rng = np.random.default_rng([seed, 2])
+    (src, src_m), (tgt, tgt_m) = _tokens(rng, 24, S), _tokens(rng, 24, T, 1)
+    model, _ = trainers.train_sft(
+        t5.init(TINY, key=jax.random.key(seed)),
+        {"src": src, "src_mask": src_m, "tgt": tgt, "tgt_mask": tgt_m},
+        num_steps=num_steps,
+        batch_size=B,
+        learning_rate=1e-2,
+        seed=seed,
+        name="sft",
+        metrics_path=workdir / "metrics.jsonl",
+        checkpoint_dir=workdir / "ckpt",
+        checkpoint_every=checkpoint_every,
+        on_step=_say_step,
+    )
+    _save_final(workdir, model, num_steps)
+    print(DONE_LINE, flush=True)
+
+
+def run_pm(workdir: pathlib.Path, *, num_steps: int, seed: int, checkpoint_every: int):
+    """Pairwise PM training (random order per example) on 24 seeded random pairs, validated
+    every 2 steps on 8 more (no early stop)."""
+    rng = np.random.default_rng([seed, 3])
+    result = trainers.train_pm(
+        t5.init(TINY, key=jax.random.key(seed)),
+        _pairs(rng, 24),
+        _pairs(rng, 8),
+        num_steps=num_steps,
+        batch_size=B,
+        learning_rate=1e-2,
+        seed=seed,
+        eval_every=2,
+        patience=num_steps,
+        name="pm",
+        metrics_path=workdir / "metrics.jsonl",
+        checkpoint_dir=workdir / "ckpt",
+        checkpoint_every=checkpoint_every,
+        on_step=_say_step,
+    )
+    _save_final(workdir, result.model, num_steps)
+    print(DONE_LINE, flush=True)
+
+
+def _policy_run(workdir, stage, source, key_sft, num_steps, seed, checkpoint_every):
+    """train_policy from a tiny SFT init with an order log and train states; resumes."""
+    sft = t5.init(TINY, key=key_sft)
     log_dir = workdir / "log"
     if (log_dir / "meta.json").exists():
         log = OrderLog.open(log_dir)
@@ -89,7 +178,7 @@ def run_online_ipo(workdir: pathlib.Path, *, num_steps: int, seed: int, checkpoi
             log_dir,
             schema=pair_schema(S, T),
             batch_size=B,
-            meta={"tokenizer_sha256": "0" * 64, "stage": "online_ipo", "seed": seed},
+            meta={"tokenizer_sha256": "0" * 64, "stage": stage, "seed": seed},
         )
     loop.train_policy(
         model=jax.tree.map(lambda x: jnp.array(x, copy=True), sft),
@@ -101,14 +190,19 @@ def run_online_ipo(workdir: pathlib.Path, *, num_steps: int, seed: int, checkpoi
         order_log=log,
         checkpoint_dir=workdir / "ckpt",
         checkpoint_every=checkpoint_every,
-        checkpoint_meta={"stage": "online_ipo", "seed": seed, "model": TINY.to_dict()},
-        on_step=lambda s, m, x: print(STEP_LINE.format(s), flush=True),
-        name="online_ipo",
+        checkpoint_meta={"stage": stage, "seed": seed, "model": TINY.to_dict()},
+        on_step=_say_step,
+        name=stage,
     )
     print(DONE_LINE, flush=True)
 
 
-STAGES = {"online_ipo": run_online_ipo}
+STAGES = {
+    "online_ipo": run_online_ipo,
+    "offline_ipo": run_offline_ipo,
+    "sft": run_sft,
+    "pm": run_pm,
+}
 
 
 def _child_command(run_dir: pathlib.Path) -> list[str]:
@@ -173,17 +267,31 @@ def _checkpoint_steps(directory: pathlib.Path) -> list[int]:
 def compare_runs(a: pathlib.Path, b: pathlib.Path, num_steps: int) -> list[str]:
     """Problems found comparing run `b` with run `a` (empty: bit-identical)."""
     problems = []
-    steps_a, steps_b = _checkpoint_steps(a / "ckpt"), _checkpoint_steps(b / "ckpt")
-    if steps_a != steps_b:
-        problems.append(f"checkpoint steps differ: {a.name} {steps_a}, {b.name} {steps_b}")
-    if not steps_a or steps_a[-1] != num_steps:
-        problems.append(f"{a.name} has no final checkpoint (step {num_steps}): {steps_a}")
-    for step in sorted(set(steps_a) & set(steps_b)):
-        diffs = determinism.compare_checkpoints(a / "ckpt", b / "ckpt", step)
-        if diffs:
+    # Policy stages save a train state at the end; the trainers keep their last two states
+    # and the child saves the returned model in final/.
+    final = "final" if (a / "final").exists() else "ckpt"
+    for sub in dict.fromkeys(("ckpt", final)):
+        steps_a, steps_b = _checkpoint_steps(a / sub), _checkpoint_steps(b / sub)
+        if steps_a != steps_b:
+            problems.append(f"{sub} steps differ: {a.name} {steps_a}, {b.name} {steps_b}")
+        if sub == final and (not steps_a or steps_a[-1] != num_steps):
+            problems.append(f"{a.name} has no final {sub} (step {num_steps}): {steps_a}")
+        for step in sorted(set(steps_a) & set(steps_b)):
+            diffs = determinism.compare_checkpoints(a / sub, b / sub, step)
+            if diffs:
+                problems.append(f"{sub} step {step}: {len(diffs)} arrays differ; first: {diffs[0]}")
+    if (a / "metrics.jsonl").exists():  # the trainers' per-step losses (timings aside)
+        losses = [
+            [(r["step"], r["loss"]) for r in jsonl.read_rows(run / "metrics.jsonl")]
+            for run in (a, b)
+        ]
+        if losses[0] != losses[1] or len(losses[0]) != num_steps:
+            bad = next((x for x, y in zip(*losses, strict=False) if x != y), None)
             problems.append(
-                f"checkpoint step {step}: {len(diffs)} arrays differ; first: {diffs[0]}"
+                f"metrics differ: {len(losses[0])} vs {len(losses[1])} steps, first {bad}"
             )
+    if not (a / "log").exists():
+        return problems
     first = determinism.compare_logs(a / "log", b / "log")
     if first is not None:
         problems.append(f"order logs differ first at step {first}")

@@ -92,13 +92,14 @@ def test_compare_logs(tmp_path):
     assert determinism.compare_logs(_log(tmp_path / "i", 0), _log(tmp_path / "j", 0)) is None
 
 
-@pytest.mark.slow  # four subprocess runs of a tiny online IPO stage, each compiling: ~1-3 min
-def test_check_determinism_binary_passes(tmp_path):
+@pytest.mark.slow  # four subprocess runs of a tiny stage each, each compiling: ~1 min a stage
+@pytest.mark.parametrize("stage", ["online_ipo", "offline_ipo", "sft", "pm"])
+def test_check_determinism_binary_passes(tmp_path, stage):
     proc = subprocess.run(
         [
             sys.executable,
             "experiments/check_determinism.py",
-            "--stage=online_ipo",
+            f"--stage={stage}",
             f"--workdir={tmp_path}",
             "--steps=7",
             "--kill_after=4",

@@ -139,6 +139,7 @@ def train_sft(
     metrics_path: str | pathlib.Path | None = None,
     checkpoint_dir: str | pathlib.Path | None = None,
     checkpoint_every: int = 0,
+    on_step=None,
 ):
     """Supervised fine-tuning on (src, tgt) rows; returns (model, history of losses).
 
@@ -178,6 +179,8 @@ def train_sft(
                 out.flush()
             ckpt.maybe_save(step + 1, (model, opt_state))
             progress.update(step, loss, force=step == num_steps - 1)
+            if on_step is not None:  # on_step(step) after the step and its save
+                on_step(step)
     finally:
         ckpt.close()
         if out is not None:
@@ -265,6 +268,7 @@ def train_pm(
     kind: str = "pairwise",
     checkpoint_dir: str | pathlib.Path | None = None,
     checkpoint_every: int = 0,
+    on_step=None,
 ) -> PMResult:
     """Trains a pairwise PM (eq. 5) on (x, y_w, y_l) rows, stopping at a validation plateau.
 
@@ -340,6 +344,8 @@ def train_pm(
                 {"best_accuracy": best[0], "best_step": best[1], "since": since_best},
             )
             progress.update(step, loss, force=step == num_steps - 1)
+            if on_step is not None:  # on_step(step) after the step and its save
+                on_step(step)
             if since_best >= patience:
                 hosts.say(f"[{name}] validation plateau: stopped at step {step + 1}")
                 stopped_early = True

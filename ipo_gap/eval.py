@@ -144,17 +144,12 @@ class Evaluator:
             max_len=self.max_len,
             batch_size=self.batch_size,
         )
-        judged = judge_rows(
-            self.golden_pm,
-            self.eval_x,
-            self.eval_xm,
-            y,
-            ym,
-            self.base_y,
-            self.base_ym,
-            batch_size=self.batch_size,
-        )
-        win = Interval.of(judged)
+
+        def win_rate(pm) -> Interval:  # the samples against the baseline's, judged by pm
+            xs = (self.eval_x, self.eval_xm, y, ym, self.base_y, self.base_ym)
+            return Interval.of(judge_rows(pm, *xs, batch_size=self.batch_size))
+
+        win = win_rate(self.golden_pm)
         kls = Interval.of(
             kl_rows(
                 policy,
@@ -169,18 +164,7 @@ class Evaluator:
         acc, drift = pair_metrics(policy, self.ref, self.pairs, batch_size=self.batch_size)
         extra = {}
         for name, pm in self.other_judges.items():
-            other = Interval.of(
-                judge_rows(
-                    pm,
-                    self.eval_x,
-                    self.eval_xm,
-                    y,
-                    ym,
-                    self.base_y,
-                    self.base_ym,
-                    batch_size=self.batch_size,
-                )
-            )
+            other = win_rate(pm)
             extra.update(
                 {
                     f"{name}_win_rate": other.mean,

@@ -34,6 +34,7 @@ from ipo_gap.train.loop import (
 )
 from ipo_gap.train_state_io import CheckpointManager
 
+TIMING_FIELDS = tuple(rates(1.0, 0))  # a metrics line's wall-clock fields
 SEQ_FIELDS = ("src", "src_mask", "tgt", "tgt_mask")
 PM_FIELDS = ("x", "x_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
 
@@ -305,7 +306,8 @@ def train_pm(
     # Before the first evaluation the best model slot holds the current one (best step -1).
     start, resumed = 0, ckpt.restore((model, opt_state, model), metrics_path, num_steps)
     if resumed is not None:
-        (model, opt_state, best_model), extra, start, history = resumed
+        (model, opt_state, best_model), extra, start, rows = resumed
+        history = [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
         best_model = best_model if extra["best_step"] >= 0 else None
         best, since_best = (extra["best_accuracy"], extra["best_step"], best_model), extra["since"]
         if since_best >= patience:  # saved at the plateau, killed before returning
@@ -331,11 +333,11 @@ def train_pm(
                     since_best += 1
                 hosts.say(f"[{name}] step {step + 1}: validation accuracy {acc:.4f}")
             now = time.time()
-            record.update(rates(now - last, tokens))  # with the validation, if any
+            timing = rates(now - last, tokens)  # with the validation, if any
             last = now
-            history.append(record)
+            history.append(record)  # the history stays a function of the seed: no timings
             if out is not None:
-                out.write(json.dumps(record) + "\n")
+                out.write(json.dumps({**record, **timing}) + "\n")
                 out.flush()
             best_arrays = model if best[2] is None else best[2]
             ckpt.maybe_save(

@@ -185,3 +185,44 @@ def test_metrics_lines_carry_rates(setup, tmp_path):
         assert r["tokens"] == tokens and r["seconds"] > 0
         assert r["steps_per_s"] == pytest.approx(1 / r["seconds"])
         assert r["tokens_per_s"] == pytest.approx(tokens / r["seconds"])
+
+
+def test_each_trainer_compiles_its_step_once_for_a_committed_model(setup, monkeypatch):
+    """A model loaded from a checkpoint is committed to its device, while `optimizer.init`
+    draws Adam's step count uncommitted: the jitted step used to compile once for step 1 and
+    again for step 2 on (every argument committed by then), ~6 s per trainer at toy sizes.
+    `sharding.place_like` commits the count: one compilation per step function."""
+    from ipo_gap import preference
+    from ipo_gap.train import trainers
+
+    cfg, model = setup
+    model = jax.device_put(model, jax.devices()[0])  # as orbax restores it
+    made = []
+
+    def recording(make):
+        def wrapped(*a, **k):
+            made.append(make(*a, **k))
+            return made[-1]
+
+        return wrapped
+
+    for owner, name in (
+        (steps, "make_policy_step"),
+        (steps, "make_sft_step"),
+        (preference, "make_pm_train_step"),
+    ):
+        monkeypatch.setattr(owner, name, recording(getattr(owner, name)))
+    data = {k: v[:8] for k, v in _data(cfg).items()}
+    _train(model, Scripted(data, data, -1), num_steps=3, optimizer=steps.make_optimizer())
+    sft = dict(
+        zip(
+            trainers.SEQ_FIELDS,
+            (data["prompt"], data["prompt_mask"], data["y_w"], data["y_w_mask"]),
+            strict=True,
+        )
+    )
+    trainers.train_sft(model, sft, num_steps=3, batch_size=4, learning_rate=1e-3, seed=0)
+    pm = dict(zip(trainers.PM_FIELDS, (data[f] for f in sources.PAIR_FIELDS), strict=True))
+    trainers.train_pm(model, pm, pm, num_steps=3, batch_size=4, learning_rate=1e-3, seed=0)
+    assert len(made) == 3
+    assert [f._cache_size() for f in made] == [1, 1, 1]

@@ -28,7 +28,7 @@ import numpy as np
 from ipo_gap import hosts
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.data.sources import PAIR_FIELDS
-from ipo_gap.sharding import restore_shardings, to_jit_arg
+from ipo_gap.sharding import place_like, restore_shardings, to_jit_arg
 from ipo_gap.train import steps
 from ipo_gap.train_state_io import CheckpointManager, TrainState, key_to_data
 
@@ -428,6 +428,7 @@ def _run(
     """
     if opt_state is None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    opt_state = place_like(opt_state, model)
     manager = (
         CheckpointManager(checkpoint_dir, max_to_keep=checkpoint_keep) if checkpoint_dir else None
     )

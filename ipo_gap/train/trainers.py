@@ -23,7 +23,7 @@ import optax
 
 from ipo_gap import hosts, jsonl, preference, sharding
 from ipo_gap.data import sources
-from ipo_gap.sharding import to_device, to_host
+from ipo_gap.sharding import place_like, to_device, to_host
 from ipo_gap.train import steps
 from ipo_gap.train.loop import (
     NonFiniteLossError,
@@ -152,7 +152,7 @@ def train_sft(
     n = _check_rows(data, SEQ_FIELDS, name)
     model = sources.copy_arrays(model)
     optimizer = adam_with_warmup(learning_rate, warmup_steps)
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    opt_state = place_like(optimizer.init(eqx.filter(model, eqx.is_array)), model)
     identity = {"seed": seed, "lr": learning_rate, "batch": batch_size, "warmup": warmup_steps}
     ckpt = _Resumable(checkpoint_dir, checkpoint_every, name, identity, metrics_path)
     start, history, resumed = 0, [], ckpt.restore((model, opt_state), metrics_path, num_steps)
@@ -285,7 +285,7 @@ def train_pm(
     _check_rows(valid, PM_FIELDS, f"{name} valid")
     model = sources.copy_arrays(model)
     optimizer = adam_with_warmup(learning_rate, warmup_steps)
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    opt_state = place_like(optimizer.init(eqx.filter(model, eqx.is_array)), model)
     step_fn = preference.make_pm_train_step(optimizer, kind)
     key = jax.random.key(seed)
     progress = Progress(num_steps, name)

@@ -122,6 +122,21 @@ def _save_final(workdir: pathlib.Path, model, num_steps: int) -> None:
         mngr.save(num_steps, model, force=True)
 
 
+def _trainer_kwargs(workdir: pathlib.Path, num_steps: int, seed: int, checkpoint_every: int):
+    """The arguments `train_sft` and `train_pm` share here: run length, batch, rate, seed,
+    metrics, resumable train states and the step announcements the killer waits for."""
+    return {
+        "num_steps": num_steps,
+        "batch_size": B,
+        "learning_rate": 1e-2,
+        "seed": seed,
+        "metrics_path": workdir / "metrics.jsonl",
+        "checkpoint_dir": workdir / "ckpt",
+        "checkpoint_every": checkpoint_every,
+        "on_step": _say_step,
+    }
+
+
 def run_sft(workdir: pathlib.Path, *, num_steps: int, seed: int, checkpoint_every: int):
     """SFT of a tiny T5 on 24 seeded random (prompt, response) rows."""
     rng = np.random.default_rng([seed, 2])
@@ -129,15 +144,8 @@ def run_sft(workdir: pathlib.Path, *, num_steps: int, seed: int, checkpoint_ever
     model, _ = trainers.train_sft(
         t5.init(TINY, key=jax.random.key(seed)),
         {"src": src, "src_mask": src_m, "tgt": tgt, "tgt_mask": tgt_m},
-        num_steps=num_steps,
-        batch_size=B,
-        learning_rate=1e-2,
-        seed=seed,
         name="sft",
-        metrics_path=workdir / "metrics.jsonl",
-        checkpoint_dir=workdir / "ckpt",
-        checkpoint_every=checkpoint_every,
-        on_step=_say_step,
+        **_trainer_kwargs(workdir, num_steps, seed, checkpoint_every),
     )
     _save_final(workdir, model, num_steps)
     print(DONE_LINE, flush=True)
@@ -151,17 +159,10 @@ def run_pm(workdir: pathlib.Path, *, num_steps: int, seed: int, checkpoint_every
         t5.init(TINY, key=jax.random.key(seed)),
         _pairs(rng, 24),
         _pairs(rng, 8),
-        num_steps=num_steps,
-        batch_size=B,
-        learning_rate=1e-2,
-        seed=seed,
         eval_every=2,
         patience=num_steps,
         name="pm",
-        metrics_path=workdir / "metrics.jsonl",
-        checkpoint_dir=workdir / "ckpt",
-        checkpoint_every=checkpoint_every,
-        on_step=_say_step,
+        **_trainer_kwargs(workdir, num_steps, seed, checkpoint_every),
     )
     _save_final(workdir, result.model, num_steps)
     print(DONE_LINE, flush=True)

@@ -83,27 +83,45 @@ def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> 
     return np.concatenate(out)
 
 
+PAIR_FIELDS = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
+
+
 @eqx.filter_jit
-def _pair_logps(policy, ref, x, xm, yw, ywm, yl, ylm):
-    return classify.policy_and_reference_logprobs(policy, ref, x, xm, yw, ywm, yl, ylm)
+def _pair_logps(model, x, xm, yw, ywm, yl, ylm):
+    return classify.pair_logprobs(model, x, xm, yw, ywm, yl, ylm)
 
 
-def margins_and_drift(policy, ref, pairs: dict[str, np.ndarray], *, batch_size: int = 256):
-    """Per pair: the policy's classifier margin f(x, y_w, y_l) (App. E) and the drift
-    log pi(y_w|x) - log pi_ref(y_w|x), numpy [N] each."""
-    fields = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
-    margins, drifts = [], []
+def pair_logprob_rows(model, pairs: dict[str, np.ndarray], *, batch_size: int = 256):
+    """(log pi(y_w|x), log pi(y_l|x)) of every pair under `model`, numpy [N] each."""
+    out_w, out_l = [], []
     for idx, keep in padded_batches(len(pairs["prompt"]), batch_size):
-        lp = _pair_logps(policy, ref, *(to_device(pairs[f][idx]) for f in fields))
-        margin = classify.policy_margin(lp.logp1, lp.logp2, lp.ref1, lp.ref2)
-        margins.append(to_host(margin)[:keep])
-        drifts.append(to_host(lp.logp1 - lp.ref1)[:keep])
-    return np.concatenate(margins), np.concatenate(drifts)
+        lw, ll = _pair_logps(model, *(to_device(pairs[f][idx]) for f in PAIR_FIELDS))
+        out_w.append(to_host(lw)[:keep])
+        out_l.append(to_host(ll)[:keep])
+    return np.concatenate(out_w), np.concatenate(out_l)
 
 
-def pair_metrics(policy, ref, pairs: dict[str, np.ndarray], *, batch_size: int = 256):
-    """(accuracy, drift) of the policy as a classifier on pairs whose label is y_w."""
-    m, drift = margins_and_drift(policy, ref, pairs, batch_size=batch_size)
+def margins_and_drift(
+    policy, ref, pairs: dict[str, np.ndarray], *, batch_size: int = 256, ref_logps=None
+):
+    """Per pair: the policy's classifier margin f(x, y_w, y_l) (App. E) and the drift
+    log pi(y_w|x) - log pi_ref(y_w|x), numpy [N] each. `ref_logps`: the reference's
+    `pair_logprob_rows` on these pairs when already known (the same bits: each model's
+    log-probs are one jitted program either way)."""
+    logp_w, logp_l = pair_logprob_rows(policy, pairs, batch_size=batch_size)
+    if ref_logps is None:
+        ref_logps = pair_logprob_rows(ref, pairs, batch_size=batch_size)
+    ref_w, ref_l = ref_logps
+    margin = classify.policy_margin(logp_w, logp_l, ref_w, ref_l)
+    return np.asarray(margin), logp_w - ref_w
+
+
+def pair_metrics(
+    policy, ref, pairs: dict[str, np.ndarray], *, batch_size: int = 256, ref_logps=None
+):
+    """(accuracy, drift) of the policy as a classifier on pairs whose label is y_w
+    (`ref_logps`: as `margins_and_drift`'s)."""
+    m, drift = margins_and_drift(policy, ref, pairs, batch_size=batch_size, ref_logps=ref_logps)
     accuracy = float(np.mean(np.where(m > 0, 1.0, np.where(m < 0, 0.0, 0.5))))
     return accuracy, float(np.mean(drift))
 
@@ -132,6 +150,9 @@ class Evaluator:
     # Other judges of the same win-rate samples, e.g. {"proxy": proxy_pm}: each adds
     # "<name>_win_rate" (and its interval) judged by that PM, for over-optimisation curves.
     other_judges: dict = dataclasses.field(default_factory=dict)
+    # The reference's log-probs of `pairs`, computed at the first evaluation and reused: the
+    # reference and the pairs are fixed for the study.
+    _ref_pair_logps: tuple | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __call__(self, policy) -> dict[str, float]:
         key = jax.random.key(self.seed)
@@ -161,7 +182,17 @@ class Evaluator:
                 batch_size=self.batch_size,
             )
         )
-        acc, drift = pair_metrics(policy, self.ref, self.pairs, batch_size=self.batch_size)
+        if self._ref_pair_logps is None:
+            self._ref_pair_logps = pair_logprob_rows(
+                self.ref, self.pairs, batch_size=self.batch_size
+            )
+        acc, drift = pair_metrics(
+            policy,
+            self.ref,
+            self.pairs,
+            batch_size=self.batch_size,
+            ref_logps=self._ref_pair_logps,
+        )
         extra = {}
         for name, pm in self.other_judges.items():
             other = win_rate(pm)

@@ -441,11 +441,18 @@ class Study:
         pairs = self.stream_pairs(k, log)
         if pairs is None:
             return {}
+        rows = {f: pairs[f] for f in sources.PAIR_FIELDS}
+        ref_name = f"stream_ref_{k}"  # every run's k-th checkpoint is measured on window k
+        if ref_name not in self._cache:
+            self._cache[ref_name] = evaluation.pair_logprob_rows(
+                self.sft(), rows, batch_size=self.cfg.eval_batch
+            )
         acc, _ = evaluation.pair_metrics(
             model,
             self.sft(),
-            {f: pairs[f] for f in sources.PAIR_FIELDS},
+            rows,
             batch_size=self.cfg.eval_batch,
+            ref_logps=self._cache[ref_name],
         )
         return {"stream_accuracy": acc, "stream_proxy_accuracy": pairs["proxy_accuracy"]}
 

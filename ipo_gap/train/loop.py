@@ -67,6 +67,20 @@ def rates(seconds: float, tokens: int) -> dict:
     }
 
 
+class StepClock:
+    """Wall time between a run's metrics lines: each `lap(tokens)` returns `rates` over the
+    time since the previous lap (the first: since the clock was made, so with compilation)."""
+
+    def __init__(self):
+        self.last = time.time()
+
+    def lap(self, tokens: int) -> dict:
+        now = time.time()
+        out = rates(now - self.last, tokens)
+        self.last = now
+        return out
+
+
 def not_saved(manager: CheckpointManager) -> str:
     """`check_finite_params`' note before a save: nothing saved, and the last good state."""
     done = manager.all_steps()
@@ -466,7 +480,7 @@ def _run(
     history = []
     progress = Progress(num_steps, name)
     out = hosts.open_on_writer(metrics_path, "a")
-    last_done = [time.time()]
+    clock = StepClock()
 
     def finish(step, device_metrics, tokens):
         # Reads a dispatched step's metrics (waiting for it), checks the loss, records it.
@@ -476,9 +490,7 @@ def _run(
                 f"[{name}] loss is {metrics['loss']} at step {step}; "
                 f"stopped (the last good state is the previous step)"
             )
-        now = time.time()
-        metrics.update(step=step, **rates(now - last_done[0], tokens))
-        last_done[0] = now
+        metrics.update(step=step, **clock.lap(tokens))
         history.append(metrics)
         if out is not None and step % log_every == 0:
             out.write(json.dumps(metrics) + "\n")

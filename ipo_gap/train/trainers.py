@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import time
 
 import equinox as eqx
 import jax
@@ -28,6 +27,7 @@ from ipo_gap.train import steps
 from ipo_gap.train.loop import (
     NonFiniteLossError,
     Progress,
+    StepClock,
     check_finite_params,
     not_saved,
     rates,
@@ -163,7 +163,7 @@ def train_sft(
     progress = Progress(num_steps, name)
     # One writer per multi-host job (`hosts`); every process computes the same rows.
     out = hosts.open_on_writer(metrics_path, "a" if resumed else "w")
-    last = time.time()
+    clock = StepClock()
     try:
         for step in range(start, num_steps):
             idx = sources.schedule_indices(seed, step, batch_size, n)
@@ -172,9 +172,7 @@ def train_sft(
             loss = float(m["loss"])
             _finite(loss, name, step)
             history.append(loss)
-            now = time.time()
-            timing = rates(now - last, int(data["tgt_mask"][idx].sum()))
-            last = now
+            timing = clock.lap(int(data["tgt_mask"][idx].sum()))
             if out is not None:
                 out.write(json.dumps({"step": step, "loss": loss, **timing}) + "\n")
                 out.flush()
@@ -314,7 +312,7 @@ def train_pm(
             start, stopped_early = num_steps, True
     # One writer per multi-host job (`hosts`); every process computes the same rows.
     out = hosts.open_on_writer(metrics_path, "a" if resumed else "w")
-    last = time.time()
+    clock = StepClock()
     try:
         for step in range(start, num_steps):
             idx = sources.schedule_indices(seed, step, batch_size, n)
@@ -332,9 +330,7 @@ def train_pm(
                 else:
                     since_best += 1
                 hosts.say(f"[{name}] step {step + 1}: validation accuracy {acc:.4f}")
-            now = time.time()
-            timing = rates(now - last, tokens)  # with the validation, if any
-            last = now
+            timing = clock.lap(tokens)  # with the validation, if any
             history.append(record)  # the history stays a function of the seed: no timings
             if out is not None:
                 out.write(json.dumps({**record, **timing}) + "\n")

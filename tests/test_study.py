@@ -1,7 +1,7 @@
 """The study end to end at the micro preset, plus unit checks of eval and report helpers.
 
 The end-to-end tests (marked slow: they run in CI, not in the default run) run
-experiments/reproduce.py's `run` into a temporary workdir (about four minutes on 2 CPU cores,
+experiments/reproduce.py's `run` into a temporary workdir (about three minutes on 2 CPU cores,
 mostly compilation of two policy sizes), then checks every artefact, that the exact-order replays
 equal their online runs bit for bit, that evaluation numbers are internally consistent, that
 a re-run skips every finished stage, and that `--seeds` writes SEEDS.md from one study per seed.
@@ -211,7 +211,7 @@ def test_rerun_skips_finished_stages(micro_study, capsys):
         reproduce.run(micro_study, "micro", seed=99)
 
 
-@pytest.mark.slow  # one more micro study (~4 minutes on 2 cores); seed 0 is a copy of the fixture
+@pytest.mark.slow  # one more micro study (~3 minutes on 2 cores); seed 0 is a copy of the fixture
 def test_reproduce_seeds_runs_one_study_per_seed(micro_study, tmp_path):
     import reproduce
 

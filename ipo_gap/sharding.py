@@ -542,8 +542,11 @@ def place_like(tree, model):
         return tree  # some other multi-device sharding: leave the placement to jit
 
     def one(x):
-        if isinstance(x, jax.Array) and not x.committed:
-            return jax.device_put(x, target)
-        return x
+        if not isinstance(x, jax.Array) or x.committed:
+            return x
+        if isinstance(target, NamedSharding):  # each process builds its shards (multi-host)
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+        return jax.device_put(x, target)
 
     return jax.tree.map(one, tree)

@@ -328,3 +328,49 @@ def test_init_model_draws_each_shard_on_its_device_with_the_one_device_values():
     b = res["bytes"]
     assert b["sharded"] < 0.75 * b["model"], b  # less than one copy of the model per device
     assert b["one_device"] > 2 * b["model"], b  # what it replaces: the vector + temporaries
+
+
+_PLACE_SCRIPT = """
+import json, sys
+sys.path.insert(0, "tests")
+import equinox as eqx, jax, numpy as np
+from conftest import tiny_config
+from ipo_gap import sharding as sh
+from ipo_gap.t5 import model as t5
+from ipo_gap.train import steps
+
+cfg, key = tiny_config(), jax.random.key(0)
+optimizer = steps.make_optimizer()
+out = {}
+for name, mesh in (("mesh", sh.make_mesh("data:2,model:2")), ("device", None)):
+    model = (sh.init_model(cfg, key=key, mesh=mesh) if mesh is not None
+             else jax.device_put(t5.init(cfg, key=key), jax.devices()[1]))
+    state = optimizer.init(eqx.filter(model, eqx.is_array))
+    placed = sh.place_like(state, model)
+    before, after = jax.tree.leaves(state), jax.tree.leaves(placed)
+    out[name] = {
+        "uncommitted_before": sum(not x.committed for x in before),
+        "uncommitted_after": sum(not x.committed for x in after),
+        "count_sharding": str(after[0].sharding),
+        "moments_kept": all(a is b for a, b in zip(before[1:], after[1:])),
+        "values_equal": all(np.array_equal(a, b) for a, b in zip(before, after)),
+    }
+fresh = t5.init(cfg, key=key)  # uncommitted: left alone
+state = optimizer.init(eqx.filter(fresh, eqx.is_array))
+out["fresh_kept"] = sh.place_like(state, fresh) is state
+print(json.dumps(out))
+"""
+
+
+def test_place_like_commits_the_optimizer_count_where_the_model_lives():
+    """Adam's count, drawn uncommitted by optimizer.init, is replicated on the model's mesh or
+    put on the model's one device (device 1 here, not the default); the moments, already
+    placed like the parameters, are the same arrays; no value changes."""
+    res = run_with_devices(_PLACE_SCRIPT, num_devices=4)
+    for name in ("mesh", "device"):
+        r = res[name]
+        assert r["uncommitted_before"] >= 1 and r["uncommitted_after"] == 0, (name, r)
+        assert r["moments_kept"] and r["values_equal"], (name, r)
+    assert "spec=P()" in res["mesh"]["count_sharding"], res["mesh"]
+    assert "id=1" in res["device"]["count_sharding"], res["device"]
+    assert res["fresh_kept"]

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipo_gap import classify, kl, sampling
+from ipo_gap.data import ref_cache
 from ipo_gap.data.sources import padded_batches
 from ipo_gap.sharding import to_device, to_host
 from ipo_gap.train.trainers import judge_rows
@@ -83,34 +84,16 @@ def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> 
     return np.concatenate(out)
 
 
-PAIR_FIELDS = ("prompt", "prompt_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
-
-
-@eqx.filter_jit
-def _pair_logps(model, x, xm, yw, ywm, yl, ylm):
-    return classify.pair_logprobs(model, x, xm, yw, ywm, yl, ylm)
-
-
-def pair_logprob_rows(model, pairs: dict[str, np.ndarray], *, batch_size: int = 256):
-    """(log pi(y_w|x), log pi(y_l|x)) of every pair under `model`, numpy [N] each."""
-    out_w, out_l = [], []
-    for idx, keep in padded_batches(len(pairs["prompt"]), batch_size):
-        lw, ll = _pair_logps(model, *(to_device(pairs[f][idx]) for f in PAIR_FIELDS))
-        out_w.append(to_host(lw)[:keep])
-        out_l.append(to_host(ll)[:keep])
-    return np.concatenate(out_w), np.concatenate(out_l)
-
-
 def margins_and_drift(
     policy, ref, pairs: dict[str, np.ndarray], *, batch_size: int = 256, ref_logps=None
 ):
     """Per pair: the policy's classifier margin f(x, y_w, y_l) (App. E) and the drift
     log pi(y_w|x) - log pi_ref(y_w|x), numpy [N] each. `ref_logps`: the reference's
-    `pair_logprob_rows` on these pairs when already known (the same bits: each model's
-    log-probs are one jitted program either way)."""
-    logp_w, logp_l = pair_logprob_rows(policy, pairs, batch_size=batch_size)
+    `ref_cache.compute_reference_logprobs` on these pairs when already known (the same bits:
+    each model's log-probs are one jitted program either way)."""
+    logp_w, logp_l = ref_cache.compute_reference_logprobs(policy, pairs, batch_size=batch_size)
     if ref_logps is None:
-        ref_logps = pair_logprob_rows(ref, pairs, batch_size=batch_size)
+        ref_logps = ref_cache.compute_reference_logprobs(ref, pairs, batch_size=batch_size)
     ref_w, ref_l = ref_logps
     margin = classify.policy_margin(logp_w, logp_l, ref_w, ref_l)
     return np.asarray(margin), logp_w - ref_w
@@ -183,7 +166,7 @@ class Evaluator:
             )
         )
         if self._ref_pair_logps is None:
-            self._ref_pair_logps = pair_logprob_rows(
+            self._ref_pair_logps = ref_cache.compute_reference_logprobs(
                 self.ref, self.pairs, batch_size=self.batch_size
             )
         acc, drift = pair_metrics(

@@ -23,7 +23,7 @@ import numpy as np
 from ipo_gap import checkpoint, hosts, jsonl, sharding
 from ipo_gap import eval as evaluation
 from ipo_gap.configs import model_preset
-from ipo_gap.data import sources
+from ipo_gap.data import ref_cache, sources
 from ipo_gap.data.order_log import OrderLog, pair_schema
 from ipo_gap.study import (
     TRAIN_STATE,
@@ -444,7 +444,7 @@ class Study:
         rows = {f: pairs[f] for f in sources.PAIR_FIELDS}
         ref_name = f"stream_ref_{k}"  # every run's k-th checkpoint is measured on window k
         if ref_name not in self._cache:
-            self._cache[ref_name] = evaluation.pair_logprob_rows(
+            self._cache[ref_name] = ref_cache.compute_reference_logprobs(
                 self.sft(), rows, batch_size=self.cfg.eval_batch
             )
         acc, _ = evaluation.pair_metrics(

@@ -8,6 +8,7 @@ from test_preference import make_pairs
 
 from ipo_gap import classify
 from ipo_gap import eval as evaluation
+from ipo_gap.data import ref_cache, sources
 from ipo_gap.t5 import model as t5
 
 CFG = tiny_config(num_encoder_layers=1, num_decoder_layers=1)
@@ -15,7 +16,7 @@ CFG = tiny_config(num_encoder_layers=1, num_decoder_layers=1)
 
 def _pairs(seed, n):
     batch = make_pairs(np.random.default_rng(seed), n)
-    return {f: np.asarray(a) for f, a in zip(evaluation.PAIR_FIELDS, batch, strict=True)}
+    return {f: np.asarray(a) for f, a in zip(sources.PAIR_FIELDS, batch, strict=True)}
 
 
 def test_margins_and_drift_match_the_direct_computation():
@@ -30,7 +31,7 @@ def test_margins_and_drift_match_the_direct_computation():
     np.testing.assert_allclose(margin, want_margin, rtol=0, atol=1e-5)
     np.testing.assert_allclose(drift, lp.logp1 - lp.ref1, rtol=0, atol=1e-5)
     assert np.abs(margin).min() > 1e-3  # decisive margins: the accuracy below is not ties
-    refs = evaluation.pair_logprob_rows(ref, pairs, batch_size=4)
+    refs = ref_cache.compute_reference_logprobs(ref, pairs, batch_size=4)
     cached = evaluation.margins_and_drift(policy, ref, pairs, batch_size=4, ref_logps=refs)
     np.testing.assert_array_equal(cached[0], margin)
     np.testing.assert_array_equal(cached[1], drift)
@@ -61,9 +62,11 @@ def test_the_evaluator_computes_the_reference_on_its_pairs_once(monkeypatch):
         num_self=0,
     )
     seen = []
-    rows = evaluation.pair_logprob_rows
+    rows = ref_cache.compute_reference_logprobs
     monkeypatch.setattr(
-        evaluation, "pair_logprob_rows", lambda m, *a, **k: seen.append(m) or rows(m, *a, **k)
+        ref_cache,
+        "compute_reference_logprobs",
+        lambda m, *a, **k: seen.append(m) or rows(m, *a, **k),
     )
     first, second = ev(policy), ev(policy)
     assert first == second

@@ -99,6 +99,9 @@ def compute_reference_logprobs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(log pi_ref(y_w|x), log pi_ref(y_l|x)), float32 [N] each, for every row of `data`.
 
+    Any model's log-probs of the pairs, in fact: the evaluator also measures the policy
+    with it (`eval.margins_and_drift`).
+
     Runs the jitted `steps.pair_logprobs` over fixed-size batches of `batch_size` rows (one
     compilation); the last batch is padded by repeating the final row and the padding rows
     are dropped from the result.

@@ -49,9 +49,6 @@ KEY_FIELDS = ("reference_fingerprint", "tokenizer_sha256", "normalize", "num_row
 _DATA_TAG = b"ipo_gap.ref_cache.data.v1\0"
 _NORMALIZE_MODES = ("sum", "mean")
 
-# One compiled program per (model structure, batch shape, normalize).
-_pair_logprobs = jax.jit(steps.pair_logprobs, static_argnames="normalize")
-
 
 def model_fingerprint(model) -> str:
     """SHA-256 hex of a model's config JSON and all its arrays, in tree-path order.
@@ -102,7 +99,7 @@ def compute_reference_logprobs(
     Any model's log-probs of the pairs, in fact: the evaluator also measures the policy
     with it (`eval.margins_and_drift`).
 
-    Runs the jitted `steps.pair_logprobs` over fixed-size batches of `batch_size` rows (one
+    Runs `steps.reference_pair_logprobs` (jitted) over fixed-size batches of `batch_size` rows (one
     compilation); the last batch is padded by repeating the final row and the padding rows
     are dropped from the result.
     """
@@ -115,7 +112,7 @@ def compute_reference_logprobs(
     out_w, out_l = [], []
     for idx, keep in sources.padded_batches(n, batch_size):
         batch = steps.PairBatch(*(to_device(a[idx]) for a in arrays))
-        ref_w, ref_l = _pair_logprobs(ref_model, batch, normalize=normalize)
+        ref_w, ref_l = steps.reference_pair_logprobs(ref_model, batch, normalize=normalize)
         out_w.append(to_host(ref_w).astype(np.float32)[:keep])
         out_l.append(to_host(ref_l).astype(np.float32)[:keep])
     if n == 0:

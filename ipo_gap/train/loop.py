@@ -109,9 +109,10 @@ def check_finite_params(tree, name: str, step_done: int, note: str) -> None:
 def to_pair_batch(batch: dict[str, np.ndarray]) -> steps.PairBatch:
     """A PairBatch; cached reference log-probs (ref_w/ref_l columns) are carried when present.
 
-    Cached references are not bit-identical to those the step computes live (batch shapes
-    differ, so float32 rounding does): a bit-exact tandem replay uses the same reference path
-    as the run it replays.
+    Without them, `train_policy` computes them per batch (`steps.with_reference`). Cached
+    references are not bit-identical to those computed live (batch shapes differ, so float32
+    rounding does): a bit-exact tandem replay uses the same reference path as the run it
+    replays.
     """
     refs = {}
     if "ref_w" in batch and "ref_l" in batch:
@@ -302,7 +303,13 @@ def train_policy(
         return batch
 
     def update(model, opt_state, batch, step):
-        return step_fn(model, opt_state, ref_model, to_pair_batch(batch), hparams, np.int32(step))
+        pairs = to_pair_batch(batch)
+        if pairs.ref_w is None:  # computed here: the step compiles for one batch structure
+            pairs = steps.with_reference(pairs, ref_model)
+        else:  # cached: placed as computed ones would be, so both share one compiled step
+            refs = {f: jnp.asarray(getattr(pairs, f)) for f in ("ref_w", "ref_l")}
+            pairs = pairs._replace(**place_like(refs, ref_model))
+        return step_fn(model, opt_state, ref_model, pairs, hparams, np.int32(step))
 
     return _run(
         model=model,

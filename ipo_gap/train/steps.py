@@ -96,6 +96,24 @@ def pair_logprobs(model: t5.T5, batch: PairBatch, normalize: str = "sum"):
     )
 
 
+# One compiled program per (model structure, batch shape, normalize): the reference cache and
+# the policy loop share it.
+reference_pair_logprobs = jax.jit(pair_logprobs, static_argnames="normalize")
+
+
+def with_reference(batch: PairBatch, ref_model: t5.T5, normalize: str = "sum") -> PairBatch:
+    """`batch` with the reference's log-probs filled in (computed when absent).
+
+    The policy loop calls this before every step, so online, replayed and offline batches all
+    reach the step with ref_w/ref_l set: one compiled policy step per loss and batch shape
+    serves every data source (a batch without them would compile a second program).
+    """
+    if batch.ref_w is not None:
+        return batch
+    ref_w, ref_l = reference_pair_logprobs(ref_model, batch, normalize=normalize)
+    return batch._replace(ref_w=ref_w, ref_l=ref_l)
+
+
 def sft_loss_fn(model: t5.T5, batch: SeqBatch):
     """Token-averaged cross-entropy of the responses (per-sequence mean, then batch mean)."""
     logits = t5.forward(model, batch.src, batch.src_mask, t5.shift_right(batch.tgt))

@@ -206,6 +206,8 @@ def test_each_trainer_compiles_its_step_once_for_a_committed_model(setup, monkey
 
         return wrapped
 
+    trainers._sft_step.cache_clear()  # built afresh below, through the recording makers
+    trainers._pm_step.cache_clear()
     for owner, name in (
         (steps, "make_policy_step"),
         (steps, "make_sft_step"),

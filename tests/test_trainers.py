@@ -12,6 +12,7 @@ from test_preference import make_pairs
 
 from ipo_gap import preference as pref
 from ipo_gap.t5 import model as t5
+from ipo_gap.train import trainers
 from ipo_gap.train.loop import NonFiniteLossError
 from ipo_gap.train.trainers import (
     PM_FIELDS,
@@ -228,3 +229,51 @@ def test_pm_resumes_with_its_best_model_and_plateau_count(tmp_path, capsys):
     assert again.stopped_early and again.best_step == 2 and again.history == first.history
     assert again.best_valid_accuracy == first.best_valid_accuracy
     assert _same_arrays(again.model, first.model)
+
+
+@pytest.mark.parametrize("lr,warmup", [(1e-3, 100), (3e-4, 5), (0.0123, 7), (1e-3, 0)])
+def test_adam_with_warmup_equals_optax_adam_with_a_linear_schedule(lr, warmup):
+    """The learning rate and warm-up are state arrays, yet every update equals a jitted
+    `optax.adam(optax.linear_schedule(0, lr, warmup))` (or `optax.adam(lr)`) bit for bit,
+    through the warm-up and past it."""
+    import optax
+
+    params = {"a": jnp.linspace(-1.0, 1.0, 7), "b": jnp.ones((2, 3))}
+    ref = optax.adam(optax.linear_schedule(0.0, lr, warmup) if warmup else lr)
+    ours = trainers.adam_with_warmup(lr, warmup)
+
+    @jax.jit
+    def both(state_ref, state_ours, k):
+        grads = jax.tree.map(lambda x: jnp.sin(x * (k + 1.0)) + 0.1, params)
+        u_ref, state_ref = ref.update(grads, state_ref, params)
+        u_ours, state_ours = ours.update(grads, state_ours, params)
+        return u_ref, u_ours, state_ref, state_ours
+
+    state_ref, state_ours = ref.init(params), ours.init(params)
+    for k in range(warmup + 3):
+        u_ref, u_ours, state_ref, state_ours = both(state_ref, state_ours, jnp.float32(k))
+        for a, b in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u_ours), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"count {k}")
+        assert float(np.max(np.abs(np.asarray(u_ours["a"])))) > 0 or k == 0
+
+
+def test_one_compiled_step_serves_every_learning_rate_and_warmup():
+    """SFT and PM steps read the learning rate and warm-up from the optimizer state: runs
+    with other values (a sweep; the golden and proxy PMs of one size) reuse one compiled
+    step, and the values still act (another learning rate gives other parameters)."""
+    trainers._sft_step.cache_clear()
+    trainers._pm_step.cache_clear()
+    model = t5.init(CFG, key=jax.random.key(5))
+    data = _sft_data(n=16)
+    a, _ = train_sft(model, data, num_steps=3, batch_size=8, learning_rate=1e-3, seed=0)
+    b, _ = train_sft(
+        model, data, num_steps=3, batch_size=8, learning_rate=3e-3, seed=0, warmup_steps=2
+    )
+    assert trainers._sft_step()._cache_size() == 1
+    assert not _same_arrays(a, b)
+    train, valid = _pm_data(1, 16), _pm_data(2, 8)
+    kw = {"num_steps": 2, "batch_size": 8, "seed": 0, "eval_every": 2, "kind": "pairwise-both"}
+    pa = train_pm(model, train, valid, learning_rate=1e-3, warmup_steps=0, **kw)
+    pb = train_pm(model, train, valid, learning_rate=3e-4, warmup_steps=5, **kw)
+    assert trainers._pm_step("pairwise-both")._cache_size() == 1
+    assert not _same_arrays(pa.model, pb.model)

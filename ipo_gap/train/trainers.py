@@ -12,11 +12,13 @@ keeps the best parameters seen, and stops early at a validation plateau: no impr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -39,13 +41,51 @@ SEQ_FIELDS = ("src", "src_mask", "tgt", "tgt_mask")
 PM_FIELDS = ("x", "x_mask", "y_w", "y_w_mask", "y_l", "y_l_mask")
 
 
+def _adam_linear_warmup(learning_rate, warmup_steps) -> optax.GradientTransformation:
+    """Adam whose step size follows `optax.linear_schedule(0, learning_rate, warmup_steps)`
+    (constant when warmup_steps is 0), written so both may be traced arrays.
+
+    The same float32 operations as a jitted `optax.adam` with that schedule (or with the
+    constant), so the same bits: step size -((0 - lr) * (1 - min(count, w) * (1 / w)) + lr).
+    The reciprocal is explicit because XLA rewrites optax's division by the constant w into
+    a multiplication by 1 / w, which differs in the last bit for some counts (w = 100: 24 of
+    the 100 warm-up steps).
+    """
+
+    def schedule(count):
+        w = jnp.maximum(warmup_steps, 1)
+        frac = 1 - jnp.clip(count, 0, w).astype(jnp.float32) * (1.0 / w.astype(jnp.float32))
+        ramp = (0.0 - learning_rate) * frac + learning_rate
+        return -jnp.where(warmup_steps > 0, ramp, learning_rate)
+
+    return optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(schedule))
+
+
 def adam_with_warmup(learning_rate: float, warmup_steps: int) -> optax.GradientTransformation:
-    """optax Adam (b1 0.9, b2 0.999, eps 1e-8) with a linear warm-up, then constant."""
-    if warmup_steps > 0:
-        schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps)
-    else:
-        schedule = learning_rate
-    return optax.adam(schedule)
+    """optax Adam (b1 0.9, b2 0.999, eps 1e-8) with a linear warm-up, then constant.
+
+    The learning rate and the warm-up length live in the optimizer state (float32 and int32
+    arrays, `optax.inject_hyperparams`), not in the compiled step: the SFT and PM trainers
+    compile one step per model and batch shape for every learning rate and warm-up (a sweep,
+    or the golden and proxy PMs of one size). Same bits as `optax.adam` with
+    `optax.linear_schedule(0, learning_rate, warmup_steps)`, or with the constant when
+    warmup_steps is 0 (tests/test_trainers.py).
+    """
+    return optax.inject_hyperparams(_adam_linear_warmup)(
+        learning_rate=float(learning_rate), warmup_steps=int(warmup_steps)
+    )
+
+
+@functools.cache
+def _sft_step():
+    """The SFT step for every learning rate and warm-up (they are read from the state)."""
+    return steps.make_sft_step(adam_with_warmup(0.0, 0))
+
+
+@functools.cache
+def _pm_step(kind: str):
+    """The PM step of `kind` for every learning rate and warm-up (read from the state)."""
+    return preference.make_pm_train_step(adam_with_warmup(0.0, 0), kind)
 
 
 class _Resumable:
@@ -159,7 +199,7 @@ def train_sft(
     if resumed is not None:
         (model, opt_state), _, start, rows = resumed
         history = [r["loss"] for r in rows]
-    step_fn = steps.make_sft_step(optimizer)
+    step_fn = _sft_step()
     progress = Progress(num_steps, name)
     # One writer per multi-host job (`hosts`); every process computes the same rows.
     out = hosts.open_on_writer(metrics_path, "a" if resumed else "w")
@@ -284,7 +324,7 @@ def train_pm(
     model = sources.copy_arrays(model)
     optimizer = adam_with_warmup(learning_rate, warmup_steps)
     opt_state = place_like(optimizer.init(eqx.filter(model, eqx.is_array)), model)
-    step_fn = preference.make_pm_train_step(optimizer, kind)
+    step_fn = _pm_step(kind)
     key = jax.random.key(seed)
     progress = Progress(num_steps, name)
     history: list[dict] = []

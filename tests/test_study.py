@@ -1,10 +1,12 @@
 """The study end to end at the micro preset, plus unit checks of eval and report helpers.
 
 The end-to-end tests (marked slow: they run in CI, not in the default run) run
-experiments/reproduce.py's `run` into a temporary workdir (about three minutes on 2 CPU cores,
-mostly compilation of two policy sizes), then checks every artefact, that the exact-order replays
-equal their online runs bit for bit, that evaluation numbers are internally consistent, that
-a re-run skips every finished stage, and that `--seeds` writes SEEDS.md from one study per seed.
+experiments/reproduce.py's `run` into a temporary workdir as its command line does by default,
+one one-core worker per core (121 s as a fixture on the 2-core AMD VM, mostly compilation of
+two policy sizes; in one process about 160 s on its own, as `--seeds` runs below). Then they
+check every artefact, that the exact-order replays equal their online runs bit for bit, that
+evaluation numbers are internally consistent, that a re-run skips every finished stage, and
+that `--seeds` writes SEEDS.md from one study per seed.
 """
 
 import dataclasses
@@ -40,7 +42,7 @@ def micro_study(tmp_path_factory):
     import reproduce
 
     workdir = tmp_path_factory.mktemp("micro")
-    reproduce.run(workdir, "micro")
+    reproduce.run(workdir, "micro", jobs=reproduce.default_jobs(None))  # the CLI's default
     return workdir
 
 
@@ -211,7 +213,7 @@ def test_rerun_skips_finished_stages(micro_study, capsys):
         reproduce.run(micro_study, "micro", seed=99)
 
 
-@pytest.mark.slow  # one more micro study (~3 minutes on 2 cores); seed 0 is a copy of the fixture
+@pytest.mark.slow  # one more micro study, in one process (~2.7 min on 2 cores); seed 0 is copied
 def test_reproduce_seeds_runs_one_study_per_seed(micro_study, tmp_path):
     import reproduce
 
@@ -234,9 +236,9 @@ def test_reproduce_seeds_runs_one_study_per_seed(micro_study, tmp_path):
 
 @pytest.mark.slow
 def test_the_task_graph_holds_every_stage(micro_study):
-    """`study_experiments.tasks` (the --jobs graph) names every stage that the in-process
-    run made, and nothing else: a stage missing from it would run in the parent's gathering
-    pass, outside the workers."""
+    """`study_experiments.tasks` (the --jobs graph) names every stage that the run made, and
+    nothing else: a stage missing from it would run in the parent's gathering pass, outside
+    the workers (and still leave its done.json, so this catches it)."""
     from ipo_gap import parallel, study_experiments
     from ipo_gap.study_runs import Study
 

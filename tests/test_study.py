@@ -2,8 +2,8 @@
 
 The end-to-end tests (marked slow: they run in CI, not in the default run) run
 experiments/reproduce.py's `run` into a temporary workdir as its command line does by default,
-one one-core worker per core (86 s as a fixture on the 2-core AMD VM, mostly compilation of
-two policy sizes; in one process about 160 s on its own, as `--seeds` runs below). Then they
+one one-core worker per core (86-110 s as a fixture on the 2-core AMD VM, mostly compilation
+of two policy sizes; in one process about 160 s on its own, as `--seeds` runs below). Then they
 check every artefact, that the exact-order replays equal their online runs bit for bit, that
 evaluation numbers are internally consistent, that a re-run skips every finished stage, and
 that `--seeds` writes SEEDS.md from one study per seed.

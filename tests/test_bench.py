@@ -1,0 +1,109 @@
+"""experiments/bench.py: its comparison with the peer and its JSON lines.
+
+The benchmark measures speed, so nothing here times anything; these tests check that what it
+prints is computed right. The end-to-end test runs it on the `toy` configuration with a stand-in
+peer (a script that prints lines in the format of ../shared/bench/peer_hf_t5.py), so the
+comparison path runs without torch.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+sys.path.insert(0, "experiments")
+import bench  # noqa: E402
+
+
+def _ours(bench_name, per_s, gflops, peak):
+    field = bench.COMPARE[bench_name][1]
+    return {field: per_s, "model_gflops_per_s": gflops, "peak_gflops": peak}
+
+
+def _peer(bench_name, per_s):
+    return {bench.COMPARE[bench_name][1]: per_s}
+
+
+def _round(bench_name, ours_per_s, gflops, peak, peer_per_s):
+    peer_name = bench.COMPARE[bench_name][0]
+    ours = {bench_name: _ours(bench_name, ours_per_s, gflops, peak)}
+    return ours, {peer_name: _peer(bench_name, peer_per_s)}
+
+
+def test_compare_line_takes_medians_and_says_what_the_target_needs():
+    rounds = [
+        _round("sample", 300.0, 30.0, 100.0, 200.0),
+        _round("sample", 100.0, 10.0, 50.0, 100.0),
+        _round("sample", 400.0, 40.0, 100.0, 100.0),
+        ({}, {"sample_generate": _peer("sample", 100.0)}),  # ours missing: not a round
+    ]
+    line = bench.compare_line("toy", "sample", "generated_tokens_per_s", rounds)
+    assert line["rounds"] == 3
+    assert line["ratio_per_round"] == [1.5, 1.0, 4.0]
+    assert line["ratio"] == 1.5  # the median ratio, not the ratio of the medians
+    assert (line["ours"], line["peer"]) == (300.0, 100.0)
+    assert line["target_ratio"] == 3.0 and line["meets_target"] is False
+    # 3x the peer's 200 tokens/s = 600, twice our 300: 60 of 100 GFLOP/s; 300 = 3x: 30/50;
+    # 300 = 0.75x ours: 30/100. Median of (0.6, 0.6, 0.3).
+    assert line["target_needs_fraction_of_peak"] == 0.6
+
+
+def test_compare_line_meets_a_target_and_skips_workloads_without_a_peer():
+    rounds = [_round("ipo", 330.0, 50.0, 100.0, 100.0)]
+    line = bench.compare_line("small", "ipo", "response_tokens_per_s", rounds)
+    assert line["ratio"] == 3.3 and line["target_ratio"] == 1.1 and line["meets_target"]
+    assert bench.compare_line("small", "kl", "tokens_per_s", rounds) is None
+
+
+_FAKE_PEER = textwrap.dedent(
+    """
+    import json, sys
+    args = sys.argv[1:]
+    cfg = args[args.index("--config") + 1]
+    names = {"ipo": ("ipo_train_step", "response_tokens_per_s"),
+             "sample": ("sample_generate", "generated_tokens_per_s"),
+             "kl": ("exact_kl", "tokens_per_s")}
+    i = args.index("--bench") + 1
+    while i < len(args) and not args[i].startswith("--"):
+        name, field = names[args[i]]
+        print(json.dumps({"config": cfg, "bench": name, field: 1000.0}))
+        i += 1
+    """
+)
+
+
+@pytest.mark.slow
+def test_bench_runs_every_workload_and_compares_with_a_peer(tmp_path):
+    peer = tmp_path / "peer.py"
+    peer.write_text(_FAKE_PEER)
+    cmd = [sys.executable, "experiments/bench.py", "--config=toy", "--repeats=1", "--warmup=0"]
+    cmd += ["--rounds=2", f"--peer_python={sys.executable}", f"--peer_script={peer}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900).stdout
+    lines = [json.loads(s) for s in out.splitlines() if s.startswith("{")]
+    calib = [x for x in lines if x.get("bench") == "calib_matmul"]
+    # Per round: one before, one after each of the four workloads.
+    assert [x["when"] for x in calib[:5]] == ["before"] + [
+        f"after {b}" for b in ("fwd_bwd", "sample", "ipo", "kl")
+    ]
+    ours = [x for x in lines if x.get("bench") in bench.BENCHES and not x.get("peer")]
+    assert sorted(x["bench"] for x in ours) == sorted(list(bench.BENCHES) * 2)
+    for x in ours:
+        peaks = [c["best_gflops"] for c in calib if c["round"] == x["round"]]
+        assert x["peak_gflops"] in [round(p, 1) for p in peaks]
+        assert (
+            0
+            < x["fraction_of_peak"]
+            == pytest.approx(x["model_gflops_per_s"] / x["peak_gflops"], abs=2e-3)
+        )
+    compare = {x["what"].split()[0]: x for x in lines if x.get("bench") == "compare"}
+    assert sorted(compare) == ["ipo", "kl", "sample"]
+    for name, x in compare.items():
+        field = bench.COMPARE[name][1]
+        mine = sorted(o[field] for o in ours if o["bench"] == name)
+        assert x["rounds"] == 2 and x["peer"] == 1000.0
+        assert x["ratio_per_round"] == pytest.approx([m / 1000.0 for m in mine], abs=0.01) or (
+            x["ratio_per_round"] == pytest.approx([m / 1000.0 for m in mine[::-1]], abs=0.01)
+        )
+        assert x["meets_target"] == (x["ratio"] >= bench.TARGET_RATIO["toy", name])

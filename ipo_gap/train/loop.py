@@ -303,12 +303,8 @@ def train_policy(
         return batch
 
     def update(model, opt_state, batch, step):
-        pairs = to_pair_batch(batch)
-        if pairs.ref_w is None:  # computed here: the step compiles for one batch structure
-            pairs = steps.with_reference(pairs, ref_model)
-        else:  # cached: placed as computed ones would be, so both share one compiled step
-            refs = {f: jnp.asarray(getattr(pairs, f)) for f in ("ref_w", "ref_l")}
-            pairs = pairs._replace(**place_like(refs, ref_model))
+        # References computed or cached reach the step alike: one compiled step for both.
+        pairs = steps.with_reference(to_pair_batch(batch), ref_model)
         return step_fn(model, opt_state, ref_model, pairs, hparams, np.int32(step))
 
     return _run(

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from ipo_gap import classify, logprobs, losses
+from ipo_gap.sharding import place_like
 from ipo_gap.t5 import model as t5
 
 
@@ -102,16 +103,19 @@ reference_pair_logprobs = jax.jit(pair_logprobs, static_argnames="normalize")
 
 
 def with_reference(batch: PairBatch, ref_model: t5.T5, normalize: str = "sum") -> PairBatch:
-    """`batch` with the reference's log-probs filled in (computed when absent).
+    """`batch` with the reference's log-probs filled in: computed when absent, and cached
+    ones (host arrays from a reference cache) placed where computed ones would be.
 
     The policy loop calls this before every step, so online, replayed and offline batches all
-    reach the step with ref_w/ref_l set: one compiled policy step per loss and batch shape
-    serves every data source (a batch without them would compile a second program).
+    reach the step with ref_w/ref_l set the same way: one compiled policy step per loss and
+    batch shape serves every data source (a batch without them, or with them committed
+    elsewhere, would compile a second program).
     """
-    if batch.ref_w is not None:
-        return batch
-    ref_w, ref_l = reference_pair_logprobs(ref_model, batch, normalize=normalize)
-    return batch._replace(ref_w=ref_w, ref_l=ref_l)
+    if batch.ref_w is None:
+        ref_w, ref_l = reference_pair_logprobs(ref_model, batch, normalize=normalize)
+        return batch._replace(ref_w=ref_w, ref_l=ref_l)
+    refs = {f: jnp.asarray(getattr(batch, f)) for f in ("ref_w", "ref_l")}
+    return batch._replace(**place_like(refs, ref_model))
 
 
 def sft_loss_fn(model: t5.T5, batch: SeqBatch):

@@ -63,6 +63,31 @@ def process_logits(
     return logits
 
 
+def first_argmax(x_BxV: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` as int32, bit for bit (the first maximum; a NaN counts as the
+    maximum, the first NaN wins), computed as a max and then the least index that attains it.
+
+    XLA's CPU backend emits argmax as one (value, index) reduction that runs element by
+    element, and fuses whatever produced x into it: the sampler's threefry Gumbel noise then
+    ran inside that loop. Materialising x (the barrier) and taking two plain reductions
+    halved the token draw, measured on the Intel Xeon: 0.90 -> 0.42 ms for 32 x 1024
+    (toy) and 4.1 -> 1.9 ms for 8 x 32128 (T5 small's vocabulary), same tokens as
+    `jax.random.categorical` over 3000 keys (tests/test_sampling.py checks it).
+    """
+    x_BxV = jax.lax.optimization_barrier(x_BxV)
+    top = jnp.max(x_BxV, axis=-1, keepdims=True)
+    hit = (x_BxV == top) | (jnp.isnan(x_BxV) & jnp.isnan(top))
+    index = jax.lax.broadcasted_iota(jnp.int32, x_BxV.shape, x_BxV.ndim - 1)
+    return jnp.min(jnp.where(hit, index, x_BxV.shape[-1]), axis=-1)
+
+
+def categorical(key: jax.Array, logits_BxV: jax.Array) -> jax.Array:
+    """`jax.random.categorical(key, logits)` (Gumbel-max over the last axis), the same
+    tokens bit for bit, with the faster `first_argmax`; int32."""
+    gumbel = jax.random.gumbel(key, logits_BxV.shape, logits_BxV.dtype)
+    return first_argmax(gumbel + logits_BxV)
+
+
 def _validate(src_BxS, src_mask_BxS, max_len, temperature, top_k, top_p, min_len, vocab_size):
     if src_BxS.ndim != 2 or src_mask_BxS.shape != src_BxS.shape:
         raise ValueError(
@@ -127,10 +152,10 @@ def sample(
                 jnp.where(t < min_len, -jnp.inf, logits_BxV[:, EOS_ID])
             )
         if temperature == 0.0:
-            token = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+            token = first_argmax(logits_BxV)
             return token, jnp.zeros((B,), jnp.float32)
         logits = process_logits(logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p)
-        token = jax.random.categorical(jax.random.fold_in(key, t), logits).astype(jnp.int32)
+        token = categorical(jax.random.fold_in(key, t), logits)
         logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
         return token, logprob
 

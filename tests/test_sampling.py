@@ -164,3 +164,32 @@ def test_sample_frequencies_match_sequence_probabilities():
         hot_counts[index[tuple(row.tolist())]] += 1
     obs = np.append(hot_counts[keep], hot_counts[~keep].sum())[: len(exp)]
     assert stats.chi2.sf(((obs - exp) ** 2 / exp).sum(), len(obs) - 1) < 1e-6
+
+
+def test_first_argmax_is_argmax_with_ties_infinities_and_nan():
+    x = jnp.array(
+        [
+            [0.0, 2.0, 2.0, 1.0],  # tie: the first maximum
+            [-jnp.inf, -jnp.inf, -jnp.inf, -jnp.inf],  # all -inf: index 0
+            [1.0, jnp.nan, 3.0, jnp.nan],  # NaN counts as the maximum, the first one
+            [-1.0, -jnp.inf, jnp.inf, jnp.inf],
+        ]
+    )
+    got = jax.jit(sampling.first_argmax)(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+    y = jax.random.randint(jax.random.key(0), (64, 37), 0, 5).astype(jnp.float32)  # many ties
+    np.testing.assert_array_equal(jax.jit(sampling.first_argmax)(y), jnp.argmax(y, axis=-1))
+
+
+def test_categorical_draws_the_same_tokens_as_jax_random_categorical():
+    """Same tokens as jax.random.categorical for every key (the sampler's draw)."""
+    logits = 3.0 * jax.random.normal(jax.random.key(1), (8, 300))
+    logits = logits.at[:, 1].set(-jnp.inf)  # as min_len masks EOS
+
+    def both(k):
+        return sampling.categorical(k, logits), jax.random.categorical(k, logits)
+
+    ours, ref = jax.jit(jax.vmap(both))(jax.random.split(jax.random.key(2), 500))
+    np.testing.assert_array_equal(ours, ref)
+    assert not (ours == 1).any()

@@ -29,7 +29,16 @@ round's ratio. Where an issue set a target (`TARGET_RATIO`: sampling 3x the peer
 1.5x on small, the IPO step 1.5x / 1.1x, the exact KL 1.2x), the line says whether the median
 ratio meets it and what fraction of our measured peak the target throughput would take
 (`target_needs_fraction_of_peak`, with the FLOP model above): how far the target lies from
-what this CPU can give. Small's fwd_bwd line carries its target fraction (0.6). Usage:
+what this CPU can give. Small's fwd_bwd line carries its target fraction (0.6).
+
+Sampling also gets an fp32 roofline (`sample_roofline`): decoding is a chain of steps that
+each must read every decoder weight and the K/V caches, so at small batches it can be bound by
+memory, not FLOPs. A read bandwidth is measured before and after the sampler (`calib_stream`:
+a jitted sum over as many bytes as the largest decode step reads) and the `sample` line gives
+`roofline_s`, the least time any implementation could take here (encoder at the peak, each
+step the longer of its bytes at the bandwidth and its FLOPs at the peak), and
+`fraction_of_roofline`; the compare line gives `target_needs_fraction_of_roofline` (above 1:
+the target is beyond this machine in fp32). Usage:
 
   python experiments/bench.py --config=toy,small --peer_python=.peerenv/bin/python --rounds=4
 """
@@ -107,6 +116,54 @@ def token_param_counts(cfg) -> tuple[int, int]:
 def fwd_flops(cfg, t_enc: int, t_dec: int) -> float:
     n_enc, n_dec = token_param_counts(cfg)
     return 2.0 * (n_enc * t_enc + n_dec * t_dec)
+
+
+def sample_roofline(cfg, w, peak_gflops: float, stream_gb_per_s: float) -> dict:
+    """A lower bound on the sampler's time on this machine: the fp32 roofline.
+
+    The encoder runs once (its FLOPs at the matmul peak, or its weights at the read bandwidth,
+    whichever takes longer); then each of the Lr decode steps must read every decoder weight it
+    uses (N_dec_tok parameters: no two steps can share a read, each needs the previous token),
+    the cross-attention K/V cache (B x S x H x K per layer, twice) and the self-attention cache
+    up to its position, and do 2 N_dec_tok B FLOPs: a step takes at least the longer of its
+    bytes at the read bandwidth and its FLOPs at the peak. Attention-score FLOPs and writes are
+    left out, so the bound is optimistic (a time no implementation beats here).
+    """
+    n_enc, n_dec = token_param_counts(cfg)
+    p_bytes = np.dtype(cfg.param_jnp_dtype).itemsize
+    c_bytes = np.dtype(cfg.compute_jnp_dtype).itemsize
+    B, Lp, Lr = w["batch"], w["prompt_len"], w["response_len"]
+    hk = cfg.num_heads * cfg.d_kv
+    peak, bw = peak_gflops * 1e9, stream_gb_per_s * 1e9
+    enc_s = max(2.0 * n_enc * B * Lp / peak, n_enc * p_bytes / bw)
+    step_flops = 2.0 * n_dec * B
+    steps_s, step_bytes, memory_bound = 0.0, [], 0
+    for t in range(Lr):
+        kv = cfg.num_decoder_layers * 2 * B * hk * (Lp + t + 1) * c_bytes
+        nbytes = n_dec * p_bytes + kv
+        step_bytes.append(nbytes)
+        steps_s += max(step_flops / peak, nbytes / bw)
+        memory_bound += nbytes / bw > step_flops / peak
+    return {
+        "roofline_s": enc_s + steps_s,
+        "decode_bytes_per_step": statistics.mean(step_bytes),
+        "max_step_bytes": max(step_bytes),
+        "memory_bound_steps": memory_bound,
+    }
+
+
+def stream_bandwidth(nbytes: int, repeats: int = 10) -> float:
+    """Best read bandwidth (GB/s) of a jitted sum over a float32 array of `nbytes`, read again
+    and again as a decode step re-reads its weights (from whatever cache level holds them)."""
+    x = jnp.ones((max(nbytes // 4, 1),), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = max(best, x.size * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def matmul_peak(sizes=(512, 1024), repeats=10) -> float:
@@ -268,6 +325,13 @@ def compare_line(name: str, bench: str, field: str, rounds: list[tuple[dict, dic
         line["target_ratio"] = target
         line["meets_target"] = ratio >= target  # not the rounded ratio: 1.496 misses 1.5
         line["target_needs_fraction_of_peak"] = round(statistics.median(needs), 3)
+        if all("roofline_s" in o for o, _ in pairs):
+            # The target's time per call against the roofline's lower bound: above 1, the
+            # target is faster than anything this machine can do in fp32.
+            needs_roof = [
+                o["roofline_s"] / (o["median_s"] * o[field] / (target * p[field])) for o, p in pairs
+            ]
+            line["target_needs_fraction_of_roofline"] = round(statistics.median(needs_roof), 3)
     return line
 
 
@@ -305,6 +369,21 @@ def _calibration(name: str, round_: int, when: str) -> float:
     return peak
 
 
+def _bandwidth(name: str, round_: int, when: str, nbytes: int) -> float:
+    bw = stream_bandwidth(nbytes)
+    emit(
+        {
+            "config": name,
+            "round": round_,
+            "bench": "calib_stream",
+            "when": when,
+            "bytes": nbytes,
+            "best_gb_per_s": round(bw, 1),
+        }
+    )
+    return bw
+
+
 def _ours(name: str, cfg, model, w, round_: int) -> dict[str, dict]:
     """One round of our workloads, with a matmul calibration before the first and after each
     one; emits and returns lines. A workload's fraction of the peak is taken against the
@@ -313,6 +392,9 @@ def _ours(name: str, cfg, model, w, round_: int) -> dict[str, dict]:
     peak_before = _calibration(name, round_, "before")
     ours = {}
     for bench in _BENCH.value:
+        if bench == "sample":
+            step_bytes = sample_roofline(cfg, w, 1.0, 1.0)["max_step_bytes"]
+            bw_before = _bandwidth(name, round_, "before sample", step_bytes)
         ts, extra = BENCHES[bench](cfg, model, w)
         peak_after = _calibration(name, round_, f"after {bench}")
         peak = max(peak_before, peak_after)
@@ -336,6 +418,16 @@ def _ours(name: str, cfg, model, w, round_: int) -> dict[str, dict]:
         }
         if (name, bench) in TARGET_FRACTION:
             line["target_fraction"] = TARGET_FRACTION[name, bench]
+        if bench == "sample":
+            bw = max(bw_before, _bandwidth(name, round_, "after sample", step_bytes))
+            roof = sample_roofline(cfg, w, peak, bw)
+            line.update(
+                roofline_s=round(roof["roofline_s"], 5),
+                fraction_of_roofline=round(roof["roofline_s"] / med, 3),
+                stream_gb_per_s=round(bw, 1),
+                decode_bytes_per_step=int(roof["decode_bytes_per_step"]),
+                decode_steps_memory_bound=roof["memory_bound_steps"],
+            )
         ours[bench] = line
         emit(line)
         peak_before = peak_after

@@ -62,6 +62,42 @@ def test_compare_line_meets_a_target_and_skips_workloads_without_a_peer():
     assert bench.compare_line("small", "kl", "tokens_per_s", rounds) is None
 
 
+def test_sample_roofline_by_hand():
+    """The roofline of a small made-up sampler, worked by hand."""
+    from ipo_gap.configs import model_preset
+
+    cfg = model_preset("toy")  # fp32: 4 bytes per parameter and per cached value
+    n_enc, n_dec = bench.token_param_counts(cfg)
+    w = {"batch": 2, "prompt_len": 3, "response_len": 2}
+    hk = cfg.num_heads * cfg.d_kv  # 256
+    # Memory-bound everywhere: a peak so high that FLOPs take no time, 1 GB/s.
+    roof = bench.sample_roofline(cfg, w, 1e12, 1.0)
+    kv = [2 * 2 * 2 * hk * (3 + t) * 4 for t in (1, 2)]  # layers x (K, V) x B x HK x pos
+    steps = [4 * n_dec + b for b in kv]
+    assert roof["max_step_bytes"] == steps[1]
+    assert roof["decode_bytes_per_step"] == sum(steps) / 2
+    assert roof["roofline_s"] == pytest.approx((4 * n_enc + sum(steps)) / 1e9)
+    assert roof["memory_bound_steps"] == 2
+    # Compute-bound everywhere: 1 GFLOP/s, infinite bandwidth.
+    roof = bench.sample_roofline(cfg, w, 1.0, 1e12)
+    assert roof["roofline_s"] == pytest.approx(2 * (n_enc * 2 * 3 + 2 * n_dec * 2) / 1e9)
+    assert roof["memory_bound_steps"] == 0
+
+
+def test_compare_line_says_what_the_target_needs_of_the_roofline():
+    ours, peer = _round("sample", 300.0, 30.0, 100.0, 200.0)
+    ours["sample"].update(median_s=2.0, roofline_s=0.5)
+    line = bench.compare_line("toy", "sample", "generated_tokens_per_s", [(ours, peer)])
+    # 3x the peer's 200 = 600 tokens/s, twice our 300: 1.0 s per call, 0.5 of it the roofline.
+    assert line["target_needs_fraction_of_roofline"] == 0.5
+    ours["sample"]["roofline_s"] = 1.5
+    line = bench.compare_line("toy", "sample", "generated_tokens_per_s", [(ours, peer)])
+    assert line["target_needs_fraction_of_roofline"] == 1.5  # faster than the machine can go
+    del ours["sample"]["roofline_s"]
+    line = bench.compare_line("toy", "sample", "generated_tokens_per_s", [(ours, peer)])
+    assert "target_needs_fraction_of_roofline" not in line
+
+
 _FAKE_PEER = textwrap.dedent(
     """
     import json, sys
@@ -102,8 +138,16 @@ def test_bench_runs_every_workload_and_compares_with_a_peer(tmp_path):
             < x["fraction_of_peak"]
             == pytest.approx(x["model_gflops_per_s"] / x["peak_gflops"], abs=2e-3)
         )
+    streams = [x for x in lines if x.get("bench") == "calib_stream"]
+    assert [x["when"] for x in streams] == ["before sample", "after sample"] * 2
+    for x in (o for o in ours if o["bench"] == "sample"):
+        bws = [c["best_gb_per_s"] for c in streams if c["round"] == x["round"]]
+        assert x["stream_gb_per_s"] == max(bws)
+        assert 0 < x["roofline_s"] < x["median_s"]  # a lower bound
+        assert x["fraction_of_roofline"] == pytest.approx(x["roofline_s"] / x["median_s"], abs=2e-3)
     compare = {x["what"].split()[0]: x for x in lines if x.get("bench") == "compare"}
     assert sorted(compare) == ["ipo", "kl", "sample"]
+    assert "target_needs_fraction_of_roofline" in compare["sample"]
     for name, x in compare.items():
         field = bench.COMPARE[name][1]
         mine = [o[field] for o in ours if o["bench"] == name]  # in round order

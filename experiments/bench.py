@@ -118,37 +118,38 @@ def fwd_flops(cfg, t_enc: int, t_dec: int) -> float:
     return 2.0 * (n_enc * t_enc + n_dec * t_dec)
 
 
+def decode_step_bytes(cfg, w) -> list[int]:
+    """Bytes each of the Lr decode steps must read: every decoder weight it uses (N_dec_tok
+    parameters), the cross-attention K/V cache (B x S x H x K per layer, twice) and the
+    self-attention cache up to its position."""
+    _, n_dec = token_param_counts(cfg)
+    p_bytes = np.dtype(cfg.param_jnp_dtype).itemsize
+    c_bytes = np.dtype(cfg.compute_jnp_dtype).itemsize
+    B, Lp, Lr = w["batch"], w["prompt_len"], w["response_len"]
+    kv_per_position = cfg.num_decoder_layers * 2 * B * cfg.num_heads * cfg.d_kv * c_bytes
+    return [n_dec * p_bytes + kv_per_position * (Lp + t + 1) for t in range(Lr)]
+
+
 def sample_roofline(cfg, w, peak_gflops: float, stream_gb_per_s: float) -> dict:
     """A lower bound on the sampler's time on this machine: the fp32 roofline.
 
     The encoder runs once (its FLOPs at the matmul peak, or its weights at the read bandwidth,
-    whichever takes longer); then each of the Lr decode steps must read every decoder weight it
-    uses (N_dec_tok parameters: no two steps can share a read, each needs the previous token),
-    the cross-attention K/V cache (B x S x H x K per layer, twice) and the self-attention cache
-    up to its position, and do 2 N_dec_tok B FLOPs: a step takes at least the longer of its
-    bytes at the read bandwidth and its FLOPs at the peak. Attention-score FLOPs and writes are
-    left out, so the bound is optimistic (a time no implementation beats here).
+    whichever takes longer); then each of the Lr decode steps must read its `decode_step_bytes`
+    (no two steps can share a read: each needs the previous token) and do 2 N_dec_tok B FLOPs:
+    a step takes at least the longer of its bytes at the read bandwidth and its FLOPs at the
+    peak. Attention-score FLOPs and writes are left out, so the bound is optimistic (a time no
+    implementation beats here).
     """
     n_enc, n_dec = token_param_counts(cfg)
     p_bytes = np.dtype(cfg.param_jnp_dtype).itemsize
-    c_bytes = np.dtype(cfg.compute_jnp_dtype).itemsize
-    B, Lp, Lr = w["batch"], w["prompt_len"], w["response_len"]
-    hk = cfg.num_heads * cfg.d_kv
     peak, bw = peak_gflops * 1e9, stream_gb_per_s * 1e9
-    enc_s = max(2.0 * n_enc * B * Lp / peak, n_enc * p_bytes / bw)
-    step_flops = 2.0 * n_dec * B
-    steps_s, step_bytes, memory_bound = 0.0, [], 0
-    for t in range(Lr):
-        kv = cfg.num_decoder_layers * 2 * B * hk * (Lp + t + 1) * c_bytes
-        nbytes = n_dec * p_bytes + kv
-        step_bytes.append(nbytes)
-        steps_s += max(step_flops / peak, nbytes / bw)
-        memory_bound += nbytes / bw > step_flops / peak
+    enc_s = max(2.0 * n_enc * w["batch"] * w["prompt_len"] / peak, n_enc * p_bytes / bw)
+    step_flops_s = 2.0 * n_dec * w["batch"] / peak
+    step_bytes = decode_step_bytes(cfg, w)
     return {
-        "roofline_s": enc_s + steps_s,
+        "roofline_s": enc_s + sum(max(step_flops_s, b / bw) for b in step_bytes),
         "decode_bytes_per_step": statistics.mean(step_bytes),
-        "max_step_bytes": max(step_bytes),
-        "memory_bound_steps": memory_bound,
+        "memory_bound_steps": sum(b / bw > step_flops_s for b in step_bytes),
     }
 
 
@@ -157,13 +158,7 @@ def stream_bandwidth(nbytes: int, repeats: int = 10) -> float:
     and again as a decode step re-reads its weights (from whatever cache level holds them)."""
     x = jnp.ones((max(nbytes // 4, 1),), jnp.float32)
     f = jax.jit(jnp.sum)
-    f(x).block_until_ready()
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        best = max(best, x.size * 4 / (time.perf_counter() - t0) / 1e9)
-    return best
+    return x.size * 4 / min(time_calls(lambda: f(x), 0, repeats)) / 1e9
 
 
 def matmul_peak(sizes=(512, 1024), repeats=10) -> float:
@@ -393,7 +388,7 @@ def _ours(name: str, cfg, model, w, round_: int) -> dict[str, dict]:
     ours = {}
     for bench in _BENCH.value:
         if bench == "sample":
-            step_bytes = sample_roofline(cfg, w, 1.0, 1.0)["max_step_bytes"]
+            step_bytes = max(decode_step_bytes(cfg, w))
             bw_before = _bandwidth(name, round_, "before sample", step_bytes)
         ts, extra = BENCHES[bench](cfg, model, w)
         peak_after = _calibration(name, round_, f"after {bench}")

@@ -5,8 +5,8 @@ Blocks of a stack are stored stacked along a leading "layers" axis and run with 
 unrolled, `cfg.scan_layers=False`). The relative position bias is computed once per stack and
 shared by its layers; cross-attention has no position bias (as in T5).
 
-Numerics: matmul inputs are cast to `cfg.compute_dtype`; the residual stream, RMSNorm,
-softmax and logits are float32.
+Numerics: matmul inputs are cast to `cfg.compute_dtype` and every product accumulates in
+float32 (t5/layers.py `product`); the residual stream, RMSNorm, softmax and logits are float32.
 
 Shape legend (used in names like `logits_BxTxV`):
   B batch, S source (prompt) length, T target (response) length, D d_model, H heads,
@@ -343,8 +343,8 @@ def _logits(model: T5, h_BxTxD: jax.Array) -> jax.Array:
     cd = model.cfg.compute_jnp_dtype
     if model.lm_head is None:  # original T5: tied head with d_model**-0.5 output scaling
         h = (h_BxTxD * model.cfg.d_model**-0.5).astype(cd)
-        return dense(h, model.embedding.T, cd, preferred_element_type=jnp.float32)
-    return dense(h_BxTxD, model.lm_head, cd, preferred_element_type=jnp.float32)
+        return dense(h, model.embedding.T, cd, jnp.float32)
+    return dense(h_BxTxD, model.lm_head, cd, jnp.float32)
 
 
 def shift_right(targets_BxT: jax.Array) -> jax.Array:

@@ -31,14 +31,20 @@ ratio meets it and what fraction of our measured peak the target throughput woul
 (`target_needs_fraction_of_peak`, with the FLOP model above): how far the target lies from
 what this CPU can give. Small's fwd_bwd line carries its target fraction (0.6).
 
-Sampling also gets an fp32 roofline (`sample_roofline`): decoding is a chain of steps that
+Sampling also gets a roofline (`sample_roofline`): decoding is a chain of steps that
 each must read every decoder weight and the K/V caches, so at small batches it can be bound by
 memory, not FLOPs. A read bandwidth is measured before and after the sampler (`calib_stream`:
 a jitted sum over as many bytes as the largest decode step reads) and the `sample` line gives
 `roofline_s`, the least time any implementation could take here (encoder at the peak, each
 step the longer of its bytes at the bandwidth and its FLOPs at the peak), and
 `fraction_of_roofline`; the compare line gives `target_needs_fraction_of_roofline` (above 1:
-the target is beyond this machine in fp32). Usage:
+the target is beyond this machine in these dtypes).
+
+--compute_dtype=bfloat16 runs our workloads in bf16 compute (products read bf16 and accumulate
+in float32; parameters stay float32 unless --param_dtype says otherwise). The matmul peak is
+then calibrated on bf16 products with float32 accumulation, so fractions of the peak are of the
+bf16 peak, and the peer runs under torch.autocast(bfloat16) (experiments/peer_autocast.py):
+compare lines give `ours_dtype` and `peer_dtype`, and a ratio compares like with like. Usage:
 
   python experiments/bench.py --config=toy,small --peer_python=.peerenv/bin/python --rounds=4
 """
@@ -76,7 +82,20 @@ _ROUNDS = flags.DEFINE_integer(
     "per-round ratios and each round's ratio (this VM's speed drifts by tens of %).",
 )
 _SCAN = flags.DEFINE_bool("scan_layers", None, "Override the preset's scan_layers.")
+_COMPUTE = flags.DEFINE_enum(
+    "compute_dtype",
+    None,
+    ["float32", "bfloat16"],
+    "Override the presets' compute dtype (what matrix products read; they accumulate in "
+    "float32). With bfloat16 the matmul peak is calibrated in bf16 products with float32 "
+    "accumulation, and the peer runs under torch.autocast(bfloat16) "
+    "(experiments/peer_autocast.py), so both sides run the same precision.",
+)
+_PARAMS = flags.DEFINE_enum(
+    "param_dtype", None, ["float32", "bfloat16"], "Override the presets' parameter dtype."
+)
 _PEER = flags.DEFINE_string("peer_python", None, "Python of the peer venv; runs the peer too.")
+_PEER_AUTOCAST = str(pathlib.Path(__file__).resolve().parent / "peer_autocast.py")
 _PEER_SCRIPT = flags.DEFINE_string(
     "peer_script",
     str(pathlib.Path(__file__).resolve().parents[2] / "shared/bench/peer_hf_t5.py"),
@@ -120,18 +139,24 @@ def fwd_flops(cfg, t_enc: int, t_dec: int) -> float:
 
 def decode_step_bytes(cfg, w) -> list[int]:
     """Bytes each of the Lr decode steps must read: every decoder weight it uses (N_dec_tok
-    parameters), the cross-attention K/V cache (B x S x H x K per layer, twice) and the
-    self-attention cache up to its position."""
+    parameters, in the narrower of the parameter and compute dtypes: weights can be cast to
+    the compute dtype once, before the loop), the cross-attention K/V cache (B x S x H x K
+    per layer, twice) and the self-attention cache up to its position."""
     _, n_dec = token_param_counts(cfg)
-    p_bytes = np.dtype(cfg.param_jnp_dtype).itemsize
+    w_bytes = _weight_bytes(cfg)
     c_bytes = np.dtype(cfg.compute_jnp_dtype).itemsize
     B, Lp, Lr = w["batch"], w["prompt_len"], w["response_len"]
     kv_per_position = cfg.num_decoder_layers * 2 * B * cfg.num_heads * cfg.d_kv * c_bytes
-    return [n_dec * p_bytes + kv_per_position * (Lp + t + 1) for t in range(Lr)]
+    return [n_dec * w_bytes + kv_per_position * (Lp + t + 1) for t in range(Lr)]
+
+
+def _weight_bytes(cfg) -> int:
+    """Bytes per weight a product must read at least: the narrower of the two dtypes."""
+    return min(np.dtype(cfg.param_jnp_dtype).itemsize, np.dtype(cfg.compute_jnp_dtype).itemsize)
 
 
 def sample_roofline(cfg, w, peak_gflops: float, stream_gb_per_s: float) -> dict:
-    """A lower bound on the sampler's time on this machine: the fp32 roofline.
+    """A lower bound on the sampler's time on this machine: the roofline in its dtypes.
 
     The encoder runs once (its FLOPs at the matmul peak, or its weights at the read bandwidth,
     whichever takes longer); then each of the Lr decode steps must read its `decode_step_bytes`
@@ -141,7 +166,7 @@ def sample_roofline(cfg, w, peak_gflops: float, stream_gb_per_s: float) -> dict:
     implementation beats here).
     """
     n_enc, n_dec = token_param_counts(cfg)
-    p_bytes = np.dtype(cfg.param_jnp_dtype).itemsize
+    p_bytes = _weight_bytes(cfg)
     peak, bw = peak_gflops * 1e9, stream_gb_per_s * 1e9
     enc_s = max(2.0 * n_enc * w["batch"] * w["prompt_len"] / peak, n_enc * p_bytes / bw)
     step_flops_s = 2.0 * n_dec * w["batch"] / peak
@@ -161,13 +186,14 @@ def stream_bandwidth(nbytes: int, repeats: int = 10) -> float:
     return x.size * 4 / min(time_calls(lambda: f(x), 0, repeats)) / 1e9
 
 
-def matmul_peak(sizes=(512, 1024), repeats=10) -> float:
-    """Best fp32 GEMM GFLOP/s that JAX reaches here."""
+def matmul_peak(sizes=(512, 1024), repeats=10, dtype="float32") -> float:
+    """Best GEMM GFLOP/s that JAX reaches here on `dtype` inputs accumulated in float32 (the
+    model's products, t5/layers.py `product`)."""
     best = 0.0
     for n in sizes:
-        a = jax.random.normal(jax.random.key(0), (n, n))
-        b = jax.random.normal(jax.random.key(1), (n, n))
-        f = jax.jit(jnp.matmul)
+        a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n)).astype(dtype)
+        f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
         f(a, b).block_until_ready()
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -309,6 +335,11 @@ def compare_line(name: str, bench: str, field: str, rounds: list[tuple[dict, dic
         "ratio": round(ratio, 2),
         "ratio_per_round": [round(x, 2) for x in ratios],
     }
+    # Each side's precision ("float32", "bfloat16"; the peer's "fp32", "bf16-autocast").
+    for side, rows in (("ours", [o for o, _ in pairs]), ("peer", [p for _, p in pairs])):
+        found = {r["dtype"] for r in rows if "dtype" in r}
+        if found:
+            line[f"{side}_dtype"] = "/".join(sorted(found))
     target = TARGET_RATIO.get((name, bench))
     if target is not None:
         # Our GFLOP/s scale with our throughput: the target throughput needs target/ratio
@@ -322,7 +353,7 @@ def compare_line(name: str, bench: str, field: str, rounds: list[tuple[dict, dic
         line["target_needs_fraction_of_peak"] = round(statistics.median(needs), 3)
         if all("roofline_s" in o for o, _ in pairs):
             # The target's time per call against the roofline's lower bound: above 1, the
-            # target is faster than anything this machine can do in fp32.
+            # target is faster than anything this machine can do in these dtypes.
             needs_roof = [
                 o["roofline_s"] / (o["median_s"] * o[field] / (target * p[field])) for o, p in pairs
             ]
@@ -330,12 +361,16 @@ def compare_line(name: str, bench: str, field: str, rounds: list[tuple[dict, dic
     return line
 
 
-def run_peer(config: str, benches: list[str]) -> list[dict]:
+def run_peer(config: str, benches: list[str], compute_dtype: str = "float32") -> list[dict]:
+    """The peer's lines for one configuration: its script as is in float32, or under
+    torch.autocast(bfloat16) (experiments/peer_autocast.py) when ours computes in bf16."""
     peer_benches = [b for b in ("ipo", "sample", "kl") if _PEER_NAMES[b] and b in benches]
     if not peer_benches:
         return []
+    wrapper = [] if compute_dtype == "float32" else [_PEER_AUTOCAST]
     cmd = [
         _PEER.value,
+        *wrapper,
         _PEER_SCRIPT.value,
         "--config",
         config,
@@ -350,8 +385,8 @@ def run_peer(config: str, benches: list[str]) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def _calibration(name: str, round_: int, when: str) -> float:
-    peak = matmul_peak()
+def _calibration(name: str, round_: int, when: str, dtype: str = "float32") -> float:
+    peak = matmul_peak(dtype=dtype)
     emit(
         {
             "config": name,
@@ -359,6 +394,7 @@ def _calibration(name: str, round_: int, when: str) -> float:
             "bench": "calib_matmul",
             "when": when,
             "best_gflops": round(peak, 1),
+            "dtype": dtype,
         }
     )
     return peak
@@ -384,14 +420,14 @@ def _ours(name: str, cfg, model, w, round_: int) -> dict[str, dict]:
     one; emits and returns lines. A workload's fraction of the peak is taken against the
     higher of the two calibrations beside it (this VM's speed drifts within minutes, and the
     higher peak gives the lower, conservative fraction)."""
-    peak_before = _calibration(name, round_, "before")
+    peak_before = _calibration(name, round_, "before", cfg.compute_dtype)
     ours = {}
     for bench in _BENCH.value:
         if bench == "sample":
             step_bytes = max(decode_step_bytes(cfg, w))
             bw_before = _bandwidth(name, round_, "before sample", step_bytes)
         ts, extra = BENCHES[bench](cfg, model, w)
-        peak_after = _calibration(name, round_, f"after {bench}")
+        peak_after = _calibration(name, round_, f"after {bench}", cfg.compute_dtype)
         peak = max(peak_before, peak_after)
         med = statistics.median(ts)
         flops = extra.pop("flops")
@@ -429,8 +465,8 @@ def _ours(name: str, cfg, model, w, round_: int) -> dict[str, dict]:
     return ours
 
 
-def _peer(name: str, round_: int) -> dict[str, dict]:
-    peer = {r.get("bench"): r for r in run_peer(name, _BENCH.value)}
+def _peer(name: str, round_: int, compute_dtype: str) -> dict[str, dict]:
+    peer = {r.get("bench"): r for r in run_peer(name, _BENCH.value, compute_dtype)}
     for r in peer.values():
         emit({"peer": True, "round": round_, **r})
     return peer
@@ -454,17 +490,21 @@ def main(argv):
         cfg = model_preset(w["preset"])
         if _SCAN.value is not None:
             cfg = cfg.replace(scan_layers=_SCAN.value)
+        if _COMPUTE.value is not None:
+            cfg = cfg.replace(compute_dtype=_COMPUTE.value)
+        if _PARAMS.value is not None:
+            cfg = cfg.replace(param_dtype=_PARAMS.value)
         model = t5.init(cfg, key=jax.random.key(0))
         rounds = []  # (ours, peer) per round
         for r in range(_ROUNDS.value):
             # Alternate who goes first, so a drift of the machine's speed during a round
             # favours each side equally often.
             if _PEER.value and r % 2:
-                peer = _peer(name, r)
+                peer = _peer(name, r, cfg.compute_dtype)
                 ours = _ours(name, cfg, model, w, r)
             else:
                 ours = _ours(name, cfg, model, w, r)
-                peer = _peer(name, r) if _PEER.value else {}
+                peer = _peer(name, r, cfg.compute_dtype) if _PEER.value else {}
             rounds.append((ours, peer))
         for bench, (_, field) in COMPARE.items():
             line = compare_line(name, bench, field, rounds)

@@ -7,6 +7,7 @@ comparison path runs without torch.
 """
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -84,6 +85,70 @@ def test_sample_roofline_by_hand():
     assert roof["memory_bound_steps"] == 0
 
 
+def test_sample_roofline_reads_weights_and_caches_in_the_narrower_dtype():
+    """bf16 compute: the K/V caches hold bf16 and each step can read the weights in bf16
+    (cast once before the loop) even from float32 parameters: 2 bytes each."""
+    from ipo_gap.configs import model_preset
+
+    n_enc, n_dec = bench.token_param_counts(model_preset("toy"))
+    w = {"batch": 2, "prompt_len": 3, "response_len": 2}
+    hk = 256
+    kv = [2 * 2 * 2 * hk * (3 + t) * 2 for t in (1, 2)]
+    for params in ("float32", "bfloat16"):
+        cfg = model_preset("toy").replace(compute_dtype="bfloat16", param_dtype=params)
+        assert bench.decode_step_bytes(cfg, w) == [2 * n_dec + b for b in kv]
+        roof = bench.sample_roofline(cfg, w, 1e12, 1.0)
+        assert roof["roofline_s"] == pytest.approx((2 * n_enc + 4 * n_dec + sum(kv)) / 1e9)
+
+
+def test_compare_line_names_each_sides_dtype():
+    ours, peer = _round("kl", 300.0, 30.0, 100.0, 200.0)
+    assert "ours_dtype" not in bench.compare_line("toy", "kl", "tokens_per_s", [(ours, peer)])
+    ours["kl"]["dtype"], peer["exact_kl"]["dtype"] = "bfloat16", "bf16-autocast"
+    line = bench.compare_line("toy", "kl", "tokens_per_s", [(ours, peer)])
+    assert (line["ours_dtype"], line["peer_dtype"]) == ("bfloat16", "bf16-autocast")
+
+
+def test_matmul_peak_calibrates_the_products_dtype():
+    """A tiny calibration in each dtype runs and gives a positive rate (no timing checked)."""
+    for dtype in ("float32", "bfloat16"):
+        assert bench.matmul_peak(sizes=(64,), repeats=1, dtype=dtype) > 0
+
+
+_FAKE_PEER_MODULE = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+
+    def emit(obj):
+        print(json.dumps(obj), flush=True)
+
+    def main():
+        emit({"bench": "exact_kl", "dtype": "fp32", "argv": sys.argv[1:],
+              "autocast": torch.is_autocast_enabled("cpu"),
+              "product": str((torch.ones(2, 2) @ torch.ones(2, 2)).dtype)})
+        emit({"note": "no bench"})
+    """
+)
+
+
+def test_peer_autocast_runs_the_peer_in_bf16_and_says_so(tmp_path):
+    """experiments/peer_autocast.py runs the peer's main under CPU autocast (its products in
+    bf16) with the peer's flags, and tags the peer's result lines. Needs a Python with torch:
+    $PEER_PYTHON, else the peer venv of ../shared/bench/README.md (.peerenv) when present."""
+    python = os.environ.get("PEER_PYTHON") or ".peerenv/bin/python"
+    if not os.path.exists(python):
+        pytest.skip(f"no peer Python with torch at {python} (set PEER_PYTHON)")
+    peer = tmp_path / "peer.py"
+    peer.write_text(_FAKE_PEER_MODULE)
+    cmd = [python, "experiments/peer_autocast.py", str(peer), "--config", "toy"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    first, second = (json.loads(s) for s in out.splitlines())
+    assert first["dtype"] == "bf16-autocast" and first["autocast"] is True
+    assert first["product"] == "torch.bfloat16" and first["argv"] == ["--config", "toy"]
+    assert second == {"note": "no bench"}
+
+
 def test_compare_line_says_what_the_target_needs_of_the_roofline():
     ours, peer = _round("sample", 300.0, 30.0, 100.0, 200.0)
     ours["sample"].update(median_s=2.0, roofline_s=0.5)
@@ -156,3 +221,23 @@ def test_bench_runs_every_workload_and_compares_with_a_peer(tmp_path):
         assert x["ratio_per_round"] == pytest.approx([m / 1000.0 for m in mine], abs=0.01)
         median = (mine[0] + mine[1]) / 2 / 1000.0
         assert x["meets_target"] == (median >= bench.TARGET_RATIO["toy", name])
+
+
+@pytest.mark.slow
+def test_bench_in_bf16_calibrates_and_reports_bf16():
+    cmd = [sys.executable, "experiments/bench.py", "--config=toy", "--repeats=1", "--warmup=0"]
+    cmd += ["--bench=sample,kl", "--compute_dtype=bfloat16"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900).stdout
+    lines = [json.loads(s) for s in out.splitlines() if s.startswith("{")]
+    calib = [x for x in lines if x.get("bench") == "calib_matmul"]
+    assert len(calib) == 3 and all(x["dtype"] == "bfloat16" for x in calib)
+    ours = {x["bench"]: x for x in lines if x.get("bench") in ("sample", "kl")}
+    assert sorted(ours) == ["kl", "sample"]
+    assert all(x["dtype"] == "bfloat16" for x in ours.values())
+    from ipo_gap.configs import model_preset
+
+    cfg = model_preset("toy").replace(compute_dtype="bfloat16")
+    w = bench.WORKLOADS["toy"]
+    steps = bench.decode_step_bytes(cfg, w)
+    assert ours["sample"]["decode_bytes_per_step"] == int(sum(steps) / len(steps))
+    assert 0 < ours["sample"]["roofline_s"] < ours["sample"]["median_s"]

@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from ipo_gap import hosts, jsonl, parallel, report, sharding, study_experiments
 from ipo_gap import seeds as seeds_report
 from ipo_gap.data import preference_data
-from ipo_gap.study import PRESETS, for_task
+from ipo_gap.study import PRESETS, for_task, with_new_defaults
 from ipo_gap.study_runs import Study
 
 TASKS = ("embedded", *preference_data.TASKS)
@@ -101,6 +101,14 @@ _MESH = flags.DEFINE_string(
     None,
     "Device mesh for every model and batch, e.g. 'data:4,model:2' or 'data:-1' (all devices "
     "on the data axis); default: one device. Recorded in the study's config.",
+)
+_COMPUTE = flags.DEFINE_enum(
+    "compute_dtype",
+    None,
+    ["float32", "bfloat16"],
+    "What every model's matrix products read; they accumulate in float32 and parameters stay "
+    "float32 (default: float32). bfloat16 is for accelerators and CPUs with bf16 matrix "
+    "units (AMX); its numbers differ from float32's. Recorded in the study's config.",
 )
 _JOBS = flags.DEFINE_integer(
     "jobs",
@@ -218,7 +226,7 @@ def _run(
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "study_config.json"
     if hosts.exists(config_path):
-        saved = json.loads(config_path.read_text())
+        saved = with_new_defaults(json.loads(config_path.read_text()))
         if saved != json.loads(json.dumps(cfg.to_dict())):
             raise ValueError(
                 f"{workdir} holds a study with another configuration ({config_path}); "
@@ -276,6 +284,7 @@ def main(argv):
         scaling_models=_SCALING.value,
         checkpoint_every=_CKPT_EVERY.value,
         mesh=_MESH.value,
+        compute_dtype=_COMPUTE.value,
     )
     if _DOCS.value:
         first = workdir / f"seed_{seeds[0]}" if seeds else workdir

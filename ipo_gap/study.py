@@ -97,14 +97,22 @@ class StudyConfig:
     # None: one device). Part of the config because sharding changes the order of float
     # sums: a sharded run agrees with an unsharded one to ~1e-5, not to the bit.
     mesh: str | None = None
+    # What every model's matrix products read ("float32" or "bfloat16"; they accumulate in
+    # float32, t5/layers.py `product`); parameters and optimizer state stay float32. bf16 is
+    # for accelerators and CPUs with bf16 matrix units (AMX); its numbers are not float32's.
+    compute_dtype: str = "float32"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def model(self, which: str, vocab_size: int) -> T5Config:
-        return model_preset(
-            self.golden_model if which == "golden" else self.policy_model, vocab_size=vocab_size
+        return self.preset_model(
+            self.golden_model if which == "golden" else self.policy_model, vocab_size
         )
+
+    def preset_model(self, preset: str, vocab_size: int) -> T5Config:
+        """A model preset with this study's vocabulary size and compute dtype."""
+        return model_preset(preset, vocab_size=vocab_size).replace(compute_dtype=self.compute_dtype)
 
 
 PRESETS = {
@@ -226,12 +234,20 @@ REAL_TASK_OVERRIDES = {
 def study_config(workdir: pathlib.Path) -> StudyConfig:
     """The config a study in `workdir` was started with (`workdir/study_config.json`)."""
     path = workdir / "study_config.json"
-    saved = json.loads(path.read_text())
+    saved = with_new_defaults(json.loads(path.read_text()))
     fields = {f.name for f in dataclasses.fields(StudyConfig)}
     unknown = sorted(set(saved) - fields)
     if unknown:
         raise ValueError(f"{path}: unknown StudyConfig fields {unknown}")
     return StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+def with_new_defaults(saved: dict) -> dict:
+    """A saved study config (JSON) with the fields added to StudyConfig since it was written,
+    at their defaults (which keep the behaviour of the code that wrote it), so such a study
+    resumes."""
+    added = {"compute_dtype": "float32"}
+    return {**{k: v for k, v in added.items() if k not in saved}, **saved}
 
 
 def savez_atomic(path: pathlib.Path, **arrays: np.ndarray) -> None:

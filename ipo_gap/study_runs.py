@@ -22,7 +22,6 @@ import numpy as np
 
 from ipo_gap import checkpoint, hosts, jsonl, sharding
 from ipo_gap import eval as evaluation
-from ipo_gap.configs import model_preset
 from ipo_gap.data import ref_cache, sources
 from ipo_gap.data.order_log import OrderLog, pair_schema
 from ipo_gap.study import (
@@ -113,7 +112,7 @@ class Study:
         path = self._checkpoint(which)
         if not path:
             return self.cfg.model(which, vocab)
-        model_cfg = checkpoint.hf_t5_config(path)
+        model_cfg = checkpoint.hf_t5_config(path, compute_dtype=self.cfg.compute_dtype)
         if model_cfg.vocab_size < vocab:
             raise ValueError(
                 f"{which} checkpoint {path} has {model_cfg.vocab_size} embeddings but the "
@@ -131,7 +130,9 @@ class Study:
         model."""
         path = self._checkpoint(which)
         if path:
-            return checkpoint.load_hf_t5(path, mesh=sharding.active_mesh())[1]
+            return checkpoint.load_hf_t5(
+                path, mesh=sharding.active_mesh(), compute_dtype=self.cfg.compute_dtype
+            )[1]
         cfg = self.golden_cfg if which == "golden" else self.policy_cfg
         return sharding.init_model(cfg, key=self.key(purpose))
 
@@ -158,7 +159,7 @@ class Study:
             other.policy_cfg = other._model_cfg("policy", vocab)
             name = pathlib.Path(policy_model).resolve().name
         else:
-            other.policy_cfg = model_preset(policy_model, vocab_size=vocab)
+            other.policy_cfg = self.cfg.preset_model(policy_model, vocab)
             name = policy_model
         other.tag = f"_{name}"
         other._cache = {}

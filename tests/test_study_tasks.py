@@ -122,6 +122,38 @@ def test_pretrained_starts_are_the_checkpoints(downloads, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, m.init_model("policy", "sft"), want)
 
 
+def test_the_compute_dtype_reaches_every_model(downloads, tmp_path):
+    """--compute_dtype=bfloat16: every model of the study (pretrained starts, their scaling
+    variants, and the presets of the embedded task) computes in bf16 and keeps float32
+    parameters; the default is float32."""
+    s = Study(tmp_path / "hh", _cfg(downloads, compute_dtype="bfloat16"))
+    m = s.variant(str(downloads[1]["policy_m"]))
+    for cfg in (s.policy_cfg, s.golden_cfg, m.policy_cfg):
+        assert cfg.compute_dtype == "bfloat16" and cfg.param_dtype == "float32"
+    for model in (s.init_model("policy", "sft"), s.init_model("golden", "golden_pm")):
+        assert model.cfg.compute_dtype == "bfloat16"
+        assert model.encoder.layers.sa.q.dtype == np.float32
+    import reproduce
+
+    cfg = reproduce.config("micro", compute_dtype="bfloat16")
+    assert cfg.model("policy", 100).compute_dtype == "bfloat16"
+    assert cfg.preset_model("toy-m", 100).compute_dtype == "bfloat16"
+    assert reproduce.config("micro").model("golden", 100).compute_dtype == "float32"
+
+
+def test_a_study_config_saved_before_compute_dtype_resumes_as_float32(tmp_path):
+    """study_config.json of a study started before the field existed reads as float32 (what
+    that code ran), so the study resumes instead of being refused as another config."""
+    cfg = study.PRESETS["micro"]
+    saved = json.loads(json.dumps(cfg.to_dict()))  # as written to the file
+    del saved["compute_dtype"]
+    (tmp_path / "study_config.json").write_text(json.dumps(saved))
+    assert study.study_config(tmp_path) == cfg
+    assert study.with_new_defaults(saved) == json.loads(json.dumps(cfg.to_dict()))  # as compared
+    bf16 = dataclasses.replace(cfg, compute_dtype="bfloat16").to_dict()
+    assert study.with_new_defaults(bf16)["compute_dtype"] == "bfloat16"  # a saved value wins
+
+
 def test_real_data_flags_are_refused_on_the_embedded_task():
     import reproduce
 

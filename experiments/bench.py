@@ -58,6 +58,7 @@ import statistics
 import subprocess
 import time
 
+import dtype_flag
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -82,15 +83,7 @@ _ROUNDS = flags.DEFINE_integer(
     "per-round ratios and each round's ratio (this VM's speed drifts by tens of %).",
 )
 _SCAN = flags.DEFINE_bool("scan_layers", None, "Override the preset's scan_layers.")
-_COMPUTE = flags.DEFINE_enum(
-    "compute_dtype",
-    None,
-    ["float32", "bfloat16"],
-    "Override the presets' compute dtype (what matrix products read; they accumulate in "
-    "float32). With bfloat16 the matmul peak is calibrated in bf16 products with float32 "
-    "accumulation, and the peer runs under torch.autocast(bfloat16) "
-    "(experiments/peer_autocast.py), so both sides run the same precision.",
-)
+_COMPUTE = dtype_flag.COMPUTE_DTYPE
 _PARAMS = flags.DEFINE_enum(
     "param_dtype", None, ["float32", "bfloat16"], "Override the presets' parameter dtype."
 )

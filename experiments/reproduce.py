@@ -34,6 +34,7 @@ import pathlib
 import shutil
 import time
 
+import dtype_flag
 import jax
 from absl import app, flags, logging
 
@@ -102,14 +103,7 @@ _MESH = flags.DEFINE_string(
     "Device mesh for every model and batch, e.g. 'data:4,model:2' or 'data:-1' (all devices "
     "on the data axis); default: one device. Recorded in the study's config.",
 )
-_COMPUTE = flags.DEFINE_enum(
-    "compute_dtype",
-    None,
-    ["float32", "bfloat16"],
-    "What every model's matrix products read; they accumulate in float32 and parameters stay "
-    "float32 (default: float32). bfloat16 is for accelerators and CPUs with bf16 matrix "
-    "units (AMX); its numbers differ from float32's. Recorded in the study's config.",
-)
+_COMPUTE = dtype_flag.COMPUTE_DTYPE
 _JOBS = flags.DEFINE_integer(
     "jobs",
     None,

@@ -159,9 +159,9 @@ def sample_roofline(cfg, w, peak_gflops: float, stream_gb_per_s: float) -> dict:
     implementation beats here).
     """
     n_enc, n_dec = token_param_counts(cfg)
-    p_bytes = _weight_bytes(cfg)
+    w_bytes = _weight_bytes(cfg)
     peak, bw = peak_gflops * 1e9, stream_gb_per_s * 1e9
-    enc_s = max(2.0 * n_enc * w["batch"] * w["prompt_len"] / peak, n_enc * p_bytes / bw)
+    enc_s = max(2.0 * n_enc * w["batch"] * w["prompt_len"] / peak, n_enc * w_bytes / bw)
     step_flops_s = 2.0 * n_dec * w["batch"] / peak
     step_bytes = decode_step_bytes(cfg, w)
     return {
@@ -179,6 +179,12 @@ def stream_bandwidth(nbytes: int, repeats: int = 10) -> float:
     return x.size * 4 / min(time_calls(lambda: f(x), 0, repeats)) / 1e9
 
 
+@jax.jit
+def peak_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """The calibration's product: a @ b accumulated in float32, as the model's products."""
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
 def matmul_peak(sizes=(512, 1024), repeats=10, dtype="float32") -> float:
     """Best GEMM GFLOP/s that JAX reaches here on `dtype` inputs accumulated in float32 (the
     model's products, t5/layers.py `product`)."""
@@ -186,11 +192,10 @@ def matmul_peak(sizes=(512, 1024), repeats=10, dtype="float32") -> float:
     for n in sizes:
         a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
         b = jax.random.normal(jax.random.key(1), (n, n)).astype(dtype)
-        f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-        f(a, b).block_until_ready()
+        peak_product(a, b).block_until_ready()
         for _ in range(repeats):
             t0 = time.perf_counter()
-            f(a, b).block_until_ready()
+            peak_product(a, b).block_until_ready()
             best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
 

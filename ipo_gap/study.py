@@ -246,8 +246,12 @@ def with_new_defaults(saved: dict) -> dict:
     """A saved study config (JSON) with the fields added to StudyConfig since it was written,
     at their defaults (which keep the behaviour of the code that wrote it), so such a study
     resumes."""
-    added = {"compute_dtype": "float32"}
-    return {**{k: v for k, v in added.items() if k not in saved}, **saved}
+    fields = StudyConfig.__dataclass_fields__
+    return {**{k: fields[k].default for k in _ADDED_FIELDS if k not in saved}, **saved}
+
+
+# StudyConfig fields added after studies were first saved, in order (`with_new_defaults`).
+_ADDED_FIELDS = ("compute_dtype",)
 
 
 def savez_atomic(path: pathlib.Path, **arrays: np.ndarray) -> None:

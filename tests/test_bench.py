@@ -109,8 +109,18 @@ def test_compare_line_names_each_sides_dtype():
     assert (line["ours_dtype"], line["peer_dtype"]) == ("bfloat16", "bf16-autocast")
 
 
-def test_matmul_peak_calibrates_the_products_dtype():
-    """A tiny calibration in each dtype runs and gives a positive rate (no timing checked)."""
+def test_matmul_peak_calibrates_the_models_kind_of_product():
+    """The calibration times products like the model's: inputs in the dtype, a float32 sum
+    (a bf16 result would time XLA's slow path on AMX CPUs), and it runs in both dtypes."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (64, 64))
+    b = jax.random.normal(jax.random.key(1), (64, 64))
+    lo = bench.peak_product(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    assert lo.dtype == jnp.float32
+    exact = a.astype(jnp.bfloat16).astype(jnp.float32) @ b.astype(jnp.bfloat16).astype(jnp.float32)
+    assert float(jnp.abs(lo - exact).max()) < 1e-4 * float(jnp.abs(exact).max())
     for dtype in ("float32", "bfloat16"):
         assert bench.matmul_peak(sizes=(64,), repeats=1, dtype=dtype) > 0
 

@@ -53,7 +53,7 @@ def product(eq: str, a: jax.Array, b: jax.Array, cd, out_dtype=None) -> jax.Arra
     out_dtype = cd if out_dtype is None else jnp.dtype(out_dtype)
     a, b = a.astype(cd), b.astype(cd)
     if cd == jnp.float32:
-        return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+        return _einsum_f32(eq, a, b, out_dtype)
     return _low_precision_product(eq, out_dtype, a, b)
 
 
@@ -72,7 +72,8 @@ def _low_precision_product_fwd(eq, out_dtype, a, b):
 
 def _low_precision_product_bwd(eq, out_dtype, residuals, ct):
     a, b = residuals
-    (sa, sb), so = eq.replace(" ", "").split("->")[0].split(","), eq.split("->")[1].strip()
+    operands, so = eq.replace(" ", "").split("->")
+    sa, sb = operands.split(",")
     for name, s, others in (("first", sa, so + sb), ("second", sb, sa + so)):
         if not set(s) <= set(others):
             raise ValueError(

@@ -5,10 +5,10 @@ runs online IPO for --steps steps from the SFT start with every batch appended t
 hash-chained data-order log, then replays the log offline from the same start with the same
 compiled step. Prints the per-step loss deviation, the max parameter difference and a final
 PASS/FAIL line: on CPU the replay must be bit-identical (difference exactly 0).
-With --shuffle_levels it also replays with steps shuffled in windows of w steps ('all' =
-uniform shuffle) and reports how far each drifts from the online run, step by step (the max
-parameter difference to the online run after the same step, and both losses): in
-tandem_report.json and in tandem_shuffle.png.
+With --shuffle_levels it also replays with the examples of each window of w steps shuffled
+together ('all' = uniform shuffle) and reports how far each drifts from the online run, step
+by step (the max parameter difference to the online run after the same step, and both
+losses): in tandem_report.json and in tandem_shuffle.png.
 
 --sft_dir / --pm_dir start from a given SFT policy and proxy PM (directories written by
 `ipo_gap.study.save_model` for --model at this check's toy vocabulary, e.g. the sft_* and pm_*

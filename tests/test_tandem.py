@@ -72,14 +72,32 @@ def test_exact_replay_is_bit_identical(online_run):
     assert float(jnp.abs(online.lm_head - sft.lm_head).max()) > 1e-4
 
 
-def test_shuffled_replay_differs_and_covers_the_same_steps(online_run):
+def test_shuffled_replay_deals_the_same_examples_in_another_order(online_run):
+    """Examples (rows), not batches, are shuffled: a uniform shuffle deals every logged row
+    exactly once and mixes rows of different steps in one batch; a window of w steps deals
+    only its own rows; window 1 is the logged order; each batch holds the logged rows."""
     sft, online, _, directory, hp = online_run
     log = OrderLog.open(directory)
+    logged = dict(log.iter_steps(0, N))
     shuffled = sources.ShuffledReplay(log, window=N, seed=2, tokenizer=TOK)
-    order = [shuffled.source_step(s) for s in range(N)]
-    assert sorted(order) == list(range(N)) and order != list(range(N))
+    dealt = np.concatenate([shuffled.source_rows(s) for s in range(N)])
+    every = sorted((t, r) for t in range(N) for r in range(B))
+    assert sorted(map(tuple, dealt.tolist())) == every
+    assert any(len(set(shuffled.source_rows(s)[:, 0].tolist())) > 1 for s in range(N))
+    assert dealt.tolist() != [[t, r] for t, r in every]
+    for s in range(N):
+        got = shuffled.batch(s)
+        for i, (t, r) in enumerate(shuffled.source_rows(s)):
+            for k in logged[t]:
+                np.testing.assert_array_equal(got[k][i], logged[t][k][r])
+    pairs = sources.ShuffledReplay(log, window=2, seed=2, tokenizer=TOK)
+    for s in range(N):
+        window = {2 * (s // 2), 2 * (s // 2) + 1}
+        assert set(pairs.source_rows(s)[:, 0].tolist()) <= window
     exact = sources.ShuffledReplay(log, window=1, seed=1, tokenizer=TOK)
-    assert [exact.source_step(s) for s in range(N)] == list(range(N))
+    for s in range(N):
+        assert exact.source_rows(s).tolist() == [[s, r] for r in range(B)]
+        assert all(np.array_equal(exact.batch(s)[k], logged[s][k]) for k in logged[s])
     model, _, _ = loop.train_policy(
         model=sources.copy_arrays(sft),
         ref_model=sft,

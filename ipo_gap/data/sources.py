@@ -289,11 +289,16 @@ class LogReplay:
 
 
 class ShuffledReplay:
-    """The logged stream with steps shuffled inside consecutive windows of `window` steps.
+    """The logged stream with its examples shuffled inside consecutive windows of `window` steps.
 
-    window = 1 is the exact order; window >= the log's length is a uniform shuffle of all
-    steps (the paper's D_online-shuffled, Fig. 4); levels in between are App. G's Fig. 13.
-    Each step read is hash-verified; `tokenizer` as in `LogReplay`.
+    An example is one logged row: a prompt, its two responses and the judgement (the paper's
+    B_i, Fig. 3). The rows of each window's steps are permuted uniformly together and dealt
+    back into batches in order, so a batch of a shuffled window mixes examples that different
+    policy snapshots produced. window = 1 is the exact order (each step's own batch, its rows
+    in their logged order: the replay equals the online run bit for bit); window >= the log's
+    length is a uniform shuffle of all examples (the paper's D_online-shuffled, whose
+    "examples are presented in a random order", Fig. 4); levels in between are App. G's
+    Fig. 13. Each step read is hash-verified; `tokenizer` as in `LogReplay`.
     """
 
     def __init__(self, log: OrderLog, *, window: int, seed: int, tokenizer):
@@ -301,10 +306,11 @@ class ShuffledReplay:
         if window < 1:
             raise ValueError(f"shuffle window must be >= 1, got {window}")
         self.log, self.window, self.seed = log, window, seed
-        self.num_steps = len(log)
+        self.num_steps, self.batch_size = len(log), log.batch_size
         self._block, self._window = None, {}
 
-    def source_step(self, step: int) -> int:
+    def source_rows(self, step: int) -> np.ndarray:
+        """[batch_size, 2] int: the (log step, row) of each row of training step `step`."""
         block, offset = divmod(step, self.window)
         start = block * self.window
         size = min(self.window, self.num_steps - start)
@@ -312,17 +318,28 @@ class ShuffledReplay:
             raise ReplayError(
                 f"replay needs step {step} but the log has {self.num_steps}", step=step
             )
-        perm = np.random.default_rng([self.seed, block]).permutation(size)
-        return start + int(perm[offset])
+        B = self.batch_size
+        if self.window == 1:
+            flat = np.arange(B)
+        else:
+            perm = np.random.default_rng([self.seed, block]).permutation(size * B)
+            flat = perm[offset * B : (offset + 1) * B]
+        return np.stack([start + flat // B, flat % B], axis=1)
 
     def batch(self, step: int, policy=None) -> Batch:
-        """The batch of log step `source_step(step)`. A window's steps are read and verified
-        together (one chain check over the window) when the window is first entered."""
+        """The rows `source_rows(step)` of the window's logged steps. A window's steps are
+        read and verified together (one chain check over the window) when it is entered."""
         block = step // self.window
         if self._block != block:
             start = block * self.window
             stop = min(start + self.window, self.num_steps)
             if start >= stop:
-                self.source_step(step)  # raises the ReplayError naming the step
+                self.source_rows(step)  # raises the ReplayError naming the step
             self._block, self._window = block, dict(self.log.iter_steps(start, stop))
-        return self._window[self.source_step(step)]
+        rows = self.source_rows(step)
+        if self.window == 1:
+            return self._window[int(rows[0, 0])]
+        return {
+            k: np.stack([self._window[int(t)][k][r] for t, r in rows])
+            for k in self._window[int(rows[0, 0])]
+        }

@@ -9,7 +9,12 @@ with the golden baseline's samples on them, the KL prompts, and labelled D_golde
   mean and standard error over prompts.
 - Win rate: one sample of the policy per evaluation prompt against the golden baseline's
   sample, judged by the de-biased golden PM (A.2): win 1, loss 0, tie 1/2. The 95% interval is
-  mean +- 1.96 * std(ddof=1) / sqrt(n) over prompts (normal approximation; n >= 256 here).
+  Wilson's score interval for a proportion at n = the number of prompts (inside [0, 1] and
+  never of zero width, also at 0/n or n/n; a tie's variance, at most that of a coin with the
+  same mean, makes it slightly conservative when ties occur). Each prompt's outcome is kept,
+  in prompt order, as a string of W (the policy's sample preferred), L and T (tie):
+  `win_outcomes`. Every checkpoint is judged on the same prompts against the same baseline
+  samples, so two checkpoints compare prompt by prompt (`paired_difference`).
 - Accuracy (App. E): the policy as a classifier, f = log pi(y_w)/pi(y_l) - log
   pi_sft(y_w)/pi_sft(y_l) > 0, on labelled D_golden pairs (tie 1/2); drift (Fig. 8):
   mean of log pi(y_w|x) - log pi_sft(y_w|x) on the same pairs.
@@ -63,9 +68,54 @@ class Interval:
 
     @staticmethod
     def of(values: np.ndarray) -> Interval:
+        """Mean +- 1.96 * std(ddof=1) / sqrt(n): the normal approximation (for the KL)."""
         v = np.asarray(values, np.float64)
         half = 1.96 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
         return Interval(float(v.mean()), float(v.mean() - half), float(v.mean() + half), len(v))
+
+    @staticmethod
+    def of_judgements(values: np.ndarray) -> Interval:
+        """Mean of judgements in [0, 1] (win 1, tie 1/2, loss 0) and Wilson's 95% score
+        interval at n = len(values): (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)."""
+        v = np.asarray(values, np.float64)
+        n, p, z = len(v), float(v.mean()), 1.96
+        if n == 0 or np.any((v < 0) | (v > 1)):
+            raise ValueError(f"judgements must be a non-empty array of values in [0, 1]; got {v}")
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n)
+
+
+OUTCOME_CHARS = {1.0: "W", 0.5: "T", 0.0: "L"}
+OUTCOME_VALUES = {c: v for v, c in OUTCOME_CHARS.items()}
+
+
+def outcomes(judged: np.ndarray) -> str:
+    """De-biased judgements in {0, 1/2, 1} as a string of L, T, W (one per prompt)."""
+    try:
+        return "".join(OUTCOME_CHARS[float(j)] for j in np.asarray(judged))
+    except KeyError as e:
+        raise ValueError(f"a judgement is not 0, 1/2 or 1: {e}") from None
+
+
+def outcome_values(text: str) -> np.ndarray:
+    """The inverse of `outcomes`: float64 judgements in {0, 1/2, 1}."""
+    bad = set(text) - set(OUTCOME_VALUES)
+    if bad:
+        raise ValueError(f"win outcomes may hold only W, T, L; found {sorted(bad)}")
+    return np.array([OUTCOME_VALUES[c] for c in text], np.float64)
+
+
+def paired_difference(a: str, b: str) -> Interval:
+    """Mean over prompts of judgement(a) - judgement(b), two checkpoints' `win_outcomes` on
+    the same prompts and baseline samples, with the normal 95% interval of a paired mean
+    (zero width when every prompt's outcome is the same)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired outcomes must cover the same prompts: {len(a)} vs {len(b)}")
+    d = outcome_values(a) - outcome_values(b)
+    if np.all(d == d[0]):
+        return Interval(float(d[0]), float(d[0]), float(d[0]), len(d))
+    return Interval.of(d)
 
 
 def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> np.ndarray:
@@ -149,11 +199,12 @@ class Evaluator:
             batch_size=self.batch_size,
         )
 
-        def win_rate(pm) -> Interval:  # the samples against the baseline's, judged by pm
+        def judged(pm) -> np.ndarray:  # the samples against the baseline's, judged by pm
             xs = (self.eval_x, self.eval_xm, y, ym, self.base_y, self.base_ym)
-            return Interval.of(judge_rows(pm, *xs, batch_size=self.batch_size))
+            return judge_rows(pm, *xs, batch_size=self.batch_size)
 
-        win = win_rate(self.golden_pm)
+        golden = judged(self.golden_pm)
+        win = Interval.of_judgements(golden)
         kls = Interval.of(
             kl_rows(
                 policy,
@@ -178,7 +229,7 @@ class Evaluator:
         )
         extra = {}
         for name, pm in self.other_judges.items():
-            other = win_rate(pm)
+            other = Interval.of_judgements(judged(pm))
             extra.update(
                 {
                     f"{name}_win_rate": other.mean,
@@ -200,6 +251,7 @@ class Evaluator:
             "accuracy": acc,
             "drift": drift,
             "response_tokens": float(ym.sum(-1).mean()),
+            "win_outcomes": outcomes(golden),
         }
 
     def self_classification(self, policy, y, ym, key) -> float:

@@ -1,10 +1,14 @@
 """Figures and REPORT.md from the study's run summaries: numbers, and verdicts computed from them.
 
-Every verdict is a rule applied to measured numbers (stated next to it), never a fixed text:
-for example "online beats offline" requires the lower end of online's 95% interval at its
-peak to exceed the upper end of offline's; overlapping intervals are reported as
-"not separated at this sample size". Where a result disagrees with the paper, the report
-says so.
+Every verdict is a rule applied to measured numbers (stated next to it), never a fixed text.
+Two peaks are compared prompt by prompt: every checkpoint is judged on the same evaluation
+prompts against the same baseline samples, so "online beats offline" requires the 95% interval
+of the paired difference of their per-prompt judgements (`eval.paired_difference`) to lie
+above 0; an interval that holds 0 is reported as "not separated at this sample size".
+Summaries written before per-prompt outcomes were kept fall back to asking for disjoint 95%
+intervals (stated in the verdict). A peak's own interval is that checkpoint's: picking the best
+of many checkpoints is not accounted for in it. Where a result disagrees with the paper, the
+report says so.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ipo_gap import jsonl, plots
+from ipo_gap.eval import paired_difference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +32,7 @@ class Peak:
     lo: float
     hi: float
     kl: float
+    outcomes: str | None = None  # that checkpoint's per-prompt `win_outcomes`, when recorded
 
     def cell(self) -> str:
         return f"{self.win:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
@@ -40,7 +46,15 @@ def peak(runs: Sequence[dict]) -> Peak:
             if e["step"] == 0:
                 continue
             if best is None or e["win_rate"] > best.win:
-                best = Peak(r["name"], e["step"], e["win_rate"], e["win_lo"], e["win_hi"], e["kl"])
+                best = Peak(
+                    r["name"],
+                    e["step"],
+                    e["win_rate"],
+                    e["win_lo"],
+                    e["win_hi"],
+                    e["kl"],
+                    e.get("win_outcomes"),
+                )
     if best is None:
         raise ValueError("no evaluated checkpoints in runs " + ", ".join(r["name"] for r in runs))
     return best
@@ -52,16 +66,39 @@ def at_last_checkpoint(runs: Sequence[dict], p: Peak) -> bool:
     return p.step == run["evals"][-1]["step"]
 
 
-def compare(a: Peak, b: Peak, name_a: str, name_b: str) -> str:
+def separation(a: Peak, b: Peak, name_a: str = "a", name_b: str = "b") -> tuple[int, str]:
+    """(+1: a above b, -1: below, 0: not separated) and the evidence, in words.
+
+    Paired when both peaks carry per-prompt outcomes on the same prompts: the 95% interval of
+    the mean difference of their judgements must exclude 0. Otherwise (older summaries) the
+    two win-rate intervals must be disjoint, a stricter rule.
+    """
+    if a.outcomes and b.outcomes and len(a.outcomes) == len(b.outcomes):
+        d = paired_difference(a.outcomes, b.outcomes)
+        if a.outcomes == b.outcomes:
+            return 0, f"the same judgement on every one of the {d.n} prompts"
+        evidence = (
+            f"paired difference {name_a} - {name_b} {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] "
+            f"over the same {d.n} prompts"
+        )
+        return (1 if d.lo > 0 else -1 if d.hi < 0 else 0), evidence
     if a.lo > b.hi:
-        return f"{name_a} is higher than {name_b} (95% intervals disjoint)"
+        return 1, "95% intervals disjoint"
     if b.lo > a.hi:
-        return f"{name_b} is higher than {name_a} (95% intervals disjoint)"
-    higher = name_a if a.win >= b.win else name_b
-    return (
-        f"{higher} is nominally higher, but the 95% intervals overlap: not separated at "
-        f"this sample size"
-    )
+        return -1, "95% intervals disjoint"
+    return 0, "95% intervals overlap; no per-prompt outcomes to pair"
+
+
+def compare(a: Peak, b: Peak, name_a: str, name_b: str) -> str:
+    sign, evidence = separation(a, b, name_a, name_b)
+    if sign > 0:
+        return f"{name_a} is higher than {name_b} ({evidence})"
+    if sign < 0:
+        return f"{name_b} is higher than {name_a} ({evidence})"
+    if a.win == b.win:
+        return f"{name_a} and {name_b} are level ({evidence})"
+    higher = name_a if a.win > b.win else name_b
+    return f"{higher} is nominally higher, but not separated at this sample size ({evidence})"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -78,7 +115,14 @@ def _peak_rows(groups: dict[str, Sequence[dict]]) -> list[list]:
     return rows
 
 
-PEAK_HEADER = ["method", "peak win rate [95% CI]", "KL at peak", "step", "run", "runs pooled"]
+PEAK_HEADER = [
+    "method",
+    "peak win rate [95% CI of that checkpoint]",
+    "KL at peak",
+    "step",
+    "run",
+    "runs pooled",
+]
 
 
 def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
@@ -141,10 +185,13 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "",
         "Every number below is measured by this run; verdicts are rules applied to them.",
         "Win rate: the policy's samples against the golden baseline's on the evaluation",
-        "prompts, judged by the de-biased golden PM (ties 1/2), with normal-approximation",
-        "95% intervals. KL: exact KL(pi || pi_sft) along one sample per KL prompt (App. D).",
-        "A peak is the best checkpoint over the pooled runs: pooling many offline runs",
-        "picks a maximum of noisy estimates, which favours offline.",
+        "prompts, judged by the de-biased golden PM (ties 1/2), with Wilson 95% intervals.",
+        "KL: exact KL(pi || pi_sft) along one sample per KL prompt (App. D).",
+        "A peak is the best checkpoint over the pooled runs. Its interval is that",
+        "checkpoint's and does not account for picking the best of many; pooling many",
+        "offline runs picks a maximum of noisy estimates, which favours offline. Peaks are",
+        "compared prompt by prompt (the same prompts and baseline samples for every",
+        "checkpoint): a verdict names the paired difference and its 95% interval.",
         "The intervals hold the evaluation's sampling noise only, not the training's:",
         "one run per method and seed. Small presets are sensitive to it: a change of",
         "floating-point summation order alone can move a peak by more than its interval",
@@ -211,7 +258,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         lines += ["", golden_caveat(g["test_accuracy_vs_human_labels"], g["test_pairs"])]
     lines += [
         "",
-        "## H0 (Fig. 1): online beats offline at the same KL",
+        "## H0 (Fig. 1): online vs offline, win rate against KL",
         "",
         "![fig1](figures/fig1_online_vs_offline.png)",
         "",
@@ -430,8 +477,8 @@ def h2_verdict(p_on: Peak, datasets: Sequence[dict]) -> str:
     name = lambda r: r["method"].removeprefix("offline ipo on ")  # noqa: E731
     below, above, tied = [], [], []
     for r in datasets:
-        p = peak([r])
-        (below if p_on.lo > p.hi else above if p.lo > p_on.hi else tied).append(name(r))
+        sign, _ = separation(peak([r]), p_on)
+        (below if sign < 0 else above if sign > 0 else tied).append(name(r))
     parts = [f"{name(r)}: {compare(peak([r]), p_on, 'offline', 'online')}" for r in datasets]
     if not datasets:
         return "no dataset runs."
@@ -463,21 +510,24 @@ def beyond_verdict(p_on: Peak, runs: Sequence[dict]) -> str:
         for r in runs
     ]
     semi = sorted(
-        (
-            (_refresh_period(r["method"]), peak([r]).win)
-            for r in runs
-            if r["method"].startswith("semi-online")
-        ),
+        (_refresh_period(r["method"]), peak([r])) for r in runs if r["method"].startswith("semi")
     )  # by growing s, infinity last
     text = "; ".join(parts) + "."
     if len(semi) >= 2:
-        wins = [w for _, w in semi]
-        trend = (
-            "falls as s grows, as expected if fresher samples help"
-            if all(a >= b for a, b in zip(wins, wins[1:], strict=False))
-            else "does not fall monotonically with s (at this sample size: see the intervals)"
-        )
-        by_s = ", ".join(f"s={s:g} {w:.3f}" for s, w in semi)
+        wins = [p.win for _, p in semi]
+        fresh, stale = (f"s={s:g}" for s in (semi[0][0], semi[-1][0]))
+        sign, evidence = separation(semi[0][1], semi[-1][1], fresh, stale)
+        ends = f"{fresh} against {stale}: {evidence}"
+        if all(a > b for a, b in zip(wins, wins[1:], strict=False)):
+            trend = (
+                f"falls as s grows, as expected if fresher samples help ({ends})"
+                if sign > 0
+                else "falls as s grows by its point estimates, but the freshest and the stalest"
+                f" are not separated at this sample size ({ends})"
+            )
+        else:
+            trend = f"does not fall monotonically with s ({ends})"
+        by_s = ", ".join(f"s={s:g} {p.win:.3f}" for s, p in semi)
         text += f" Semi-online peak win rate by refresh period ({by_s}): it {trend}."
     return text
 
@@ -531,14 +581,18 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
     if len(ratios) < 2:
         trend = "only one policy size was run: no trend."
     else:
-        d = ratios[-1] - ratios[0]
+        # The gap is |1 - ratio| whichever side is ahead: a ratio above 1 that grows is offline
+        # pulling further ahead, not the gap narrowing.
+        d = abs(1 - ratios[0]) - abs(1 - ratios[-1])
+        ahead = [s["model"] for s, r in zip(sizes, ratios, strict=True) if r > 1]
         trend = (
             f"offline/online goes from {ratios[0]:.3f} ({sizes[0]['model']}) to "
             f"{ratios[-1]:.3f} ({sizes[-1]['model']}): the gap "
             + ("narrows" if d > 0.02 else "widens" if d < -0.02 else "stays about the same")
-            + " with size (the paper: scaling the policy does not close the gap). These ratios"
-            " have no interval and the sizes may pool different numbers of offline runs (last"
-            " column): read a small change as no change."
+            + " with size (the paper: scaling the policy does not close the gap)."
+            + (f" Offline is ahead of online at {', '.join(ahead)}." if ahead else "")
+            + " These ratios have no interval and the sizes may pool different numbers of"
+            " offline runs (last column): read a small change as no change."
         )
     return [
         "",

@@ -95,6 +95,9 @@ def test_micro_study_artefacts(micro_study):
     for stage, lr in (("golden_pm", cfg.pm_lr_golden), ("proxy_pm", cfg.pm_lr)):
         assert json.loads((w / stage / "done.json").read_text())["learning_rate"] == lr, stage
     assert cfg.pm_lr_golden != cfg.pm_lr
+    proxy = json.loads((w / "proxy_pm" / "done.json").read_text())
+    assert 0 <= proxy["test_accuracy_vs_golden_labels"] <= 1 and proxy["test_pairs"] > 0
+    assert "| proxy PM accuracy vs golden labels (held-out test) |" in text
     pipe = json.loads((w / "pipeline" / "done.json").read_text())
     prep = study.prepare(w, study.PRESETS["micro"])
     longest = max(
@@ -196,6 +199,9 @@ def test_evaluations_are_consistent(micro_study):
     for name in ("online_ipo", "offline_bo2", "hypo"):
         for e in _summary(micro_study, name)["evals"]:
             assert 0.0 <= e["win_lo"] <= e["win_rate"] <= e["win_hi"] <= 1.0
+            # The per-prompt outcomes behind the win rate (the report pairs checkpoints on them).
+            assert len(e["win_outcomes"]) == e["win_n"]
+            assert e["win_rate"] == evaluation.outcome_values(e["win_outcomes"]).mean()
             assert e["kl"] >= 0.0 and 0.0 <= e["accuracy"] <= 1.0
 
 

@@ -102,7 +102,9 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
         "",
         "Each seed is a whole study (its own task sample, models, runs and evaluation "
         "prompts' samples). Per seed, the intervals are evaluation noise only (REPORT.md); "
-        "over seeds, the Student-t 95% interval of the mean holds training noise too.",
+        "over seeds, the Student-t 95% interval of the mean holds training noise too. Each "
+        "peak is a maximum over checkpoints (offline: over the whole pooled sweep), so the "
+        "difference compares two selected maxima and leans towards the larger pool, offline.",
         "",
         "## Fig. 1: online vs offline IPO, peak win rate against the golden baseline",
         "",

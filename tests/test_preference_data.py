@@ -132,6 +132,28 @@ def test_unreadable_files_are_errors_even_when_skipping(tmp_path):
 # ------------------------------------------------------------------------------- TL;DR
 
 
+def test_repeated_comparisons_are_kept_and_counted(tmp_path):
+    a = tmp_path / "batch1.json"
+    recs = [tldr(), tldr(), tldr(choice=1), tldr(post="Other.")]
+    a.write_text("\n".join(recs) + "\n")
+    pairs, report = pdata.load_tldr([a])
+    assert len(pairs) == 4 and report.skipped == {}
+    assert report.notes == {
+        "the same pair as an earlier record (kept)": 1,
+        "an earlier record has the opposite label (kept)": 1,
+    }
+
+
+def test_text_that_is_not_unicode_is_a_bad_record_named_by_line(tmp_path):
+    """A lone surrogate escaped in JSON loads as a Python str that no tokenizer can encode."""
+    a = tmp_path / "batch1.json"
+    a.write_text(tldr() + "\n" + tldr(texts=(" ok", " bad \ud83d end")) + "\n")
+    with pytest.raises(BadRecordError, match=f"{a}:2: rejected is not valid Unicode text"):
+        pdata.load_tldr([a])
+    pairs, report = pdata.load_tldr([a], skip_bad_records=True)
+    assert len(pairs) == 1 and report.skipped == {"bad record": 1}
+
+
 def test_tldr_prompt_format_choice_and_split_filter(tmp_path):
     a = tmp_path / "batch1.json"
     a.write_text(
@@ -145,7 +167,8 @@ def test_tldr_prompt_format_choice_and_split_filter(tmp_path):
         + "\n"
     )
     pairs, report = pdata.load_tldr([a])
-    prompt = "SUBREDDIT: r/food\nTITLE: Cake\nPOST: I ate it.\nTL;DR:"
+    # The query format of openai/summarize-from-feedback: fields separated by blank lines.
+    prompt = "SUBREDDIT: r/food\n\nTITLE: Cake\n\nPOST: I ate it.\n\nTL;DR:"
     assert pairs == [
         Pair(prompt, "ate", "ate it", f"{a}:1"),
         Pair(prompt, "short", " two spaces", f"{a}:2"),
@@ -462,15 +485,21 @@ def test_real_hh_rlhf(name):
 
 def test_real_tldr():
     needs(TLDR_DIR / "batch13.json")
-    counts = {"batch13": (1097, 832, 265), "batch18": (674, 554, 120)}
-    for batch, (records, valid2, valid1) in counts.items():
+    # Duplicates: pairs equal to an earlier record's, and earlier records with the opposite
+    # label (several workers labelled the same comparison); counted by plain json beside.
+    counts = {"batch13": (1097, 832, 265, 166, 26), "batch18": (674, 554, 120, 25, 5)}
+    for batch, (records, valid2, valid1, same, opposite) in counts.items():
         path = TLDR_DIR / f"{batch}.json"
         pairs, report = pdata.load_tldr([path])
         assert (report.records, report.pairs, report.skipped) == (records, records, {})
+        assert report.notes == {
+            "the same pair as an earlier record (kept)": same,
+            "an earlier record has the opposite label (kept)": opposite,
+        }
         originals = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         for pair in pairs:
-            assert pair.prompt.startswith("SUBREDDIT: r/") and pair.prompt.endswith("\nTL;DR:")
-            assert "\nTITLE: " in pair.prompt and "\nPOST: " in pair.prompt
+            assert pair.prompt.startswith("SUBREDDIT: r/") and pair.prompt.endswith("\n\nTL;DR:")
+            assert "\n\nTITLE: " in pair.prompt and "\n\nPOST: " in pair.prompt
             rec = originals[int(pair.where.rsplit(":", 1)[1]) - 1]
             texts = [t["text"] for t in rec["summaries"]]
             assert [" " + pair.chosen, " " + pair.rejected] == [

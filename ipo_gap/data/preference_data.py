@@ -13,8 +13,11 @@ Formats read, and the choices made (each loader returns `(pairs, LoadReport)`):
   commonly done, would give the two responses different prompts.
 - OpenAI summarize-from-feedback comparisons (`batch*.json`, JSON lines despite the suffix):
   `info.{post,title,subreddit}`, `summaries[2].text`, `choice` (0/1), `split`. The prompt is the
-  original work's "SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:"; responses are
-  the summary texts less their one leading space. CNN/DM records (`info.article`, no post) are bad.
+  original work's query format (openai/summarize-from-feedback),
+  "SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:"; responses are the
+  summary texts less their one leading space. CNN/DM records (`info.article`, no post) are bad.
+  Several workers labelled some comparisons: a pair equal to an earlier one, or its reverse
+  (the opposite label), is kept and counted in `notes`.
 - Chatbot Arena conversations (parquet): `conversation_a/b` lists of `{content, role}`, `winner` in
   model_a / model_b / tie / tie (bothbad). Responses are the final assistant turns. A single-turn
   prompt is the user's message as is; a multi-turn prompt is the shared conversation formatted
@@ -30,7 +33,9 @@ Bad input never passes silently: a malformed record raises `BadRecordError` ("fi
 `line` is the 1-based line of a JSON-lines file, or the 0-based data row of a parquet/CSV file),
 or with `skip_bad_records=True` is counted with the first few reasons kept. Unreadable files
 (truncated or invalid gzip, bytes that are not UTF-8, no records) raise `DataFileError` whatever
-the flag. Blank lines are not records. Identical responses are skipped and counted.
+the flag. Blank lines are not records. Identical responses are skipped and counted. Text that
+is not valid Unicode (a lone surrogate escaped in JSON, which no tokenizer can encode) makes a bad
+record.
 """
 
 from __future__ import annotations
@@ -107,14 +112,24 @@ def _count(counts: dict[str, int], key: str) -> None:
     counts[key] = counts.get(key, 0) + 1
 
 
+def _check_unicode(name: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Bad(f"{name} is not valid Unicode text: {e.reason} at character {e.start}") from None
+
+
 def _collect(files, records, parse, skip_bad: bool) -> tuple[list[Pair], LoadReport]:
     """Turns (file, line, raw) records into pairs with `parse(raw, notes) -> (x, y_w, y_l)`."""
     report, pairs = LoadReport(files=[str(f) for f in files]), []
+    seen: set[tuple[str, str, str]] = set()
     for file, line, raw in records:
         report.records += 1
         notes: dict[str, int] = {}  # Counted only for pairs kept.
         try:
             prompt, chosen, rejected = parse(raw, notes)
+            for name, text in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+                _check_unicode(name, text)
         except _Skip as e:
             _count(report.skipped, str(e))
             continue
@@ -128,6 +143,11 @@ def _collect(files, records, parse, skip_bad: bool) -> tuple[list[Pair], LoadRep
         if chosen == rejected:
             _count(report.skipped, "identical responses")
             continue
+        if (prompt, chosen, rejected) in seen:
+            notes["the same pair as an earlier record (kept)"] = 1
+        elif (prompt, rejected, chosen) in seen:
+            notes["an earlier record has the opposite label (kept)"] = 1
+        seen.add((prompt, chosen, rejected))
         pairs.append(Pair(prompt, chosen, rejected, f"{file}:{line}"))
         report.pairs += 1
         for key in notes:
@@ -266,7 +286,7 @@ def _tldr_parser(splits):
             raise _Bad(f"field 'choice': expected 0 or 1, got {choice}")
         if splits is not None and _field(rec, "split", str) not in splits:
             raise _Skip("split not selected")
-        prompt = f"SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+        prompt = f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
         return prompt, _strip_space(texts[choice], notes), _strip_space(texts[1 - choice], notes)
 
     return parse

@@ -132,6 +132,12 @@ def figure_shuffle(online: dict, replays: Sequence[dict], path, title) -> pathli
     return save(fig, path)
 
 
+def _stream_step(e: dict) -> int:
+    """The online step ending the stream window an evaluation was measured on (summaries of
+    older code lack it: there, the run's own step)."""
+    return e.get("stream_step", e["step"])
+
+
 def figure_classification(runs: Sequence[dict], proxy_accuracy: float, path, title) -> pathlib.Path:
     """Fig. 6-8: accuracy on the online stream (with the proxy PM's on the same pairs) and on
     D_golden over steps, accuracy vs win rate, winner log-prob drift."""
@@ -142,7 +148,7 @@ def figure_classification(runs: Sequence[dict], proxy_accuracy: float, path, tit
         steps = [e["step"] for e in r["evals"]]
         stream = [e for e in r["evals"] if "stream_accuracy" in e]
         a0.plot(
-            [e["step"] for e in stream],
+            [_stream_step(e) for e in stream],
             [e["stream_accuracy"] for e in stream],
             "-o",
             color=c,
@@ -161,14 +167,17 @@ def figure_classification(runs: Sequence[dict], proxy_accuracy: float, path, tit
         a3.plot(steps, [e["drift"] for e in r["evals"]], "-o", color=c, ms=3, label=r["method"])
     proxy_stream = [e for e in runs[0]["evals"] if "stream_proxy_accuracy" in e]
     a0.plot(
-        [e["step"] for e in proxy_stream],
+        [_stream_step(e) for e in proxy_stream],
         [e["stream_proxy_accuracy"] for e in proxy_stream],
         "k:o",
         ms=3,
         label="proxy PM",
     )
     a1.axhline(proxy_accuracy, color="k", ls=":", label="proxy PM")
-    a0.set(xlabel="step", ylabel="accuracy on the online stream (golden labels)")
+    a0.set(
+        xlabel="online step ending the stream window\n(each run's k-th checkpoint on window k)",
+        ylabel="accuracy on the online stream (golden labels)",
+    )
     a1.set(xlabel="step", ylabel="accuracy on D_golden pairs")
     a2.set(xlabel="accuracy on D_golden pairs", ylabel="win rate vs golden baseline")
     a3.set(xlabel="step", ylabel=r"E[log $\pi$(y_w) - log $\pi_{sft}$(y_w)]")

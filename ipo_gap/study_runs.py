@@ -479,7 +479,13 @@ class Study:
             batch_size=self.cfg.eval_batch,
             ref_logps=self._cache[ref_name],
         )
-        return {"stream_accuracy": acc, "stream_proxy_accuracy": pairs["proxy_accuracy"]}
+        return {
+            "stream_accuracy": acc,
+            "stream_proxy_accuracy": pairs["proxy_accuracy"],
+            # The online step that ends window k: a run longer than the online one (the offline
+            # sweep) has its k-th checkpoint at a later step of its own, on this same window.
+            "stream_step": self.eval_steps(self.cfg.rl_steps)[k],
+        }
 
     # ---- experiments ---------------------------------------------------------------------
 

@@ -192,7 +192,14 @@ def test_evaluations_are_consistent(micro_study):
     assert len(online) == len(offline) == 2
     for a, b in zip(online, offline, strict=True):
         assert a["stream_proxy_accuracy"] == b["stream_proxy_accuracy"]
+        assert a["stream_step"] == b["stream_step"] == a["step"]
         assert 0.0 <= a["stream_accuracy"] <= 1.0 and 0.0 <= b["self_accuracy"] <= 1.0
+    # The offline sweep runs longer than online: its k-th checkpoint, at a later step of its
+    # own, is measured on (and plotted at) window k, which ends at online's k-th step.
+    sweep = next(micro_study.glob("runs/offline_ipo_lr*"))
+    longer = _summary(micro_study, sweep.name)["evals"][1:]
+    assert [e["stream_step"] for e in longer] == [e["step"] for e in online]
+    assert all(e["step"] > e["stream_step"] for e in longer)
     # The offline runs on D_golden share one cache of the reference's log-probs.
     assert (micro_study / "ref_cache" / "d_golden.npz").exists()
     assert (micro_study / "ref_cache_toy-m" / "d_golden.npz").exists()

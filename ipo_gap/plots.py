@@ -203,12 +203,19 @@ def figure_bars(
 
 
 def figure_scaling(
-    params: Sequence[int], names: Sequence[str], ratios: Sequence[float], path
+    params: Sequence[int],
+    names: Sequence[str],
+    ratios: Sequence[float],
+    path,
+    shuffled_ratios: Sequence[float] | None = None,
 ) -> pathlib.Path:
-    """Fig. 10/11: offline's best performance normalised by online's, against policy size."""
+    """Fig. 10/11: offline's best performance normalised by online's, against policy size
+    (and, given, offline on the online stream shuffled: the paper's "tandem")."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(params, [1.0] * len(params), "-o", color=_COLORS[0], label="online ipo (= 1)")
     ax.plot(params, ratios, "-o", color=_COLORS[1], label="offline ipo")
+    if shuffled_ratios is not None:
+        ax.plot(params, shuffled_ratios, "-o", color=_COLORS[2], label="offline ipo, shuffled")
     for p, n in zip(params, names, strict=True):
         ax.annotate(n, (p, 1.0), textcoords="offset points", xytext=(0, 6), fontsize=8)
     ax.set_xscale("log")

@@ -570,44 +570,77 @@ def quantile_win(runs: Sequence[dict], q: float = 0.9) -> float:
     return float(np.quantile(wins, q))
 
 
+def _gap_trend(label: str, ratios: Sequence[float], sizes: Sequence[dict]) -> str:
+    """How `label`/online moves from the smallest to the largest size. The gap is
+    |1 - ratio| whichever side is ahead: a ratio above 1 that grows is the other method
+    pulling further ahead of online, not the gap narrowing."""
+    d = abs(1 - ratios[0]) - abs(1 - ratios[-1])
+    ahead = [s["model"] for s, r in zip(sizes, ratios, strict=True) if r > 1]
+    return (
+        f"{label.capitalize()}/online goes from {ratios[0]:.3f} ({sizes[0]['model']}) to "
+        f"{ratios[-1]:.3f} ({sizes[-1]['model']}): the gap "
+        + ("narrows" if d > 0.02 else "widens" if d < -0.02 else "stays about the same")
+        + " with size."
+        + (f" {label.capitalize()} is ahead of online at {', '.join(ahead)}." if ahead else "")
+    )
+
+
 def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
-    """Fig. 10, 11, 14: best performance (90% quantile) per method and size, / online's."""
-    rows, ratios = [], []
+    """Fig. 10, 11, 14: best performance (90% quantile) per method and size, / online's:
+    offline IPO on D_golden, and offline on the online stream uniformly shuffled (the paper's
+    "tandem" of Fig. 10/11) where the summary has it."""
+    shuffled = all("shuffled" in s for s in sizes)
+    rows, ratios, ratios_shuffled = [], [], []
     for s in sizes:
         on, off = quantile_win(s["online"]), quantile_win(s["offline"])
         ratios.append(off / on)
-        rows.append(
-            [
-                f"{s['model']} ({s['params']:,})",
-                f"{s['sft_loss']:.3f}" if "sft_loss" in s else "-",
-                f"{on:.3f}",
-                f"{off:.3f}",
-                f"{off / on:.3f}",
-                len(s["offline"]),
-            ]
-        )
+        row = [
+            f"{s['model']} ({s['params']:,})",
+            f"{s['sft_loss']:.3f}" if "sft_loss" in s else "-",
+            f"{on:.3f}",
+            f"{off:.3f}",
+            f"{off / on:.3f}",
+            len(s["offline"]),
+        ]
+        if shuffled:
+            sh = quantile_win(s["shuffled"])
+            ratios_shuffled.append(sh / on)
+            row += [f"{sh:.3f}", f"{sh / on:.3f}"]
+        rows.append(row)
     plots.figure_scaling(
         [s["params"] for s in sizes],
         [s["model"] for s in sizes],
         ratios,
         figs / "fig10_11_scaling.png",
+        shuffled_ratios=ratios_shuffled or None,
     )
     if len(ratios) < 2:
         trend = "only one policy size was run: no trend."
     else:
-        # The gap is |1 - ratio| whichever side is ahead: a ratio above 1 that grows is offline
-        # pulling further ahead, not the gap narrowing.
-        d = abs(1 - ratios[0]) - abs(1 - ratios[-1])
-        ahead = [s["model"] for s, r in zip(sizes, ratios, strict=True) if r > 1]
         trend = (
-            f"offline/online goes from {ratios[0]:.3f} ({sizes[0]['model']}) to "
-            f"{ratios[-1]:.3f} ({sizes[-1]['model']}): the gap "
-            + ("narrows" if d > 0.02 else "widens" if d < -0.02 else "stays about the same")
-            + " with size (the paper: scaling the policy does not close the gap)."
-            + (f" Offline is ahead of online at {', '.join(ahead)}." if ahead else "")
+            _gap_trend("offline", ratios, sizes)
+            + " The paper: scaling the policy does not close the gap."
+            + (
+                " "
+                + _gap_trend("shuffled", ratios_shuffled, sizes)
+                + " The paper: with the online data shuffled, the gap shrinks with size on two"
+                " of its three tasks, faster than offline's."
+                if shuffled
+                else ""
+            )
             + " These ratios have no interval and the sizes may pool different numbers of"
-            " offline runs (last column): read a small change as no change."
+            " offline runs: read a small change as no change."
         )
+    header = [
+        "policy (params)",
+        "SFT loss",
+        "online q90",
+        "offline q90",
+        "offline / online",
+        "offline runs",
+    ]
+    if shuffled:
+        header += ["shuffled q90", "shuffled / online"]
     return [
         "",
         "## H5, scale (Fig. 10, 11, 14): policy sizes",
@@ -615,21 +648,12 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
         "![fig10](figures/fig10_11_scaling.png)",
         "",
         "Best performance = 90% quantile of win rates over all checkpoints of a method's "
-        "runs at a size (the offline sweep pooled), normalised by online's. SFT loss: the "
-        "SFT loss of each size's starting policy (mean of its last 20 steps; SFT learning "
-        "rate scaled by 1/width).",
+        "runs at a size (the offline sweep pooled), normalised by online's. Shuffled: "
+        "offline IPO on that size's online stream uniformly shuffled (the paper's "
+        '"tandem" of Fig. 10/11). SFT loss: the SFT loss of each size\'s starting policy '
+        "(mean of its last 20 steps; SFT learning rate scaled by 1/width).",
         "",
-        table(
-            [
-                "policy (params)",
-                "SFT loss",
-                "online q90",
-                "offline q90",
-                "offline / online",
-                "offline runs",
-            ],
-            rows,
-        ),
+        table(header, rows),
         "",
         f"**Verdict:** {trend}",
     ]

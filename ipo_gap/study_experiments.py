@@ -129,9 +129,10 @@ def fig4_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
     """Exact-order replay (tandem), uniform shuffle and shuffle levels of the online stream."""
     exact = "offline ipo (exact order)"
     out = [("tandem_ipo", lambda: _replay(study, "online_ipo", "tandem_ipo", exact, "ipo"))]
-    windows = [*study.cfg.shuffle_levels, study.cfg.rl_steps]
-    for w in windows:
-        label = "uniform" if w == study.cfg.rl_steps else f"w{w}"
+    for w in study.cfg.shuffle_levels:
+        if w >= study.cfg.rl_steps:  # a window over the whole stream: the uniform shuffle
+            continue
+        label = f"w{w}"
         name = f"shuffled_ipo_{label}"
         out.append(
             (
@@ -141,7 +142,7 @@ def fig4_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
                 ),
             )
         )
-    return out
+    return [*out, _uniform_shuffle(study)]
 
 
 def fig4(study: Study) -> list[dict]:
@@ -294,10 +295,21 @@ def variants(study: Study) -> dict[str, Study]:
     )
 
 
+def _uniform_shuffle(study: Study) -> tuple[str, Callable[[], dict]]:
+    """The uniformly shuffled replay of a size's online IPO stream: offline on the paper's
+    D_online-shuffled, which Fig. 10/11 call "tandem" (here, `tandem_ipo` is the exact-order
+    replay). It is Fig. 4's last run at the main size."""
+    name = "shuffled_ipo_uniform"
+    return name, lambda: _replay(
+        study, "online_ipo", name, "offline ipo (shuffled uniform)", "ipo", study.cfg.rl_steps
+    )
+
+
 def variant_runs(s: Study) -> list[tuple[str, Callable[[], dict]]]:
-    """A policy size's runs: online IPO and offline IPO at each beta at the online lr."""
+    """A policy size's runs: online IPO, its stream uniformly shuffled (offline), and offline
+    IPO on D_golden at each beta at the online lr."""
     n = s.cfg.rl_steps * s.cfg.offline_steps_factor
-    out = [("online_ipo", lambda: _online(s, "ipo", "online_ipo"))]
+    out = [("online_ipo", lambda: _online(s, "ipo", "online_ipo")), _uniform_shuffle(s)]
     for beta in s.cfg.offline_betas:
         name = f"offline_ipo_lr{s.cfg.rl_lr:g}_b{beta:g}"
         out.append(
@@ -316,22 +328,24 @@ def variant_runs(s: Study) -> list[tuple[str, Callable[[], dict]]]:
 
 
 def fig10(study: Study) -> list[dict]:
-    """Policy sizes (Fig. 10, 11, 14): online IPO and offline IPO on D_golden per size.
+    """Policy sizes (Fig. 10, 11, 14): online IPO, offline IPO on D_golden and offline on the
+    online stream uniformly shuffled (the paper's "tandem" of these figures) per size.
 
-    The main size reuses Fig. 1's runs (the whole sweep); other sizes run online IPO and the
-    offline betas at the online learning rate. Returns per size: the runs and the parameter
-    count; the report takes the 90% quantile of win rates over each method's checkpoints.
+    The main size reuses Fig. 1's runs (the whole sweep) and Fig. 4's uniform shuffle; other
+    sizes run online IPO, the offline betas at the online learning rate and the shuffle.
+    Returns per size: the runs and the parameter count; the report takes the 90% quantile of
+    win rates over each method's checkpoints.
     """
     out = []
     others = variants(study)
     for model in study.cfg.scaling_models:
         if model in others:
             s = others[model]
-            runs = [fn() for _, fn in variant_runs(s)]
+            online, shuffled, *offline = [fn() for _, fn in variant_runs(s)]
         else:
             s = study
-            runs = fig1(study)
-        online, offline = runs[0], runs[1:]
+            online, *offline = fig1(study)
+            shuffled = _uniform_shuffle(study)[1]()
         out.append(
             {
                 "model": model,
@@ -341,6 +355,7 @@ def fig10(study: Study) -> list[dict]:
                 ],
                 "online": [online],
                 "offline": offline,
+                "shuffled": [shuffled],
             }
         )
     return out
@@ -407,6 +422,7 @@ def tasks(study: Study, selected=None) -> list[parallel.Task]:
     }
     want = {"pipeline"} | {f"runs/{n}" for e in chosen if e in runs for n, _ in runs[e](study)}
     if "fig10" in chosen:
+        want |= {f"runs/{n}" for n, _ in [*fig1_runs(study), _uniform_shuffle(study)]}
         for s in variants(study).values():
             want |= {f"runs{s.tag}/{n}" for n, _ in variant_runs(s)}
     after = {t.name: t.after for t in graph}

@@ -120,7 +120,7 @@ def test_semi_online_trend_needs_a_strict_fall_and_a_separated_end():
 
 @pytest.mark.parametrize(
     "ratios,word,ahead",
-    [((0.60, 0.80), "narrows", False), ((1.05, 1.20), "widens", True), ((0.8, 1.2), "stays", True)],
+    [((0.60, 0.80), "narrows", False), ((1.04, 1.20), "widens", True), ((0.8, 1.2), "stays", True)],
 )
 def test_scaling_gap_is_the_distance_of_the_ratio_from_1(tmp_path, ratios, word, ahead):
     def size(model, params, ratio):
@@ -135,5 +135,17 @@ def test_scaling_gap_is_the_distance_of_the_ratio_from_1(tmp_path, ratios, word,
 
     sizes = [size("toy-s", 1e6, ratios[0]), size("toy-m", 4e6, ratios[1])]
     text = "\n".join(report.scaling_section(sizes, tmp_path))
-    assert f"the gap {word}" in text
+    assert f"Offline/online goes from {ratios[0]:.3f}" in text and f"the gap {word}" in text
     assert ("Offline is ahead of online at" in text) == ahead
+    assert "shuffled" not in text.split("**Verdict:**")[1]  # no shuffled runs in the summary
+    # With each size's shuffled replay (the paper's "tandem"): its own ratio and trend.
+    for s, r in zip(sizes, (0.9, 0.96), strict=True):
+        s["shuffled"] = [
+            _run(
+                "offline ipo (shuffled uniform)",
+                ["W" * round(50 * r) + "L" * (100 - round(50 * r))],
+            )
+        ]
+    text = "\n".join(report.scaling_section(sizes, tmp_path))
+    assert "Shuffled/online goes from 0.900 (toy-s) to 0.960 (toy-m): the gap narrows" in text
+    assert (tmp_path / "fig10_11_scaling.png").exists()

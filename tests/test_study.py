@@ -91,6 +91,8 @@ def test_micro_study_artefacts(micro_study):
     for stage in ("sft", "golden_pm", "proxy_pm", "baseline", "eval_sft", "pipeline"):
         assert (w / stage / "done.json").exists(), stage
     assert (w / "sft_toy-m" / "done.json").exists()  # the second policy size (Fig. 10)
+    assert (w / "runs_toy-m" / "shuffled_ipo_uniform" / "done.json").exists()
+    assert "| shuffled q90 | shuffled / online |" in text and "Shuffled/online goes from" in text
     cfg = study.PRESETS["micro"]
     for stage, lr in (("golden_pm", cfg.pm_lr_golden), ("proxy_pm", cfg.pm_lr)):
         assert json.loads((w / stage / "done.json").read_text())["learning_rate"] == lr, stage
@@ -286,7 +288,13 @@ def test_selected_experiments_run_only_what_they_need(micro_study, tmp_path):
     want = {f"runs/{n}" for n, _ in study_experiments.fig5_runs(s) + study_experiments.fig1_runs(s)}
     assert want <= names and {"pipeline", "golden_pm", "proxy_pm", "baseline"} <= names
     assert not {n for n in names if "tandem" in n or "bo2" in n or "hypo" in n or "toy-m" in n}
-    assert "runs_toy-m/online_ipo" in {t.name for t in study_experiments.tasks(s, ["fig10"])}
+    fig10 = study_experiments.tasks(s, ["fig10"])
+    parallel.check_graph(fig10)
+    # Each size's online run, its uniformly shuffled replay (the paper's "tandem" of Fig. 10/11)
+    # and the main size's offline sweep.
+    want = {"runs_toy-m/online_ipo", "runs_toy-m/shuffled_ipo_uniform", "runs/shuffled_ipo_uniform"}
+    assert want <= {t.name for t in fig10}
+    assert not {t.name for t in fig10 if "w2" in t.name or "bo2" in t.name}
     assert {t.name for t in study_experiments.tasks(s, [])} == every
     with pytest.raises(ValueError, match="unknown experiments \\['fig7'\\]"):
         study_experiments.tasks(s, ["fig7"])

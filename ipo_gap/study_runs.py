@@ -537,6 +537,13 @@ class Study:
             evals = [self.sft_eval()] + jsonl.read_rows(d / "evals.jsonl")
 
             def on_step(step, model, metrics):
+                if (step + 1 in at or step + 1 in save_at) and not np.isfinite(
+                    float(metrics["loss"])
+                ):  # the loop checks a step's loss one step later: neither evaluate nor keep it
+                    raise loop.NonFiniteLossError(
+                        f"[{name}] loss is {float(metrics['loss'])} at step {step}; stopped "
+                        "before evaluating or saving that step's policy"
+                    )
                 if step + 1 in at:
                     e = dict(evaluate(model), step=step + 1)
                     k = sorted(at).index(step + 1)

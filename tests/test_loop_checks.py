@@ -252,3 +252,39 @@ def test_computed_and_cached_references_share_one_compiled_step(setup, committed
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow  # kept out of the default suite's 5 minutes; runs in CI
+def test_resume_refuses_another_data_stream_or_a_finished_checkpoint(setup, tmp_path):
+    """A checkpoint records its source (kind, batch size, data fingerprint) and the chain
+    hash of the log it trained on; a resume with another batch size, other data or another
+    log is refused, naming the difference, and so is one asking for fewer steps."""
+    from ipo_gap.data.order_log import OrderLog, pair_schema
+
+    META = {"tokenizer_sha256": "0" * 64}  # noqa: N806
+    cfg, model = setup
+    data = _data(cfg)
+    ck = tmp_path / "ck"
+    log_a = OrderLog.create(tmp_path / "a", schema=pair_schema(6, 5), batch_size=2, meta=META)
+    kw = {"checkpoint_dir": ck, "checkpoint_every": 1}
+    src = sources.OfflineSource(data, batch_size=2, seed=7)
+    _train(model, src, num_steps=2, order_log=log_a, **kw)
+    meta = CheckpointManager(ck).restore_metadata(2)
+    assert meta["data_source"] == src.identity() and meta["log_hash"] == log_a.hash(1).hex()
+    # Another batch size, other data under the same seed: refused, naming what differs.
+    with pytest.raises(ValueError, match=r"another data source \(batch_size: 2 then, 4 now"):
+        _train(model, sources.OfflineSource(data, batch_size=4, seed=7), num_steps=3, **kw)
+    other = dict(data, y_w=data["y_w"][::-1].copy())
+    with pytest.raises(ValueError, match=r"another data source \(data_sha256: "):
+        _train(model, sources.OfflineSource(other, batch_size=2, seed=7), num_steps=3, **kw)
+    # Another run's log (same source, its own two steps logged elsewhere): refused.
+    log_b = OrderLog.create(tmp_path / "b", schema=pair_schema(6, 5), batch_size=2, meta=META)
+    _train(model, sources.OfflineSource(other, batch_size=2, seed=7), num_steps=2, order_log=log_b)
+    with pytest.raises(ValueError, match="it is another run's log, or was cut or altered"):
+        _train(model, src, num_steps=3, order_log=log_b, **kw)
+    # Fewer steps than the checkpoint holds: refused (it would be returned as a 1-step run).
+    with pytest.raises(ValueError, match="at step 2, past this run's 1 steps"):
+        _train(model, src, num_steps=1, **kw)
+    # The checkpoint's own source and log resume.
+    _, _, hist = _train(model, src, num_steps=3, order_log=OrderLog.open(tmp_path / "a"), **kw)
+    assert [h["step"] for h in hist] == [2]

@@ -182,6 +182,28 @@ def test_a_killed_run_resumes_inside_the_run(micro_study):
 
 
 @pytest.mark.slow
+def test_a_run_whose_loss_turns_nan_is_never_evaluated_at_that_step(micro_study):
+    """The loop reads a step's loss one step later; the study checks it itself before it
+    evaluates or keeps a policy, so no evaluation of a NaN policy is written."""
+    from ipo_gap import study_experiments
+    from ipo_gap.study_runs import Study
+    from ipo_gap.train import loop as train_loop
+
+    s = Study(micro_study, study.PRESETS["micro"])
+    assert s.eval_steps(4)[0] == 2  # step 1 is the first NaN step, and it is evaluated
+    with pytest.raises(train_loop.NonFiniteLossError, match="at step 1; stopped before eval"):
+        s.policy_run(
+            "nan_run",
+            method="offline ipo",
+            lr=float("nan"),
+            num_steps=4,
+            source_fn=study_experiments._on_d_golden(s),
+        )
+    d = micro_study / "runs" / "nan_run"
+    assert not (d / "evals.jsonl").exists() or not (d / "evals.jsonl").read_text().strip()
+
+
+@pytest.mark.slow
 def test_evaluations_are_consistent(micro_study):
     sft = json.loads((micro_study / "eval_sft" / "done.json").read_text())
     assert sft["kl"] == 0.0  # KL of the reference against itself is exactly 0

@@ -94,6 +94,10 @@ def test_shuffled_replay_deals_the_same_examples_in_another_order(online_run):
     for s in range(N):
         window = {2 * (s // 2), 2 * (s // 2) + 1}
         assert set(pairs.source_rows(s)[:, 0].tolist()) <= window
+    # Past the log's end, in a last window cut short or one longer than the log: named.
+    for window in (3, N + 2):
+        with pytest.raises(ReplayError, match=f"replay needs step {N} but the log has {N}"):
+            sources.ShuffledReplay(log, window=window, seed=2, tokenizer=TOK).batch(N)
     exact = sources.ShuffledReplay(log, window=1, seed=1, tokenizer=TOK)
     for s in range(N):
         assert exact.source_rows(s).tolist() == [[s, r] for r in range(B)]
@@ -236,3 +240,25 @@ def test_tandem_check_refuses_bad_flags_before_training(tmp_path, flag, message)
     )
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_a_replay_checks_the_chain_start_of_the_recorded_tokenizer(online_run, tmp_path):
+    """meta.json names the tokenizer, and the hash chain starts from that tokenizer's genesis
+    hash: a log whose meta.json was given another tokenizer is refused at once, also by a
+    replay that would start at a later step (whose own chain check starts there)."""
+    import shutil
+
+    _, _, _, directory, _ = online_run
+    copy = tmp_path / "log"
+    shutil.copytree(directory, copy)
+    meta_path = copy / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["tokenizer_sha256"] = "1" * 64
+    meta_path.write_text(json.dumps(meta))
+    for make in (
+        lambda log: sources.LogReplay(log, tokenizer="1" * 64),
+        lambda log: sources.ShuffledReplay(log, window=2, seed=0, tokenizer="1" * 64),
+    ):
+        with pytest.raises(ReplayError, match="step 0 does not verify against the chain's start"):
+            make(OrderLog.open(copy))
+    sources.LogReplay(OrderLog.open(directory), tokenizer=TOK).batch(2)  # the original reads

@@ -16,6 +16,7 @@ on-policy samples of the same prompts); it feeds `ipo_gap.train.loop.train_hypo`
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 
 import equinox as eqx
@@ -61,6 +62,16 @@ def schedule_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarra
     return np.array([perms[e][o] for e, o in zip(epochs, offsets, strict=True)])
 
 
+def arrays_sha256(arrays: Batch) -> str:
+    """SHA-256 over named arrays (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 class OfflineSource:
     """A fixed dataset of labelled pairs, read in seeded epoch-shuffled order."""
 
@@ -75,6 +86,17 @@ class OfflineSource:
         self.num_examples = next(iter(sizes.values()))
         if self.num_examples < batch_size:
             raise ValueError(f"dataset of {self.num_examples} pairs < batch size {batch_size}")
+
+    def identity(self) -> dict:
+        """What a checkpoint records of this source (compared on resume, `loop`)."""
+        if not hasattr(self, "_sha256"):
+            self._sha256 = arrays_sha256(self.data)
+        return {
+            "source": "offline",
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "data_sha256": self._sha256,
+        }
 
     def batch(self, step: int, policy=None) -> Batch:
         idx = schedule_indices(self.seed, step, self.batch_size, self.num_examples)
@@ -110,6 +132,18 @@ class OnlineSource:
             raise ValueError(f"prompts {prompts.shape} and mask {prompt_mask.shape} differ")
         self.prompts, self.prompt_mask, self.pm = prompts, prompt_mask, pm
         self.batch_size, self.seed, self.key, self.max_len = batch_size, seed, key, max_len
+
+    def identity(self) -> dict:
+        """What a checkpoint records of this source besides its key (compared on resume)."""
+        if not hasattr(self, "_sha256"):
+            self._sha256 = arrays_sha256({"prompt": self.prompts, "mask": self.prompt_mask})
+        return {
+            "source": "online",
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "max_len": self.max_len,
+            "prompts_sha256": self._sha256,
+        }
 
     def batch(self, step: int, policy=None) -> Batch:
         if policy is None:
@@ -202,6 +236,9 @@ class SemiOnlineSource:
             self._snapshot, self._snapshot_step = copy_arrays(policy), want
         return self.online.batch(step, self._snapshot)
 
+    def identity(self) -> dict:
+        return {**self.online.identity(), "refresh_every": self.refresh_every or 0}
+
 
 class HypoSource:
     """HyPO's data (002, Algorithm 1): offline pairs plus on-policy samples of their prompts.
@@ -216,6 +253,9 @@ class HypoSource:
 
     def __init__(self, offline: Source, *, key: jax.Array, max_len: int):
         self.offline, self.key, self.max_len = offline, key, max_len
+
+    def identity(self) -> dict:
+        return {"source": "hypo", "max_len": self.max_len, "pairs": source_identity(self.offline)}
 
     def batch(self, step: int, policy=None) -> tuple[Batch, Batch]:
         if policy is None:
@@ -257,6 +297,39 @@ def _sample_and_rank(policy, pm, x, xm, key, max_len):
     )
 
 
+def source_identity(source) -> dict:
+    """JSON facts that pin a source's data stream apart from its key: its kind, batch size,
+    and a fingerprint of its data (a dataset's arrays, the prompts, a replayed log's
+    tokenizer and shape). Checkpoints record it and a resume compares it (`loop`)."""
+    if hasattr(source, "identity"):
+        return source.identity()
+    for inner in ("source", "online", "offline"):  # a wrapper's stream is its source's
+        if getattr(source, inner, None) is not None:
+            return source_identity(getattr(source, inner))
+    return {"source": type(source).__name__}
+
+
+def _log_identity(log: OrderLog) -> dict:
+    return {"batch_size": log.batch_size, "tokenizer_sha256": log.tokenizer_sha256}
+
+
+def _check_replayable(log: OrderLog, tokenizer) -> None:
+    """The log was recorded with `tokenizer` (its meta.json says so, and its hash chain starts
+    from that tokenizer's genesis hash: step 0 verifies), so a replay that starts at a later
+    step, whose chain check starts there, still reads ids of the right tokenizer."""
+    log.check_tokenizer(tokenizer)  # a log of another tokenizer's ids is not replayed
+    if len(log):
+        try:
+            log.read_verified(0)
+        except ReplayError as e:
+            raise ReplayError(
+                f"order log {log.directory}: step 0 does not verify against the chain's start "
+                f"for tokenizer {log.tokenizer_sha256} (meta.json's tokenizer or step 0 was "
+                f"altered): {e}",
+                step=0,
+            ) from None
+
+
 class LogReplay:
     """The logged stream of a run, in exact order, each step hash-verified before use.
 
@@ -269,9 +342,12 @@ class LogReplay:
     """
 
     def __init__(self, log: OrderLog, *, tokenizer):
-        log.check_tokenizer(tokenizer)  # a log of another tokenizer's ids is not replayed
+        _check_replayable(log, tokenizer)
         self.log = log
         self._next, self._steps = None, None
+
+    def identity(self) -> dict:
+        return {"source": "log replay", **_log_identity(self.log)}
 
     def batch(self, step: int, policy=None) -> Batch:
         if step >= len(self.log):
@@ -302,19 +378,27 @@ class ShuffledReplay:
     """
 
     def __init__(self, log: OrderLog, *, window: int, seed: int, tokenizer):
-        log.check_tokenizer(tokenizer)
+        _check_replayable(log, tokenizer)
         if window < 1:
             raise ValueError(f"shuffle window must be >= 1, got {window}")
         self.log, self.window, self.seed = log, window, seed
         self.num_steps, self.batch_size = len(log), log.batch_size
         self._block, self._window = None, {}
 
+    def identity(self) -> dict:
+        return {
+            "source": "shuffled replay",
+            **_log_identity(self.log),
+            "window": self.window,
+            "seed": self.seed,
+        }
+
     def source_rows(self, step: int) -> np.ndarray:
         """[batch_size, 2] int: the (log step, row) of each row of training step `step`."""
         block, offset = divmod(step, self.window)
         start = block * self.window
         size = min(self.window, self.num_steps - start)
-        if size <= 0:
+        if step >= self.num_steps or size <= offset:
             raise ReplayError(
                 f"replay needs step {step} but the log has {self.num_steps}", step=step
             )

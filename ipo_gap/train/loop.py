@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipo_gap import hosts
-from ipo_gap.data.order_log import OrderLog
+from ipo_gap.data import sources
+from ipo_gap.data.order_log import OrderLog, ReplayError
 from ipo_gap.data.sources import PAIR_FIELDS
 from ipo_gap.sharding import place_like, restore_shardings, to_jit_arg
 from ipo_gap.train import steps
@@ -197,6 +198,36 @@ def source_key_data(source) -> jax.Array:
     return jnp.zeros((2,), jnp.uint32)
 
 
+def _check_resume_source(name, manager, step, meta, identity, log) -> None:
+    """Refuses a resume on another data stream than the checkpoint's: a source whose kind,
+    batch size or data differ (`sources.source_identity`), or an order log whose chain hash
+    at the checkpoint's last step is not the one trained on. Checkpoints of older code
+    carry neither record and are not checked here (their source key still is)."""
+    where = f"[{name}] the checkpoint in {manager.directory} (step {step})"
+    saved = meta.get("data_source")
+    now = json.loads(json.dumps(identity)) if identity is not None else None
+    if saved is not None and now is not None and saved != now:
+        keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        diff = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in keys)
+        raise ValueError(
+            f"{where} was written with another data source ({diff}): resuming would continue "
+            "on another data stream (use the original data, or a new checkpoint directory)"
+        )
+    if "log_hash" in meta and log is not None and step > 0:
+        try:
+            have = log.hash(step - 1).hex()
+        except ReplayError:
+            have = None
+        if have != meta["log_hash"]:
+            raise ValueError(
+                f"{where} trained on a stream whose chain hash at step {step - 1} is "
+                f"{meta['log_hash']}; the order log {log.directory} "
+                + (f"has {have} there" if have else f"has only {len(log)} steps")
+                + ": it is another run's log, or was cut or altered (use the checkpoint's own "
+                "log, or a new checkpoint directory)"
+            )
+
+
 def _logged_fields(order_log: OrderLog, batch: dict) -> dict:
     """The fields of the log's schema (derived columns such as cached refs are not logged)."""
     return {k: batch[k] for k in order_log.schema}
@@ -325,6 +356,8 @@ def train_policy(
         checkpoint_meta=checkpoint_meta,
         checkpoint_keep=checkpoint_keep,
         rng_data=source_key_data(source),
+        identity=sources.source_identity(source),
+        log=order_log if order_log is not None else getattr(source, "log", None),
     )
 
 
@@ -411,6 +444,8 @@ def train_hypo(
         checkpoint_meta=checkpoint_meta,
         checkpoint_keep=checkpoint_keep,
         rng_data=source_key_data(source),
+        identity=sources.source_identity(source),
+        log=getattr(getattr(source, "offline", None), "log", None),
     )
 
 
@@ -433,6 +468,8 @@ def _run(
     checkpoint_meta,
     checkpoint_keep,
     rng_data,
+    identity=None,
+    log=None,
 ):
     """The host loop shared by `train_policy` and `train_hypo` (see `train_policy`).
 
@@ -466,6 +503,21 @@ def _run(
             )
         model, opt_state = restored.model, restored.opt_state
         start_step = int(restored.data_position)
+        _check_resume_source(
+            name,
+            manager,
+            start_step,
+            manager.restore_metadata(manager.latest_step()),
+            identity,
+            log,
+        )
+        if start_step > num_steps:
+            raise ValueError(
+                f"[{name}] the checkpoint in {manager.directory} is at step {start_step}, past "
+                f"this run's {num_steps} steps: it would be returned, and saved again, as the "
+                f"result of a {num_steps}-step run (ask for >= {start_step} steps, or use a new "
+                "checkpoint directory)"
+            )
         hosts.say(f"[{name}] resumed from {manager.directory} at step {start_step}")
 
     def save(step_done: int):
@@ -477,8 +529,13 @@ def _run(
             rng_data,
             jnp.int32(step_done),
         )
+        meta = dict(checkpoint_meta or {})
+        if identity is not None:
+            meta["data_source"] = identity
+        if log is not None and step_done > 0:
+            meta["log_hash"] = log.hash(step_done - 1).hex()  # the stream trained on so far
         if step_done not in manager.all_steps():
-            manager.save(step_done, state, metadata=checkpoint_meta or {}, force=True)
+            manager.save(step_done, state, metadata=meta, force=True)
 
     history = []
     progress = Progress(num_steps, name)

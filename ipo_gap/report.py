@@ -74,9 +74,9 @@ def separation(a: Peak, b: Peak, name_a: str = "a", name_b: str = "b") -> tuple[
     two win-rate intervals must be disjoint, a stricter rule.
     """
     if a.outcomes and b.outcomes and len(a.outcomes) == len(b.outcomes):
-        d = paired_difference(a.outcomes, b.outcomes)
         if a.outcomes == b.outcomes:
-            return 0, f"the same judgement on every one of the {d.n} prompts"
+            return 0, f"the same judgement on every one of the {len(a.outcomes)} prompts"
+        d = paired_difference(a.outcomes, b.outcomes)
         evidence = (
             f"paired difference {name_a} - {name_b} {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] "
             f"over the same {d.n} prompts"

@@ -422,7 +422,7 @@ def tasks(study: Study, selected=None) -> list[parallel.Task]:
     }
     want = {"pipeline"} | {f"runs/{n}" for e in chosen if e in runs for n, _ in runs[e](study)}
     if "fig10" in chosen:
-        want |= {f"runs/{n}" for n, _ in [*fig1_runs(study), _uniform_shuffle(study)]}
+        want.add(f"runs/{_uniform_shuffle(study)[0]}")  # Fig. 1's runs are chosen anyway
         for s in variants(study).values():
             want |= {f"runs{s.tag}/{n}" for n, _ in variant_runs(s)}
     after = {t.name: t.after for t in graph}

@@ -303,10 +303,16 @@ def source_identity(source) -> dict:
     tokenizer and shape). Checkpoints record it and a resume compares it (`loop`)."""
     if hasattr(source, "identity"):
         return source.identity()
-    for inner in ("source", "online", "offline"):  # a wrapper's stream is its source's
-        if getattr(source, inner, None) is not None:
-            return source_identity(getattr(source, inner))
-    return {"source": type(source).__name__}
+    inner = wrapped_source(source)  # a wrapper's stream is its source's
+    return source_identity(inner) if inner is not None else {"source": type(source).__name__}
+
+
+def wrapped_source(source):
+    """The source a wrapper delegates to (its `online`, `offline` or `source`), or None."""
+    for name in ("online", "offline", "source"):
+        if getattr(source, name, None) is not None:
+            return getattr(source, name)
+    return None
 
 
 def _log_identity(log: OrderLog) -> dict:

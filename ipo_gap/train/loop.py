@@ -192,10 +192,8 @@ def source_key_data(source) -> jax.Array:
         return key_to_data(source.key)
     if getattr(source, "seed", None) is not None:
         return key_to_data(jax.random.key(int(source.seed)))
-    for inner in ("online", "offline", "source"):
-        if getattr(source, inner, None) is not None:
-            return source_key_data(getattr(source, inner))
-    return jnp.zeros((2,), jnp.uint32)
+    inner = sources.wrapped_source(source)
+    return source_key_data(inner) if inner is not None else jnp.zeros((2,), jnp.uint32)
 
 
 def _check_resume_source(name, manager, step, meta, identity, log) -> None:

@@ -313,6 +313,89 @@ def test_meta_problems_name_the_file(tmp_path):
         OrderLog.open(tmp_path)
 
 
+def test_meta_json_is_checked_against_its_recorded_digest(tmp_path):
+    """meta.json is outside the hash chain (the chain is the data stream's identity), so its
+    own SHA-256 is recorded beside it: an edit of one value, or a missing digest, stops
+    `open` with the file named; a format-1 log (written before the digest) still opens."""
+    log = new_log(tmp_path)
+    log.append(0, make_batch(0))
+    path, digest = tmp_path / "meta.json", tmp_path / "meta.json.sha256"
+    raw = path.read_bytes()
+    assert digest.read_text().strip() == hashlib.sha256(raw).hexdigest()
+    assert json.loads(raw)["format_version"] == 2
+    assert OrderLog.open(tmp_path).meta == log.meta
+    path.write_bytes(raw.replace(b'"loss": "ipo"', b'"loss": "dpo"'))
+    with pytest.raises(OrderLogError, match=f"{path}: altered since the log was created") as e:
+        OrderLog.open(tmp_path)
+    assert hashlib.sha256(raw).hexdigest() in str(e.value)  # the recorded digest is named
+    path.write_bytes(raw)
+    assert len(OrderLog.open(tmp_path)) == 1  # the original bytes open again
+    digest.unlink()
+    with pytest.raises(OrderLogError, match=f"{digest}: not found"):
+        OrderLog.open(tmp_path)
+    meta = json.loads(raw)
+    meta["format_version"] = 1  # what the code before the digest wrote
+    path.write_text(json.dumps(meta))
+    old = OrderLog.open(tmp_path)
+    assert len(old) == 1 and old.verify() is None
+    meta["format_version"] = 3
+    path.write_text(json.dumps(meta))
+    with pytest.raises(OrderLogError, match=r"format_version 3 is not one of \[1, 2\]"):
+        OrderLog.open(tmp_path)
+
+
+def test_overwrite_replaces_the_digest_too(tmp_path):
+    new_log(tmp_path).append(0, make_batch(0))
+    log = OrderLog.create(
+        tmp_path, schema=SCHEMA, batch_size=B, meta={"tokenizer_sha256": OTHER_SHA}, overwrite=True
+    )
+    assert len(OrderLog.open(tmp_path)) == 0 and log.tokenizer_sha256 == OTHER_SHA
+
+
+def test_meta_and_every_array_write_reach_the_disk(tmp_path):
+    """Creating and appending sync what they write (fsync), so the commit order (data, field
+    hashes, chain hash last) also holds across a power loss: traced with strace, where the
+    machine has it."""
+    import shutil
+
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); import test_order_log as t\n"
+        "from ipo_gap.data.order_log import OrderLog\n"
+        "log = t.new_log(sys.argv[1])\n"
+        "for s in range(3): log.append(s, t.make_batch(s))\n"
+    )
+    trace = tmp_path / "trace"
+    proc = subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-o",
+            str(trace),
+            "-e",
+            "trace=fsync,fdatasync",
+            sys.executable,
+            "-c",
+            code,
+            str(tmp_path / "log"),
+            os.path.join(REPO, "tests"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    if proc.returncode != 0 and "ptrace" in proc.stderr:
+        pytest.skip(f"strace cannot trace here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    syncs = sum(
+        ("fsync(" in line or "fdatasync(" in line) for line in trace.read_text().splitlines()
+    )
+    # meta.json, its digest and the directory twice, then per step at least one sync for each
+    # of the 9 fields, the field hashes and the chain hash.
+    assert syncs >= 4 + 3 * 11, syncs
+
+
 def test_create_requires_a_tokenizer_and_refuses_to_clobber(tmp_path):
     with pytest.raises(ValueError, match="tokenizer_sha256"):
         OrderLog.create(tmp_path / "x", schema=SCHEMA, batch_size=B, meta={"seed": 1})

@@ -13,7 +13,7 @@ import tensorstore as ts
 from conftest import REPO, tiny_config
 
 from ipo_gap.data import sources
-from ipo_gap.data.order_log import OrderLog, ReplayError, pair_schema
+from ipo_gap.data.order_log import OrderLog, OrderLogError, ReplayError, pair_schema
 from ipo_gap.t5 import model as t5
 from ipo_gap.train import loop, steps
 
@@ -244,8 +244,10 @@ def test_tandem_check_refuses_bad_flags_before_training(tmp_path, flag, message)
 
 def test_a_replay_checks_the_chain_start_of_the_recorded_tokenizer(online_run, tmp_path):
     """meta.json names the tokenizer, and the hash chain starts from that tokenizer's genesis
-    hash: a log whose meta.json was given another tokenizer is refused at once, also by a
-    replay that would start at a later step (whose own chain check starts there)."""
+    hash. An edited meta.json no longer matches its recorded checksum and the log does not
+    open; one rewritten together with its checksum opens, but a replay refuses it at once,
+    also one that would start at a later step (whose own chain check starts there)."""
+    import hashlib
     import shutil
 
     _, _, _, directory, _ = online_run
@@ -255,6 +257,10 @@ def test_a_replay_checks_the_chain_start_of_the_recorded_tokenizer(online_run, t
     meta = json.loads(meta_path.read_text())
     meta["tokenizer_sha256"] = "1" * 64
     meta_path.write_text(json.dumps(meta))
+    with pytest.raises(OrderLogError, match=r"meta.json: altered since the log was created"):
+        OrderLog.open(copy)
+    digest = hashlib.sha256(meta_path.read_bytes()).hexdigest()
+    (copy / "meta.json.sha256").write_text(digest + "\n")
     for make in (
         lambda log: sources.LogReplay(log, tokenizer="1" * 64),
         lambda log: sources.ShuffledReplay(log, window=2, seed=0, tokenizer="1" * 64),

@@ -8,12 +8,13 @@ chained to the previous step, and every replay path re-hashes what it reads.
 Layout of a log directory (zarr v2 arrays, file kvstore, axis 0 = step)::
 
     meta.json            tokenizer_sha256, schema, batch_size, chunking + the caller's meta
+    meta.json.sha256     SHA-256 (hex) of meta.json's bytes, checked by `open`
     fields/<name>/       one array per field, [steps, batch_size, *per-example shape]
     field_hash/          uint8 [steps, n_fields, 32], SHA-256 of each field's record
     hash/                uint8 [steps, 32], the chain hash; all zeros = not committed
 
-Canonical hash (version 1). For a field `name` holding array `a` (native little-endian, the
-schema's dtype, C order) the record is::
+Canonical hash (chain version 1; directory format 2 keeps it). For a field `name` holding
+array `a` (native little-endian, the schema's dtype, C order) the record is::
 
     rec(name, a) = u32(len(n)) n u32(len(d)) d u32(a.ndim) u64(a.shape[0]) ... a.tobytes("C")
 
@@ -28,12 +29,22 @@ little-endian unsigned. The batch's bytes are the records of all fields in sorte
 so the chain commits to the vocabulary too: the same ids under another tokenizer never verify.
 The per-field hashes only locate damage; the chain hash is what is checked.
 
+The chain covers the data stream and the tokenizer only, not the rest of meta.json (the
+configs and seeds of the run that wrote it): two runs that logged the same batches have the
+same chain hashes, which is how `ipo_gap.determinism.compare_logs` compares them. meta.json
+is protected by its own checksum instead: `meta.json.sha256` holds the SHA-256 of its exact
+bytes, and `open` refuses a log whose meta.json no longer matches it (an edit, a copy from
+another run), naming both digests. Format 1 logs (before the checksum) open without one.
+
 Crash safety. `append` grows the arrays to step+1, writes the data, then the field hashes,
 and the chain hash LAST. The log's length is the number of leading steps with a non-zero
 chain hash, so a step cut off before its hash landed (a torn tail) is not part of the log:
 `open` ignores it and the next `append` at that step clears and rewrites it. `truncate` zeros
 the first dropped hash row before anything else, so a crash mid-truncate never leaves a log
-longer than the original.
+longer than the original. The order also holds across a power loss: tensorstore's file driver
+syncs every write to disk before the write completes (the `file_io_sync` context resource,
+set explicitly here), each write is waited for before the next is issued, and meta.json and its
+checksum are written to a temporary file, synced, renamed into place and the directory synced.
 
 Multi-host writing. Rows are chunked along the batch axis by `batch_chunk`, so processes can
 write disjoint, chunk-aligned row ranges of one step at once::
@@ -72,7 +83,8 @@ import numpy as np
 import tensorstore as ts
 
 FORMAT = "ipo_gap.order_log"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json.sha256 (the chain's bytes are those of format 1)
+_READABLE_VERSIONS = (1, 2)
 _GENESIS_TAG = b"ipo_gap.order_log.v1\0"
 _RESERVED = (
     "format",
@@ -193,7 +205,7 @@ def _normalize_schema(schema: Mapping[str, Any]) -> dict[str, tuple[np.dtype, tu
 def _open_arrays(directory: str, schema: dict, batch_size: int, layout=None) -> dict:
     """Opens the log's arrays, keyed by path; with `layout` = (batch_chunk, steps_per_chunk)
     creates them empty instead. Checks dtypes and shapes against `schema`."""
-    ctx = ts.Context()
+    ctx = ts.Context({"file_io_sync": True})  # the default, stated: commits rely on it
     u8, n = np.dtype(np.uint8), len(schema)
     want = {"hash": (u8, (32,), (32,)), "field_hash": (u8, (n, 32), (n, 32))}
     for k, (dtype, shape) in schema.items():
@@ -231,6 +243,51 @@ def _open_arrays(directory: str, schema: dict, batch_size: int, layout=None) -> 
 
 def _wait(futures) -> list:
     return [f.result() for f in list(futures)]
+
+
+def _write_durable(path: str, data: bytes) -> None:
+    """Writes `path` so that a crash or power loss leaves the old file or the new one: a
+    synced temporary file renamed into place, then the directory synced."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _sync_dir(os.path.dirname(path))
+
+
+def _sync_dir(directory: str) -> None:
+    fd = os.open(directory or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _meta_digest_path(directory: str) -> str:
+    return os.path.join(directory, "meta.json.sha256")
+
+
+def _check_meta_digest(directory: str, path: str, raw: bytes) -> None:
+    """Raises OrderLogError unless meta.json's bytes match the digest recorded beside them."""
+    digest_path = _meta_digest_path(directory)
+    try:
+        with open(digest_path) as f:
+            recorded = f.read().strip()
+    except FileNotFoundError:
+        raise OrderLogError(
+            f"{digest_path}: not found; a format-{FORMAT_VERSION} log records meta.json's "
+            f"SHA-256 there, so {path} cannot be checked (the log is incomplete or was copied "
+            "without it)"
+        ) from None
+    actual = hashlib.sha256(raw).hexdigest()
+    if recorded != actual:
+        raise OrderLogError(
+            f"{path}: altered since the log was created: its SHA-256 is {actual}, "
+            f"{digest_path} records {recorded} (the run configs and seeds it states are not "
+            "those of the run that wrote the log)"
+        )
 
 
 class OrderLog:
@@ -314,8 +371,9 @@ class OrderLog:
         )
         text = json.dumps(full, indent=2, sort_keys=True, allow_nan=False)  # Fail before I/O.
         meta_path = os.path.join(directory, "meta.json")
+        digest_path = _meta_digest_path(directory)
         parts = [os.path.join(directory, p) for p in ("fields", "hash", "field_hash")]
-        if any(os.path.exists(p) for p in [meta_path, *parts]):
+        if any(os.path.exists(p) for p in [meta_path, digest_path, *parts]):
             if not overwrite:
                 raise FileExistsError(
                     f"{directory} already holds an order log (or part of one); "
@@ -323,13 +381,15 @@ class OrderLog:
                 )
             if os.path.exists(meta_path):  # First, so a crash leaves nothing openable.
                 os.remove(meta_path)
+            if os.path.exists(digest_path):
+                os.remove(digest_path)
             for p in parts:
                 shutil.rmtree(p, ignore_errors=True)
         os.makedirs(directory, exist_ok=True)
         arrays = _open_arrays(directory, schema, batch_size, (batch_chunk, steps_per_chunk))
-        with open(meta_path + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(meta_path + ".tmp", meta_path)  # Last: meta.json marks a complete create.
+        raw = (text + "\n").encode("utf-8")
+        _write_durable(digest_path, (hashlib.sha256(raw).hexdigest() + "\n").encode("ascii"))
+        _write_durable(meta_path, raw)  # Last: meta.json marks a complete create.
         return cls(directory, json.loads(text), schema, arrays)
 
     @classmethod
@@ -338,18 +398,22 @@ class OrderLog:
         directory = os.fspath(directory)
         path = os.path.join(directory, "meta.json")
         try:
-            with open(path) as f:
-                meta = json.load(f)
+            with open(path, "rb") as f:
+                raw = f.read()
+            meta = json.loads(raw)
         except FileNotFoundError:
             raise OrderLogError(f"{path}: not found, so {directory} is not an order log") from None
         except (OSError, ValueError) as e:
             raise OrderLogError(f"{path}: unreadable or malformed JSON ({e})") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise OrderLogError(f"{path}: not an order log's meta (format != {FORMAT!r})")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in _READABLE_VERSIONS:
             raise OrderLogError(
-                f"{path}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}"
+                f"{path}: format_version {meta.get('format_version')!r} is not one of "
+                f"{list(_READABLE_VERSIONS)} (this code writes {FORMAT_VERSION})"
             )
+        if meta["format_version"] >= 2:
+            _check_meta_digest(directory, path, raw)
         missing = [k for k in ("tokenizer_sha256", *_RESERVED) if k not in meta]
         try:
             if missing:

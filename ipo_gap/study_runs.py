@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+import os
 import pathlib
 
 import jax
@@ -35,9 +37,40 @@ from ipo_gap.study import (
     savez_atomic,
     sft_rows,
     stage,
+    with_new_defaults,
 )
 from ipo_gap.train import loop, steps, trainers
 from ipo_gap.train_state_io import CheckpointManager
+
+# What a policy run's train states record of its settings, and a resume must match.
+_RUN_SETTINGS = ("run", "loss", "lr", "beta", "hypo", "hypo_lam")
+
+
+def _check_log_meta(log: OrderLog, want: dict) -> None:
+    """Refuses to resume a run on an order log that another run wrote: one whose meta.json
+    names another tokenizer, run, loss, learning rate, beta, policy config or study config
+    than this run's (`want`; its step count is not compared: a run may be extended). Keys a
+    log of older code lacks are not compared; a study config is completed with the fields
+    added since (`with_new_defaults`)."""
+    got = dict(log.meta)
+    if isinstance(got.get("study"), dict):
+        got["study"] = with_new_defaults(got["study"])
+    want = json.loads(json.dumps(want))
+    diffs = []
+    for k in sorted(k for k in want if k in got and got[k] != want[k] and k != "num_steps"):
+        a, b = got[k], want[k]
+        if isinstance(a, dict) and isinstance(b, dict):  # name the fields that differ
+            sub = sorted(j for j in a.keys() | b.keys() if a.get(j) != b.get(j))
+            diffs += [f"{k}.{j}: {a.get(j)!r} in the log, {b.get(j)!r} in this run" for j in sub]
+        else:
+            diffs.append(f"{k}: {a!r} in the log, {b!r} in this run")
+    if diffs:
+        raise ValueError(
+            f"{log.directory}/meta.json: the order log was written by another run "
+            f"({'; '.join(diffs)}): resuming would append this run's batches to it (delete "
+            f"the run directory {os.path.dirname(log.directory)} to start the run afresh, or "
+            "use a new --workdir)"
+        )
 
 
 def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
@@ -542,7 +575,8 @@ class Study:
                 ):  # the loop checks a step's loss one step later: neither evaluate nor keep it
                     raise loop.NonFiniteLossError(
                         f"[{name}] loss is {float(metrics['loss'])} at step {step}; stopped "
-                        "before evaluating or saving that step's policy"
+                        "before evaluating or saving that step's policy",
+                        step=step,
                     )
                 if step + 1 in at:
                     e = dict(evaluate(model), step=step + 1)
@@ -556,8 +590,21 @@ class Study:
                     save_model(d / f"step_{step + 1}", model, self.policy_cfg)
 
             order_log = None
+            log_meta = {
+                "tokenizer_sha256": self.prep.tokenizer.sha256,
+                "run": name,
+                "loss": loss,
+                "lr": lr,
+                "beta": beta,
+                "num_steps": num_steps,
+                "hypo": hypo,
+                "hypo_lam": self.cfg.hypo_lam,
+                "model": self.policy_cfg.to_dict(),
+                "study": self.cfg.to_dict(),
+            }
             if log and resume_at is not None and hosts.exists(d / "log"):
                 order_log = OrderLog.open(d / "log")  # may be ahead: the loop re-checks it
+                _check_log_meta(order_log, log_meta)
             elif log:
                 if hosts.is_writer():  # process 0 creates it, the others open it after the barrier
                     order_log = OrderLog.create(
@@ -565,12 +612,7 @@ class Study:
                         schema=pair_schema(self.prep.prompt_width, self.cfg.target_len),
                         batch_size=self.cfg.rl_batch,
                         overwrite=True,
-                        meta={
-                            "tokenizer_sha256": self.prep.tokenizer.sha256,
-                            "loss": loss,
-                            "model": self.policy_cfg.to_dict(),
-                            "study": self.cfg.to_dict(),
-                        },
+                        meta=log_meta,
                     )
                 hosts.sync(f"create {d / 'log'}")
                 if order_log is None:  # (an empty log is falsy: test for None)
@@ -587,7 +629,11 @@ class Study:
             if every:
                 # Only the newest two states: one survives a kill during the other's save.
                 common.update(
-                    checkpoint_dir=d / TRAIN_STATE, checkpoint_every=every, checkpoint_keep=2
+                    checkpoint_dir=d / TRAIN_STATE,
+                    checkpoint_every=every,
+                    checkpoint_keep=2,
+                    # a resume under other settings is refused (`loop._check_resume_meta`)
+                    checkpoint_meta={k: log_meta[k] for k in _RUN_SETTINGS},
                 )
             hp = steps.Hparams.make(lr, beta, lam=self.cfg.hypo_lam)
             if hypo:

@@ -288,3 +288,81 @@ def test_resume_refuses_another_data_stream_or_a_finished_checkpoint(setup, tmp_
     # The checkpoint's own source and log resume.
     _, _, hist = _train(model, src, num_steps=3, order_log=OrderLog.open(tmp_path / "a"), **kw)
     assert [h["step"] for h in hist] == [2]
+
+
+def test_after_a_non_finite_loss_the_log_ends_with_that_step(setup, tmp_path):
+    """Step 1's loss is NaN (step 0's update is), and the loop reads it after step 2's batch
+    is made and logged: that batch, from the broken policy, is cut, so the log ends with the
+    batch the loss went non-finite on, whose chain still verifies."""
+    from ipo_gap.data.order_log import OrderLog, pair_schema
+
+    cfg, model = setup
+    data = _data(cfg)
+    log = OrderLog.create(
+        tmp_path / "log",
+        schema=pair_schema(6, 5),
+        batch_size=2,
+        meta={"tokenizer_sha256": "0" * 64},
+    )
+    seen = []
+
+    class Counting(sources.OfflineSource):
+        def batch(self, step, policy=None):
+            seen.append(step)
+            return super().batch(step, policy)
+
+    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 1") as e:
+        loop.train_policy(
+            model=sources.copy_arrays(model),
+            ref_model=model,
+            source=Counting(data, batch_size=2, seed=3),
+            num_steps=6,
+            hparams=steps.Hparams.make(float("nan"), 0.1),
+            loss="ipo",
+            name="checked",
+            order_log=log,
+        )
+    assert e.value.step == 1 and seen == [0, 1, 2]  # step 2's batch was made and logged
+    reopened = OrderLog.open(tmp_path / "log")
+    assert len(reopened) == 2 and reopened.verify() is None
+    np.testing.assert_array_equal(
+        reopened.read(1)["y_w"], sources.OfflineSource(data, batch_size=2, seed=3).batch(1)["y_w"]
+    )
+
+
+def test_a_replay_longer_than_its_log_is_refused_before_training(setup, tmp_path):
+    from ipo_gap.data.order_log import OrderLog, ReplayError, pair_schema
+
+    cfg, model = setup
+    log = OrderLog.create(
+        tmp_path / "log",
+        schema=pair_schema(6, 5),
+        batch_size=2,
+        meta={"tokenizer_sha256": "0" * 64},
+    )
+    _train(model, sources.OfflineSource(_data(cfg), batch_size=2, seed=1), order_log=log)
+    metrics = tmp_path / "metrics.jsonl"
+    for src in (
+        sources.LogReplay(OrderLog.open(tmp_path / "log"), tokenizer="0" * 64),
+        sources.ShuffledReplay(
+            OrderLog.open(tmp_path / "log"), window=2, seed=0, tokenizer="0" * 64
+        ),
+    ):
+        with pytest.raises(ReplayError, match=r"\[checked\] 4 steps asked .* which has 3: step 3"):
+            _train(model, src, num_steps=4, metrics_path=metrics)
+        assert not metrics.exists() or metrics.read_text() == ""  # nothing trained
+        _, _, hist = _train(model, src, num_steps=3)  # the logged length replays
+        assert len(hist) == 3
+
+
+def test_resume_refuses_other_run_settings(setup, tmp_path):
+    """`checkpoint_meta` (the study passes the run's name, loss, lr, beta) is saved with each
+    train state; a resume under other values of the same keys is refused, naming them."""
+    cfg, model = setup
+    src = sources.OfflineSource(_data(cfg), batch_size=2, seed=1)
+    kw = {"checkpoint_dir": tmp_path / "ck", "checkpoint_every": 1}
+    _train(model, src, num_steps=2, checkpoint_meta={"lr": 1e-3, "beta": 0.1}, **kw)
+    with pytest.raises(ValueError, match=r"other settings \(beta: 0.1 then, 0.5 now\)"):
+        _train(model, src, num_steps=3, checkpoint_meta={"lr": 1e-3, "beta": 0.5}, **kw)
+    _, _, hist = _train(model, src, num_steps=3, checkpoint_meta={"lr": 1e-3, "beta": 0.1}, **kw)
+    assert [h["step"] for h in hist] == [2]

@@ -168,6 +168,10 @@ def test_a_killed_run_resumes_inside_the_run(micro_study):
     d = micro_study / "runs" / "resume_cut"
     assert not (d / "done.json").exists() and (d / "train_state").exists()
     assert len(OrderLog.open(d / "log")) == 5  # steps 0..4 logged: one past the train state
+    lr = s.cfg.rl_lr * 2  # the same run under another learning rate: refused, nothing changed
+    with pytest.raises(ValueError, match=r"written by another run \(lr: .* in the log, "):
+        s.policy_run("resume_cut", source_fn=lambda: s.online_source(proxy), lr=lr, **kw)
+    assert len(OrderLog.open(d / "log")) == 5
     with open(d / "metrics.jsonl", "a") as f:  # a kill during an append cuts the last line
         f.write('{"step": 5, "lo')
     cut = s.policy_run("resume_cut", source_fn=lambda: s.online_source(proxy), **kw)
@@ -481,3 +485,33 @@ def test_golden_caveat_flags_a_golden_pm_at_chance():
     # 0.629 on 500 labels: [0.587, 0.671] -> better than chance, no caveat.
     strong = report.golden_caveat(0.629, 500)
     assert "[0.587, 0.671]" in strong and "Caveat" not in strong
+
+
+def test_a_run_resumes_only_on_its_own_order_log(tmp_path):
+    """`study_runs._check_log_meta`: a log whose meta.json states another run's settings is
+    refused, naming each differing field (inside the configs too); the step count may differ
+    (a run may be extended), and keys a log of older code lacks are not compared."""
+    from ipo_gap.data.order_log import OrderLog, pair_schema
+    from ipo_gap.study_runs import _check_log_meta
+
+    cfg = study.PRESETS["micro"]
+    want = {
+        "tokenizer_sha256": "a" * 64,
+        "run": "online_ipo",
+        "loss": "ipo",
+        "lr": 1e-3,
+        "beta": 0.1,
+        "num_steps": 10,
+        "study": cfg.to_dict(),
+    }
+    log = OrderLog.create(tmp_path / "log", schema=pair_schema(4, 3), batch_size=2, meta=want)
+    _check_log_meta(log, want)
+    _check_log_meta(log, dict(want, num_steps=20))
+    with pytest.raises(ValueError, match=r"\(beta: 0.1 in the log, 0.5 in this run\)"):
+        _check_log_meta(log, dict(want, beta=0.5))
+    other = dict(want, study=dataclasses.replace(cfg, rl_batch=cfg.rl_batch + 1).to_dict())
+    with pytest.raises(ValueError, match=rf"study.rl_batch: {cfg.rl_batch} in the log, "):
+        _check_log_meta(log, other)
+    old = {k: v for k, v in want.items() if k not in ("run", "lr", "beta", "num_steps")}
+    older = OrderLog.create(tmp_path / "old", schema=pair_schema(4, 3), batch_size=2, meta=old)
+    _check_log_meta(older, dict(want, lr=5.0))  # an older log does not state its lr

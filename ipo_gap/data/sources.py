@@ -315,6 +315,25 @@ def wrapped_source(source):
     return None
 
 
+def check_replay_covers(source, num_steps: int, name: str = "replay") -> None:
+    """Raises ReplayError before any training if `source` (or a source it wraps) replays an
+    order log with fewer than `num_steps` steps: the run would otherwise train up to the end
+    of the log and stop there, with its work lost."""
+    while source is not None:
+        log = getattr(source, "log", None)
+        if isinstance(source, (LogReplay, ShuffledReplay)) and log is not None:
+            have = log.refresh()
+            if num_steps > have:
+                raise ReplayError(
+                    f"[{name}] {num_steps} steps asked of a replay of the order log "
+                    f"{log.directory}, which has {have}: step {have} is missing; nothing was "
+                    "trained (replay at most as many steps as were logged)",
+                    step=have,
+                )
+            return
+        source = wrapped_source(source)
+
+
 def _log_identity(log: OrderLog) -> dict:
     return {"batch_size": log.batch_size, "tokenizer_sha256": log.tokenizer_sha256}
 

@@ -3,9 +3,10 @@
 `train_policy` runs the shared policy step over any source (online, semi-online, offline,
 replayed, shuffled), optionally appending every batch to a data-order log *before* training on
 it, and writes one JSON line of metrics per logging step plus a progress line with rate and ETA.
-A NaN/inf loss stops the loop with `NonFiniteLossError` naming the step, and no checkpoint holds
-a state after it; nor does any hold non-finite parameters (an update can poison them while its
-own loss is finite: `check_finite_params` runs before every save and on the returned model).
+A NaN/inf loss stops the loop with `NonFiniteLossError` naming the step, the order log ends
+with that step's batch (`_drop_logged_after`), and no checkpoint holds a state after it; nor
+does any hold non-finite parameters (an update can poison them while its own loss is finite:
+`check_finite_params` runs before every save and on the returned model).
 A step's metrics are read after the next step is dispatched, so the host's work overlaps the
 device's. `train_hypo` runs HyPO's step (offline pairs + on-policy KL term)
 in the same loop.
@@ -53,7 +54,15 @@ def _default_hypo_step(normalize: str):
 
 class NonFiniteLossError(FloatingPointError):
     """The loss (or the parameters) became NaN or inf; the run stopped and saved nothing
-    after it."""
+    after it.
+
+    Attributes:
+        step: the step whose loss (or update) was not finite, when known.
+    """
+
+    def __init__(self, message: str, *, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def rates(seconds: float, tokens: int) -> dict:
@@ -103,7 +112,8 @@ def check_finite_params(tree, name: str, step_done: int, note: str) -> None:
     if not bool(_all_finite(tree)):
         raise NonFiniteLossError(
             f"[{name}] the parameters are NaN or inf after step {step_done - 1} (its loss was "
-            f"finite: a non-finite update); stopped, {note}"
+            f"finite: a non-finite update); stopped, {note}",
+            step=step_done - 1,
         )
 
 
@@ -226,6 +236,37 @@ def _check_resume_source(name, manager, step, meta, identity, log) -> None:
             )
 
 
+def _check_resume_meta(name, manager, step, saved, current) -> None:
+    """Refuses a resume whose `checkpoint_meta` (e.g. the run's learning rate and beta)
+    differs from the one saved with the checkpoint, in any key both hold: it would continue
+    another run's state under this run's settings."""
+    now = json.loads(json.dumps(current or {}))
+    keys = sorted(k for k in now if k in saved and saved[k] != now[k])
+    if keys:
+        diff = "; ".join(f"{k}: {saved[k]!r} then, {now[k]!r} now" for k in keys)
+        raise ValueError(
+            f"[{name}] the checkpoint in {manager.directory} (step {step}) was written by a "
+            f"run with other settings ({diff}): resuming would continue it under this run's "
+            "(use the original settings, or a new checkpoint directory)"
+        )
+
+
+def _drop_logged_after(order_log: OrderLog | None, err: NonFiniteLossError, name: str) -> None:
+    """After a non-finite loss at step t: the loop reads step t's loss once step t+1 is
+    dispatched, so step t+1's batch, made from the policy that step t's update broke, is
+    already logged. It is cut from the log, which then ends with the batch the loss went
+    non-finite on (a resume regenerates and re-checks anything after its checkpoint)."""
+    if order_log is None or err.step is None or not hosts.is_writer():
+        return
+    keep = err.step + 1
+    if len(order_log) > keep:
+        order_log.truncate(keep)
+        hosts.say(
+            f"[{name}] order log {order_log.directory} cut back to {keep} steps: it ends with "
+            f"the batch of step {err.step}, whose loss was not finite"
+        )
+
+
 def _logged_fields(order_log: OrderLog, batch: dict) -> dict:
     """The fields of the log's schema (derived columns such as cached refs are not logged)."""
     return {k: batch[k] for k in order_log.schema}
@@ -315,6 +356,7 @@ def train_policy(
         step_fn = steps.make_policy_step(loss, optimizer)
 
     check = _batch_checker(name)
+    sources.check_replay_covers(source, num_steps, name)
 
     def next_batch(step, model):
         batch = source.batch(step, model)
@@ -356,6 +398,7 @@ def train_policy(
         rng_data=source_key_data(source),
         identity=sources.source_identity(source),
         log=order_log if order_log is not None else getattr(source, "log", None),
+        written_log=order_log,
     )
 
 
@@ -402,6 +445,7 @@ def train_hypo(
         step_fn = steps.make_hypo_step(optimizer, normalize=normalize)
 
     check = _batch_checker(name)
+    sources.check_replay_covers(source, num_steps, name)
 
     def next_batch(step, model):
         batch = source.batch(step, model)
@@ -468,6 +512,7 @@ def _run(
     rng_data,
     identity=None,
     log=None,
+    written_log=None,
 ):
     """The host loop shared by `train_policy` and `train_hypo` (see `train_policy`).
 
@@ -476,7 +521,9 @@ def _run(
     on another data stream).
 
     next_batch(step, model) -> batch; update(model, opt_state, batch, step) -> (model,
-    opt_state, metrics); count_tokens(batch) -> int.
+    opt_state, metrics); count_tokens(batch) -> int. `log` is the order log the run's
+    stream is checked against on resume (its own, or the one it replays); `written_log` the
+    one it appends to, if any (`_drop_logged_after` cuts it after a non-finite loss).
     """
     if opt_state is None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
@@ -501,14 +548,9 @@ def _run(
             )
         model, opt_state = restored.model, restored.opt_state
         start_step = int(restored.data_position)
-        _check_resume_source(
-            name,
-            manager,
-            start_step,
-            manager.restore_metadata(manager.latest_step()),
-            identity,
-            log,
-        )
+        saved_meta = manager.restore_metadata(manager.latest_step())
+        _check_resume_source(name, manager, start_step, saved_meta, identity, log)
+        _check_resume_meta(name, manager, start_step, saved_meta, checkpoint_meta)
         if start_step > num_steps:
             raise ValueError(
                 f"[{name}] the checkpoint in {manager.directory} is at step {start_step}, past "
@@ -546,7 +588,8 @@ def _run(
         if not np.isfinite(metrics["loss"]):
             raise NonFiniteLossError(
                 f"[{name}] loss is {metrics['loss']} at step {step}; "
-                f"stopped (the last good state is the previous step)"
+                f"stopped (the last good state is the previous step)",
+                step=step,
             )
         metrics.update(step=step, **clock.lap(tokens))
         history.append(metrics)
@@ -577,6 +620,9 @@ def _run(
             save(num_steps)
         else:
             check_finite_params(model, name, num_steps, "the model is not returned")
+    except NonFiniteLossError as e:
+        _drop_logged_after(written_log, e, name)
+        raise
     finally:
         if out is not None:
             out.close()

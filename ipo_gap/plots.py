@@ -106,12 +106,17 @@ def figure_goodhart(online: dict, path, title) -> pathlib.Path:
 
 
 def figure_shuffle(online: dict, replays: Sequence[dict], path, title) -> pathlib.Path:
-    """Fig. 4/13: KL vs win rate, and the training loss over steps, online vs replays."""
+    """Fig. 4/13: KL vs win rate, and the training loss over steps, online vs replays.
+
+    Replays of a sweep (method naming a "sweep") are points on the left and left out of the
+    loss panel, whose other runs share online's lr and beta (a loss of another beta is on
+    another scale)."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     runs = [online, *replays]
-    kl_winrate(a1, runs, lines_for=[r["method"] for r in runs])
+    single = [r for r in runs if "sweep" not in r["method"]]
+    kl_winrate(a1, runs, lines_for=[r["method"] for r in single])
     methods = _methods(runs)
-    for r in runs:
+    for r in single:
         loss = np.asarray(r["losses"])
         k = max(1, len(loss) // 30)
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")

@@ -74,8 +74,18 @@ def mid_step(study: Study) -> int:
     return max(1, study.cfg.rl_steps // 5)
 
 
-def _replay(study: Study, online_name: str, name: str, method: str, loss: str, window=None):
-    """Offline training on the online run's logged stream (exact order, or shuffled)."""
+def _replay(
+    study: Study,
+    online_name: str,
+    name: str,
+    method: str,
+    loss: str,
+    window=None,
+    lr: float | None = None,
+    beta: float | None = None,
+):
+    """Offline training on the online run's logged stream (exact order, or shuffled), at the
+    online run's lr and beta unless given."""
     log_dir = study.runs_dir / online_name / "log"
     online = study.runs_dir / online_name
 
@@ -95,7 +105,9 @@ def _replay(study: Study, online_name: str, name: str, method: str, loss: str, w
             "mean_loss_dev_to_online": float(np.mean(dev)),
         }
 
-    return study.policy_run(name, method=method, loss=loss, source_fn=source_fn, extra=extra)
+    return study.policy_run(
+        name, method=method, loss=loss, lr=lr, beta=beta, source_fn=source_fn, extra=extra
+    )
 
 
 def fig1_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
@@ -142,7 +154,7 @@ def fig4_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
                 ),
             )
         )
-    return [*out, _uniform_shuffle(study)]
+    return [*out, *uniform_shuffles(study, study.cfg.offline_lrs, study.cfg.offline_betas)]
 
 
 def fig4(study: Study) -> list[dict]:
@@ -295,21 +307,37 @@ def variants(study: Study) -> dict[str, Study]:
     )
 
 
-def _uniform_shuffle(study: Study) -> tuple[str, Callable[[], dict]]:
-    """The uniformly shuffled replay of a size's online IPO stream: offline on the paper's
-    D_online-shuffled, which Fig. 10/11 call "tandem" (here, `tandem_ipo` is the exact-order
-    replay). It is Fig. 4's last run at the main size."""
-    name = "shuffled_ipo_uniform"
-    return name, lambda: _replay(
-        study, "online_ipo", name, "offline ipo (shuffled uniform)", "ipo", study.cfg.rl_steps
-    )
+UNIFORM = "offline ipo (shuffled uniform)"
+UNIFORM_SWEEP = "offline ipo (shuffled uniform, lr x beta sweep)"
+
+
+def uniform_shuffles(study: Study, lrs, betas) -> list[tuple[str, Callable[[], dict]]]:
+    """Offline on a size's online IPO stream uniformly shuffled: the paper's D_online-shuffled,
+    which Fig. 10/11 call "tandem" (here, `tandem_ipo` is the exact-order replay). First the
+    run at the online lr and beta (`shuffled_ipo_uniform`, method `UNIFORM`), then one per
+    other point of the grid `lrs` x `betas` (method `UNIFORM_SWEEP`): the paper's Fig. 4
+    pools shuffled runs over learning rates and betas, as Fig. 1 pools the offline sweep."""
+    cfg = study.cfg
+
+    def run(name, method, lr=None, beta=None):
+        return name, lambda: _replay(
+            study, "online_ipo", name, method, "ipo", cfg.rl_steps, lr=lr, beta=beta
+        )
+
+    out = [run("shuffled_ipo_uniform", UNIFORM)]
+    for lr in lrs:
+        for beta in betas:
+            if (lr, beta) != (cfg.rl_lr, cfg.rl_beta):
+                name = f"shuffled_ipo_uniform_lr{lr:g}_b{beta:g}"
+                out.append(run(name, UNIFORM_SWEEP, lr, beta))
+    return out
 
 
 def variant_runs(s: Study) -> list[tuple[str, Callable[[], dict]]]:
-    """A policy size's runs: online IPO, its stream uniformly shuffled (offline), and offline
-    IPO on D_golden at each beta at the online lr."""
+    """A policy size's runs: online IPO, offline IPO on D_golden at each beta at the online lr,
+    and offline on its online stream uniformly shuffled at the same betas and lr."""
     n = s.cfg.rl_steps * s.cfg.offline_steps_factor
-    out = [("online_ipo", lambda: _online(s, "ipo", "online_ipo")), _uniform_shuffle(s)]
+    out = [("online_ipo", lambda: _online(s, "ipo", "online_ipo"))]
     for beta in s.cfg.offline_betas:
         name = f"offline_ipo_lr{s.cfg.rl_lr:g}_b{beta:g}"
         out.append(
@@ -324,15 +352,16 @@ def variant_runs(s: Study) -> list[tuple[str, Callable[[], dict]]]:
                 ),
             )
         )
-    return out
+    return out + uniform_shuffles(s, (s.cfg.rl_lr,), s.cfg.offline_betas)
 
 
 def fig10(study: Study) -> list[dict]:
     """Policy sizes (Fig. 10, 11, 14): online IPO, offline IPO on D_golden and offline on the
     online stream uniformly shuffled (the paper's "tandem" of these figures) per size.
 
-    The main size reuses Fig. 1's runs (the whole sweep) and Fig. 4's uniform shuffle; other
-    sizes run online IPO, the offline betas at the online learning rate and the shuffle.
+    The main size reuses Fig. 1's runs (the whole sweep) and Fig. 4's uniform shuffles (the
+    same lr x beta grid); other sizes run online IPO, and offline and shuffled at the offline
+    betas and the online learning rate.
     Returns per size: the runs and the parameter count; the report takes the 90% quantile of
     win rates over each method's checkpoints.
     """
@@ -341,11 +370,13 @@ def fig10(study: Study) -> list[dict]:
     for model in study.cfg.scaling_models:
         if model in others:
             s = others[model]
-            online, shuffled, *offline = [fn() for _, fn in variant_runs(s)]
+            online, *rest = [fn() for _, fn in variant_runs(s)]
         else:
             s = study
-            online, *offline = fig1(study)
-            shuffled = _uniform_shuffle(study)[1]()
+            online, *rest = fig1(study)
+            rest += [fn() for _, fn in uniform_shuffles(s, s.cfg.offline_lrs, s.cfg.offline_betas)]
+        shuffled = [r for r in rest if r["method"] in (UNIFORM, UNIFORM_SWEEP)]
+        offline = [r for r in rest if r["method"] not in (UNIFORM, UNIFORM_SWEEP)]
         out.append(
             {
                 "model": model,
@@ -355,7 +386,7 @@ def fig10(study: Study) -> list[dict]:
                 ],
                 "online": [online],
                 "offline": offline,
-                "shuffled": [shuffled],
+                "shuffled": shuffled,
             }
         )
     return out
@@ -422,7 +453,10 @@ def tasks(study: Study, selected=None) -> list[parallel.Task]:
     }
     want = {"pipeline"} | {f"runs/{n}" for e in chosen if e in runs for n, _ in runs[e](study)}
     if "fig10" in chosen:
-        want.add(f"runs/{_uniform_shuffle(study)[0]}")  # Fig. 1's runs are chosen anyway
+        cfg = study.cfg  # the main size's uniform shuffles (Fig. 1's runs are chosen anyway)
+        want |= {
+            f"runs/{n}" for n, _ in uniform_shuffles(study, cfg.offline_lrs, cfg.offline_betas)
+        }
         for s in variants(study).values():
             want |= {f"runs{s.tag}/{n}" for n, _ in variant_runs(s)}
     after = {t.name: t.after for t in graph}

@@ -149,3 +149,35 @@ def test_scaling_gap_is_the_distance_of_the_ratio_from_1(tmp_path, ratios, word,
     text = "\n".join(report.scaling_section(sizes, tmp_path))
     assert "Shuffled/online goes from 0.900 (toy-s) to 0.960 (toy-m): the gap narrows" in text
     assert (tmp_path / "fig10_11_scaling.png").exists()
+
+
+def test_h1_compares_the_shuffle_at_online_settings_and_the_pooled_sweep():
+    """The uniformly shuffled replay at online's lr and beta is compared prompt by prompt
+    with online; with a sweep, so is the best checkpoint over all uniformly shuffled runs
+    (the paper's pooled Fig. 4), and each sweep row names its lr and beta."""
+    base = "W" * 200 + "L" * 200
+    on = report.peak([_run("online ipo", [base])])
+    same = dict(_run("offline ipo (shuffled uniform)", ["L" * 40 + base[40:]]), lr=1e-3, beta=0.1)
+    level = _run("offline ipo (shuffled w4)", [base])  # not a uniform shuffle: not pooled
+    lines = report._uniform_verdict([level, same], on)
+    # d = -1 on 40 of 400 prompts: sd = sqrt((0.1 - 0.01) 400 / 399), 1.96 sd / 20 = 0.0294
+    assert lines == [
+        "Uniform shuffle at online's lr and beta: online is higher than shuffled (paired "
+        "difference shuffled - online -0.100 [-0.129, -0.071] over the same 400 prompts)."
+    ]
+    sweep = dict(
+        _run(
+            "offline ipo (shuffled uniform, lr x beta sweep)", [base[:200] + "W" * 40 + base[240:]]
+        ),
+        lr=3e-3,
+        beta=0.5,
+    )
+    lines = report._uniform_verdict([level, same, sweep], on)
+    assert len(lines) == 2 and lines[1].startswith(
+        "Pooled over 2 uniformly shuffled runs (lr x beta, as the paper's Fig. 4; the best of "
+        "many checkpoints, which favours the pool): shuffled (best of the sweep) is higher "
+        "than online (paired difference shuffled (best of the sweep) - online +0.100"
+    )
+    online = {"lr": 1e-3, "beta": 0.1}
+    assert report._replay_label(same, online) == "offline ipo (shuffled uniform)"
+    assert report._replay_label(sweep, online).endswith("sweep): lr 0.003, beta 0.5")

@@ -140,6 +140,27 @@ def test_exact_replays_equal_the_online_runs(micro_study):
     assert "bit-identical" in (micro_study / "REPORT.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_shuffle_of_the_sweep_trains_at_its_own_lr_and_beta(micro_study):
+    """A uniformly shuffled replay of the lr x beta sweep (micro's grid is one point, so one is
+    run here by hand) trains at its own beta, where `shuffled_ipo_uniform` trains at online's,
+    and the H1 verdict pools the two."""
+    from ipo_gap import study_experiments as se
+    from ipo_gap.study_runs import Study
+
+    s = Study(micro_study, study.PRESETS["micro"])
+    name = f"shuffled_ipo_uniform_lr{s.cfg.rl_lr:g}_b0.5"
+    r = se._replay(s, "online_ipo", name, se.UNIFORM_SWEEP, "ipo", s.cfg.rl_steps, beta=0.5)
+    same = _summary(micro_study, "shuffled_ipo_uniform")
+    assert (r["lr"], r["beta"], same["beta"]) == (s.cfg.rl_lr, 0.5, s.cfg.rl_beta)
+    # IPO's loss at step 0 (policy = reference) is (1/(2 beta))^2 per pair, on any batch.
+    assert r["losses"][0] == pytest.approx(1.0) and same["losses"][0] == pytest.approx(25.0)
+    assert r["max_param_diff_to_online"] > 0
+    p_on = report.peak([_summary(micro_study, "online_ipo")])
+    lines = report._uniform_verdict([same, r], p_on)
+    assert len(lines) == 2 and lines[1].startswith("Pooled over 2 uniformly shuffled runs")
+
+
 class _KilledAt:
     """An online source that dies at `step` (a stand-in for a killed job)."""
 
@@ -515,3 +536,35 @@ def test_a_run_resumes_only_on_its_own_order_log(tmp_path):
     old = {k: v for k, v in want.items() if k not in ("run", "lr", "beta", "num_steps")}
     older = OrderLog.create(tmp_path / "old", schema=pair_schema(4, 3), batch_size=2, meta=old)
     _check_log_meta(older, dict(want, lr=5.0))  # an older log does not state its lr
+
+
+def test_the_uniform_shuffle_is_swept_like_the_offline_runs(tmp_path):
+    """The paper's Fig. 4 pools offline runs on the shuffled online stream over lr and beta:
+    at the quick preset, the main size's uniform shuffle runs on the whole offline grid (one
+    run per point, the online lr and beta being `shuffled_ipo_uniform`), another size's on
+    its offline betas at the online lr; each waits for its own size's online run, and
+    --experiments=fig10 selects all of them."""
+    from ipo_gap import study_experiments
+    from ipo_gap.study_runs import Study
+
+    cfg = study.PRESETS["quick"]
+    s = Study(tmp_path, cfg)
+    graph = {t.name: t.after for t in study_experiments.all_tasks(s)}
+    grid = [(lr, b) for lr in cfg.offline_lrs for b in cfg.offline_betas]
+    assert (cfg.rl_lr, cfg.rl_beta) in grid
+    want = {"runs/shuffled_ipo_uniform"} | {
+        f"runs/shuffled_ipo_uniform_lr{lr:g}_b{b:g}"
+        for lr, b in grid
+        if (lr, b) != (cfg.rl_lr, cfg.rl_beta)
+    }
+    want |= {"runs_toy-m/shuffled_ipo_uniform"} | {
+        f"runs_toy-m/shuffled_ipo_uniform_lr{cfg.rl_lr:g}_b{b:g}"
+        for b in cfg.offline_betas
+        if b != cfg.rl_beta
+    }
+    got = {n for n in graph if "shuffled_ipo_uniform" in n}
+    assert got == want and len(got) == len(grid) + len(cfg.offline_betas)
+    for n in got:
+        assert f"{n.split('/')[0]}/online_ipo" in graph[n]
+    selected = {t.name for t in study_experiments.tasks(s, ["fig10"])}
+    assert want <= selected and "runs/shuffled_ipo_w4" not in selected

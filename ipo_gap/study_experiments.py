@@ -8,6 +8,7 @@ their summaries: dicts with "name", "method", "evals" (list of evaluation dicts 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from ipo_gap import hosts, jsonl, parallel, sharding
 from ipo_gap.data import ref_cache, sources
 from ipo_gap.data.order_log import OrderLog
 from ipo_gap.determinism import tree_max_abs_diff
+from ipo_gap.report import UNIFORM, UNIFORM_SWEEP
 from ipo_gap.study import load_model, relabel, savez_atomic, stage, study_config
 from ipo_gap.study_runs import Study
 from ipo_gap.train import trainers
@@ -307,10 +309,6 @@ def variants(study: Study) -> dict[str, Study]:
     )
 
 
-UNIFORM = "offline ipo (shuffled uniform)"
-UNIFORM_SWEEP = "offline ipo (shuffled uniform, lr x beta sweep)"
-
-
 def uniform_shuffles(study: Study, lrs, betas) -> list[tuple[str, Callable[[], dict]]]:
     """Offline on a size's online IPO stream uniformly shuffled: the paper's D_online-shuffled,
     which Fig. 10/11 call "tandem" (here, `tandem_ipo` is the exact-order replay). First the
@@ -355,13 +353,22 @@ def variant_runs(s: Study) -> list[tuple[str, Callable[[], dict]]]:
     return out + uniform_shuffles(s, (s.cfg.rl_lr,), s.cfg.offline_betas)
 
 
+def fig10_lrs(study: Study) -> tuple[float, ...]:
+    """The learning rates Fig. 10 pools at the main size: the online one, as at every other
+    size (`variant_runs`), so that each size's quantile is taken over the same grid (the
+    offline betas at the online lr); the whole sweep if the online lr is not in it."""
+    cfg = study.cfg
+    return (cfg.rl_lr,) if cfg.rl_lr in cfg.offline_lrs else tuple(cfg.offline_lrs)
+
+
 def fig10(study: Study) -> list[dict]:
     """Policy sizes (Fig. 10, 11, 14): online IPO, offline IPO on D_golden and offline on the
     online stream uniformly shuffled (the paper's "tandem" of these figures) per size.
 
-    The main size reuses Fig. 1's runs (the whole sweep) and Fig. 4's uniform shuffles (the
-    same lr x beta grid); other sizes run online IPO, and offline and shuffled at the offline
-    betas and the online learning rate.
+    Every size pools its offline and its shuffled runs at the online learning rate and the
+    offline betas: the other sizes run just those, and the main size's other learning rates
+    (Fig. 1's and Fig. 4's sweeps) are left out here (`fig10_lrs`), since a 90% quantile over
+    a larger or different pool would shift the ratio by the pool's make-up, not by size.
     Returns per size: the runs and the parameter count; the report takes the 90% quantile of
     win rates over each method's checkpoints.
     """
@@ -373,8 +380,10 @@ def fig10(study: Study) -> list[dict]:
             online, *rest = [fn() for _, fn in variant_runs(s)]
         else:
             s = study
-            online, *rest = fig1(study)
-            rest += [fn() for _, fn in uniform_shuffles(s, s.cfg.offline_lrs, s.cfg.offline_betas)]
+            lrs = fig10_lrs(s)
+            online, *sweep = fig1(study)
+            rest = [r for r in sweep if any(math.isclose(r["lr"], lr) for lr in lrs)]
+            rest += [fn() for _, fn in uniform_shuffles(s, lrs, s.cfg.offline_betas)]
         shuffled = [r for r in rest if r["method"] in (UNIFORM, UNIFORM_SWEEP)]
         offline = [r for r in rest if r["method"] not in (UNIFORM, UNIFORM_SWEEP)]
         out.append(
@@ -453,10 +462,8 @@ def tasks(study: Study, selected=None) -> list[parallel.Task]:
     }
     want = {"pipeline"} | {f"runs/{n}" for e in chosen if e in runs for n, _ in runs[e](study)}
     if "fig10" in chosen:
-        cfg = study.cfg  # the main size's uniform shuffles (Fig. 1's runs are chosen anyway)
-        want |= {
-            f"runs/{n}" for n, _ in uniform_shuffles(study, cfg.offline_lrs, cfg.offline_betas)
-        }
+        main = uniform_shuffles(study, fig10_lrs(study), study.cfg.offline_betas)
+        want |= {f"runs/{n}" for n, _ in main}  # (Fig. 1's runs are chosen anyway)
         for s in variants(study).values():
             want |= {f"runs{s.tag}/{n}" for n, _ in variant_runs(s)}
     after = {t.name: t.after for t in graph}

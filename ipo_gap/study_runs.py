@@ -24,6 +24,7 @@ import numpy as np
 
 from ipo_gap import checkpoint, hosts, jsonl, sharding
 from ipo_gap import eval as evaluation
+from ipo_gap.configs import T5Config
 from ipo_gap.data import ref_cache, sources
 from ipo_gap.data.order_log import OrderLog, pair_schema
 from ipo_gap.study import (
@@ -50,11 +51,15 @@ def _check_log_meta(log: OrderLog, want: dict) -> None:
     """Refuses to resume a run on an order log that another run wrote: one whose meta.json
     names another tokenizer, run, loss, learning rate, beta, policy config or study config
     than this run's (`want`; its step count is not compared: a run may be extended). Keys a
-    log of older code lacks are not compared; a study config is completed with the fields
-    added since (`with_new_defaults`)."""
+    log of older code lacks are not compared; the study and model configs are completed with
+    the fields added since, at their defaults (`with_new_defaults`)."""
     got = dict(log.meta)
     if isinstance(got.get("study"), dict):
         got["study"] = with_new_defaults(got["study"])
+    if isinstance(got.get("model"), dict):  # T5Config fields added since, at their defaults
+        fields = [f for f in dataclasses.fields(T5Config) if f.default is not dataclasses.MISSING]
+        defaults = json.loads(json.dumps({f.name: f.default for f in fields}))
+        got["model"] = {**defaults, **got["model"]}
     want = json.loads(json.dumps(want))
     diffs = []
     for k in sorted(k for k in want if k in got and got[k] != want[k] and k != "num_steps"):
@@ -71,6 +76,22 @@ def _check_log_meta(log: OrderLog, want: dict) -> None:
             f"the run directory {os.path.dirname(log.directory)} to start the run afresh, or "
             "use a new --workdir)"
         )
+
+
+def _check_resumable(d: pathlib.Path, every: int, name: str, meta: dict, log: bool) -> None:
+    """Refuses, before `_resume_point` changes the run directory, to resume a train state
+    saved under other run settings (`loop.check_resume_meta`) or to append to an order log
+    that another run wrote (`_check_log_meta`)."""
+    if not (every and hosts.exists(d / TRAIN_STATE)):
+        return  # nothing to resume: the directory starts afresh
+    with CheckpointManager(d / TRAIN_STATE) as mngr:
+        latest = mngr.latest_step()
+        if latest is not None:
+            saved = mngr.restore_metadata(latest)
+            now = {k: meta[k] for k in _RUN_SETTINGS}
+            loop.check_resume_meta(name, mngr, latest, saved, now)
+    if log and latest is not None and hosts.exists(d / "log"):
+        _check_log_meta(OrderLog.open(d / "log"), meta)
 
 
 def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
@@ -563,6 +584,19 @@ class Study:
         def fn(d):
             source = source_fn()
             every = self._checkpoint_every(source)
+            log_meta = {
+                "tokenizer_sha256": self.prep.tokenizer.sha256,
+                "run": name,
+                "loss": loss,
+                "lr": lr,
+                "beta": beta,
+                "num_steps": num_steps,
+                "hypo": hypo,
+                "hypo_lam": self.cfg.hypo_lam,
+                "model": self.policy_cfg.to_dict(),
+                "study": self.cfg.to_dict(),
+            }
+            _check_resumable(d, every, name, log_meta, log)  # before anything is changed
             resume_at = _resume_point(d, every, name)
             sft = self.sft()
             evaluate = self.proxy_evaluator() if proxy_judged else self.evaluator()
@@ -590,21 +624,8 @@ class Study:
                     save_model(d / f"step_{step + 1}", model, self.policy_cfg)
 
             order_log = None
-            log_meta = {
-                "tokenizer_sha256": self.prep.tokenizer.sha256,
-                "run": name,
-                "loss": loss,
-                "lr": lr,
-                "beta": beta,
-                "num_steps": num_steps,
-                "hypo": hypo,
-                "hypo_lam": self.cfg.hypo_lam,
-                "model": self.policy_cfg.to_dict(),
-                "study": self.cfg.to_dict(),
-            }
             if log and resume_at is not None and hosts.exists(d / "log"):
                 order_log = OrderLog.open(d / "log")  # may be ahead: the loop re-checks it
-                _check_log_meta(order_log, log_meta)
             elif log:
                 if hosts.is_writer():  # process 0 creates it, the others open it after the barrier
                     order_log = OrderLog.create(
@@ -632,7 +653,7 @@ class Study:
                     checkpoint_dir=d / TRAIN_STATE,
                     checkpoint_every=every,
                     checkpoint_keep=2,
-                    # a resume under other settings is refused (`loop._check_resume_meta`)
+                    # a resume under other settings is refused (`loop.check_resume_meta`)
                     checkpoint_meta={k: log_meta[k] for k in _RUN_SETTINGS},
                 )
             hp = steps.Hparams.make(lr, beta, lam=self.cfg.hypo_lam)

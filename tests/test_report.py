@@ -181,3 +181,13 @@ def test_h1_compares_the_shuffle_at_online_settings_and_the_pooled_sweep():
     online = {"lr": 1e-3, "beta": 0.1}
     assert report._replay_label(same, online) == "offline ipo (shuffled uniform)"
     assert report._replay_label(sweep, online).endswith("sweep): lr 0.003, beta 0.5")
+    # The drift columns compare with online step by step: a sweep run (another beta, so its
+    # loss is on another scale) gets none.
+    drift = {"max_param_diff_to_online": 0.03, "max_loss_dev_to_online": 15.0}
+    drift["mean_loss_dev_to_online"] = 4.0
+    assert report._replay_row(dict(same, **drift), online)[1:4] == ["0.03", "15", "4"]
+    assert report._replay_row(dict(sweep, **drift), online)[1:4] == ["-", "-", "-"]
+    # Distinct learning rates far below 1e-8 are still told apart.
+    assert not report.same_settings({"lr": 1e-9, "beta": 0.1}, {"lr": 3e-9, "beta": 0.1})
+    # A run whose method is not the one at online's settings is not taken as that run.
+    assert report._uniform_verdict([sweep], on) == []

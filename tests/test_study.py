@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from ipo_gap import eval as evaluation
 from ipo_gap import report, seeds, study
@@ -193,9 +194,10 @@ def test_a_killed_run_resumes_inside_the_run(micro_study):
     assert not (d / "done.json").exists() and (d / "train_state").exists()
     assert len(OrderLog.open(d / "log")) == 5  # steps 0..4 logged: one past the train state
     lr = s.cfg.rl_lr * 2  # the same run under another learning rate: refused, nothing changed
-    with pytest.raises(ValueError, match=r"written by another run \(lr: .* in the log, "):
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"run with other settings \(lr: 0.0003 then, 0.0006 now"):
         s.policy_run("resume_cut", source_fn=lambda: s.online_source(proxy), lr=lr, **kw)
-    assert len(OrderLog.open(d / "log")) == 5
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
     with open(d / "metrics.jsonl", "a") as f:  # a kill during an append cuts the last line
         f.write('{"step": 5, "lo')
     cut = s.policy_run("resume_cut", source_fn=lambda: s.online_source(proxy), **kw)
@@ -536,6 +538,14 @@ def test_a_run_resumes_only_on_its_own_order_log(tmp_path):
     other = dict(want, study=dataclasses.replace(cfg, rl_batch=cfg.rl_batch + 1).to_dict())
     with pytest.raises(ValueError, match=rf"study.rl_batch: {cfg.rl_batch} in the log, "):
         _check_log_meta(log, other)
+    # A model config written before a T5Config field was added: completed with its default.
+    model = tiny_config().to_dict()
+    older_model = {k: v for k, v in model.items() if k != "compute_dtype"}
+    meta = dict(want, model=older_model)
+    log = OrderLog.create(tmp_path / "m", schema=pair_schema(4, 3), batch_size=2, meta=meta)
+    _check_log_meta(log, dict(want, model=model))
+    with pytest.raises(ValueError, match=r"model.d_model: "):
+        _check_log_meta(log, dict(want, model=dict(model, d_model=model["d_model"] + 1)))
     old = {k: v for k, v in want.items() if k not in ("run", "lr", "beta", "num_steps")}
     older = OrderLog.create(tmp_path / "old", schema=pair_schema(4, 3), batch_size=2, meta=old)
     _check_log_meta(older, dict(want, lr=5.0))  # an older log does not state its lr
@@ -569,5 +579,13 @@ def test_the_uniform_shuffle_is_swept_like_the_offline_runs(tmp_path):
     assert got == want and len(got) == len(grid) + len(cfg.offline_betas)
     for n in got:
         assert f"{n.split('/')[0]}/online_ipo" in graph[n]
+    # Fig. 10 pools every size over the same grid (the offline betas at the online lr), so
+    # --experiments=fig10 selects only those of the main size's shuffles.
+    assert study_experiments.fig10_lrs(s) == (cfg.rl_lr,)
     selected = {t.name for t in study_experiments.tasks(s, ["fig10"])}
-    assert want <= selected and "runs/shuffled_ipo_w4" not in selected
+    at_rl_lr = {n for n in want if n.startswith("runs_toy-m/") or f"lr{cfg.rl_lr:g}_" in n}
+    assert at_rl_lr | {"runs/shuffled_ipo_uniform"} <= selected
+    assert not (want - at_rl_lr - {"runs/shuffled_ipo_uniform"}) & selected
+    assert "runs/shuffled_ipo_w4" not in selected
+    other = Study(tmp_path / "other", dataclasses.replace(cfg, rl_lr=7e-4))  # not in the grid
+    assert study_experiments.fig10_lrs(other) == cfg.offline_lrs

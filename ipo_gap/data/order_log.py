@@ -383,6 +383,7 @@ class OrderLog:
                 os.remove(meta_path)
             if os.path.exists(digest_path):
                 os.remove(digest_path)
+            _sync_dir(directory)  # the removals reach the disk before the arrays go
             for p in parts:
                 shutil.rmtree(p, ignore_errors=True)
         os.makedirs(directory, exist_ok=True)

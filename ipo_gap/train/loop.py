@@ -4,7 +4,8 @@
 replayed, shuffled), optionally appending every batch to a data-order log *before* training on
 it, and writes one JSON line of metrics per logging step plus a progress line with rate and ETA.
 A NaN/inf loss stops the loop with `NonFiniteLossError` naming the step, the order log ends
-with that step's batch (`_drop_logged_after`), and no checkpoint holds a state after it; nor
+with the batch whose loss that was (`_drop_logged_after`), and no checkpoint holds a state
+after it; nor
 does any hold non-finite parameters (an update can poison them while its own loss is finite:
 `check_finite_params` runs before every save and on the returned model).
 A step's metrics are read after the next step is dispatched, so the host's work overlaps the
@@ -236,7 +237,7 @@ def _check_resume_source(name, manager, step, meta, identity, log) -> None:
             )
 
 
-def _check_resume_meta(name, manager, step, saved, current) -> None:
+def check_resume_meta(name, manager, step, saved, current) -> None:
     """Refuses a resume whose `checkpoint_meta` (e.g. the run's learning rate and beta)
     differs from the one saved with the checkpoint, in any key both hold: it would continue
     another run's state under this run's settings."""
@@ -252,19 +253,28 @@ def _check_resume_meta(name, manager, step, saved, current) -> None:
 
 
 def _drop_logged_after(order_log: OrderLog | None, err: NonFiniteLossError, name: str) -> None:
-    """After a non-finite loss at step t: the loop reads step t's loss once step t+1 is
-    dispatched, so step t+1's batch, made from the policy that step t's update broke, is
-    already logged. It is cut from the log, which then ends with the batch the loss went
-    non-finite on (a resume regenerates and re-checks anything after its checkpoint)."""
-    if order_log is None or err.step is None or not hosts.is_writer():
+    """After a non-finite loss at step t, cuts the order log back so that it ends with step
+    t's batch, the one whose loss was not finite. The loop reads step t's loss only once step
+    t+1 is dispatched, so step t+1's batch was already logged; nothing was trained on it. (The
+    batches before it may already come from a broken policy: a loss turns non-finite a step
+    after the update that broke the parameters. A resume starts from a checkpoint, which
+    never holds non-finite parameters, and regenerates and re-checks every later step.)
+
+    In a multi-host job process 0 cuts the log and every process waits for it (all of them
+    raise at the same step: the loss is global)."""
+    if order_log is None or err.step is None:
         return
     keep = err.step + 1
-    if len(order_log) > keep:
+    if hosts.is_writer() and len(order_log) > keep:
         order_log.truncate(keep)
         hosts.say(
             f"[{name}] order log {order_log.directory} cut back to {keep} steps: it ends with "
             f"the batch of step {err.step}, whose loss was not finite"
         )
+    if hosts.process_count() > 1:
+        hosts.sync(f"{name}: order log cut after step {err.step}")
+        if not hosts.is_writer():
+            order_log.refresh()
 
 
 def _logged_fields(order_log: OrderLog, batch: dict) -> dict:
@@ -550,7 +560,7 @@ def _run(
         start_step = int(restored.data_position)
         saved_meta = manager.restore_metadata(manager.latest_step())
         _check_resume_source(name, manager, start_step, saved_meta, identity, log)
-        _check_resume_meta(name, manager, start_step, saved_meta, checkpoint_meta)
+        check_resume_meta(name, manager, start_step, saved_meta, checkpoint_meta)
         if start_step > num_steps:
             raise ValueError(
                 f"[{name}] the checkpoint in {manager.directory} is at step {start_step}, past "

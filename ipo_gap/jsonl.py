@@ -22,9 +22,16 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], objec
     there (`hosts`): all of them may read it next.
     """
     path = os.fspath(path)
-    if not hosts.is_writer():
-        hosts.sync(f"write {path}")
-        return
+    if hosts.is_writer():
+        replace_file(path, write)
+    hosts.sync(f"write {path}")
+
+
+def replace_file(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """`write_file_atomic` in this process alone (no multi-host barrier): `write` fills a
+    fresh, uniquely named temporary file beside `path`, which is synced and renamed over
+    `path`; on an error the temporary file is removed."""
+    path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
@@ -37,7 +44,6 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], objec
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    hosts.sync(f"write {path}")
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

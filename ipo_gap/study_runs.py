@@ -61,14 +61,8 @@ def _check_log_meta(log: OrderLog, want: dict) -> None:
         defaults = json.loads(json.dumps({f.name: f.default for f in fields}))
         got["model"] = {**defaults, **got["model"]}
     want = json.loads(json.dumps(want))
-    diffs = []
-    for k in sorted(k for k in want if k in got and got[k] != want[k] and k != "num_steps"):
-        a, b = got[k], want[k]
-        if isinstance(a, dict) and isinstance(b, dict):  # name the fields that differ
-            sub = sorted(j for j in a.keys() | b.keys() if a.get(j) != b.get(j))
-            diffs += [f"{k}.{j}: {a.get(j)!r} in the log, {b.get(j)!r} in this run" for j in sub]
-        else:
-            diffs.append(f"{k}: {a!r} in the log, {b!r} in this run")
+    keys = (want.keys() & got.keys()) - {"num_steps"}
+    diffs = loop.differences(got, want, keys, words=("in the log", "in this run"))
     if diffs:
         raise ValueError(
             f"{log.directory}/meta.json: the order log was written by another run "
@@ -78,38 +72,31 @@ def _check_log_meta(log: OrderLog, want: dict) -> None:
         )
 
 
-def _check_resumable(d: pathlib.Path, every: int, name: str, meta: dict, log: bool) -> None:
-    """Refuses, before `_resume_point` changes the run directory, to resume a train state
-    saved under other run settings (`loop.check_resume_meta`) or to append to an order log
-    that another run wrote (`_check_log_meta`)."""
-    if not (every and hosts.exists(d / TRAIN_STATE)):
-        return  # nothing to resume: the directory starts afresh
-    with CheckpointManager(d / TRAIN_STATE) as mngr:
-        latest = mngr.latest_step()
-        if latest is not None:
-            saved = mngr.restore_metadata(latest)
-            now = {k: meta[k] for k in _RUN_SETTINGS}
-            loop.check_resume_meta(name, mngr, latest, saved, now)
-    if log and latest is not None and hosts.exists(d / "log"):
-        _check_log_meta(OrderLog.open(d / "log"), meta)
-
-
-def _resume_point(d: pathlib.Path, every: int, name: str) -> int | None:
+def _resume_point(
+    d: pathlib.Path, every: int, name: str, meta: dict, log: bool = False
+) -> int | None:
     """Prepares a run directory: the step to resume at (its latest train state), or None.
 
     Without a train state the directory is emptied (a killed attempt restarts the run). With
-    one, the metrics and evaluations after its step and the snapshots taken after it are
-    dropped; the train state and the data-order log are kept (the loop re-checks logged
-    steps it regenerates).
+    one, a resume under other run settings (`meta`'s `_RUN_SETTINGS`: `loop.check_resume_meta`)
+    or on an order log another run wrote (`_check_log_meta`) is refused first, with the
+    directory unchanged; then the metrics and evaluations after its step and the snapshots
+    taken after it are dropped; the train state and the data-order log are kept (the loop
+    re-checks logged steps it regenerates).
     """
     latest = None
     if every and hosts.exists(d / TRAIN_STATE):
         with CheckpointManager(d / TRAIN_STATE) as mngr:
             latest = mngr.latest_step()
+            if latest is not None:
+                now = {k: meta[k] for k in _RUN_SETTINGS}
+                loop.check_resume_meta(name, mngr, latest, mngr.restore_metadata(latest), now)
     if latest is None:
         for child in hosts.listed(d.iterdir()):
             hosts.remove(child)
         return None
+    if log and hosts.exists(d / "log"):
+        _check_log_meta(OrderLog.open(d / "log"), meta)
     # A kill during an append cuts at most the last line; its step is after `latest`.
     metrics = jsonl.read_rows(d / "metrics.jsonl", cut_tail_ok=True)
     jsonl.write_rows(d / "metrics.jsonl", [m for m in metrics if m["step"] < latest])
@@ -596,8 +583,7 @@ class Study:
                 "model": self.policy_cfg.to_dict(),
                 "study": self.cfg.to_dict(),
             }
-            _check_resumable(d, every, name, log_meta, log)  # before anything is changed
-            resume_at = _resume_point(d, every, name)
+            resume_at = _resume_point(d, every, name, log_meta, log)
             sft = self.sft()
             evaluate = self.proxy_evaluator() if proxy_judged else self.evaluator()
             at = set(self.eval_steps(num_steps))

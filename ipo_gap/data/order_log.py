@@ -82,6 +82,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from ipo_gap import jsonl
+
 FORMAT = "ipo_gap.order_log"
 FORMAT_VERSION = 2  # 2: meta.json.sha256 (the chain's bytes are those of format 1)
 _READABLE_VERSIONS = (1, 2)
@@ -247,13 +249,9 @@ def _wait(futures) -> list:
 
 def _write_durable(path: str, data: bytes) -> None:
     """Writes `path` so that a crash or power loss leaves the old file or the new one: a
-    synced temporary file renamed into place, then the directory synced."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    synced temporary file renamed into place (`jsonl.replace_file`: by this process alone,
+    as `create` runs on one), then the directory synced."""
+    jsonl.replace_file(path, lambda f: f.write(data))
     _sync_dir(os.path.dirname(path))
 
 

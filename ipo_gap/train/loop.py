@@ -5,9 +5,8 @@ replayed, shuffled), optionally appending every batch to a data-order log *befor
 it, and writes one JSON line of metrics per logging step plus a progress line with rate and ETA.
 A NaN/inf loss stops the loop with `NonFiniteLossError` naming the step, the order log ends
 with the batch whose loss that was (`_drop_logged_after`), and no checkpoint holds a state
-after it; nor
-does any hold non-finite parameters (an update can poison them while its own loss is finite:
-`check_finite_params` runs before every save and on the returned model).
+after it; nor does any hold non-finite parameters (an update can poison them while its own
+loss is finite: `check_finite_params` runs before every save and on the returned model).
 A step's metrics are read after the next step is dispatched, so the host's work overlaps the
 device's. `train_hypo` runs HyPO's step (offline pairs + on-policy KL term)
 in the same loop.
@@ -207,6 +206,23 @@ def source_key_data(source) -> jax.Array:
     return source_key_data(inner) if inner is not None else jnp.zeros((2,), jnp.uint32)
 
 
+def differences(then: dict, now: dict, keys, words=("then", "now")) -> list[str]:
+    """'key: <then> then, <now> now' for each of `keys` whose values differ, in key order; a key
+    whose two values are dicts is named field by field ('key.field: ...'). For the refusals
+    of a resume, which name what differs."""
+    out = []
+    for k in sorted(keys):
+        a, b = then.get(k), now.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            fields = sorted(j for j in a.keys() | b.keys() if a.get(j) != b.get(j))
+            out += [f"{k}.{j}: {a.get(j)!r} {words[0]}, {b.get(j)!r} {words[1]}" for j in fields]
+        else:
+            out.append(f"{k}: {a!r} {words[0]}, {b!r} {words[1]}")
+    return out
+
+
 def _check_resume_source(name, manager, step, meta, identity, log) -> None:
     """Refuses a resume on another data stream than the checkpoint's: a source whose kind,
     batch size or data differ (`sources.source_identity`), or an order log whose chain hash
@@ -216,8 +232,7 @@ def _check_resume_source(name, manager, step, meta, identity, log) -> None:
     saved = meta.get("data_source")
     now = json.loads(json.dumps(identity)) if identity is not None else None
     if saved is not None and now is not None and saved != now:
-        keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-        diff = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in keys)
+        diff = "; ".join(differences(saved, now, saved.keys() | now.keys()))
         raise ValueError(
             f"{where} was written with another data source ({diff}): resuming would continue "
             "on another data stream (use the original data, or a new checkpoint directory)"
@@ -242,9 +257,8 @@ def check_resume_meta(name, manager, step, saved, current) -> None:
     differs from the one saved with the checkpoint, in any key both hold: it would continue
     another run's state under this run's settings."""
     now = json.loads(json.dumps(current or {}))
-    keys = sorted(k for k in now if k in saved and saved[k] != now[k])
-    if keys:
-        diff = "; ".join(f"{k}: {saved[k]!r} then, {now[k]!r} now" for k in keys)
+    diff = "; ".join(differences(saved, now, now.keys() & saved.keys()))
+    if diff:
         raise ValueError(
             f"[{name}] the checkpoint in {manager.directory} (step {step}) was written by a "
             f"run with other settings ({diff}): resuming would continue it under this run's "

@@ -297,7 +297,7 @@ class Study:
         """The golden PM on the human labels; its accuracy against the hidden humans."""
 
         def test_accuracy(pm) -> dict:
-            judged = trainers.judge_rows(pm, *pm_rows(self.prep.pairs["test"]).values())
+            judged = self._golden_relabelled("test", pm)["agree_human"]
             out = {"test_accuracy_vs_human_labels": float(judged.mean()), "test_pairs": len(judged)}
             rows = self.prep.task.pairs["test"]
             if rows and "p_human" in rows[0]:  # the embedded task knows its hidden humans
@@ -336,18 +336,22 @@ class Study:
 
         def build():
             _, pm = self.golden_pm()
-            out = {}
-            for split in ("train", "valid"):
-                path = self.workdir / f"d_golden_{split}.npz"
-                if not hosts.exists(path):
-                    pairs = self.prep.pairs[split]
-                    judged = trainers.judge_rows(pm, *pm_rows(pairs).values())
-                    savez_atomic(path, **relabel(pairs, judged), agree_human=judged)
-                with np.load(path) as z:
-                    out[split] = {k: z[k] for k in z.files}
-            return out
+            return {split: self._golden_relabelled(split, pm) for split in ("train", "valid")}
 
         return self._memo("d_golden", build)
+
+    def _golden_relabelled(self, split: str, pm) -> dict[str, np.ndarray]:
+        """The `split` pairs relabelled by the golden PM `pm`, with its judgement of the
+        human-ordered pair (`agree_human`: P(the human winner wins)). Judged once and kept in
+        d_golden_<split>.npz: the test split's judgement serves both the golden PM's and the
+        proxy PM's test accuracy."""
+        path = self.workdir / f"d_golden_{split}.npz"
+        if not hosts.exists(path):
+            pairs = self.prep.pairs[split]
+            judged = trainers.judge_rows(pm, *pm_rows(pairs).values())
+            savez_atomic(path, **relabel(pairs, judged), agree_human=judged)
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
 
     def proxy_pm(self):
         """The proxy PM on D_golden. Its accuracy against the golden labels is measured on the
@@ -355,9 +359,9 @@ class Study:
         checkpoint, so its best valid accuracy is an optimistic estimate."""
 
         def test_accuracy(pm) -> dict:
-            test = self.prep.pairs["test"]
-            golden = trainers.judge_rows(self.golden_pm()[1], *pm_rows(test).values())
-            judged = trainers.judge_rows(pm, *pm_rows(relabel(test, golden)).values())
+            test = self._golden_relabelled("test", self.golden_pm()[1])
+            test.pop("agree_human")
+            judged = trainers.judge_rows(pm, *pm_rows(test).values())
             return {
                 "test_accuracy_vs_golden_labels": float(judged.mean()),
                 "test_pairs": len(judged),

@@ -396,6 +396,25 @@ def test_meta_and_every_array_write_reach_the_disk(tmp_path):
     assert syncs >= 4 + 3 * 11, syncs
 
 
+def test_create_syncs_the_parent_of_every_directory_it_makes(tmp_path, monkeypatch):
+    """A new directory's entry lives in its parent: create() syncs each parent after making
+    a directory, top down, so a power loss cannot drop a log whose files were synced."""
+    from ipo_gap.data import order_log
+
+    synced = []
+    real = order_log._sync_dir
+    monkeypatch.setattr(order_log, "_sync_dir", lambda d: (synced.append(d), real(d)))
+    (tmp_path / "a").mkdir()
+    log_dir = tmp_path / "a" / "b" / "c"
+    new_log(log_dir)
+    made = [str(tmp_path / "a"), str(tmp_path / "a" / "b")]
+    assert synced[:2] == made, synced  # the parents of b and c, before anything else
+    assert synced[2:] == [str(log_dir)] * 2  # then the digest, then meta.json
+    synced.clear()
+    new_log(log_dir, overwrite=True)  # nothing new to make: only the removals and the files
+    assert synced == [str(log_dir)] * 3, synced
+
+
 def test_create_requires_a_tokenizer_and_refuses_to_clobber(tmp_path):
     with pytest.raises(ValueError, match="tokenizer_sha256"):
         OrderLog.create(tmp_path / "x", schema=SCHEMA, batch_size=B, meta={"seed": 1})

@@ -125,6 +125,29 @@ def test_micro_study_artefacts(micro_study):
 
 
 @pytest.mark.slow
+def test_pm_test_accuracies_are_the_test_splits_judged_afresh(micro_study):
+    """The golden and proxy PMs' held-out accuracies in their done.json equal the test split
+    judged here again from the saved models (the study judges it once with the golden PM, in
+    d_golden_test.npz, for both)."""
+    from ipo_gap.study_runs import Study
+    from ipo_gap.train import trainers
+
+    s = Study(micro_study, study.PRESETS["micro"])
+    golden_summary, golden = s.golden_pm()
+    proxy_summary, proxy = s.proxy_pm()
+    test = s.prep.pairs["test"]
+    judged = trainers.judge_rows(golden, *study.pm_rows(test).values())
+    assert golden_summary["test_accuracy_vs_human_labels"] == float(judged.mean())
+    assert golden_summary["test_pairs"] == len(test["prompt"]) == proxy_summary["test_pairs"]
+    relabelled = study.relabel(test, judged)
+    by_proxy = trainers.judge_rows(proxy, *study.pm_rows(relabelled).values())
+    assert proxy_summary["test_accuracy_vs_golden_labels"] == float(by_proxy.mean())
+    with np.load(micro_study / "d_golden_test.npz") as z:
+        np.testing.assert_array_equal(z["agree_human"], judged)
+        np.testing.assert_array_equal(z["y_w"], relabelled["y_w"])
+
+
+@pytest.mark.slow
 def test_exact_replays_equal_the_online_runs(micro_study):
     for tandem, online in (("tandem_ipo", "online_ipo"), ("tandem_bo2", "online_bo2")):
         t, o = _summary(micro_study, tandem), _summary(micro_study, online)

@@ -263,6 +263,28 @@ def _sync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _makedirs_durable(directory: str) -> None:
+    """`os.makedirs(directory, exist_ok=True)`, with each directory it creates made durable:
+    a new directory's entry lives in its parent, so the parent is synced after each one (from
+    the top down). Without that, a power loss could lose a log's whole directory after its
+    files were synced."""
+    missing = []
+    path = os.path.abspath(directory)
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # made meanwhile by another process: synced by it, or now
+            if not os.path.isdir(path):
+                raise
+        _sync_dir(os.path.dirname(path))
+
+
 def _meta_digest_path(directory: str) -> str:
     return os.path.join(directory, "meta.json.sha256")
 
@@ -384,7 +406,7 @@ class OrderLog:
             _sync_dir(directory)  # the removals reach the disk before the arrays go
             for p in parts:
                 shutil.rmtree(p, ignore_errors=True)
-        os.makedirs(directory, exist_ok=True)
+        _makedirs_durable(directory)
         arrays = _open_arrays(directory, schema, batch_size, (batch_chunk, steps_per_chunk))
         raw = (text + "\n").encode("utf-8")
         _write_durable(digest_path, (hashlib.sha256(raw).hexdigest() + "\n").encode("ascii"))

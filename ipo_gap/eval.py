@@ -2,11 +2,14 @@
 
 Evaluation reads a policy and never touches training state (DESIGN.md). The `Evaluator` holds
 what is fixed for a study: the reference (SFT) policy, the golden PM, the evaluation prompts
-with the golden baseline's samples on them, the KL prompts, and labelled D_golden pairs.
+with the golden baseline's samples on them, the KL prompts, and labelled pairs for the
+classifier accuracy (in a study: the valid split relabelled by the golden PM, the held-out
+counterpart of D_golden, which is the train split relabelled by it).
 
 - KL (App. D): one sample y ~ pi_theta per KL prompt (the sampler at temperature 1, no
   truncation), summing the exact full-vocabulary KL of the next-token distributions along y;
-  mean and standard error over prompts.
+  the mean over prompts with a normal 95% interval, kl_lo, kl_hi = mean -/+ 1.96 standard errors
+  (std(ddof=1) / sqrt(n); `Interval.of`).
 - Win rate: one sample of the policy per evaluation prompt against the golden baseline's
   sample, judged by the de-biased golden PM (A.2): win 1, loss 0, tie 1/2. The 95% interval is
   Wilson's score interval for a proportion at n = the number of prompts (inside [0, 1] and
@@ -16,7 +19,8 @@ with the golden baseline's samples on them, the KL prompts, and labelled D_golde
   `win_outcomes`. Every checkpoint is judged on the same prompts against the same baseline
   samples, so two checkpoints compare prompt by prompt (`paired_difference`).
 - Accuracy (App. E): the policy as a classifier, f = log pi(y_w)/pi(y_l) - log
-  pi_sft(y_w)/pi_sft(y_l) > 0, on labelled D_golden pairs (tie 1/2); drift (Fig. 8):
+  pi_sft(y_w)/pi_sft(y_l) > 0 (a zero margin scores 1/2), on pairs of the valid split
+  relabelled by the golden PM (y_w = the golden PM's winner); drift (Fig. 8):
   mean of log pi(y_w|x) - log pi_sft(y_w|x) on the same pairs.
 
 All loops run fixed-size batches (the last one edge-padded, padding dropped), so each
@@ -109,7 +113,8 @@ def outcome_values(text: str) -> np.ndarray:
 def paired_difference(a: str, b: str) -> Interval:
     """Mean over prompts of judgement(a) - judgement(b), two checkpoints' `win_outcomes` on
     the same prompts and baseline samples, with the normal 95% interval of a paired mean
-    (zero width when every prompt's outcome is the same)."""
+    (zero width when every prompt's difference judgement(a) - judgement(b) is the same, e.g.
+    when a and b agree on every prompt, whatever the outcomes)."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired outcomes must cover the same prompts: {len(a)} vs {len(b)}")
     d = outcome_values(a) - outcome_values(b)
@@ -164,7 +169,9 @@ class Evaluator:
     """Everything fixed across the checkpoints of a study (see the module docstring).
 
     eval_x/eval_xm: win-rate prompts; base_y/base_ym: the golden baseline's samples on them;
-    kl_x/kl_xm: KL prompts; pairs: labelled D_golden pairs (y_w = golden winner).
+    kl_x/kl_xm: KL prompts; pairs: labelled pairs for the classifier accuracy, y_w = the
+    golden PM's winner (in a study: the valid split relabelled by the golden PM, see
+    `study_runs`; D_golden itself is the train split relabelled by it).
     """
 
     ref: object

@@ -10,8 +10,10 @@ function serves offline and online training: only where (y_w, y_l) come from dif
 Conventions:
     * Every loss returns ``(loss, metrics)``: a scalar batch mean and a dict of scalars.
       Pairwise metrics: "delta" (mean Delta), "logratio_w" / "logratio_l" (mean log-ratios of
-      winner / loser against the reference), "accuracy" (mean of Delta > 0, the policy used as
-      an implicit classifier, App. E).
+      winner / loser against the reference), "accuracy" (the policy used as an implicit
+      classifier, App. E: mean of 1 for Delta > 0, 1/2 for Delta == 0, 0 for Delta < 0, so a
+      tie scores 1/2 as in evaluation, ``classify.classification_accuracy``; at initialisation,
+      policy == reference, Delta == 0 and the accuracy is 1/2).
     * Computation is in at least float32 (bf16 inputs are promoted; float64 is kept).
     * ``beta`` must be > 0. A Python or NumPy scalar is checked at call time (``ValueError``).
       A JAX array (sweeps pass beta as a traced array so one compiled step serves every value)
@@ -104,11 +106,13 @@ def _pair_delta(
     logratio_w_B = _as_float(logp_w) - _as_float(ref_w)
     logratio_l_B = _as_float(logp_l) - _as_float(ref_l)
     delta_B = logratio_w_B - logratio_l_B
+    # As evaluation scores a classifier (eval.pair_metrics): 1 if Delta > 0, 1/2 if 0, else 0.
+    correct_B = jnp.where(delta_B > 0, 1.0, jnp.where(delta_B < 0, 0.0, 0.5))
     metrics = {
         "delta": jnp.mean(delta_B),
         "logratio_w": jnp.mean(logratio_w_B),
         "logratio_l": jnp.mean(logratio_l_B),
-        "accuracy": jnp.mean((delta_B > 0).astype(delta_B.dtype)),
+        "accuracy": jnp.mean(correct_B.astype(delta_B.dtype)),
     }
     return delta_B, metrics
 

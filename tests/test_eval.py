@@ -1,12 +1,14 @@
-"""Evaluation pieces: the classifier margin and drift against a direct computation, and the
-Evaluator's reuse of the reference's log-probs on its fixed pairs."""
+"""Evaluation pieces: the classifier margin and drift against a direct computation, the
+Evaluator's reuse of the reference's log-probs on its fixed pairs, and the orientation of
+every ordered quantity: the win rate (policy sample vs baseline sample), self-classification
+(App. E.1) and the KL (policy || reference)."""
 
 import jax
 import numpy as np
 from conftest import tiny_config
 from test_preference import make_pairs
 
-from ipo_gap import classify
+from ipo_gap import classify, kl
 from ipo_gap import eval as evaluation
 from ipo_gap.data import ref_cache, sources
 from ipo_gap.t5 import model as t5
@@ -73,3 +75,118 @@ def test_the_evaluator_computes_the_reference_on_its_pairs_once(monkeypatch):
     assert [m is ref for m in seen] == [True, False, False]  # ref once, the policy each time
     acc, drift = evaluation.pair_metrics(policy, ref, ev.pairs, batch_size=4)
     assert (first["accuracy"], first["drift"]) == (acc, drift)
+
+
+def _prompts(seed, n, length=5):
+    x = np.random.default_rng(seed).integers(3, CFG.vocab_size, (n, length)).astype(np.int32)
+    return x, np.ones_like(x)
+
+
+def _evaluator(ref, pm, x, xm, base_y, base_ym, **overrides):
+    kwargs = {
+        "ref": ref,
+        "golden_pm": pm,
+        "eval_x": x,
+        "eval_xm": xm,
+        "base_y": base_y,
+        "base_ym": base_ym,
+        "kl_x": x,
+        "kl_xm": xm,
+        "pairs": _pairs(2, 7),
+        "max_len": 4,
+        "seed": 0,
+        "batch_size": 4,
+        "num_self": 0,
+    }
+    return evaluation.Evaluator(**{**kwargs, **overrides})
+
+
+def _token_sum(y, m):
+    return np.sum(np.where(np.asarray(m) > 0, np.asarray(y), 0), axis=-1)
+
+
+def test_win_rate_is_the_policy_sample_beating_the_baseline_sample(monkeypatch):
+    """'W' means the policy's sample won. The judge is replaced by one that prefers the response
+    with the larger sum of token ids (ties 1/2), or for a second, "proxy" PM the smaller sum.
+    The baseline's samples are all id 2 (sum 8) on four prompts and all id 63 (sum 252, the
+    most any 4-token response can have) on two, so the outcomes are lopsided and swapping the
+    judge's arguments would turn each W into L: the win rate, its Wilson interval and the
+    outcome string must equal a direct judgement of the policy's own samples (the win-rate key
+    is split(key(seed))[0]) against the baseline's, in that order."""
+    policy, ref, golden, proxy = (t5.init(CFG, key=jax.random.key(k)) for k in (1, 2, 3, 4))
+    x, xm = _prompts(1, 6)
+    base_y = np.repeat(np.array([2, 2, 2, 2, 63, 63], np.int32)[:, None], 4, axis=1)
+    base_ym = np.ones_like(base_y)
+    sign = {id(golden): 1, id(proxy): -1}
+
+    def judge(pm, x, xm, y1, m1, y2, m2, *, batch_size=256):
+        d = sign[id(pm)] * (_token_sum(y1, m1) - _token_sum(y2, m2))
+        return np.where(d > 0, 1.0, np.where(d < 0, 0.0, 0.5))
+
+    monkeypatch.setattr(evaluation, "judge_rows", judge)
+    ev = _evaluator(ref, golden, x, xm, base_y, base_ym, other_judges={"proxy": proxy})
+    got = ev(policy)
+
+    k_win = jax.random.split(jax.random.key(ev.seed))[0]
+    y, ym = evaluation.sample_rows(policy, x, xm, key=k_win, max_len=4, batch_size=4)
+    policy_sum, base_sum = _token_sum(y, ym), _token_sum(base_y, base_ym)
+    want = np.where(policy_sum > base_sum, 1.0, np.where(policy_sum < base_sum, 0.0, 0.5))
+    want_win = evaluation.Interval.of_judgements(want)
+    assert got["win_outcomes"] == evaluation.outcomes(want)
+    assert (got["win_rate"], got["win_lo"], got["win_hi"]) == (
+        want_win.mean,
+        want_win.lo,
+        want_win.hi,
+    )
+    assert got["proxy_win_rate"] == float(np.mean(1.0 - want))  # no ties: the sums differ
+    # Not vacuous: the policy wins where the baseline is all 2s and loses where it is all 63s,
+    # so the reversed order (1 - want) would give a different win rate and string.
+    assert got["win_outcomes"] == "WWWWLL" and got["win_rate"] == 4 / 6
+
+
+def test_self_classification_labels_the_pair_in_the_margins_order(monkeypatch):
+    """App. E.1: the policy's margin f(x, y, y2) on two of its own samples is scored against
+    the judge's label of (y, y2) in the same order. The judge is replaced by one that prefers
+    the response with the larger log pi(y|x) - log pi_sft(y|x), i.e. the label is 1[f > 0]
+    (1/2 at f = 0): the policy agrees with it on every pair, so the accuracy must be exactly 1.
+    Labelling (y2, y) while scoring f(x, y, y2), or the reverse, would give 0."""
+    policy, ref, pm = (t5.init(CFG, key=jax.random.key(k)) for k in (1, 2, 3))
+    x, xm = _prompts(2, 6)
+    base_y, base_ym = evaluation.sample_rows(ref, x, xm, key=jax.random.key(4), max_len=4)
+    logprobs = jax.jit(classify.policy_and_reference_logprobs)
+    calls = []
+
+    def judge(pm, x, xm, y1, m1, y2, m2, *, batch_size=256):
+        f = np.asarray(classify.policy_margin(*logprobs(policy, ref, x, xm, y1, m1, y2, m2)))
+        calls.append(len(f))
+        return np.where(f > 0, 1.0, np.where(f < 0, 0.0, 0.5))
+
+    monkeypatch.setattr(evaluation, "judge_rows", judge)
+    got = _evaluator(ref, pm, x, xm, base_y, base_ym, num_self=5)(policy)
+    assert calls == [6, 5]  # the win rate on all 6 prompts, then 5 self-classification pairs
+    assert got["self_accuracy"] == 1.0
+
+
+def test_kl_rows_is_kl_of_the_policy_from_the_reference():
+    """kl_rows(policy, ref) is App. D's KL(policy || ref): y ~ policy, and along it the exact
+    KL of the policy's next-token distributions from the reference's. Per row it equals
+    kl.sampled_kl(policy, ref) under the keys kl_rows uses (fold_in(key, b) for batch b), and
+    differs from kl.sampled_kl(ref, policy) under the same keys (KL is not symmetric, and that
+    one samples the reference)."""
+    policy, ref = (t5.init(CFG, key=jax.random.key(k)) for k in (1, 2))
+    x, xm = _prompts(3, 8)
+    key = jax.random.key(5)
+    got = evaluation.kl_rows(policy, ref, x, xm, key=key, max_len=4, batch_size=4)
+
+    def direct(p, q):
+        rows = [
+            kl.sampled_kl(
+                p, q, x[lo : lo + 4], xm[lo : lo + 4], key=jax.random.fold_in(key, b), max_len=4
+            )
+            for b, lo in enumerate((0, 4))
+        ]
+        return np.concatenate([np.asarray(r.exact) for r in rows])
+
+    np.testing.assert_allclose(got, direct(policy, ref), rtol=1e-6, atol=1e-7)
+    reverse = direct(ref, policy)
+    assert np.abs(got - reverse).min() > 0.1, (got, reverse)  # measured: 0.15 to 0.95

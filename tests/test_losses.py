@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ipo_gap import classify
 from ipo_gap import logprobs as lp
 from ipo_gap import losses as L
 
@@ -50,6 +51,51 @@ def test_pairwise_losses_match_hand_computed_values():
     np.testing.assert_allclose(metrics["logratio_w"], 0.5 / 3, rtol=1e-6)
     np.testing.assert_allclose(metrics["logratio_l"], -2.0 / 3, rtol=1e-6)
     np.testing.assert_allclose(metrics["accuracy"], 2.0 / 3, rtol=1e-6)
+
+
+def test_ipo_target_is_one_over_two_beta_at_a_beta_other_than_one_half():
+    """At BETA = 0.5 the target 1/(2 beta) equals 2 beta = 1, so the check above would pass a
+    loss written with target 2 beta. At beta = 0.1 the target 1/(2 beta) = 5, while 2 beta would
+    be 0.2 and the misprinted beta/2 0.05, and the three give different losses.
+
+    Delta = [1.5, -1.5, 2.5]: target 5 gives squares 12.25, 42.25, 6.25, mean 60.75 / 3 = 20.25.
+    Target 0.2 would give (1.69 + 2.89 + 5.29) / 3 = 3.29; target 0.05 would give
+    (2.1025 + 2.4025 + 6.0025) / 3 = 3.5025.
+    """
+    batch = _batch()
+    beta = 0.1
+    loss, _ = L.ipo_loss(*batch, beta=beta)
+    np.testing.assert_allclose(loss, 20.25, rtol=1e-6)
+    for wrong in (3.29, 3.5025):  # targets 2 beta and beta / 2
+        assert abs(float(loss) - wrong) > 10.0
+    # A traced beta (how sweeps pass it) gives the same value.
+    np.testing.assert_allclose(L.ipo_loss(*batch, beta=jnp.float32(beta))[0], 20.25, rtol=1e-6)
+    # Appendix B's form f(beta Delta), f(z) = (z - 1/2)^2: beta Delta = [.15, -.15, .25], minus
+    # 1/2 squared: .1225, .4225, .0625, mean .2025 = beta^2 * 20.25.
+    gpo, _ = L.gpo_loss(*batch, beta=beta, f=lambda z: (z - 0.5) ** 2)
+    np.testing.assert_allclose(gpo, 0.2025, rtol=1e-6)
+
+
+def test_logged_accuracy_scores_a_tie_one_half():
+    """The logged training accuracy scores Delta == 0 as 1/2, as evaluation does
+    (classify.classification_accuracy, eval.pair_metrics). At initialisation the policy is the
+    reference, every Delta is exactly 0, and every loss logs accuracy 1/2 (scoring ties 0 would
+    log 0). Delta = [1.5, 0, 2.5] logs (1 + 1/2 + 1) / 3 = 5/6 (not 2/3), Delta = [-1, 0, 0]
+    logs (0 + 1/2 + 1/2) / 3 = 1/3 (not 0)."""
+    logp_w, logp_l, _, _ = _batch()
+    for name in L.LOSSES:
+        _, metrics = L.get_loss(name)(logp_w, logp_l, logp_w, logp_l, beta=BETA)
+        assert float(metrics["delta"]) == 0.0
+        np.testing.assert_allclose(metrics["accuracy"], 0.5, rtol=0)
+    zeros = jnp.zeros(3)
+    for delta, want in (([1.5, 0.0, 2.5], 5 / 6), ([-1.0, 0.0, 0.0], 1 / 3)):
+        delta = jnp.asarray(delta)
+        _, metrics = L.ipo_loss(delta, zeros, zeros, zeros, beta=BETA)
+        np.testing.assert_allclose(metrics["accuracy"], want, rtol=1e-6)
+        # The same number evaluation gives this margin against labels "y_w wins".
+        np.testing.assert_allclose(
+            metrics["accuracy"], classify.classification_accuracy(delta, jnp.ones(3)), rtol=1e-6
+        )
 
 
 def test_gpo_recovers_dpo_slic_and_beta_squared_ipo():
@@ -356,9 +402,14 @@ def _tilt(logref, scores):
     return p / p.sum()
 
 
-def test_offline_ipo_population_optimum_matches_theory():
-    """Full-support mu: argmin E[IPO] = pi_sft exp(p(y > mu) / beta) / Z (Azar et al.; App. H)."""
-    beta = 0.5
+@pytest.mark.parametrize("beta", [0.5, 0.25])
+def test_offline_ipo_population_optimum_matches_theory(beta):
+    """Full-support mu: argmin E[IPO] = pi_sft exp(p(y > mu) / beta) / Z (Azar et al.; App. H).
+
+    A target t in (Delta - t)^2 has optimum pi_sft exp(2 t p(y > mu)) / Z, so 1/(2 beta) gives
+    the theory's exp(p / beta). At beta = 1/2 the wrong target 2 beta coincides with it; at
+    beta = 1/4 it would give exp(p) instead of exp(4 p), which the run rules out.
+    """
     _, logref, mu, pref = _bandit(5, seed=0)
     theta, grad_norm = _minimise_expected_loss(
         L.ipo_loss, logref, mu, pref, beta=beta, lr=0.5 / mu.max(), steps=3000
@@ -372,6 +423,8 @@ def test_offline_ipo_population_optimum_matches_theory():
     # optimum is pi_sft exp(beta p(y > mu)) / Z) would be measurably wrong.
     assert np.abs(theory - np.exp(logref)).max() > 0.02
     assert np.abs(pi - _tilt(logref, beta * win_vs_mu)).max() > 0.02
+    if beta != 0.5:  # so is the target 2 beta, with optimum pi_sft exp(4 beta p(y > mu)) / Z
+        assert np.abs(pi - _tilt(logref, 4 * beta * win_vs_mu)).max() > 0.02
 
 
 def test_offline_dpo_bradley_terry_optimum_matches_theory():

@@ -1,5 +1,5 @@
 """Fig. 9: Best-of-2 (SFT on the winner) online, offline and in tandem (offline on the online
-Bo2 run's stream).
+Bo2 run's stream uniformly shuffled: the paper's D_online-shuffled).
 
 Runs the pipeline (SFT, golden PM, D_golden, proxy PM, golden baseline) and Fig. 1's runs
 (every figure compares with them), then this experiment, and writes figures/fig9_best_of_2.png

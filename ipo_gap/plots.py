@@ -105,17 +105,21 @@ def figure_goodhart(online: dict, path, title) -> pathlib.Path:
     return save(fig, path)
 
 
-def figure_shuffle(online: dict, replays: Sequence[dict], path, title) -> pathlib.Path:
-    """Fig. 4/13: KL vs win rate, and the training loss over steps, online vs replays.
+def figure_shuffle(
+    online: dict, replays: Sequence[dict], path, title, offline: Sequence[dict] = ()
+) -> pathlib.Path:
+    """Fig. 4/13: KL vs win rate, and the training loss over steps, online vs replays, with
+    the `offline` sweep on D_golden as points (as the paper's Fig. 4 draws Fig. 1's runs).
 
     Replays of a sweep (method naming a "sweep") are points on the left and left out of the
     loss panel, whose other runs share online's lr and beta (a loss of another beta is on
-    another scale)."""
+    another scale); so are the offline runs."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     runs = [online, *replays]
     single = [r for r in runs if "sweep" not in r["method"]]
-    kl_winrate(a1, runs, lines_for=[r["method"] for r in single])
-    methods = _methods(runs)
+    drawn = [*runs, *offline]
+    kl_winrate(a1, drawn, lines_for=[r["method"] for r in single])
+    methods = _methods(drawn)  # one colour per method in both panels
     for r in single:
         loss = np.asarray(r["losses"])
         k = max(1, len(loss) // 30)
@@ -226,7 +230,23 @@ def figure_scaling(
     ax.set_xscale("log")
     ax.set_xlabel("policy parameters")
     ax.set_ylabel("best performance / online's (90% quantile)")
-    ax.set_title("Fig. 10/11: scaling the policy", fontsize=10)
+    ax.set_title("Fig. 11: scaling the policy", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def figure_sizes(sizes: Sequence[dict], path) -> pathlib.Path:
+    """Fig. 10: KL vs win rate per policy size (one panel each, shared axes): online as a
+    line, the offline pool and the shuffled-stream pool (the paper's "tandem") as points."""
+    fig, axes = plt.subplots(
+        1, len(sizes), figsize=(5 * len(sizes), 4.2), sharex=True, sharey=True, squeeze=False
+    )
+    tandem = "tandem: offline on the shuffled online stream"
+    for ax, s in zip(axes[0], sizes, strict=True):
+        runs = [*s["online"], *s["offline"]]
+        runs += [dict(r, method=tandem) for r in s.get("shuffled", [])]
+        kl_winrate(ax, runs, lines_for=[r["method"] for r in s["online"]])
+        ax.set_title(f"{s['model']} ({s['params']:,} params)", fontsize=9)
+    fig.suptitle("Fig. 10: KL vs win rate per policy size", fontsize=10)
     return save(fig, path)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ipo_gap import jsonl, plots
-from ipo_gap.eval import paired_difference
+from ipo_gap.eval import outcome_values, paired_difference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +61,11 @@ def peak(runs: Sequence[dict]) -> Peak:
 
 
 def at_last_checkpoint(runs: Sequence[dict], p: Peak) -> bool:
-    """Whether the peak is its run's final evaluation (the run may not have peaked yet)."""
+    """Whether the peak is its run's final evaluation, or ties with it (the run may not
+    have peaked yet)."""
     run = next(r for r in runs if r["name"] == p.run)
-    return p.step == run["evals"][-1]["step"]
+    last = run["evals"][-1]
+    return p.step == last["step"] or last["win_rate"] >= p.win
 
 
 def separation(a: Peak, b: Peak, name_a: str = "a", name_b: str = "b") -> tuple[int, str]:
@@ -148,6 +150,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
             [tandem, *shuffled],
             figs / "fig4_13_replay_and_shuffle.png",
             "Fig. 4 / 13: offline IPO on the online stream, exact and shuffled",
+            offline=offline,
         )
     if fig5:
         plots.figure_kl_winrate(  # the same offline run as H2's table
@@ -162,9 +165,13 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "test_accuracy_vs_golden_labels", pipe["proxy_pm"]["valid_accuracy"]
     )
     proxy_split = "test" if "test_accuracy_vs_golden_labels" in pipe["proxy_pm"] else "valid"
-    best_off = max(offline, key=lambda r: peak([r]).win)
+    # Fig. 6-8 follow single runs at the default settings (the paper's words): online, the
+    # offline run at online's lr and beta, and the uniformly shuffled replay (its "tandem").
+    off_default = offline_same(offline, online)
+    uniform = [r for r in shuffled if r["method"] == UNIFORM]
+    h3_runs = [online, off_default, *uniform[:1]]
     plots.figure_classification(
-        [online, best_off, *([tandem] if tandem else [])],
+        h3_runs,
         proxy_acc,
         figs / "fig6_7_8_classification.png",
         "Fig. 6-8: policies as classifiers on the online stream and on D_golden pairs",
@@ -333,6 +340,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
                 "table."
             ),
             *_uniform_verdict(shuffled, p_on),
+            *_shuffle_vs_offline(shuffled, offline, online),
+            *_level_verdict(shuffled, p_on),
         ]
     if fig5:
         lines += [
@@ -361,54 +370,59 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "![fig6](figures/fig6_7_8_classification.png)",
         "",
     ]
-    acc = [(e["accuracy"], e["win_rate"]) for r in ipo_runs for e in r["evals"] if e["step"]]
+    corr_runs = [online, off_default]  # the paper's Fig. 7: one online, one offline run
+    acc = [(e["accuracy"], e["win_rate"]) for r in corr_runs for e in r["evals"] if e["step"]]
     corr = float(np.corrcoef(np.array(acc).T)[0, 1]) if len(acc) > 2 else float("nan")
-    final = lambda r: r["evals"][-1]  # noqa: E731
     opt = lambda e, k: f"{e[k]:.3f}" if k in e else "n/a"  # noqa: E731
-    lines.append(
-        table(
-            [
-                "policy",
-                "final accuracy on D_golden",
-                "final accuracy on the online stream",
-                "final self-classification (E.1)",
-                "final drift of log pi(y_w)",
-            ],
-            [
-                [
-                    r["method"] + f" ({r['name']})",
-                    f"{final(r)['accuracy']:.3f}",
-                    opt(final(r), "stream_accuracy"),
-                    opt(final(r), "self_accuracy"),
-                    f"{final(r)['drift']:.2f}",
-                ]
-                for r in [online, best_off]
-            ]
-            + [
-                [
-                    "proxy PM",
-                    f"{proxy_acc:.3f} ({proxy_split})",
-                    opt(final(online), "stream_proxy_accuracy"),
-                    "",
-                    "",
-                ]
-            ],
-        )
+    rows = [
+        [
+            f"{label} ({r['name']}, step {e['step']})",
+            f"{e['accuracy']:.3f}",
+            opt(e, "stream_accuracy"),
+            opt(e, "self_accuracy"),
+            f"{e['drift']:.2f}",
+            f"{e['win_rate']:.3f}",
+        ]
+        for label, r, e in _h3_checkpoints(online, off_default, uniform[:1])
+    ]
+    rows.append(
+        [
+            "proxy PM",
+            f"{proxy_acc:.3f} ({proxy_split} split)",
+            opt(online["evals"][-1], "stream_proxy_accuracy"),
+            "",
+            "",
+            "",
+        ]
     )
+    header = [
+        "policy (run, checkpoint)",
+        "accuracy on D_golden pairs (valid split)",
+        "accuracy on the online stream",
+        "self-classification (E.1)",
+        "drift of log pi(y_w)",
+        "win rate",
+    ]
+    lines.append(table(header, rows))
     lines += [
         "",
+        "The runs are single runs at the default settings, as the paper's Fig. 6-8: online, "
+        "offline on D_golden at online's lr and beta, and offline on the online stream "
+        "uniformly shuffled (the paper's tandem of Fig. 8). The offline run trains "
+        f"{off_default['evals'][-1]['step']} steps; it is read after online's "
+        f"{online['evals'][-1]['step']} steps (the paper's Fig. 6 trains both 4k steps) and at "
+        "its end. D_golden accuracy: on golden-labelled pairs of the valid split. "
         "Online-stream accuracy: on the last 64 pairs of the online IPO run's stream before "
         "its k-th evaluation, relabelled by the golden PM, for every run's k-th checkpoint "
         "(Fig. 6). Self-classification: on pairs of the policy's own two samples per prompt, "
         "labelled by the golden PM (App. E.1).",
         "",
         f"Proxy PM accuracy on golden-labelled pairs ({proxy_split} split): {proxy_acc:.3f}. "
-        "Pearson "
-        f"correlation of accuracy and win rate over all {len(acc)} IPO checkpoints: "
-        f"{corr:.2f}. **Verdict:** " + correlation_verdict(corr),
+        f"Pearson correlation of accuracy and win rate over the {len(acc)} checkpoints of "
+        "online and of offline at the default settings (the paper's Fig. 7 plots one run "
+        f"each): {corr:.2f}. **Verdict:** " + correlation_verdict(corr, len(acc)),
     ]
     if fig9:
-        b_on, b_off, b_t = (peak([r]) for r in fig9)
         lines += [
             "",
             "## H4, non-contrastive losses (Fig. 9): Best-of-2",
@@ -417,9 +431,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
             "",
             table(PEAK_HEADER, _peak_rows({r["method"]: [r] for r in fig9})),
             "",
-            f"**Verdict:** {compare(b_on, b_off, 'online Bo2', 'offline Bo2')}; the tandem "
-            f"Bo2 replay's max parameter difference to online: "
-            f"{fig9[2]['max_param_diff_to_online']:.3g}.",
+            f"**Verdict:** {bo2_verdict(fig9)}",
         ]
     if beyond:
         lines += [
@@ -443,6 +455,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
 # run at online's lr and beta, and the other points of the offline grid.
 UNIFORM = "offline ipo (shuffled uniform)"
 UNIFORM_SWEEP = "offline ipo (shuffled uniform, lr x beta sweep)"
+# Fig. 9's third run: offline Best-of-2 on the online Bo2 stream uniformly shuffled.
+SHUFFLED_BO2 = "offline bo2 (shuffled uniform)"
 
 
 def same_settings(r: dict, online: dict) -> bool:
@@ -487,6 +501,88 @@ def _uniform_verdict(shuffled: Sequence[dict], p_on: Peak) -> list[str]:
     return lines
 
 
+def _shuffle_vs_offline(shuffled: Sequence[dict], offline: Sequence[dict], online: dict):
+    """H1's other half: the paper's Fig. 4 finds "little improvement on the offline
+    performance" from offline on D_golden to offline on the shuffled online stream. Both at
+    online's lr and beta, and both pools (the shuffled runs train as many steps as online,
+    the offline ones `offline_steps_factor` times more)."""
+    first = [r for r in shuffled if r["method"] == UNIFORM]
+    pool = first + [r for r in shuffled if r["method"] == UNIFORM_SWEEP]
+    if not first or not offline:
+        return []
+    same = compare(peak(first), peak([offline_same(offline, online)]), "shuffled", "offline")
+    sign, _ = separation(peak(pool), peak(offline))
+    pooled = compare(peak(pool), peak(offline), "shuffled (pooled)", "offline (pooled)")
+    if sign > 0:
+        end = (
+            "Unlike the paper, which found little improvement from D_golden to the shuffled "
+            "online stream, the shuffled stream is the better dataset for offline IPO here."
+        )
+    elif sign < 0:
+        end = "Unlike the paper, offline on D_golden is ahead of the shuffled online stream here."
+    else:
+        end = "As the paper found, the shuffled online stream brings no measurable improvement."
+    return [
+        f"Against offline on D_golden (the paper's Fig. 4 draws both): at online's lr and "
+        f"beta, {same}; over both pools (best checkpoints), {pooled}. {end}"
+    ]
+
+
+def _level_verdict(shuffled: Sequence[dict], p_on: Peak) -> list[str]:
+    """Fig. 13: each windowed shuffle (w steps shuffled together) against online."""
+    levels = [r for r in shuffled if r["method"] not in (UNIFORM, UNIFORM_SWEEP)]
+    if not levels:
+        return []
+    label = lambda r: r["method"].removeprefix("offline ipo (shuffled ").rstrip(")")  # noqa: E731
+    parts = [f"{label(r)}: {compare(peak([r]), p_on, label(r), 'online')}" for r in levels]
+    return [
+        "Shuffle levels (Fig. 13; the paper: performance holds for small windows, then falls "
+        "towards the uniform shuffle's): " + "; ".join(parts) + "."
+    ]
+
+
+def _h3_checkpoints(online: dict, off_default: dict, shuffled: Sequence[dict]):
+    """(label, run, evaluation) rows of H3's table: online's and the shuffled replay's last
+    checkpoints, and the default offline run after online's step count and at its end."""
+    last = online["evals"][-1]["step"]
+    out = [("online", online, online["evals"][-1])]
+    same_step = [e for e in off_default["evals"] if e["step"] == last]
+    if same_step and same_step[0] is not off_default["evals"][-1]:
+        out.append(("offline, after online's steps", off_default, same_step[0]))
+    out.append(("offline, at its end", off_default, off_default["evals"][-1]))
+    out += [("shuffled (tandem)", r, r["evals"][-1]) for r in shuffled]
+    return out
+
+
+def bo2_verdict(fig9: Sequence[dict]) -> str:
+    """H4: online vs offline Best-of-2, and the third run: the uniformly shuffled replay of
+    the online Bo2 stream, which the paper found on par with online (its "data coverage
+    might play a bigger role here"); an exact-order replay in summaries of older code."""
+    b_on, b_off, b_third = (peak([r]) for r in fig9)
+    text = compare(b_on, b_off, "online Bo2", "offline Bo2") + "; "
+    third = fig9[2]
+    if third["method"] != SHUFFLED_BO2:  # older code: the exact-order replay
+        return text + (
+            "the exact-order Bo2 replay's max parameter difference to online: "
+            f"{third['max_param_diff_to_online']:.3g}."
+        )
+    sign, _ = separation(b_third, b_on)
+    said = compare(b_third, b_on, "shuffled Bo2", "online Bo2")
+    if sign == 0:
+        end = (
+            "offline Bo2 on the shuffled online stream is not separated from online, as the "
+            "paper found (on par)"
+        )
+    elif sign > 0:
+        end = "offline Bo2 on the shuffled online stream is above online (the paper: on par)"
+    else:
+        end = (
+            "unlike the paper (on par), online Bo2 stays above offline Bo2 on its own shuffled "
+            "stream: data coverage does not explain the Bo2 gap here"
+        )
+    return text + f"{said}: {end}."
+
+
 def offline_same(offline: Sequence[dict], online: dict) -> dict:
     """The offline sweep run with online's lr and beta (else the first)."""
     for r in offline:
@@ -501,6 +597,8 @@ def goodhart_verdict(online: dict) -> str:
     ev = [e for e in online["evals"] if "proxy_win_rate" in e]
     first, last = ev[0], ev[-1]
     top = max(ev, key=lambda e: e["win_rate"])
+    if last["win_rate"] >= top["win_rate"]:  # a tie with an earlier peak: it peaks at the end
+        top = last
     text = (
         f"judged by the proxy PM, online IPO's win rate goes from {first['proxy_win_rate']:.3f} "
         f"(step {first['step']}) to {last['proxy_win_rate']:.3f} (step {last['step']}, KL "
@@ -590,16 +688,31 @@ def _refresh_period(method: str) -> float:
     return float(method.rsplit("s=", 1)[1].rstrip(")"))
 
 
-def correlation_verdict(r: float) -> str:
-    """The paper found policy accuracy and generative quality not well correlated."""
-    if not np.isfinite(r):
+def correlation_verdict(r: float, n: int) -> str:
+    """The paper found "little positive correlation" between a policy's accuracy and its win
+    rate. `r` over `n` checkpoints, with Fisher's 95% interval (tanh(atanh r +- 1.96 /
+    sqrt(n - 3)), which treats the checkpoints as independent samples: they are not, being
+    successive states of two runs, so the interval is if anything too narrow)."""
+    if not np.isfinite(r) or n < 4:
         return "too few checkpoints to correlate."
-    if abs(r) < 0.3:
-        return "accuracy and win rate are weakly related here (|r| < 0.3), as the paper found."
-    sign = "positively" if r > 0 else "negatively"
+    half = 1.96 / math.sqrt(n - 3)
+    z = math.atanh(min(max(r, -0.999999), 0.999999))
+    lo, hi = math.tanh(z - half), math.tanh(z + half)
+    said = f"r = {r:.2f}, 95% interval [{lo:.2f}, {hi:.2f}] over {n} checkpoints"
+    if lo > 0:
+        return (
+            f"accuracy and win rate are positively correlated here ({said}); the paper found "
+            "little positive correlation."
+        )
+    if hi < 0:
+        return (
+            f"accuracy and win rate are negatively correlated here ({said}): the more accurate "
+            "classifier is the weaker generator, so, as the paper concluded, accuracy does not "
+            "explain the gap."
+        )
     return (
-        f"accuracy and win rate are {sign} correlated here (r = {r:.2f}); the paper found "
-        "them not well correlated."
+        f"no correlation of accuracy and win rate is separated from 0 here ({said}), as the "
+        "paper found little positive correlation."
     )
 
 
@@ -609,28 +722,125 @@ def quantile_win(runs: Sequence[dict], q: float = 0.9) -> float:
     return float(np.quantile(wins, q))
 
 
-def _gap_trend(label: str, ratios: Sequence[float], sizes: Sequence[dict]) -> str:
+BOOTSTRAP_DRAWS = 2000
+
+
+def _outcome_matrix(runs: Sequence[dict]) -> np.ndarray | None:
+    """(checkpoints, prompts) judgements of the runs' evaluations (step 0 excluded), or None
+    where one lacks per-prompt outcomes (summaries of older code)."""
+    texts = [e.get("win_outcomes") for r in runs for e in r["evals"] if e["step"] > 0]
+    if not texts or not all(texts) or len({len(t) for t in texts}) != 1:
+        return None
+    return np.stack([outcome_values(t) for t in texts])
+
+
+def bootstrap_ratios(
+    sizes: Sequence[dict], key: str, draws: int = BOOTSTRAP_DRAWS, seed: int = 0, q: float = 0.9
+) -> np.ndarray | None:
+    """(draws, sizes): the q-quantile ratio `key` / online per size, with the evaluation
+    prompts resampled with replacement. Every checkpoint of every method and size is judged
+    on the same prompts against the same baseline samples, so each draw resamples them all
+    alike (a fixed seed: the same draws for "offline" and "shuffled"). It holds evaluation
+    noise only, not training noise. None without per-prompt outcomes everywhere."""
+    mats = [(_outcome_matrix(s["online"]), _outcome_matrix(s[key])) for s in sizes]
+    if any(m is None for pair in mats for m in pair):
+        return None
+    widths = {m.shape[1] for pair in mats for m in pair}
+    if len(widths) != 1:
+        return None
+    n = widths.pop()
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=draws) / n
+    out = np.empty((draws, len(sizes)))
+    for i, (on, other) in enumerate(mats):
+        q_on = np.quantile(weights @ on.T, q, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[:, i] = np.quantile(weights @ other.T, q, axis=1) / q_on
+    return out
+
+
+def _gap_trend(
+    label: str, ratios: Sequence[float], sizes: Sequence[dict], boot: np.ndarray | None
+) -> str:
     """How `label`/online moves from the smallest to the largest size. The gap is
     |1 - ratio| whichever side is ahead: a ratio above 1 that grows is the other method
-    pulling further ahead of online, not the gap narrowing."""
+    pulling further ahead of online, not the gap narrowing. With `boot` (`bootstrap_ratios`)
+    the narrowing's 95% percentile interval must exclude 0 for "narrows" or "widens"."""
     d = abs(1 - ratios[0]) - abs(1 - ratios[-1])
     ahead = [s["model"] for s, r in zip(sizes, ratios, strict=True) if r > 1]
-    return (
+    text = (
         f"{label.capitalize()}/online goes from {ratios[0]:.3f} ({sizes[0]['model']}) to "
-        f"{ratios[-1]:.3f} ({sizes[-1]['model']}): the gap "
-        + ("narrows" if d > 0.02 else "widens" if d < -0.02 else "stays about the same")
-        + " with size."
-        + (f" {label.capitalize()} is ahead of online at {', '.join(ahead)}." if ahead else "")
+        f"{ratios[-1]:.3f} ({sizes[-1]['model']}): "
+    )
+    if boot is not None:
+        lo, hi = np.nanpercentile(np.abs(1 - boot[:, 0]) - np.abs(1 - boot[:, -1]), [2.5, 97.5])
+        word = (
+            "the gap narrows with size"
+            if lo > 0
+            else "the gap widens with size"
+            if hi < 0
+            else "the gap's change with size is not separated from 0 at this sample size"
+        )
+        text += (
+            f"{word} (narrowing {d:+.3f}, 95% bootstrap interval over the evaluation prompts "
+            f"[{lo:+.3f}, {hi:+.3f}])."
+        )
+    else:
+        text += (
+            "the gap "
+            + ("narrows" if d > 0.02 else "widens" if d < -0.02 else "stays about the same")
+            + " with size (no per-prompt outcomes, so no interval: read a small change as no"
+            " change)."
+        )
+    return text + (
+        f" {label.capitalize()} is ahead of online at {', '.join(ahead)}." if ahead else ""
+    )
+
+
+def _ratio_cell(ratio: float, boot: np.ndarray | None, i: int) -> str:
+    if boot is None:
+        return f"{ratio:.3f}"
+    lo, hi = np.nanpercentile(boot[:, i], [2.5, 97.5])
+    return f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _pools(sizes: Sequence[dict], shuffled: bool) -> str:
+    """What each size's quantile pools, from the summaries themselves."""
+    counts = [
+        (len(s["online"]), len(s["offline"]), len(s["shuffled"]) if shuffled else 0) for s in sizes
+    ]
+    evals = {len([e for e in s["online"][0]["evals"] if e["step"]]) for s in sizes}
+    if len(set(counts)) == 1:
+        _, n_off, n_sh = counts[0]
+        text = (
+            f"Every size pools {n_off} offline run(s)"
+            + (f" and {n_sh} shuffled run(s)" if shuffled else "")
+            + " (the study runs them at the online lr and the offline betas at every size)."
+        )
+    else:
+        text = (
+            "**The sizes pool different numbers of runs** (online, offline, shuffled: "
+            + "; ".join(f"{s['model']} {c}" for s, c in zip(sizes, counts, strict=True))
+            + "), so their quantiles are taken over different pools: compare sizes with care."
+        )
+    return text + (
+        f" Online's quantile is over its {evals.pop()} checkpoints, the pools' over more: a 90%"
+        " quantile of more checkpoints lies nearer their best, so a ratio's level is biased"
+        " towards the pooled method (a pool of copies of online's curve would score above 1);"
+        " the trend across sizes, over equal pools, is not."
+        if len(evals) == 1
+        else ""
     )
 
 
 def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
     """Fig. 10, 11, 14: best performance (90% quantile) per method and size, / online's:
     offline IPO on D_golden, and offline on the online stream uniformly shuffled (the paper's
-    "tandem" of Fig. 10/11) where the summary has it."""
+    "tandem" of Fig. 10/11) where the summary has it; Fig. 10's KL vs win rate per size."""
     shuffled = all("shuffled" in s for s in sizes)
+    boot = bootstrap_ratios(sizes, "offline")
+    boot_sh = bootstrap_ratios(sizes, "shuffled") if shuffled else None
     rows, ratios, ratios_shuffled = [], [], []
-    for s in sizes:
+    for i, s in enumerate(sizes):
         on, off = quantile_win(s["online"]), quantile_win(s["offline"])
         ratios.append(off / on)
         row = [
@@ -638,13 +848,13 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
             f"{s['sft_loss']:.3f}" if "sft_loss" in s else "-",
             f"{on:.3f}",
             f"{off:.3f}",
-            f"{off / on:.3f}",
+            _ratio_cell(off / on, boot, i),
             len(s["offline"]),
         ]
         if shuffled:
             sh = quantile_win(s["shuffled"])
             ratios_shuffled.append(sh / on)
-            row += [f"{sh:.3f}", f"{sh / on:.3f}", len(s["shuffled"])]
+            row += [f"{sh:.3f}", _ratio_cell(sh / on, boot_sh, i), len(s["shuffled"])]
         rows.append(row)
     plots.figure_scaling(
         [s["params"] for s in sizes],
@@ -653,46 +863,52 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
         figs / "fig10_11_scaling.png",
         shuffled_ratios=ratios_shuffled or None,
     )
+    plots.figure_sizes(sizes, figs / "fig10_sizes.png")
     if len(ratios) < 2:
         trend = "only one policy size was run: no trend."
     else:
         trend = (
-            _gap_trend("offline", ratios, sizes)
-            + " The paper: scaling the policy does not close the gap."
+            _gap_trend("offline", ratios, sizes, boot)
+            + " The paper (Fig. 11): the offline gap closes with size, but more slowly than"
+            " the shuffled one."
             + (
                 " "
-                + _gap_trend("shuffled", ratios_shuffled, sizes)
+                + _gap_trend("shuffled", ratios_shuffled, sizes, boot_sh)
                 + " The paper: with the online data shuffled, the gap shrinks with size on two"
                 " of its three tasks, faster than offline's."
                 if shuffled
                 else ""
             )
-            + " These ratios have no interval and the sizes may pool different numbers of"
-            " runs: read a small change as no change."
+            + " The intervals hold the evaluation's noise only (one training run per method"
+            " and size)."
         )
     header = [
         "policy (params)",
         "SFT loss",
         "online q90",
         "offline q90",
-        "offline / online",
+        "offline / online" + (" [95% bootstrap]" if boot is not None else ""),
         "offline runs",
     ]
     if shuffled:
-        header += ["shuffled q90", "shuffled / online", "shuffled runs"]
+        header += [
+            "shuffled q90",
+            "shuffled / online" + (" [95% bootstrap]" if boot_sh is not None else ""),
+            "shuffled runs",
+        ]
     return [
         "",
         "## H5, scale (Fig. 10, 11, 14): policy sizes",
         "",
-        "![fig10](figures/fig10_11_scaling.png)",
+        "![fig10](figures/fig10_sizes.png)",
+        "",
+        "![fig11](figures/fig10_11_scaling.png)",
         "",
         "Best performance = 90% quantile of win rates over all checkpoints of a method's "
-        "runs at a size, normalised by online's. Offline and shuffled each pool their runs at "
-        "the online learning rate and the offline betas, at every size (the main size's other "
-        "learning rates are left out, so that every size pools the same grid). Shuffled: "
-        "offline IPO on that size's online stream uniformly shuffled (the paper's "
-        '"tandem" of Fig. 10/11). '
-        "SFT loss: the SFT loss of each size's starting policy "
+        "runs at a size, normalised by online's. Shuffled: offline IPO on that size's online "
+        'stream uniformly shuffled (the paper\'s "tandem" of Fig. 10/11). '
+        + _pools(sizes, shuffled)
+        + " SFT loss: the SFT loss of each size's starting policy "
         "(mean of its last 20 steps; SFT learning rate scaled by 1/width).",
         "",
         table(header, rows),

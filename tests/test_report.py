@@ -118,37 +118,79 @@ def test_semi_online_trend_needs_a_strict_fall_and_a_separated_end():
     assert len("W" * 250 + "L" * 150) == n
 
 
+def _size(model, params, ratio, n=100, key="offline", seed=None):
+    """A policy size whose online run wins n/2 of n prompts and whose `key` run wins
+    ratio * n/2 of them: a subset of online's wins, or, with a `seed`, prompts drawn at
+    random (as two real policies, which win and lose on different prompts)."""
+    on = "W" * (n // 2) + "L" * (n - n // 2)
+    k = round(n / 2 * ratio)
+    other = np.array(list("W" * k + "L" * (n - k)))
+    if seed is not None:
+        other = np.random.default_rng(seed).permutation(other)
+    return {
+        "model": model,
+        "params": params,
+        "online": [_run("online ipo", [on])],
+        key: [_run("offline ipo", ["".join(other)])],
+    }
+
+
 @pytest.mark.parametrize(
     "ratios,word,ahead",
-    [((0.60, 0.80), "narrows", False), ((1.04, 1.20), "widens", True), ((0.8, 1.2), "stays", True)],
+    [
+        ((0.60, 0.80), "the gap narrows with size", False),
+        ((1.04, 1.20), "the gap widens with size", True),
+        ((0.8, 1.2), "the gap's change with size is not separated from 0", True),
+    ],
 )
 def test_scaling_gap_is_the_distance_of_the_ratio_from_1(tmp_path, ratios, word, ahead):
-    def size(model, params, ratio):
-        on = "W" * 50 + "L" * 50
-        off = "W" * round(50 * ratio) + "L" * (100 - round(50 * ratio))
-        return {
-            "model": model,
-            "params": params,
-            "online": [_run("online ipo", [on])],
-            "offline": [_run("offline ipo", [off])],
-        }
-
-    sizes = [size("toy-s", 1e6, ratios[0]), size("toy-m", 4e6, ratios[1])]
+    sizes = [_size("toy-s", 1e6, ratios[0]), _size("toy-m", 4e6, ratios[1])]
     text = "\n".join(report.scaling_section(sizes, tmp_path))
-    assert f"Offline/online goes from {ratios[0]:.3f}" in text and f"the gap {word}" in text
+    assert f"Offline/online goes from {ratios[0]:.3f}" in text and word in text
     assert ("Offline is ahead of online at" in text) == ahead
-    assert "shuffled" not in text.split("**Verdict:**")[1]  # no shuffled runs in the summary
+    assert "Shuffled/online" not in text  # no shuffled runs in the summary
+    assert "Every size pools 1 offline run(s) (the study" in text
     # With each size's shuffled replay (the paper's "tandem"): its own ratio and trend.
     for s, r in zip(sizes, (0.9, 0.96), strict=True):
-        s["shuffled"] = [
-            _run(
-                "offline ipo (shuffled uniform)",
-                ["W" * round(50 * r) + "L" * (100 - round(50 * r))],
-            )
-        ]
+        s["shuffled"] = _size(s["model"], 0, r, key="shuffled")["shuffled"]
     text = "\n".join(report.scaling_section(sizes, tmp_path))
-    assert "Shuffled/online goes from 0.900 (toy-s) to 0.960 (toy-m): the gap narrows" in text
-    assert (tmp_path / "fig10_11_scaling.png").exists()
+    assert "Shuffled/online goes from 0.900 (toy-s) to 0.960 (toy-m): the gap's change" in text
+    assert (tmp_path / "fig10_11_scaling.png").exists() and (tmp_path / "fig10_sizes.png").exists()
+
+
+def test_scaling_intervals_resample_the_prompts_alike_everywhere(tmp_path):
+    """The ratios' bootstrap resamples the evaluation prompts, the same draw for every
+    checkpoint, method and size: where offline is online with its wins on a fixed share of
+    the prompts the ratio is exact; a small change on 512 prompts is not separated, which
+    the fixed 0.02 threshold of older code called a narrowing; without per-prompt outcomes
+    the old rule stands, and says there is no interval."""
+    # Offline wins exactly the prompts online wins, at both sizes: ratio 1 in every draw.
+    same = [_size("toy-s", 1e6, 1.0, n=64), _size("toy-m", 4e6, 1.0, n=64)]
+    boot = report.bootstrap_ratios(same, "offline", draws=50)
+    np.testing.assert_array_equal(boot, np.ones((50, 2)))
+    # One draw by hand: weights w over prompts, ratio = (w . off) / (w . on) (one checkpoint).
+    rng = np.random.default_rng(0)
+    w = rng.multinomial(100, np.full(100, 1 / 100), size=1)[0] / 100
+    sizes = [_size("toy-s", 1e6, 0.6), _size("toy-m", 4e6, 0.8)]
+    on = outcome_values("W" * 50 + "L" * 50)
+    offs = [outcome_values("W" * k + "L" * (100 - k)) for k in (30, 40)]
+    boot = report.bootstrap_ratios(sizes, "offline", draws=1)
+    np.testing.assert_allclose(boot[0], [w @ o / (w @ on) for o in offs], rtol=1e-12)
+    # 0.70 -> 0.74 on 512 prompts: +0.04, not separated.
+    small = [_size("toy-s", 1e6, 0.70, 512, seed=1), _size("toy-m", 4e6, 0.74, 512, seed=2)]
+    text = "\n".join(report.scaling_section(small, tmp_path))
+    assert "the gap's change with size is not separated from 0 at this sample size" in text
+    assert "offline / online [95% bootstrap]" in text
+    for s in small:  # older summaries: no per-prompt outcomes
+        for e in s["offline"][0]["evals"]:
+            e.pop("win_outcomes", None)
+    text = "\n".join(report.scaling_section(small, tmp_path))
+    assert "the gap narrows with size (no per-prompt outcomes, so no interval" in text
+    # Sizes pooling different numbers of runs are named.
+    small[1]["offline"] = small[1]["offline"] * 2
+    assert "**The sizes pool different numbers of runs**" in "\n".join(
+        report.scaling_section(small, tmp_path)
+    )
 
 
 def test_h1_compares_the_shuffle_at_online_settings_and_the_pooled_sweep():
@@ -191,3 +233,76 @@ def test_h1_compares_the_shuffle_at_online_settings_and_the_pooled_sweep():
     assert not report.same_settings({"lr": 1e-9, "beta": 0.1}, {"lr": 3e-9, "beta": 0.1})
     # A run whose method is not the one at online's settings is not taken as that run.
     assert report._uniform_verdict([sweep], on) == []
+
+
+def test_h1_sets_the_shuffle_against_offline_and_names_each_shuffle_level():
+    """The paper's Fig. 4 also compares the shuffled stream with offline on D_golden ("little
+    improvement"): both at online's settings and pooled, paired; each windowed shuffle
+    (Fig. 13) is compared with online."""
+    base = "W" * 200 + "L" * 200
+    online = dict(_run("online ipo", [base]), lr=1e-3, beta=0.1)
+    offline = [
+        dict(_run("offline ipo", ["L" * 60 + base[60:]]), name="off_a", lr=1e-3, beta=0.1),
+        dict(_run("offline ipo", ["L" * 100 + base[100:]]), name="off_b", lr=3e-3, beta=0.1),
+    ]
+    shuffled = dict(_run(report.UNIFORM, ["L" * 40 + base[40:]]), lr=1e-3, beta=0.1)
+    # shuffled - offline: +1 on 20 of 400 prompts: 0.05, half-width 1.96 sd / 20 = 0.021.
+    (line,) = report._shuffle_vs_offline([shuffled], offline, online)
+    assert "at online's lr and beta, shuffled is higher than offline (paired difference " in line
+    assert "shuffled - offline +0.050 [+0.029, +0.071]" in line
+    assert "over both pools (best checkpoints), shuffled (pooled) is higher" in line
+    assert line.endswith("the shuffled stream is the better dataset for offline IPO here.")
+    level = dict(shuffled, evals=offline[0]["evals"])  # the same judgements as offline
+    (line,) = report._shuffle_vs_offline([level], offline, online)
+    assert "shuffled and offline are level" in line
+    assert line.endswith(
+        "As the paper found, the shuffled online stream brings no measurable improvement."
+    )
+    assert report._shuffle_vs_offline([], offline, online) == []
+    w4 = _run("offline ipo (shuffled w4)", [base])
+    (line,) = report._level_verdict([w4, shuffled], report.peak([online]))
+    assert "w4: w4 and online are level" in line and "uniform)" not in line
+
+
+def test_h4_compares_online_bo2_with_its_shuffled_stream():
+    """Fig. 9's third run is offline Bo2 on the online Bo2 stream uniformly shuffled (the
+    paper finds it on par with online); an exact-order replay (older summaries) is reported
+    by its parameter difference."""
+    base = "W" * 200 + "L" * 200
+    on = _run("online bo2", [base])
+    off = _run("offline bo2", ["L" * 100 + base[100:]])
+    par = _run(report.SHUFFLED_BO2, ["L" * 2 + base[2:200] + "W" * 2 + base[202:]])
+    text = report.bo2_verdict([on, off, par])
+    assert text.startswith("online Bo2 is higher than offline Bo2 (paired difference")
+    assert "shuffled online stream is not separated from online, as the paper found" in text
+    below = _run(report.SHUFFLED_BO2, ["L" * 60 + base[60:]])
+    assert "unlike the paper (on par), online Bo2 stays above" in report.bo2_verdict(
+        [on, off, below]
+    )
+    exact = dict(_run("offline bo2 (exact order)", [base]), max_param_diff_to_online=0.0)
+    assert report.bo2_verdict([on, off, exact]).endswith(
+        "the exact-order Bo2 replay's max parameter difference to online: 0."
+    )
+
+
+def test_h3_reads_single_runs_at_the_default_settings():
+    """Fig. 6-8 follow one run per method at the default settings: the offline run at
+    online's lr and beta (not the best of the sweep), read after online's step count and at
+    its end, and the uniformly shuffled replay."""
+    online = dict(_run("online ipo", ["W", "W"]), lr=1e-3, beta=0.1)  # steps 10, 20
+    best = dict(_run("offline ipo", ["W"] * 4), name="best", lr=3e-3, beta=0.1)
+    default = dict(_run("offline ipo", ["L"] * 4), name="default", lr=1e-3, beta=0.1)
+    assert report.offline_same([best, default], online) is default
+    shuffled = _run(report.UNIFORM, ["L", "L"])
+    rows = report._h3_checkpoints(online, default, [shuffled])
+    assert [(label, r["name"], e["step"]) for label, r, e in rows] == [
+        ("online", "online_ipo", 20),
+        ("offline, after online's steps", "default", 20),
+        ("offline, at its end", "default", 40),
+        ("shuffled (tandem)", shuffled["name"], 20),
+    ]
+    short = dict(default, evals=default["evals"][:3])  # as long as online: one row
+    assert [label for label, _, _ in report._h3_checkpoints(online, short, [])] == [
+        "online",
+        "offline, at its end",
+    ]

@@ -34,6 +34,7 @@ FIGURES = (
     "fig9_best_of_2.png",
     "beyond_semi_online_hypo.png",
     "fig10_11_scaling.png",
+    "fig10_sizes.png",
     "goodhart_proxy_vs_golden.png",
 )
 
@@ -93,7 +94,8 @@ def test_micro_study_artefacts(micro_study):
         assert (w / stage / "done.json").exists(), stage
     assert (w / "sft_toy-m" / "done.json").exists()  # the second policy size (Fig. 10)
     assert (w / "runs_toy-m" / "shuffled_ipo_uniform" / "done.json").exists()
-    assert "| shuffled q90 | shuffled / online |" in text and "Shuffled/online goes from" in text
+    assert "| shuffled q90 | shuffled / online [95% bootstrap] |" in text
+    assert "Shuffled/online goes from" in text
     cfg = study.PRESETS["micro"]
     for stage, lr in (("golden_pm", cfg.pm_lr_golden), ("proxy_pm", cfg.pm_lr)):
         assert json.loads((w / stage / "done.json").read_text())["learning_rate"] == lr, stage
@@ -115,7 +117,7 @@ def test_micro_study_artefacts(micro_study):
         "shuffled_ipo_uniform",
         "online_bo2",
         "offline_bo2",
-        "tandem_bo2",
+        "shuffled_bo2_uniform",
         "hypo",
     } <= set(runs)
     for name in runs:
@@ -149,19 +151,23 @@ def test_pm_test_accuracies_are_the_test_splits_judged_afresh(micro_study):
 
 @pytest.mark.slow
 def test_exact_replays_equal_the_online_runs(micro_study):
-    for tandem, online in (("tandem_ipo", "online_ipo"), ("tandem_bo2", "online_bo2")):
-        t, o = _summary(micro_study, tandem), _summary(micro_study, online)
-        assert t["max_param_diff_to_online"] == 0.0
-        assert t["max_loss_dev_to_online"] == 0.0
-        assert t["losses"] == o["losses"]
-        # Same parameters -> same evaluations, bit for bit. The online runs' checkpoints are
-        # also judged by their proxy PM (proxy_win_*), which the replays do not measure.
-        assert all("proxy_win_rate" in e for e in o["evals"][1:])
-        proxy_free = [
-            {k: v for k, v in e.items() if not k.startswith("proxy_")} for e in o["evals"]
-        ]
-        assert t["evals"] == proxy_free
-    assert "bit-identical" in (micro_study / "REPORT.md").read_text()
+    """The exact-order replay is the online run, bit for bit; Fig. 9's Best-of-2 "tandem" is
+    the paper's D_online-shuffled (the online Bo2 stream uniformly shuffled), which is not."""
+    t, o = _summary(micro_study, "tandem_ipo"), _summary(micro_study, "online_ipo")
+    assert t["max_param_diff_to_online"] == 0.0
+    assert t["max_loss_dev_to_online"] == 0.0
+    assert t["losses"] == o["losses"]
+    # Same parameters -> same evaluations, bit for bit. The online runs' checkpoints are
+    # also judged by their proxy PM (proxy_win_*), which the replays do not measure.
+    assert all("proxy_win_rate" in e for e in o["evals"][1:])
+    proxy_free = [{k: v for k, v in e.items() if not k.startswith("proxy_")} for e in o["evals"]]
+    assert t["evals"] == proxy_free
+    text = (micro_study / "REPORT.md").read_text()
+    assert "bit-identical" in text
+    sh, bo2 = _summary(micro_study, "shuffled_bo2_uniform"), _summary(micro_study, "online_bo2")
+    assert sh["method"] == report.SHUFFLED_BO2 and len(sh["losses"]) == len(bo2["losses"])
+    assert sh["max_param_diff_to_online"] > 0 and sh["losses"] != bo2["losses"]
+    assert "shuffled Bo2" in text.split("## H4")[1]
 
 
 @pytest.mark.slow
@@ -474,8 +480,19 @@ def test_interval_and_peak_and_verdicts():
     assert "offline is higher" in report.compare(low, p, "online", "offline")
     overlap = report.Peak("d", 1, 0.68, 0.6, 0.76, 0.3)
     assert "overlap" in report.compare(p, overlap, "online", "offline")
-    assert "weakly" in report.correlation_verdict(0.1)
-    assert "negatively" in report.correlation_verdict(-0.5)
+    # Fisher's interval: n = 10, r = -0.49: tanh(atanh(-0.49) +- 1.96 / sqrt(7)) =
+    # [-0.856, 0.202]: not separated from 0 (the quick study's Fig. 7, by hand).
+    text = report.correlation_verdict(-0.49, 10)
+    assert (
+        "no correlation of accuracy and win rate is separated from 0 here (r = -0.49, 95% "
+        "interval [-0.86, 0.20] over 10 checkpoints)" in text
+    )
+    # The same r over 40 checkpoints: [-0.695, -0.211], negative.
+    assert "negatively correlated here (r = -0.49, 95% interval [-0.70, -0.21]" in (
+        report.correlation_verdict(-0.49, 40)
+    )
+    assert "positively correlated" in report.correlation_verdict(0.6, 40)
+    assert report.correlation_verdict(0.9, 3) == "too few checkpoints to correlate."
 
 
 def test_h2_and_beyond_verdicts_follow_the_intervals():
@@ -525,6 +542,12 @@ def test_goodhart_verdict_needs_separated_intervals():
     assert "No over-optimisation within this run" in report.goodhart_verdict(still_rising)
     noisy = {"evals": [ev(10, 0.5, 0.5), ev(20, 0.7, 0.7), ev(30, 0.68, 0.9)]}
     assert "no clear over-optimisation" in report.goodhart_verdict(noisy)
+    # A last checkpoint level with an earlier peak is a peak at the end, not a fall.
+    level = {"evals": [ev(10, 0.5, 0.5), ev(20, 0.7, 0.7), ev(30, 0.7, 0.9)]}
+    text = report.goodhart_verdict(level)
+    assert "peak 0.700 at step 30" in text and "No over-optimisation within this run" in text
+    run = {"name": "on", "evals": level["evals"]}
+    assert report.at_last_checkpoint([run], report.peak([run]))
 
 
 def test_golden_caveat_flags_a_golden_pm_at_chance():

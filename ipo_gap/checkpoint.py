@@ -66,16 +66,20 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
         header = json.loads(raw[8 : 8 + header_len].tobytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: malformed safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: malformed safetensors header: expected a JSON object, "
+            f"got {type(header).__name__}"
+        )
     base = 8 + header_len
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        start, end, shape = _header_entry(path, name, info)
         if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
         if end - start != math.prod(shape) * dtype.itemsize or base + end > raw.size:
             raise CheckpointError(
                 f"{path}: tensor {name} ({info['dtype']} {list(shape)}) has "
@@ -85,11 +89,59 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _header_entry(path: pathlib.Path, name: str, info) -> tuple[int, int, tuple[int, ...]]:
+    """(start, end, shape) of a tensor's header entry {dtype, shape, data_offsets}, checked."""
+
+    def ints(value, n=None) -> bool:
+        return (
+            isinstance(value, list)
+            and (n is None or len(value) == n)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        )
+
+    where = f"{path}: tensor {name}: malformed header entry"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(info).__name__}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise CheckpointError(f"{where} {info}: no {', '.join(map(repr, missing))}")
+    if not isinstance(info["dtype"], str):
+        raise CheckpointError(f"{where}: 'dtype' {info['dtype']!r} is not a string")
+    if not ints(info["shape"]):
+        raise CheckpointError(f"{where}: 'shape' {info['shape']!r} is not a list of sizes")
+    if not ints(info["data_offsets"], 2) or info["data_offsets"][0] > info["data_offsets"][1]:
+        raise CheckpointError(
+            f"{where}: 'data_offsets' {info['data_offsets']!r} is not [start, end] with "
+            "0 <= start <= end"
+        )
+    start, end = info["data_offsets"]
+    return start, end, tuple(info["shape"])
+
+
+def _read_index(index: pathlib.Path) -> dict[str, str]:
+    """The weight map (tensor -> shard file) of a sharded checkpoint's index file."""
+    try:
+        blob = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: cannot read the safetensors index: {e}") from e
+    if not isinstance(blob, dict) or "weight_map" not in blob:
+        raise CheckpointError(
+            f"{index}: not a safetensors index: no 'weight_map' (tensor name -> shard file)"
+        )
+    weight_map = blob["weight_map"]
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{index}: 'weight_map' must map tensor names to shard file names, "
+            f"got {str(weight_map)[:80]}"
+        )
+    return weight_map
+
+
 def _read_hf_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_index(index)
         tensors = {}
         for shard in sorted(set(weight_map.values())):
             tensors.update(read_safetensors(directory / shard))

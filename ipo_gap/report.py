@@ -273,6 +273,21 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
                 )
             ]
         )
+        # What the split left out (summaries of older code lack these counts).
+        if "pairs_dropped_at_split_boundaries" in data:
+            rows.append(
+                [
+                    "pairs dropped at split boundaries (past the size of a split)",
+                    str(data["pairs_dropped_at_split_boundaries"]),
+                ]
+            )
+        if "unused_prompts" in data:
+            rows.append(
+                [
+                    "prompts in no pair split (win-rate prompts may be drawn from them)",
+                    str(data["unused_prompts"]),
+                ]
+            )
     lines.append(table(["quantity", "value"], rows))
     if "test_pairs" in g:
         lines += ["", golden_caveat(g["test_accuracy_vs_human_labels"], g["test_pairs"])]

@@ -105,6 +105,15 @@ class StudyConfig:
     # for accelerators and CPUs with bf16 matrix units (AMX); its numbers are not float32's.
     compute_dtype: str = "float32"
 
+    def __post_init__(self):
+        if self.num_acc_pairs > self.num_valid:
+            raise ValueError(
+                f"StudyConfig {self.name!r}: num_acc_pairs={self.num_acc_pairs} > "
+                f"num_valid={self.num_valid}: the accuracy pairs are the first num_acc_pairs "
+                "pairs of the valid split, so only num_valid of them would be used; set "
+                "num_acc_pairs <= num_valid"
+            )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -223,6 +232,7 @@ REAL_TASK_OVERRIDES = {
         "num_test": 300,
         "num_eval_prompts": 256,
         "num_kl_prompts": 64,
+        "num_acc_pairs": 200,  # the accuracy pairs are valid pairs: at most num_valid
         "sft_steps": 300,
         "pm_steps": 300,
         "pm_eval_every": 50,
@@ -368,7 +378,9 @@ def encode_pairs(tok: Tokenizer, rows: list[dict], S: int, T: int, counts: dict,
 
 def load_task(workdir: pathlib.Path, cfg: StudyConfig):
     """The study's task: the embedded one, or a real dataset (`preference_data`), cached as
-    `workdir/task.json`."""
+    `workdir/task.json`. A real dataset's files that no longer give the cached split (a file
+    added, removed or edited) are refused (`preference_data.TaskChangedError`), not re-split
+    under the stages already trained on the old split."""
     sizes = {
         "num_train": cfg.num_train,
         "num_valid": cfg.num_valid,
@@ -394,6 +406,7 @@ def load_task(workdir: pathlib.Path, cfg: StudyConfig):
         cfg.data_dir,
         seed=cfg.seed,
         skip_bad_records=cfg.skip_bad_records,
+        refuse_changes=True,  # finished stages were trained on the cached split
         **sizes,
     )
 

@@ -8,6 +8,7 @@ when transformers is importable.
 
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -159,6 +160,72 @@ def test_sharded_index_and_missing_tensor(tmp_path):
     )
     with pytest.raises(checkpoint.CheckpointError, match=drop.replace(".", r"\.")):
         checkpoint.load_hf_t5(missing)
+
+
+def _single_file_copy(src: pathlib.Path, out: pathlib.Path, edit_header) -> pathlib.Path:
+    """A copy of the checkpoint `src` whose safetensors header is `edit_header(header)` (the
+    tensors' bytes unchanged: their offsets count from the header's end)."""
+    out.mkdir()
+    shutil.copy(src / "config.json", out / "config.json")
+    raw = (src / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit_header(header)
+    head = json.dumps(header).encode()
+    (out / "model.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + raw[8 + n :])
+    return out
+
+
+TENSOR = "decoder.block.1.layer.2.DenseReluDense.wo.weight"
+
+
+@pytest.mark.parametrize(
+    "edit,reason",
+    [
+        (lambda h: h[TENSOR].pop("dtype"), r"no 'dtype'"),
+        (lambda h: h[TENSOR].pop("shape"), r"no 'shape'"),
+        (lambda h: h[TENSOR].pop("data_offsets"), r"no 'data_offsets'"),
+        (lambda h: h.update({TENSOR: [1, 2]}), "expected a JSON object, got list"),
+        (
+            lambda h: h[TENSOR].update(data_offsets=[0]),
+            r"'data_offsets' \[0\] is not \[start, end\]",
+        ),
+        (lambda h: h[TENSOR].update(shape=[32, "48"]), r"'shape' \[32, '48'\] is not a list"),
+    ],
+)
+def test_a_malformed_header_entry_names_the_file_and_tensor(tmp_path, edit, reason):
+    """A safetensors header entry without dtype, shape or data_offsets, or with one of the
+    wrong kind, raises CheckpointError naming the file and the tensor (a bare KeyError,
+    TypeError or ValueError before)."""
+    bad = _single_file_copy(FIXTURES / "hf_t5_v11", tmp_path / "bad", edit)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load_hf_t5(bad)
+    where = f"{bad / 'model.safetensors'}: tensor {TENSOR}: malformed header entry"
+    assert str(err.value).startswith(where), err.value
+    assert re.search(reason, str(err.value)), err.value
+    unchanged = _single_file_copy(FIXTURES / "hf_t5_v11", tmp_path / "same", lambda h: None)
+    checkpoint.load_hf_t5(unchanged)  # the copy itself reads
+
+
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ('{"weight_map": {', "cannot read the safetensors index"),
+        ('{"metadata": {"total_size": 1}}', "not a safetensors index: no 'weight_map'"),
+        ('["model.safetensors"]', "not a safetensors index: no 'weight_map'"),
+        ('{"weight_map": ["model.safetensors"]}', "'weight_map' must map tensor names"),
+    ],
+)
+def test_a_malformed_index_names_the_file(tmp_path, text, reason):
+    """A sharded checkpoint's index that is not JSON, has no weight_map, or whose weight_map
+    is no tensor -> shard mapping raises CheckpointError naming the index file (a bare
+    JSONDecodeError or KeyError before)."""
+    out = tmp_path / "sharded"
+    shutil.copytree(FIXTURES / "hf_t5_v11", out)
+    index = out / "model.safetensors.index.json"
+    index.write_text(text)
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{re.escape(str(index))}: {reason}"):
+        checkpoint.load_hf_t5(out)
 
 
 def _write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]):

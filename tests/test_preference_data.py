@@ -144,6 +144,66 @@ def test_repeated_comparisons_are_kept_and_counted(tmp_path):
     }
 
 
+def test_duplicates_are_counted_across_the_files_of_a_load(tmp_path):
+    """A comparison repeated in another file (TL;DR batches share posts) is a duplicate as much
+    as one repeated in the same file: with two copies of a file, every record of the second is
+    counted as the same pair, by load_tldr and by the per-file loaders of a task (`_each`);
+    a reversed label in another file is counted too. Each file alone has no duplicate."""
+    recs = [tldr(), tldr(post="Other."), tldr(post="Third.", choice=1)]
+    tldr_dir = tmp_path / "tldr"
+    tldr_dir.mkdir()
+    a, b = tldr_dir / "batch1.json", tldr_dir / "batch2.json"
+    a.write_text("\n".join(recs) + "\n")
+    b.write_text(a.read_text())
+    assert pdata.load_tldr([a])[1].notes == {}
+    same = {"the same pair as an earlier record (kept)": 3}
+    for pairs, report in (pdata.load_tldr([a, b]), pdata.load_task_pairs("tldr", tldr_dir)):
+        assert len(pairs) == report.pairs == 6 and report.notes == same
+    c = tldr_dir / "batch3.json"
+    c.write_text(tldr(choice=1) + "\n")  # the first record of batch1 with the other label
+    assert pdata.load_tldr([a, c])[1].notes == {
+        "an earlier record has the opposite label (kept)": 1
+    }
+    hh_dir = tmp_path / "hh"
+    hh_dir.mkdir()
+    lines = [hh(D1 + f"\n\nAssistant: {w}", D1 + f"\n\nAssistant: {lo}") for w, lo in ("AB", "CD")]
+    write_gz_lines(hh_dir / "test.jsonl.gz", lines)
+    write_gz_lines(hh_dir / "train.jsonl.gz", lines)
+    pairs, report = pdata.load_task_pairs("hh_helpful", hh_dir)
+    assert len(pairs) == 4 and report.notes == {"the same pair as an earlier record (kept)": 2}
+
+
+def test_an_empty_response_is_kept_and_counted_in_every_format(tmp_path):
+    """A whitespace-only response (TL;DR summary " ", here chosen and rejected) is kept and
+    counted once per pair, as HH's empty responses are; a pair with both responses empty is
+    skipped as identical, not counted as empty."""
+    a = tmp_path / "batch1.json"
+    recs = [
+        tldr(texts=(" ate it", " ")),  # rejected ""
+        tldr(post="Other.", choice=1, texts=(" ate it", " ")),  # chosen ""
+        tldr(post="Third.", texts=(" ate it", "   ")),  # rejected "  ": whitespace only
+        tldr(post="Fourth.", texts=(" ", " ")),  # identical
+        tldr(post="Fifth."),
+    ]
+    a.write_text("\n".join(recs) + "\n")
+    pairs, report = pdata.load_tldr([a])
+    assert [(p.chosen, p.rejected) for p in pairs] == [
+        ("ate it", ""),
+        ("", "ate it"),
+        ("ate it", "  "),
+        ("ate it", "ate"),
+    ]
+    assert report.notes == {"empty response": 3}
+    assert report.skipped == {"identical responses": 1}
+    # Arena (the 55k CSV): an empty final answer is counted the same way.
+    path = write_csv(
+        tmp_path / "train.csv", [arena_csv_row("model_a", chat("Q", "yes"), chat("Q", " "))]
+    )
+    pairs, report = pdata.load_arena_csv(path)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("yes", " ")]
+    assert report.notes == {"empty response": 1}
+
+
 def test_text_that_is_not_unicode_is_a_bad_record_named_by_line(tmp_path):
     """A lone surrogate escaped in JSON loads as a Python str that no tokenizer can encode."""
     a = tmp_path / "batch1.json"
@@ -405,6 +465,8 @@ def test_split_task_with_too_little_data():
 
 
 def test_load_or_make_task_caches_and_rebuilds_on_change(tmp_path, monkeypatch):
+    """The cache is read while the files' bytes and the settings are the same (a touched file
+    is the same file), and rebuilt, without refuse_changes, when either changed."""
     data = tmp_path / "data"
     data.mkdir()
     lines = [
@@ -429,10 +491,82 @@ def test_load_or_make_task_caches_and_rebuilds_on_change(tmp_path, monkeypatch):
     assert len(calls) == 2 and changed.report["loader"]["records"] == 29
     st = (data / "test.jsonl.gz").stat()
     os.utime(data / "test.jsonl.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # Touched.
-    pdata.load_or_make_task(cache, "hh_helpful", data, seed=4, **sizes)
-    assert len(calls) == 3
-    pdata.load_or_make_task(cache, "hh_helpful", data, seed=4, **sizes)
-    assert len(calls) == 3
+    assert pdata.load_or_make_task(cache, "hh_helpful", data, seed=4, **sizes) == changed
+    assert len(calls) == 2  # Keyed by content: no rebuild.
+
+
+def _hh_task_lines(first, n):
+    return [
+        hh(f"\n\nHuman: Q{i}\n\nAssistant: A", f"\n\nHuman: Q{i}\n\nAssistant: B")
+        for i in range(first, first + n)
+    ]
+
+
+def test_task_cache_with_refuse_changes_refuses_another_split(tmp_path, monkeypatch):
+    """With refuse_changes (a study resuming on its task.json), a file added, edited or removed
+    raises TaskChangedError naming task.json, the file and what to do, and leaves task.json as
+    it was; without it the same change rebuilds the task. Changes that give the same split
+    are no refusal: a touched file (no rebuild), a moved data folder and a task.json of older
+    code (version-1 key, by mtime) are rebuilt, found equal and re-keyed."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_gz_lines(data / "test.jsonl.gz", _hh_task_lines(0, 20))
+    write_gz_lines(data / "train.jsonl.gz", _hh_task_lines(20, 20))
+    sizes = {**SIZES, "num_train": 20, "num_valid": 5, "num_test": 5, "num_eval_prompts": 5}
+    cache = tmp_path / "work" / "task.json"
+
+    def load(folder=data, refuse=True):
+        return pdata.load_or_make_task(
+            cache, "hh_helpful", folder, seed=3, refuse_changes=refuse, **sizes
+        )
+
+    calls = []
+    real = pdata.load_task_pairs
+    monkeypatch.setattr(pdata, "load_task_pairs", lambda *a, **k: calls.append(a) or real(*a, **k))
+    task = load()
+    st = (data / "test.jsonl.gz").stat()
+    os.utime(data / "test.jsonl.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert load() == task and len(calls) == 1  # Touched: the same key, read from the cache.
+    # Moved: other paths, the same split; where the pairs were read follows the files.
+    moved = data.rename(tmp_path / "moved")
+    again = load(moved)
+    assert len(calls) == 2 and pdata._split_content(again) == pdata._split_content(task)
+    assert {r["where"].rsplit("/", 2)[-2] for r in again.pairs["train"]} == {"moved"}
+    assert load(moved) == again and len(calls) == 2  # Re-keyed.
+    data = moved.rename(data)
+    # A task.json written by older code (files keyed by path, size and mtime): re-keyed.
+    blob = json.loads(cache.read_text())
+    blob["task"] = task.to_json()
+    files = sorted(data.glob("*.jsonl.gz"))
+    v1 = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    blob["key"] |= {"version": 1, "files": v1}
+    cache.write_text(json.dumps(blob))
+    assert load() == task and len(calls) == 3
+    assert json.loads(cache.read_text())["key"]["version"] == 2
+    before = cache.read_bytes()
+    # Added (a copy of a file under another name), edited, removed: each refused.
+    (data / "copy.jsonl.gz").write_bytes((data / "test.jsonl.gz").read_bytes())
+    with pytest.raises(pdata.TaskChangedError) as info:
+        load()
+    message = str(info.value)
+    assert message.startswith(f"{cache}: ") and f"files added: {data / 'copy.jsonl.gz'}" in message
+    assert "files removed" not in message and "files changed" not in message
+    assert "new --workdir" in message and "remove this workdir's stages" in message
+    assert cache.read_bytes() == before
+    (data / "copy.jsonl.gz").unlink()
+    write_gz_lines(data / "train.jsonl.gz", _hh_task_lines(20, 19))
+    with pytest.raises(pdata.TaskChangedError, match=f"files changed: {data / 'train.jsonl.gz'}"):
+        load()
+    write_gz_lines(data / "train.jsonl.gz", _hh_task_lines(20, 20))
+    assert load() == task  # The bytes as they were: the cache again.
+    (data / "train.jsonl.gz").unlink()
+    with pytest.raises(pdata.TaskChangedError, match=f"files removed: {data / 'train.jsonl.gz'}"):
+        load()
+    assert cache.read_bytes() == before
+    # Without refuse_changes the same change rebuilds.
+    rebuilt = load(refuse=False)
+    assert rebuilt.report["loader"]["records"] == 20 and rebuilt.pairs != task.pairs
+    assert pdata.load_or_make_task(cache, "hh_helpful", data, seed=3, **sizes) == rebuilt
 
 
 # ------------------------------------------------------------------------------- real files
@@ -520,3 +654,34 @@ def test_real_tldr():
         for row in rows:
             assert split_of.setdefault(row["prompt"], split) == split
     assert task.report["obtained"]["rl"] == len({r["prompt"] for r in task.pairs["train"]})
+
+
+def test_real_hh_file_added_to_a_study_data_folder(tmp_path):
+    """The real HH helpful test file in a data folder: touched, its cached task is read
+    without a refusal; a second copy added under another name is refused with
+    refuse_changes and named, and without it rebuilt, every record of the copy counted as
+    the same pair as an earlier record (2,352 of them)."""
+    needs(HH_FILES["helpful"])
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test.jsonl.gz").write_bytes(HH_FILES["helpful"].read_bytes())
+    sizes = {"num_train": 400, "num_valid": 100, "num_test": 100, "num_rl_prompts": 100}
+    sizes["num_eval_prompts"] = 100
+    cache = tmp_path / "work" / "task.json"
+
+    def load(refuse=True):
+        return pdata.load_or_make_task(
+            cache, "hh_helpful", data, seed=0, refuse_changes=refuse, **sizes
+        )
+
+    task = load()
+    os.utime(data / "test.jsonl.gz")  # Touched now.
+    assert load() == task
+    (data / "test_copy.jsonl.gz").write_bytes(HH_FILES["helpful"].read_bytes())
+    with pytest.raises(pdata.TaskChangedError, match=f"files added: {data / 'test_copy.jsonl.gz'}"):
+        load()
+    rebuilt = load(refuse=False)
+    loader = rebuilt.report["loader"]
+    assert loader["records"] == 2 * 2354 and loader["pairs"] == 2 * 2352
+    assert loader["notes"]["the same pair as an earlier record (kept)"] == 2352
+    assert rebuilt.pairs != task.pairs

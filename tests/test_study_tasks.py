@@ -12,6 +12,7 @@ loads the real HH helpful records through the study's task loader.
 import dataclasses
 import gzip
 import json
+import os
 import pathlib
 import sys
 
@@ -22,7 +23,7 @@ from conftest import SHARED_DATA
 
 from ipo_gap import checkpoint, study
 from ipo_gap.configs import model_preset
-from ipo_gap.data import embedded_task
+from ipo_gap.data import embedded_task, preference_data
 from ipo_gap.study_runs import Study
 from ipo_gap.t5 import model as t5
 from ipo_gap.tokenizer import Tokenizer
@@ -152,6 +153,49 @@ def test_a_study_config_saved_before_compute_dtype_resumes_as_float32(tmp_path):
     assert study.with_new_defaults(saved) == json.loads(json.dumps(cfg.to_dict()))  # as compared
     bf16 = dataclasses.replace(cfg, compute_dtype="bfloat16").to_dict()
     assert study.with_new_defaults(bf16)["compute_dtype"] == "bfloat16"  # a saved value wins
+
+
+def test_accuracy_pairs_fit_in_the_valid_split():
+    """The accuracy pairs are the first num_acc_pairs pairs of the valid split: every preset,
+    on every task, asks for at most num_valid of them (quick on real data asked for 256 of
+    200 valid pairs and silently used 200), and a config asking for more is refused, naming
+    both fields, whether built from a preset or by the main job's flags."""
+    for name, preset in study.PRESETS.items():
+        for task in ("embedded", *preference_data.TASKS):
+            cfg = study.for_task(preset, task)
+            assert cfg.num_acc_pairs <= cfg.num_valid, (name, task)
+    quick = study.for_task(study.PRESETS["quick"], "hh_helpful")
+    assert quick.num_acc_pairs == quick.num_valid == 200
+    with pytest.raises(ValueError, match=r"'micro': num_acc_pairs=65 > num_valid=64"):
+        dataclasses.replace(study.PRESETS["micro"], num_acc_pairs=65)
+    import reproduce
+
+    with pytest.raises(ValueError, match=r"'quick': num_acc_pairs=256 > num_valid=100"):
+        reproduce.config("quick", num_valid=100)
+
+
+def test_a_resumed_study_refuses_a_changed_data_folder(tmp_path):
+    """study.load_task (run by `prepare` whenever a study starts or resumes) reads its cached
+    task.json while the data files' bytes are the same (a touched file included), and refuses
+    a data folder with a file added, naming task.json and the file, where it used to re-split
+    the pairs silently under the stages already trained on the old split."""
+    data = tmp_path / "hh"
+    write_hh(data / "train.jsonl.gz", 900)
+    cfg = dataclasses.replace(
+        study.for_task(study.PRESETS["micro"], "hh_helpful"), data_dir=str(data)
+    )
+    work = tmp_path / "work"
+    task = study.load_task(work, cfg)
+    cached = (work / "task.json").read_bytes()
+    st = (data / "train.jsonl.gz").stat()
+    os.utime(data / "train.jsonl.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert study.load_task(work, cfg) == task
+    write_hh(data / "test.jsonl.gz", 50, seed=1)
+    with pytest.raises(preference_data.TaskChangedError) as info:
+        study.load_task(work, cfg)
+    assert str(info.value).startswith(f"{work / 'task.json'}: ")
+    assert f"files added: {data / 'test.jsonl.gz'}" in str(info.value)
+    assert (work / "task.json").read_bytes() == cached
 
 
 def test_real_data_flags_are_refused_on_the_embedded_task():

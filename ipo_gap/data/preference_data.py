@@ -17,7 +17,8 @@ Formats read, and the choices made (each loader returns `(pairs, LoadReport)`):
   "SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:"; responses are the
   summary texts less their one leading space. CNN/DM records (`info.article`, no post) are bad.
   Several workers labelled some comparisons: a pair equal to an earlier one, or its reverse
-  (the opposite label), is kept and counted in `notes`.
+  (the opposite label), is kept and counted in `notes` (earlier in any file of the same load,
+  as for every format).
 - Chatbot Arena conversations (parquet): `conversation_a/b` lists of `{content, role}`, `winner` in
   model_a / model_b / tie / tie (bothbad). Responses are the final assistant turns. A single-turn
   prompt is the user's message as is; a multi-turn prompt is the shared conversation formatted
@@ -33,8 +34,9 @@ Bad input never passes silently: a malformed record raises `BadRecordError` ("fi
 `line` is the 1-based line of a JSON-lines file, or the 0-based data row of a parquet/CSV file),
 or with `skip_bad_records=True` is counted with the first few reasons kept. Unreadable files
 (truncated or invalid gzip, bytes that are not UTF-8, no records) raise `DataFileError` whatever
-the flag. Blank lines are not records. Identical responses are skipped and counted. Text that
-is not valid Unicode (a lone surrogate escaped in JSON, which no tokenizer can encode) makes a bad
+the flag. Blank lines are not records. Identical responses are skipped and counted; a pair
+with an empty (whitespace-only) response is kept and counted in `notes`. Text that is not
+valid Unicode (a lone surrogate escaped in JSON, which no tokenizer can encode) makes a bad
 record.
 """
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
+import hashlib
 import json
 import os
 import pathlib
@@ -119,10 +122,16 @@ def _check_unicode(name: str, text: str) -> None:
         raise _Bad(f"{name} is not valid Unicode text: {e.reason} at character {e.start}") from None
 
 
-def _collect(files, records, parse, skip_bad: bool) -> tuple[list[Pair], LoadReport]:
-    """Turns (file, line, raw) records into pairs with `parse(raw, notes) -> (x, y_w, y_l)`."""
+def _collect(
+    files, records, parse, skip_bad: bool, seen: set | None = None
+) -> tuple[list[Pair], LoadReport]:
+    """Turns (file, line, raw) records into pairs with `parse(raw, notes) -> (x, y_w, y_l)`.
+
+    `seen` holds the (prompt, chosen, rejected) of the pairs kept so far: pass one set to every
+    file of a load, so that a pair repeated in a later file is counted as a duplicate too.
+    """
     report, pairs = LoadReport(files=[str(f) for f in files]), []
-    seen: set[tuple[str, str, str]] = set()
+    seen = set() if seen is None else seen
     for file, line, raw in records:
         report.records += 1
         notes: dict[str, int] = {}  # Counted only for pairs kept.
@@ -143,6 +152,8 @@ def _collect(files, records, parse, skip_bad: bool) -> tuple[list[Pair], LoadRep
         if chosen == rejected:
             _count(report.skipped, "identical responses")
             continue
+        if not chosen.strip() or not rejected.strip():
+            notes["empty response"] = 1
         if (prompt, chosen, rejected) in seen:
             notes["the same pair as an earlier record (kept)"] = 1
         elif (prompt, rejected, chosen) in seen:
@@ -244,14 +255,12 @@ def _hh_parse(text: str, notes: dict[str, int]) -> tuple[str, str, str]:
     responses = [_strip_space(s[cut:], notes) for s in (chosen, rejected)]
     if any(_A in r for r in responses):
         _count(notes, "response contains '\\n\\nAssistant:'")
-    if any(not r.strip() for r in responses):
-        _count(notes, "empty response")
     return chosen[:cut], responses[0], responses[1]
 
 
-def load_hh_rlhf(path, *, skip_bad_records=False) -> tuple[list[Pair], LoadReport]:
-    """Pairs of one HH-RLHF file (e.g. helpful-base/test.jsonl.gz)."""
-    return _collect([path], _jsonl_records(path), _hh_parse, skip_bad_records)
+def load_hh_rlhf(path, *, skip_bad_records=False, seen=None) -> tuple[list[Pair], LoadReport]:
+    """Pairs of one HH-RLHF file (e.g. helpful-base/test.jsonl.gz); `seen`: see `_collect`."""
+    return _collect([path], _jsonl_records(path), _hh_parse, skip_bad_records, seen)
 
 
 # ------------------------------------------------------------------------- TL;DR comparisons
@@ -295,11 +304,14 @@ def _tldr_parser(splits):
 def load_tldr(
     paths: list, *, splits: tuple[str, ...] | None = None, skip_bad_records=False
 ) -> tuple[list[Pair], LoadReport]:
-    """Pairs of TL;DR comparison files, optionally only those whose `split` is in `splits`."""
+    """Pairs of TL;DR comparison files, optionally only those whose `split` is in `splits`.
+
+    Duplicates are counted across the files (one comparison can be in two batches)."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     parse = _tldr_parser(None if splits is None else tuple(splits))
-    return _merge(_collect([p], _jsonl_records(p), parse, skip_bad_records) for p in paths)
+    seen: set[tuple[str, str, str]] = set()
+    return _merge(_collect([p], _jsonl_records(p), parse, skip_bad_records, seen) for p in paths)
 
 
 # ------------------------------------------------------------------------- Chatbot Arena
@@ -349,8 +361,9 @@ def _arena_parse(row: dict, notes: dict[str, int]) -> tuple[str, str, str]:
     return prompt, finals[winner], finals[1 - winner]
 
 
-def load_arena_parquet(path, *, skip_bad_records=False) -> tuple[list[Pair], LoadReport]:
-    """Pairs of a Chatbot Arena conversations parquet file (needs the `arena` extra: pyarrow)."""
+def load_arena_parquet(path, *, skip_bad_records=False, seen=None) -> tuple[list[Pair], LoadReport]:
+    """Pairs of a Chatbot Arena conversations parquet file (needs the `arena` extra: pyarrow);
+    `seen`: see `_collect`."""
     try:
         import pyarrow
         import pyarrow.parquet as pq
@@ -381,7 +394,7 @@ def load_arena_parquet(path, *, skip_bad_records=False) -> tuple[list[Pair], Loa
         except pyarrow.ArrowException as e:
             raise DataFileError(f"{path}: unreadable after data row {row} ({e})") from None
 
-    return _collect([path], rows(), _arena_parse, skip_bad_records)
+    return _collect([path], rows(), _arena_parse, skip_bad_records, seen)
 
 
 _CSV_COLUMNS = ("prompt", "response_a", "response_b", "winner_model_a", "winner_model_b")
@@ -454,9 +467,9 @@ def _arena_csv_parse(raw, notes: dict[str, int]) -> tuple[str, str, str]:
     return prompt, finals[won], finals[1 - won]
 
 
-def load_arena_csv(path, *, skip_bad_records=False) -> tuple[list[Pair], LoadReport]:
-    """Pairs of the Arena human-preference 55k CSV (train.csv)."""
-    return _collect([path], _csv_rows(path), _arena_csv_parse, skip_bad_records)
+def load_arena_csv(path, *, skip_bad_records=False, seen=None) -> tuple[list[Pair], LoadReport]:
+    """Pairs of the Arena human-preference 55k CSV (train.csv); `seen`: see `_collect`."""
+    return _collect([path], _csv_rows(path), _arena_csv_parse, skip_bad_records, seen)
 
 
 # ------------------------------------------------------------------------------- tasks
@@ -473,7 +486,13 @@ class TaskSpec:
 
 
 def _each(loader):
-    return lambda paths, skip: _merge(loader(p, skip_bad_records=skip) for p in paths)
+    """A task's loader: `loader` on each file, duplicates counted across the files."""
+
+    def load(paths, skip):
+        seen: set[tuple[str, str, str]] = set()
+        return _merge(loader(p, skip_bad_records=skip, seen=seen) for p in paths)
+
+    return load
 
 
 _HH_URL = "https://github.com/anthropics/hh-rlhf/tree/master/"
@@ -619,33 +638,127 @@ def split_task(
     return PreferenceTask(name, as_dicts, prompts, split_report)
 
 
+class TaskChangedError(ValueError):
+    """A cached split (task.json) that no longer matches its data files or settings, where
+    rebuilding it is refused (`load_or_make_task(refuse_changes=True)`): the stages already
+    trained on the old split would be mixed with stages run on a new one."""
+
+
+# 1: data files keyed by path, size and mtime (a touched file re-split the task);
+# 2: by path, size and SHA-256 of the bytes.
+_KEY_VERSION = 2
+
+
+def _file_key(path: pathlib.Path) -> dict:
+    """A data file's entry in the cache key: its resolved path, size and SHA-256."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return {"path": str(path.resolve()), "size": size, "sha256": digest.hexdigest()}
+
+
+def _split_content(task: PreferenceTask) -> tuple:
+    """What training sees of a split task: its pairs' texts by split and its prompts (not
+    where the pairs were read, nor the loader's report)."""
+    texts = {
+        split: [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+        for split, rows in task.pairs.items()
+    }
+    return task.name, texts, task.prompts
+
+
+def _key_changes(old, new: dict) -> list[str]:
+    """What differs between a cached task's key (any version) and the current one, in words:
+    data files added, removed and changed (by resolved path), then the other settings."""
+    old = old if isinstance(old, dict) else {}
+
+    def by_path(key: dict) -> dict:
+        files = {}
+        for entry in key.get("files") or []:
+            if isinstance(entry, dict):
+                files[entry.get("path")] = (entry.get("size"), entry.get("sha256"))
+            elif isinstance(entry, list) and len(entry) == 3:  # version 1: path, size, mtime
+                files[entry[0]] = (entry[1], None)
+        return files
+
+    was, now = by_path(old), by_path(new)
+    both = sorted(set(was) & set(now))
+    # A version-1 entry holds no content hash: the same size may hide other bytes.
+    unknown = [f for f in both if was[f][1] is None and was[f][0] == now[f][0]]
+    groups = {
+        "files added": sorted(set(now) - set(was)),
+        "files removed": sorted(set(was) - set(now)),
+        "files changed": [f for f in both if was[f] != now[f] and f not in unknown],
+        "files perhaps changed (task.json of older code holds no content hash)": unknown,
+    }
+    out = [f"{what}: {', '.join(map(str, files))}" for what, files in groups.items() if files]
+    for field in ("name", "seed", "sizes", "skip_bad_records"):
+        if old.get(field) != new[field]:
+            out.append(f"{field} {old.get(field)!r} in task.json, {new[field]!r} now")
+    return out
+
+
 def load_or_make_task(
-    cache_path, name: str, data_dir, *, seed: int, skip_bad_records=False, **sizes: int
+    cache_path,
+    name: str,
+    data_dir,
+    *,
+    seed: int,
+    skip_bad_records=False,
+    refuse_changes: bool = False,
+    **sizes: int,
 ) -> PreferenceTask:
     """The split task, cached as JSON at `cache_path`.
 
-    The cache is keyed by the task name, the resolved data files with their sizes and mtimes,
-    the seed, the sizes and the skip flag; it is rebuilt when any of them changed.
+    The cache is keyed by the task name, the data files (resolved path, size and SHA-256 of
+    the bytes: touching a file changes nothing), the seed, the sizes and the skip flag. When
+    the key differs the task is rebuilt from the files; the rebuilt task replaces the cache,
+    unless `refuse_changes` (a study resuming on its task.json) and its split differs from the
+    cached one (in any pair's texts, order or split, or in the prompts): then TaskChangedError
+    names the cache file and what changed. A rebuild that gives the same split (files moved or
+    copied, a cache of older code) rewrites the cache under the new key. With
+    `refuse_changes`, an unreadable cache file is refused too.
     """
     files = _task_files(name, data_dir)
     key = {
-        "version": 1,
+        "version": _KEY_VERSION,
         "name": name,
-        "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "files": [_file_key(f) for f in files],
         "seed": seed,
         "sizes": dict(sorted(sizes.items())),
         "skip_bad_records": skip_bad_records,
     }
     path = pathlib.Path(cache_path)
+    cached = old_key = None
     if hosts.exists(path):
         try:
             blob = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            blob = {}
-        if blob.get("key") == key:
-            return PreferenceTask.from_json(blob["task"])
+            old_key, cached = blob["key"], PreferenceTask.from_json(blob["task"])
+        except (ValueError, OSError, KeyError, TypeError) as e:
+            if refuse_changes:
+                raise TaskChangedError(
+                    f"{path}: unreadable ({type(e).__name__}: {e}), so whether the data in "
+                    f"{data_dir} still gives the split that earlier stages were trained on "
+                    "cannot be checked; use a new --workdir, or remove this workdir's stages "
+                    f"and {path.name} to start afresh"
+                ) from None
+        else:
+            if old_key == key:
+                return cached
     pairs, report = load_task_pairs(name, data_dir, skip_bad_records=skip_bad_records)
     task = split_task(name, pairs, report, seed=seed, **sizes)
+    if refuse_changes and cached is not None and _split_content(task) != _split_content(cached):
+        changes = _key_changes(old_key, key) or ["the key's format"]
+        raise TaskChangedError(
+            f"{path}: the task no longer matches the data it was split from "
+            f"({'; '.join(changes)}), and splitting the data in {data_dir} now gives another "
+            f"split: the stages already finished beside {path.name} were trained on the old "
+            "one, and the rest would run on the new one (old test prompts could land in train). "
+            "Restore the data files as they were, or start afresh: use a new --workdir, or "
+            f"remove this workdir's stages and {path.name}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     jsonl.write_atomic(path, json.dumps({"key": key, "task": task.to_json()}))
     return task

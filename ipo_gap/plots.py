@@ -132,6 +132,8 @@ def figure_shuffle(
             lw=1.2,
             ls="--" if "exact" in r["method"] else "-",
         )
+    # Below the panel: the offline sweep stretches the KL axis and fills its corners.
+    a1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2)
     a2.set_xlabel("step")
     a2.set_ylabel(f"IPO loss (moving mean over {k} steps)")
     a2.set_yscale("log")
@@ -217,14 +219,21 @@ def figure_scaling(
     ratios: Sequence[float],
     path,
     shuffled_ratios: Sequence[float] | None = None,
+    intervals=None,
+    shuffled_intervals=None,
 ) -> pathlib.Path:
-    """Fig. 10/11: offline's best performance normalised by online's, against policy size
-    (and, given, offline on the online stream shuffled: the paper's "tandem")."""
+    """Fig. 11: offline's best performance normalised by online's, against policy size (and,
+    given, offline on the online stream shuffled: the paper's "tandem"), with each ratio's
+    95% interval ((sizes, 2) lower and upper ends) as error bars where given."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(params, [1.0] * len(params), "-o", color=_COLORS[0], label="online ipo (= 1)")
-    ax.plot(params, ratios, "-o", color=_COLORS[1], label="offline ipo")
+    series = [(ratios, intervals, _COLORS[1], "offline ipo")]
     if shuffled_ratios is not None:
-        ax.plot(params, shuffled_ratios, "-o", color=_COLORS[2], label="offline ipo, shuffled")
+        series.append((shuffled_ratios, shuffled_intervals, _COLORS[2], "offline ipo, shuffled"))
+    for values, iv, color, label in series:
+        values = np.asarray(values, np.float64)
+        err = None if iv is None else np.abs(np.asarray(iv, np.float64).T - values)
+        ax.errorbar(params, values, yerr=err, fmt="-o", color=color, capsize=3, label=label)
     for p, n in zip(params, names, strict=True):
         ax.annotate(n, (p, 1.0), textcoords="offset points", xytext=(0, 6), fontsize=8)
     ax.set_xscale("log")

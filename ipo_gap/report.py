@@ -302,7 +302,12 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         f"**Verdict:** {compare(p_on, p_off, 'online', 'offline')}. Online peaks at "
         f"KL {p_on.kl:.2f}, offline at KL {p_off.kl:.2f}."
         + (
-            " Online's best checkpoint is its last: it may not have reached its peak (a run "
+            (
+                " Online's best checkpoint is its last"
+                if p_on.step == online["evals"][-1]["step"]
+                else f" Online's last checkpoint is level with its best (step {p_on.step})"
+            )
+            + ": it may not have reached its peak (a run "
             "with more online steps"
             + (", e.g. the standard preset," if preset in ("micro", "quick") else "")
             + " would show where it turns over)."
@@ -385,31 +390,33 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "![fig6](figures/fig6_7_8_classification.png)",
         "",
     ]
-    corr_runs = [online, off_default]  # the paper's Fig. 7: one online, one offline run
-    acc = [(e["accuracy"], e["win_rate"]) for r in corr_runs for e in r["evals"] if e["step"]]
-    corr = float(np.corrcoef(np.array(acc).T)[0, 1]) if len(acc) > 2 else float("nan")
     opt = lambda e, k: f"{e[k]:.3f}" if k in e else "n/a"  # noqa: E731
+
+    def stream(e: dict) -> str:
+        if "stream_accuracy" not in e:
+            return "n/a"
+        return f"{e['stream_accuracy']:.3f} (window to step {e.get('stream_step', e['step'])})"
+
+    checkpoints = _h3_checkpoints(online, off_default, uniform[:1])
     rows = [
         [
             f"{label} ({r['name']}, step {e['step']})",
             f"{e['accuracy']:.3f}",
-            opt(e, "stream_accuracy"),
+            stream(e),
             opt(e, "self_accuracy"),
             f"{e['drift']:.2f}",
             f"{e['win_rate']:.3f}",
         ]
-        for label, r, e in _h3_checkpoints(online, off_default, uniform[:1])
+        for label, r, e in checkpoints
     ]
-    rows.append(
-        [
-            "proxy PM",
-            f"{proxy_acc:.3f} ({proxy_split} split)",
-            opt(online["evals"][-1], "stream_proxy_accuracy"),
-            "",
-            "",
-            "",
-        ]
+    last = online["evals"][-1]
+    proxy_stream = (
+        dict(last, stream_accuracy=last["stream_proxy_accuracy"])
+        if ("stream_proxy_accuracy" in last)
+        else {}
     )
+    rows.append(["proxy PM", f"{proxy_acc:.3f} ({proxy_split} split)", stream(proxy_stream)])
+    rows[-1] += ["", "", ""]
     header = [
         "policy (run, checkpoint)",
         "accuracy on D_golden pairs (valid split)",
@@ -419,23 +426,32 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "win rate",
     ]
     lines.append(table(header, rows))
+    read_at = [e["step"] for label, r, e in checkpoints if r is off_default]
     lines += [
         "",
         "The runs are single runs at the default settings, as the paper's Fig. 6-8: online, "
-        "offline on D_golden at online's lr and beta, and offline on the online stream "
-        "uniformly shuffled (the paper's tandem of Fig. 8). The offline run trains "
-        f"{off_default['evals'][-1]['step']} steps; it is read after online's "
-        f"{online['evals'][-1]['step']} steps (the paper's Fig. 6 trains both 4k steps) and at "
-        "its end. D_golden accuracy: on golden-labelled pairs of the valid split. "
+        "offline on D_golden at online's lr and beta"
+        + (
+            ", and offline on the online stream uniformly shuffled (the paper's tandem of Fig. 8)"
+            if uniform
+            else ""
+        )
+        + f". The offline run trains {off_default['evals'][-1]['step']} steps; it is read at "
+        + (
+            f"step {read_at[0]}, its checkpoint nearest online's {online['evals'][-1]['step']} "
+            "steps (the paper's Fig. 6 trains both 4k steps), and at its end. "
+            if len(read_at) > 1
+            else "its end. "
+        )
+        + "D_golden accuracy: on golden-labelled pairs of the valid split. "
         "Online-stream accuracy: on the last 64 pairs of the online IPO run's stream before "
         "its k-th evaluation, relabelled by the golden PM, for every run's k-th checkpoint "
-        "(Fig. 6). Self-classification: on pairs of the policy's own two samples per prompt, "
+        "(Fig. 6): the window is named, since runs of other lengths meet other windows at a "
+        "step. Self-classification: on pairs of the policy's own two samples per prompt, "
         "labelled by the golden PM (App. E.1).",
         "",
         f"Proxy PM accuracy on golden-labelled pairs ({proxy_split} split): {proxy_acc:.3f}. "
-        f"Pearson correlation of accuracy and win rate over the {len(acc)} checkpoints of "
-        "online and of offline at the default settings (the paper's Fig. 7 plots one run "
-        f"each): {corr:.2f}. **Verdict:** " + correlation_verdict(corr, len(acc)),
+        "**Verdict:** " + classification_verdict(online, off_default, uniform[:1]),
     ]
     if fig9:
         lines += [
@@ -530,13 +546,22 @@ def _shuffle_vs_offline(shuffled: Sequence[dict], offline: Sequence[dict], onlin
     pooled = compare(peak(pool), peak(offline), "shuffled (pooled)", "offline (pooled)")
     if sign > 0:
         end = (
-            "Unlike the paper, which found little improvement from D_golden to the shuffled "
-            "online stream, the shuffled stream is the better dataset for offline IPO here."
+            "Pooled, as the paper's Fig. 4 compares them: unlike the paper, which found little "
+            "improvement from D_golden to the shuffled online stream, the shuffled stream is "
+            "the better dataset for offline IPO here."
         )
     elif sign < 0:
-        end = "Unlike the paper, offline on D_golden is ahead of the shuffled online stream here."
+        end = (
+            "Pooled, as the paper's Fig. 4 compares them: unlike the paper, offline on "
+            "D_golden is ahead of the shuffled online stream here."
+        )
     else:
-        end = "As the paper found, the shuffled online stream brings no measurable improvement."
+        end = (
+            "Pooled, as the paper's Fig. 4 compares them: as the paper found, the shuffled "
+            "online stream brings no measurable improvement."
+        )
+    if separation(peak(first), peak([offline_same(offline, online)]))[0] != sign:
+        end += " (At online's lr and beta alone the comparison comes out otherwise.)"
     return [
         f"Against offline on D_golden (the paper's Fig. 4 draws both): at online's lr and "
         f"beta, {same}; over both pools (best checkpoints), {pooled}. {end}"
@@ -558,12 +583,14 @@ def _level_verdict(shuffled: Sequence[dict], p_on: Peak) -> list[str]:
 
 def _h3_checkpoints(online: dict, off_default: dict, shuffled: Sequence[dict]):
     """(label, run, evaluation) rows of H3's table: online's and the shuffled replay's last
-    checkpoints, and the default offline run after online's step count and at its end."""
+    checkpoints, and the default offline run at its checkpoint nearest online's step count
+    (the earlier on a tie) and at its end."""
     last = online["evals"][-1]["step"]
     out = [("online", online, online["evals"][-1])]
-    same_step = [e for e in off_default["evals"] if e["step"] == last]
-    if same_step and same_step[0] is not off_default["evals"][-1]:
-        out.append(("offline, after online's steps", off_default, same_step[0]))
+    evals = [e for e in off_default["evals"] if e["step"] > 0]
+    near = min(evals, key=lambda e: (abs(e["step"] - last), e["step"]))
+    if near is not off_default["evals"][-1]:
+        out.append(("offline, near online's step count", off_default, near))
     out.append(("offline, at its end", off_default, off_default["evals"][-1]))
     out += [("shuffled (tandem)", r, r["evals"][-1]) for r in shuffled]
     return out
@@ -703,31 +730,58 @@ def _refresh_period(method: str) -> float:
     return float(method.rsplit("s=", 1)[1].rstrip(")"))
 
 
-def correlation_verdict(r: float, n: int) -> str:
-    """The paper found "little positive correlation" between a policy's accuracy and its win
-    rate. `r` over `n` checkpoints, with Fisher's 95% interval (tanh(atanh r +- 1.96 /
-    sqrt(n - 3)), which treats the checkpoints as independent samples: they are not, being
-    successive states of two runs, so the interval is if anything too narrow)."""
-    if not np.isfinite(r) or n < 4:
-        return "too few checkpoints to correlate."
-    half = 1.96 / math.sqrt(n - 3)
-    z = math.atanh(min(max(r, -0.999999), 0.999999))
-    lo, hi = math.tanh(z - half), math.tanh(z + half)
-    said = f"r = {r:.2f}, 95% interval [{lo:.2f}, {hi:.2f}] over {n} checkpoints"
-    if lo > 0:
-        return (
-            f"accuracy and win rate are positively correlated here ({said}); the paper found "
-            "little positive correlation."
+def _pearson(points: Sequence[tuple[float, float]]) -> float:
+    """Pearson's r of (x, y) points; nan for fewer than 3 or a constant coordinate."""
+    if len(points) < 3:
+        return float("nan")
+    xy = np.array(points, np.float64).T
+    if np.ptp(xy[0]) == 0 or np.ptp(xy[1]) == 0:
+        return float("nan")
+    return float(np.corrcoef(xy)[0, 1])
+
+
+def classification_verdict(online: dict, offline: dict, shuffled: Sequence[dict] = ()) -> str:
+    """H3 (Fig. 7): does a policy's accuracy as a classifier explain the gap? The paper:
+    offline becomes the more accurate classifier yet stays the weaker policy, and accuracy
+    and win rate show little positive correlation. Here: the contrast of the two runs (last
+    checkpoints' accuracy, point estimates; peak win rates, paired), each run's own
+    correlation over its checkpoints (successive states of one run, not independent samples,
+    so no interval), and the pooled one, which mixes the runs' levels with their trends."""
+    runs = [("online", online), ("offline", offline), *(("shuffled", r) for r in shuffled)]
+    points = lambda r: [(e["accuracy"], e["win_rate"]) for e in r["evals"] if e["step"]]  # noqa: E731
+    said = lambda r: "n/a" if math.isnan(r) else f"{r:+.2f}"  # noqa: E731
+    within = ", ".join(f"{label} {said(_pearson(points(r)))}" for label, r in runs)
+    pooled = said(_pearson(points(online) + points(offline)))
+    acc_on, acc_off = online["evals"][-1]["accuracy"], offline["evals"][-1]["accuracy"]
+    p_on, p_off = peak([online]), peak([offline])
+    sign, evidence = separation(p_on, p_off, "online", "offline")
+    text = (
+        f"offline's last checkpoint classifies {acc_off:.3f} of the D_golden pairs right, "
+        f"online's {acc_on:.3f}; their peak win rates are {p_off.win:.3f} and {p_on.win:.3f} "
+        f"({evidence}): "
+    )
+    if acc_off > acc_on and sign > 0:
+        text += (
+            "as the paper found, the more accurate classifier is the weaker policy, so accuracy "
+            "does not explain the gap."
         )
-    if hi < 0:
-        return (
-            f"accuracy and win rate are negatively correlated here ({said}): the more accurate "
-            "classifier is the weaker generator, so, as the paper concluded, accuracy does not "
-            "explain the gap."
+    elif acc_off > acc_on and sign == 0:
+        text += (
+            "offline is the more accurate classifier, as in the paper, but the two policies "
+            "are not separated at this sample size."
         )
-    return (
-        f"no correlation of accuracy and win rate is separated from 0 here ({said}), as the "
-        "paper found little positive correlation."
+    elif acc_on >= acc_off and sign > 0:
+        text += (
+            "unlike the paper, online is both the more accurate classifier and the better policy."
+        )
+    else:
+        text += "the runs do not show the paper's contrast (offline more accurate, online better)."
+    return text + (
+        f" Within each run, accuracy and win rate over its checkpoints correlate with r = "
+        f"{within} (successive states of one run: no interval; n/a under 3 checkpoints or "
+        f"for a constant); pooled over online's and offline's checkpoints r = {pooled}, which "
+        "mixes the two runs' levels with their trends. The paper found little positive "
+        "correlation."
     )
 
 
@@ -756,7 +810,8 @@ def bootstrap_ratios(
     prompts resampled with replacement. Every checkpoint of every method and size is judged
     on the same prompts against the same baseline samples, so each draw resamples them all
     alike (a fixed seed: the same draws for "offline" and "shuffled"). It holds evaluation
-    noise only, not training noise. None without per-prompt outcomes everywhere."""
+    noise only, not training noise. None without per-prompt outcomes everywhere, or where
+    online's quantile is 0 in a resample (no ratio there)."""
     mats = [(_outcome_matrix(s["online"]), _outcome_matrix(s[key])) for s in sizes]
     if any(m is None for pair in mats for m in pair):
         return None
@@ -768,8 +823,9 @@ def bootstrap_ratios(
     out = np.empty((draws, len(sizes)))
     for i, (on, other) in enumerate(mats):
         q_on = np.quantile(weights @ on.T, q, axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[:, i] = np.quantile(weights @ other.T, q, axis=1) / q_on
+        if np.any(q_on <= 0):  # online's quantile is 0 in some resample: no ratio there
+            return None
+        out[:, i] = np.quantile(weights @ other.T, q, axis=1) / q_on
     return out
 
 
@@ -787,7 +843,7 @@ def _gap_trend(
         f"{ratios[-1]:.3f} ({sizes[-1]['model']}): "
     )
     if boot is not None:
-        lo, hi = np.nanpercentile(np.abs(1 - boot[:, 0]) - np.abs(1 - boot[:, -1]), [2.5, 97.5])
+        lo, hi = np.percentile(np.abs(1 - boot[:, 0]) - np.abs(1 - boot[:, -1]), [2.5, 97.5])
         word = (
             "the gap narrows with size"
             if lo > 0
@@ -803,18 +859,23 @@ def _gap_trend(
         text += (
             "the gap "
             + ("narrows" if d > 0.02 else "widens" if d < -0.02 else "stays about the same")
-            + " with size (no per-prompt outcomes, so no interval: read a small change as no"
-            " change)."
+            + " with size (no interval: some checkpoint lacks per-prompt outcomes, or online's"
+            " quantile is 0 in a resample; read a small change as no change)."
         )
     return text + (
         f" {label.capitalize()} is ahead of online at {', '.join(ahead)}." if ahead else ""
     )
 
 
+def _intervals(boot: np.ndarray | None) -> np.ndarray | None:
+    """(sizes, 2): each size's 95% percentile interval of `bootstrap_ratios` draws."""
+    return None if boot is None else np.percentile(boot, [2.5, 97.5], axis=0).T
+
+
 def _ratio_cell(ratio: float, boot: np.ndarray | None, i: int) -> str:
     if boot is None:
         return f"{ratio:.3f}"
-    lo, hi = np.nanpercentile(boot[:, i], [2.5, 97.5])
+    lo, hi = np.percentile(boot[:, i], [2.5, 97.5])
     return f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
@@ -823,7 +884,6 @@ def _pools(sizes: Sequence[dict], shuffled: bool) -> str:
     counts = [
         (len(s["online"]), len(s["offline"]), len(s["shuffled"]) if shuffled else 0) for s in sizes
     ]
-    evals = {len([e for e in s["online"][0]["evals"] if e["step"]]) for s in sizes}
     if len(set(counts)) == 1:
         _, n_off, n_sh = counts[0]
         text = (
@@ -837,13 +897,32 @@ def _pools(sizes: Sequence[dict], shuffled: bool) -> str:
             + "; ".join(f"{s['model']} {c}" for s, c in zip(sizes, counts, strict=True))
             + "), so their quantiles are taken over different pools: compare sizes with care."
         )
-    return text + (
-        f" Online's quantile is over its {evals.pop()} checkpoints, the pools' over more: a 90%"
-        " quantile of more checkpoints lies nearer their best, so a ratio's level is biased"
-        " towards the pooled method (a pool of copies of online's curve would score above 1);"
-        " the trend across sizes, over equal pools, is not."
-        if len(evals) == 1
-        else ""
+    return text + _pool_bias(sizes)
+
+
+def _checkpoint_wins(runs: Sequence[dict]) -> list[float]:
+    return [e["win_rate"] for r in runs for e in r["evals"] if e["step"] > 0]
+
+
+def _pool_bias(sizes: Sequence[dict], q: float = 0.9) -> str:
+    """The ratio that k copies of a size's own online curve would score (k = the offline
+    pool's checkpoints / online's): a q-quantile over more checkpoints lies nearer their
+    best, so it biases each ratio towards the pooled method, by an amount that depends on
+    that size's curve (and so moves the trend across sizes too)."""
+    parts = []
+    for s in sizes:
+        wins = _checkpoint_wins(s["online"])
+        k = len(_checkpoint_wins(s["offline"])) / max(len(wins), 1)
+        if not wins or k <= 1 or k != int(k):
+            return ""
+        copies = np.quantile(np.tile(wins, int(k)), q) / np.quantile(wins, q)
+        parts.append(f"{copies:.3f} at {s['model']} ({int(k)} copies)")
+    return (
+        " A 90% quantile over more checkpoints lies nearer their best: the pools hold more"
+        " checkpoints than online's run, so each ratio is biased towards the pooled method."
+        " Copies of a size's own online curve, as many as its offline pool's runs, would score "
+        + ", ".join(parts)
+        + "; the bias differs between sizes, so it moves the trend too."
     )
 
 
@@ -877,6 +956,8 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
         ratios,
         figs / "fig10_11_scaling.png",
         shuffled_ratios=ratios_shuffled or None,
+        intervals=_intervals(boot),
+        shuffled_intervals=_intervals(boot_sh),
     )
     plots.figure_sizes(sizes, figs / "fig10_sizes.png")
     if len(ratios) < 2:

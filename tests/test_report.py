@@ -185,7 +185,7 @@ def test_scaling_intervals_resample_the_prompts_alike_everywhere(tmp_path):
         for e in s["offline"][0]["evals"]:
             e.pop("win_outcomes", None)
     text = "\n".join(report.scaling_section(small, tmp_path))
-    assert "the gap narrows with size (no per-prompt outcomes, so no interval" in text
+    assert "the gap narrows with size (no interval: some checkpoint lacks per-prompt" in text
     # Sizes pooling different numbers of runs are named.
     small[1]["offline"] = small[1]["offline"] * 2
     assert "**The sizes pool different numbers of runs**" in "\n".join(
@@ -256,7 +256,8 @@ def test_h1_sets_the_shuffle_against_offline_and_names_each_shuffle_level():
     (line,) = report._shuffle_vs_offline([level], offline, online)
     assert "shuffled and offline are level" in line
     assert line.endswith(
-        "As the paper found, the shuffled online stream brings no measurable improvement."
+        "Pooled, as the paper's Fig. 4 compares them: as the paper found, the shuffled online "
+        "stream brings no measurable improvement."
     )
     assert report._shuffle_vs_offline([], offline, online) == []
     w4 = _run("offline ipo (shuffled w4)", [base])
@@ -297,7 +298,7 @@ def test_h3_reads_single_runs_at_the_default_settings():
     rows = report._h3_checkpoints(online, default, [shuffled])
     assert [(label, r["name"], e["step"]) for label, r, e in rows] == [
         ("online", "online_ipo", 20),
-        ("offline, after online's steps", "default", 20),
+        ("offline, near online's step count", "default", 20),
         ("offline, at its end", "default", 40),
         ("shuffled (tandem)", shuffled["name"], 20),
     ]
@@ -306,3 +307,65 @@ def test_h3_reads_single_runs_at_the_default_settings():
         "online",
         "offline, at its end",
     ]
+
+    # No checkpoint at online's step (the standard preset: online ends at 400, offline is
+    # evaluated at 250, 500, ...): the nearest one, the earlier on a tie.
+    def at(steps):
+        return [{**default["evals"][1], "step": k} for k in [0, *steps]]
+
+    for online_end, steps, want in ((400, [250, 500, 750], 500), (20, [10, 30, 50], 10)):
+        on = dict(online, evals=at([online_end]))
+        rows = report._h3_checkpoints(on, dict(default, evals=at(steps)), [])
+        assert [e["step"] for _, _, e in rows] == [online_end, want, steps[-1]]
+
+
+def test_h3_verdict_contrasts_the_runs_and_correlates_within_each():
+    """Fig. 7's verdict: offline more accurate and the weaker policy (paired) is the paper's
+    finding; each run's own r over its checkpoints is reported beside the pooled r, which
+    mixes the runs' levels (here: both runs rise together, r = +1 within each, yet the
+    pooled r is negative)."""
+
+    def run(name, points, outcomes):
+        r = _run(name, outcomes)
+        for e, (acc, win) in zip(r["evals"][1:], points, strict=True):
+            e["accuracy"], e["win_rate"] = acc, win
+        r["evals"][0]["accuracy"] = 0.5
+        return r
+
+    base = "W" * 200 + "L" * 200
+    online = run("online ipo", [(0.60, 0.50), (0.65, 0.55), (0.70, 0.60)], [base] * 3)
+    offline = run(
+        "offline ipo", [(0.75, 0.30), (0.80, 0.35), (0.85, 0.40)], ["L" * 80 + base[80:]] * 3
+    )
+    text = report.classification_verdict(online, offline)
+    assert text.startswith(
+        "offline's last checkpoint classifies 0.850 of the D_golden pairs right, online's 0.700"
+    )
+    assert "as the paper found, the more accurate classifier is the weaker policy" in text
+    assert "r = online +1.00, offline +1.00 (successive states" in text
+    pooled = np.corrcoef([0.6, 0.65, 0.7, 0.75, 0.8, 0.85], [0.5, 0.55, 0.6, 0.3, 0.35, 0.4])
+    assert f"checkpoints r = {pooled[0, 1]:+.2f}, which mixes" in text and pooled[0, 1] < 0
+    # Online the more accurate and the better policy: unlike the paper.
+    swapped = run(
+        "offline ipo", [(0.5, 0.30), (0.52, 0.35), (0.55, 0.40)], ["L" * 80 + base[80:]] * 3
+    )
+    assert "unlike the paper, online is both the more accurate classifier" in (
+        report.classification_verdict(online, swapped)
+    )
+    # Not separated policies: said so.
+    level = run("offline ipo", [(0.75, 0.6), (0.8, 0.6), (0.85, 0.6)], [base] * 3)
+    assert "not separated at this sample size" in report.classification_verdict(online, level)
+    short = dict(online, evals=online["evals"][:3])  # two checkpoints: no r
+    assert "r = online n/a, offline +1.00" in report.classification_verdict(short, offline)
+
+
+def test_pool_bias_is_what_copies_of_online_would_score():
+    """A 90% quantile over more checkpoints lies nearer their best. Online wins 0.2, 0.4,
+    ..., 1.0 at its 5 checkpoints: q90 = 0.8 + 0.6 * 0.2 = 0.92 (linear, position 3.6); three
+    copies (15 checkpoints, position 12.6 among three 1.0s at the top) give 1.0: 1.087."""
+    wins = ["W" * k + "L" * (5 - k) for k in (1, 2, 3, 4, 5)]
+    size = {"model": "toy-s", "online": [_run("online ipo", wins)]}
+    size["offline"] = [_run("offline ipo", ["L" * 5] * 5) for _ in range(3)]
+    assert "would score 1.087 at toy-s (3 copies)" in report._pool_bias([size])
+    size["offline"] = size["offline"][:1]  # as many checkpoints as online: no bias to state
+    assert report._pool_bias([size]) == ""

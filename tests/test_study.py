@@ -480,19 +480,6 @@ def test_interval_and_peak_and_verdicts():
     assert "offline is higher" in report.compare(low, p, "online", "offline")
     overlap = report.Peak("d", 1, 0.68, 0.6, 0.76, 0.3)
     assert "overlap" in report.compare(p, overlap, "online", "offline")
-    # Fisher's interval: n = 10, r = -0.49: tanh(atanh(-0.49) +- 1.96 / sqrt(7)) =
-    # [-0.856, 0.202]: not separated from 0 (the quick study's Fig. 7, by hand).
-    text = report.correlation_verdict(-0.49, 10)
-    assert (
-        "no correlation of accuracy and win rate is separated from 0 here (r = -0.49, 95% "
-        "interval [-0.86, 0.20] over 10 checkpoints)" in text
-    )
-    # The same r over 40 checkpoints: [-0.695, -0.211], negative.
-    assert "negatively correlated here (r = -0.49, 95% interval [-0.70, -0.21]" in (
-        report.correlation_verdict(-0.49, 40)
-    )
-    assert "positively correlated" in report.correlation_verdict(0.6, 40)
-    assert report.correlation_verdict(0.9, 3) == "too few checkpoints to correlate."
 
 
 def test_h2_and_beyond_verdicts_follow_the_intervals():

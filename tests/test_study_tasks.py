@@ -242,7 +242,9 @@ def test_micro_study_on_hh_format_from_pretrained_starts(downloads, tmp_path):
     assert pipe["data"]["obtained"]["test"] == 64 and pipe["data"]["loader"]["records"] == 900
     assert "bayes_accuracy_vs_human_labels" not in pipe["golden_pm"]
     assert (tmp_path / "runs_policy_m" / "online_ipo" / "done.json").exists()
-    assert len(list((tmp_path / "figures").glob("*.png"))) == 8  # with the Goodhart figure
+    from test_study import FIGURES  # every figure, the Goodhart one and Fig. 10's included
+
+    assert sorted(p.name for p in (tmp_path / "figures").glob("*.png")) == sorted(FIGURES)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "hh_rlhf_helpful_base").exists(), reason="no shared data")

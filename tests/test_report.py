@@ -277,9 +277,27 @@ def test_h4_compares_online_bo2_with_its_shuffled_stream():
     assert text.startswith("online Bo2 is higher than offline Bo2 (paired difference")
     assert "shuffled online stream is not separated from online, as the paper found" in text
     below = _run(report.SHUFFLED_BO2, ["L" * 60 + base[60:]])
-    assert "unlike the paper (on par), online Bo2 stays above" in report.bo2_verdict(
-        [on, off, below]
+    assert "online Bo2's peak stays above offline Bo2's on its own shuffled stream." in (
+        report.bo2_verdict([on, off, below])
     )
+    # The paper compares curves: a shuffled peak at KL 1 (0.35 [0.30, 0.40]) against online's
+    # curve through (0, 0.2), (2, 0.6): 0.4 at KL 1, inside the interval; 0.45 would be out.
+    for at_one, word in ((0.6, "on the same trade-off curve"), (0.7, "the curves differ")):
+        curve = dict(on, evals=[{**on["evals"][0], "kl": 0.0, "win_rate": 0.2}])
+        curve["evals"].append({**on["evals"][1], "kl": 2.0, "win_rate": at_one})
+        low = dict(
+            below,
+            evals=[
+                below["evals"][0],
+                {**below["evals"][1], "kl": 1.0, "win_rate": 0.35, "win_lo": 0.30, "win_hi": 0.40},
+            ],
+        )
+        text = report.bo2_verdict([curve, off, low])
+        assert (
+            f"online's curve (interpolated between its checkpoints) is at {(0.2 + at_one) / 2:.3f}"
+            in text
+        )
+        assert word in text
     exact = dict(_run("offline bo2 (exact order)", [base]), max_param_diff_to_online=0.0)
     assert report.bo2_verdict([on, off, exact]).endswith(
         "the exact-order Bo2 replay's max parameter difference to online: 0."

@@ -801,8 +801,7 @@ def classification_verdict(online: dict, offline: dict, shuffled: Sequence[dict]
 
 def quantile_win(runs: Sequence[dict], q: float = 0.9) -> float:
     """The q-quantile of win rates over all checkpoints of the runs (step 0 excluded)."""
-    wins = [e["win_rate"] for r in runs for e in r["evals"] if e["step"] > 0]
-    return float(np.quantile(wins, q))
+    return float(np.quantile(_checkpoint_wins(runs), q))
 
 
 BOOTSTRAP_DRAWS = 2000
@@ -886,10 +885,10 @@ def _intervals(boot: np.ndarray | None) -> np.ndarray | None:
     return None if boot is None else np.percentile(boot, [2.5, 97.5], axis=0).T
 
 
-def _ratio_cell(ratio: float, boot: np.ndarray | None, i: int) -> str:
-    if boot is None:
+def _ratio_cell(ratio: float, intervals: np.ndarray | None, i: int) -> str:
+    if intervals is None:
         return f"{ratio:.3f}"
-    lo, hi = np.percentile(boot[:, i], [2.5, 97.5])
+    lo, hi = intervals[i]
     return f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
@@ -947,6 +946,7 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
     shuffled = all("shuffled" in s for s in sizes)
     boot = bootstrap_ratios(sizes, "offline")
     boot_sh = bootstrap_ratios(sizes, "shuffled") if shuffled else None
+    iv, iv_sh = _intervals(boot), _intervals(boot_sh)
     rows, ratios, ratios_shuffled = [], [], []
     for i, s in enumerate(sizes):
         on, off = quantile_win(s["online"]), quantile_win(s["offline"])
@@ -956,13 +956,13 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
             f"{s['sft_loss']:.3f}" if "sft_loss" in s else "-",
             f"{on:.3f}",
             f"{off:.3f}",
-            _ratio_cell(off / on, boot, i),
+            _ratio_cell(off / on, iv, i),
             len(s["offline"]),
         ]
         if shuffled:
             sh = quantile_win(s["shuffled"])
             ratios_shuffled.append(sh / on)
-            row += [f"{sh:.3f}", _ratio_cell(sh / on, boot_sh, i), len(s["shuffled"])]
+            row += [f"{sh:.3f}", _ratio_cell(sh / on, iv_sh, i), len(s["shuffled"])]
         rows.append(row)
     plots.figure_scaling(
         [s["params"] for s in sizes],
@@ -970,8 +970,8 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
         ratios,
         figs / "fig10_11_scaling.png",
         shuffled_ratios=ratios_shuffled or None,
-        intervals=_intervals(boot),
-        shuffled_intervals=_intervals(boot_sh),
+        intervals=iv,
+        shuffled_intervals=iv_sh,
     )
     plots.figure_sizes(sizes, figs / "fig10_sizes.png")
     if len(ratios) < 2:

@@ -151,7 +151,8 @@ def _stream_step(e: dict) -> int:
 
 def figure_classification(runs: Sequence[dict], proxy_accuracy: float, path, title) -> pathlib.Path:
     """Fig. 6-8: accuracy on the online stream (with the proxy PM's on the same pairs) and on
-    D_golden over steps, accuracy vs win rate, winner log-prob drift."""
+    D_golden over steps, accuracy vs win rate (each run's trained checkpoints, the points of
+    the H3 verdict's correlations, and their shared SFT start once), winner log-prob drift."""
     fig, (a0, a1, a2, a3) = plt.subplots(1, 4, figsize=(19, 4.2))
     methods = _methods(runs)
     for r in runs:
@@ -167,9 +168,10 @@ def figure_classification(runs: Sequence[dict], proxy_accuracy: float, path, tit
             label=r["method"],
         )
         a1.plot(steps, [e["accuracy"] for e in r["evals"]], "-o", color=c, ms=3, label=r["method"])
+        trained = [e for e in r["evals"] if e["step"] > 0]
         a2.plot(
-            [e["accuracy"] for e in r["evals"]],
-            [e["win_rate"] for e in r["evals"]],
+            [e["accuracy"] for e in trained],
+            [e["win_rate"] for e in trained],
             "o",
             color=c,
             ms=4,
@@ -184,6 +186,9 @@ def figure_classification(runs: Sequence[dict], proxy_accuracy: float, path, tit
         ms=3,
         label="proxy PM",
     )
+    start = next((e for e in runs[0]["evals"] if e["step"] == 0), None)
+    if start is not None:  # every run starts from the same SFT policy: one point, not one per run
+        a2.plot(start["accuracy"], start["win_rate"], "k*", ms=9, label="SFT (step 0)")
     a1.axhline(proxy_accuracy, color="k", ls=":", label="proxy PM")
     a0.set(
         xlabel="online step ending the stream window\n(each run's k-th checkpoint on window k)",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import statistics
 from collections.abc import Sequence
 
 import numpy as np
@@ -816,6 +817,30 @@ def _outcome_matrix(runs: Sequence[dict]) -> np.ndarray | None:
     return np.stack([outcome_values(t) for t in texts])
 
 
+def _size_outcomes(sizes: Sequence[dict], key: str) -> list[tuple] | None:
+    """Per size, (online, `key`) outcome matrices over the same prompts; None without
+    per-prompt outcomes everywhere or where the prompt counts differ."""
+    mats = [(_outcome_matrix(s["online"]), _outcome_matrix(s[key])) for s in sizes]
+    if any(m is None for pair in mats for m in pair):
+        return None
+    if len({m.shape[1] for pair in mats for m in pair}) != 1:
+        return None
+    return mats
+
+
+def _ratios(mats: list[tuple], wins, q: float) -> np.ndarray | None:
+    """(rows, sizes): q-quantile ratio of each size's pair, where `wins(mat)` gives the
+    (rows, checkpoints) win rates under each row's reweighting of the prompts; None where
+    online's quantile is 0 in some row (no ratio there)."""
+    rows = []
+    for on, other in mats:
+        q_on = np.quantile(wins(on), q, axis=1)
+        if np.any(q_on <= 0):
+            return None
+        rows.append(np.quantile(wins(other), q, axis=1) / q_on)
+    return np.stack(rows, axis=1)
+
+
 def bootstrap_ratios(
     sizes: Sequence[dict], key: str, draws: int = BOOTSTRAP_DRAWS, seed: int = 0, q: float = 0.9
 ) -> np.ndarray | None:
@@ -825,48 +850,115 @@ def bootstrap_ratios(
     alike (a fixed seed: the same draws for "offline" and "shuffled"). It holds evaluation
     noise only, not training noise. None without per-prompt outcomes everywhere, or where
     online's quantile is 0 in a resample (no ratio there)."""
-    mats = [(_outcome_matrix(s["online"]), _outcome_matrix(s[key])) for s in sizes]
-    if any(m is None for pair in mats for m in pair):
+    mats = _size_outcomes(sizes, key)
+    if mats is None:
         return None
-    widths = {m.shape[1] for pair in mats for m in pair}
-    if len(widths) != 1:
-        return None
-    n = widths.pop()
+    n = mats[0][0].shape[1]
     weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=draws) / n
-    out = np.empty((draws, len(sizes)))
-    for i, (on, other) in enumerate(mats):
-        q_on = np.quantile(weights @ on.T, q, axis=1)
-        if np.any(q_on <= 0):  # online's quantile is 0 in some resample: no ratio there
-            return None
-        out[:, i] = np.quantile(weights @ other.T, q, axis=1) / q_on
+    return _ratios(mats, lambda m: weights @ m.T, q)
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioResamples:
+    """The q-quantile ratio `key` / online per size: on the prompts as judged (`point`,
+    (sizes,)), in bootstrap resamples of them (`boot`, (draws, sizes), `bootstrap_ratios`)
+    and with each prompt left out in turn (`jack`, (prompts, sizes)): what BCa intervals
+    need."""
+
+    point: np.ndarray
+    boot: np.ndarray
+    jack: np.ndarray
+
+    def intervals(self, level: float = 0.95) -> np.ndarray:
+        """(sizes, 2): each ratio's BCa interval."""
+        return bca_interval(self.boot, self.point, self.jack, level)
+
+    def narrowing(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """The BCa and the percentile interval of the gap's narrowing
+        |1 - r_first| - |1 - r_last|."""
+        gap = lambda t: np.abs(1 - t[..., 0]) - np.abs(1 - t[..., -1])  # noqa: E731
+        draws = gap(self.boot)
+        bca = bca_interval(draws[:, None], gap(self.point)[None], gap(self.jack)[:, None], level)
+        tails = 50 * (1 - level), 50 * (1 + level)
+        return bca[0], np.percentile(draws, tails)
+
+
+def ratio_resamples(
+    sizes: Sequence[dict], key: str, draws: int = BOOTSTRAP_DRAWS, seed: int = 0, q: float = 0.9
+) -> RatioResamples | None:
+    """`RatioResamples` of `key` / online; None where `bootstrap_ratios` is."""
+    mats = _size_outcomes(sizes, key)
+    boot = bootstrap_ratios(sizes, key, draws, seed, q)
+    if mats is None or boot is None:
+        return None
+    n = mats[0][0].shape[1]
+    point = _ratios(mats, lambda m: m.mean(axis=1)[None], q)
+    jack = _ratios(mats, lambda m: (m.sum(axis=1)[None] - m.T) / (n - 1), q)
+    if point is None or jack is None:
+        return None
+    return RatioResamples(point[0], boot, jack)
+
+
+_NORMAL = statistics.NormalDist()
+
+
+def bca_interval(
+    boot: np.ndarray, point: np.ndarray, jack: np.ndarray, level: float = 0.95
+) -> np.ndarray:
+    """(k, 2): Efron's bias-corrected and accelerated bootstrap interval of each of k
+    statistics, from their bootstrap draws (draws, k), their values on the data (k,) and
+    their jackknife values (n, k). The percentile interval's levels are moved by the median
+    bias z0 (the share of draws below the value, ties counted half) and the acceleration a
+    (the jackknife's skewness): a percentile interval of a skewed statistic, such as a high
+    quantile over checkpoints, sits off-centre; BCa corrects that to second order. With
+    draws symmetric about the value and a = 0 it is the percentile interval."""
+    draws = boot.shape[0]
+    out = np.empty((boot.shape[1], 2))
+    for i in range(boot.shape[1]):
+        col, value = boot[:, i], point[i]
+        share = (np.sum(col < value) + 0.5 * np.sum(col == value)) / draws
+        z0 = _NORMAL.inv_cdf(min(max(share, 0.5 / draws), 1 - 0.5 / draws))
+        d = jack[:, i].mean() - jack[:, i]
+        ss = float(np.sum(d**2))
+        a = float(np.sum(d**3)) / (6 * ss**1.5) if ss > 0 else 0.0
+        levels = []
+        for tail in ((1 - level) / 2, (1 + level) / 2):
+            z = z0 + _NORMAL.inv_cdf(tail)
+            denom = 1 - a * z
+            levels.append(_NORMAL.cdf(z0 + z / denom) if denom > 0 else float(tail > 0.5))
+        out[i] = np.quantile(col, levels)
     return out
 
 
 def _gap_trend(
-    label: str, ratios: Sequence[float], sizes: Sequence[dict], boot: np.ndarray | None
+    label: str, ratios: Sequence[float], sizes: Sequence[dict], res: RatioResamples | None
 ) -> str:
     """How `label`/online moves from the smallest to the largest size. The gap is
     |1 - ratio| whichever side is ahead: a ratio above 1 that grows is the other method
-    pulling further ahead of online, not the gap narrowing. With `boot` (`bootstrap_ratios`)
-    the narrowing's 95% percentile interval must exclude 0 for "narrows" or "widens"."""
+    pulling further ahead of online, not the gap narrowing. With `res` (`ratio_resamples`)
+    the narrowing's 95% intervals, BCa and percentile, must both exclude 0 for "narrows" or
+    "widens": BCa corrects the percentile interval's skew where the draws are smooth, and
+    can claim too much where a change rests on a handful of prompts (discrete draws), where
+    the percentile interval does not."""
     d = abs(1 - ratios[0]) - abs(1 - ratios[-1])
     ahead = [s["model"] for s, r in zip(sizes, ratios, strict=True) if r > 1]
     text = (
         f"{label.capitalize()}/online goes from {ratios[0]:.3f} ({sizes[0]['model']}) to "
         f"{ratios[-1]:.3f} ({sizes[-1]['model']}): "
     )
-    if boot is not None:
-        lo, hi = np.percentile(np.abs(1 - boot[:, 0]) - np.abs(1 - boot[:, -1]), [2.5, 97.5])
+    if res is not None:
+        (lo, hi), (p_lo, p_hi) = res.narrowing()
         word = (
             "the gap narrows with size"
-            if lo > 0
+            if min(lo, p_lo) > 0
             else "the gap widens with size"
-            if hi < 0
+            if max(hi, p_hi) < 0
             else "the gap's change with size is not separated from 0 at this sample size"
         )
         text += (
-            f"{word} (narrowing {d:+.3f}, 95% bootstrap interval over the evaluation prompts "
-            f"[{lo:+.3f}, {hi:+.3f}])."
+            f"{word} (narrowing {d:+.3f}; 95% bootstrap intervals over the evaluation "
+            f"prompts: BCa [{lo:+.3f}, {hi:+.3f}], percentile [{p_lo:+.3f}, {p_hi:+.3f}]; "
+            "separated only where both exclude 0)."
         )
     else:
         text += (
@@ -880,9 +972,9 @@ def _gap_trend(
     )
 
 
-def _intervals(boot: np.ndarray | None) -> np.ndarray | None:
-    """(sizes, 2): each size's 95% percentile interval of `bootstrap_ratios` draws."""
-    return None if boot is None else np.percentile(boot, [2.5, 97.5], axis=0).T
+def _intervals(res: RatioResamples | None) -> np.ndarray | None:
+    """(sizes, 2): each size's 95% BCa interval, or None."""
+    return None if res is None else res.intervals()
 
 
 def _ratio_cell(ratio: float, intervals: np.ndarray | None, i: int) -> str:
@@ -944,8 +1036,8 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
     offline IPO on D_golden, and offline on the online stream uniformly shuffled (the paper's
     "tandem" of Fig. 10/11) where the summary has it; Fig. 10's KL vs win rate per size."""
     shuffled = all("shuffled" in s for s in sizes)
-    boot = bootstrap_ratios(sizes, "offline")
-    boot_sh = bootstrap_ratios(sizes, "shuffled") if shuffled else None
+    boot = ratio_resamples(sizes, "offline")
+    boot_sh = ratio_resamples(sizes, "shuffled") if shuffled else None
     iv, iv_sh = _intervals(boot), _intervals(boot_sh)
     rows, ratios, ratios_shuffled = [], [], []
     for i, s in enumerate(sizes):
@@ -997,13 +1089,13 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
         "SFT loss",
         "online q90",
         "offline q90",
-        "offline / online" + (" [95% bootstrap]" if boot is not None else ""),
+        "offline / online" + (" [95% BCa bootstrap]" if boot is not None else ""),
         "offline runs",
     ]
     if shuffled:
         header += [
             "shuffled q90",
-            "shuffled / online" + (" [95% bootstrap]" if boot_sh is not None else ""),
+            "shuffled / online" + (" [95% BCa bootstrap]" if boot_sh is not None else ""),
             "shuffled runs",
         ]
     return [

@@ -94,7 +94,7 @@ def test_micro_study_artefacts(micro_study):
         assert (w / stage / "done.json").exists(), stage
     assert (w / "sft_toy-m" / "done.json").exists()  # the second policy size (Fig. 10)
     assert (w / "runs_toy-m" / "shuffled_ipo_uniform" / "done.json").exists()
-    assert "| shuffled q90 | shuffled / online [95% bootstrap] |" in text
+    assert "| shuffled q90 | shuffled / online [95% BCa bootstrap] |" in text
     assert "Shuffled/online goes from" in text
     cfg = study.PRESETS["micro"]
     for stage, lr in (("golden_pm", cfg.pm_lr_golden), ("proxy_pm", cfg.pm_lr)):

@@ -70,6 +70,9 @@ def test_round_trip(tk, corpus):
     messy = "  the   cat sat  "
     assert tk.normalize(messy) == "the cat sat"
     assert tk.decode(tk.encode([messy], max_len=16).ids) == ["the cat sat"]
+    # Newlines too, as in T5's spiece.model: HH's turn boundaries keep only the speaker words
+    # (the README's real-data section says so).
+    assert tk.normalize("\n\nthe cat:\n\nsat") == "the cat: sat"
     # A 1-D row decodes to a list of one string.
     assert tk.decode(enc.ids[0]) == [texts[0]]
 

@@ -126,7 +126,10 @@ def test_a_non_finite_loss_is_named_and_never_checkpointed(setup, tmp_path):
     the step whose loss is NaN, and no checkpoint is written after it."""
     cfg, model = setup
     good = {k: v[:4] for k, v in _data(cfg).items()}
-    with pytest.raises(loop.NonFiniteLossError, match=r"\[checked\] loss is nan at step 1"):
+    with pytest.raises(
+        loop.NonFiniteLossError,
+        match=r"\[checked\] loss is nan at step 1; stopped: .*step 0's.*; no checkpoint$",
+    ):
         loop.train_policy(
             model=sources.copy_arrays(model),
             ref_model=model,
@@ -185,6 +188,43 @@ def test_metrics_lines_carry_rates(setup, tmp_path):
         assert r["tokens"] == tokens and r["seconds"] > 0
         assert r["steps_per_s"] == pytest.approx(1 / r["seconds"])
         assert r["tokens_per_s"] == pytest.approx(tokens / r["seconds"])
+
+
+def test_metrics_reach_the_disk_as_they_are_logged(setup, tmp_path):
+    """Each logged line is on disk when the next step runs (a kill loses none: the file was
+    buffered, and a killed run's resume found steps missing), and a fresh run empties an
+    older run's file instead of appending to it."""
+    cfg, model = setup
+    good = {k: v[:4] for k, v in _data(cfg).items()}
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"step": 0, "loss": 123.0}) + "\n")  # an older run's line
+    seen = []
+
+    def on_step(step, _model, _metrics):  # step k runs after step k - 1's line is written
+        seen.append([json.loads(x)["step"] for x in path.read_text().splitlines()])
+
+    _train(model, Scripted(good, good, -1), num_steps=4, metrics_path=path, on_step=on_step)
+    assert seen == [[], [0], [0, 1], [0, 1, 2]]
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[0]["loss"] != 123.0
+
+
+def test_a_resume_cuts_the_metrics_back_to_its_checkpoint_and_refuses_a_gap(setup, tmp_path):
+    """A killed attempt logged steps past its last checkpoint (and may have cut its last
+    line): the resume drops them and logs those steps afresh, once each; a history with a
+    step before the checkpoint missing is refused, naming the file and the step."""
+    cfg, model = setup
+    good = {k: v[:4] for k, v in _data(cfg).items()}
+    path, ckpt = tmp_path / "m.jsonl", {"checkpoint_dir": tmp_path / "c", "checkpoint_every": 2}
+    _train(model, Scripted(good, good, -1), num_steps=2, metrics_path=path, **ckpt)
+    with path.open("a") as f:  # what the killed attempt logged after the checkpoint
+        f.write(json.dumps({"step": 2, "loss": 123.0}) + '\n{"step": 3, "lo')
+    _train(model, Scripted(good, good, -1), num_steps=4, metrics_path=path, **ckpt)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[2]["loss"] != 123.0
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] != 1))
+    with pytest.raises(ValueError, match=r"\[checked\] .*m\.jsonl does not hold .* missing \[1\]"):
+        _train(model, Scripted(good, good, -1), num_steps=6, metrics_path=path, **ckpt)
 
 
 def test_each_trainer_compiles_its_step_once_for_a_committed_model(setup, monkeypatch):
@@ -290,6 +330,36 @@ def test_resume_refuses_another_data_stream_or_a_finished_checkpoint(setup, tmp_
     assert [h["step"] for h in hist] == [2]
 
 
+def test_a_shuffled_replay_resumes_only_on_the_whole_log_it_shuffled(setup, tmp_path):
+    """A uniform shuffle deals rows from every step of the log, through a permutation sized
+    by its length: a checkpoint at step 2 already trained on rows of later steps, so a
+    resume on the log grown by a step is refused, naming the length and the end hash; on
+    the log it shuffled it resumes."""
+    from ipo_gap.data.order_log import OrderLog, pair_schema
+
+    sha = "0" * 64
+    cfg, model = setup
+    data = _data(cfg)
+    log = OrderLog.create(
+        tmp_path / "log", schema=pair_schema(6, 5), batch_size=2, meta={"tokenizer_sha256": sha}
+    )
+    _train(model, sources.OfflineSource(data, batch_size=2, seed=7), num_steps=4, order_log=log)
+    shuffled = lambda: sources.ShuffledReplay(log, window=100, seed=1, tokenizer=sha)  # noqa: E731
+    kw = {"checkpoint_dir": tmp_path / "ck", "checkpoint_every": 1}
+    _train(model, shuffled(), num_steps=2, **kw)
+    grown = OrderLog.open(tmp_path / "log")
+    grown.append(4, grown.read(0))
+    log = OrderLog.open(tmp_path / "log")
+    with pytest.raises(
+        ValueError, match=r"another data source \(log_end_hash: .*log_steps: 4 then, 5 now"
+    ):
+        _train(model, shuffled(), num_steps=3, **kw)
+    grown.truncate(4)
+    log = OrderLog.open(tmp_path / "log")
+    _, _, hist = _train(model, shuffled(), num_steps=3, **kw)
+    assert [h["step"] for h in hist] == [2]
+
+
 def test_after_a_non_finite_loss_the_log_ends_with_that_step(setup, tmp_path):
     """Step 1's loss is NaN (step 0's update is), and the loop reads it after step 2's batch
     is made and logged: that batch, from the broken policy, is cut, so the log ends with the
@@ -365,4 +435,31 @@ def test_resume_refuses_other_run_settings(setup, tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(beta: 0.1 then, 0.5 now\)"):
         _train(model, src, num_steps=3, checkpoint_meta={"lr": 1e-3, "beta": 0.5}, **kw)
     _, _, hist = _train(model, src, num_steps=3, checkpoint_meta={"lr": 1e-3, "beta": 0.1}, **kw)
+    assert [h["step"] for h in hist] == [2]
+
+
+def test_resume_refuses_other_hyper_parameters_the_caller_did_not_record(setup, tmp_path):
+    """The loop records the run's loss and traced hyper-parameters itself: a resume under
+    another warm-up (which no caller's meta held) or loss is refused, naming the field."""
+    cfg, model = setup
+    src = sources.OfflineSource(_data(cfg), batch_size=2, seed=1)
+    kw = {"checkpoint_dir": tmp_path / "ck", "checkpoint_every": 1, "model": model}
+    run = lambda hp, loss="ipo": loop.train_policy(  # noqa: E731
+        ref_model=model, source=src, num_steps=3, hparams=hp, loss=loss, name="hp", **kw
+    )
+    kw["model"] = sources.copy_arrays(model)
+    loop.train_policy(
+        ref_model=model,
+        source=src,
+        num_steps=2,
+        hparams=steps.Hparams.make(1e-3, 0.1),
+        loss="ipo",
+        name="hp",
+        **kw,
+    )
+    with pytest.raises(ValueError, match=r"train_settings.warmup_steps: 0.0 then, 10.0 now"):
+        run(steps.Hparams.make(1e-3, 0.1, warmup_steps=10))
+    with pytest.raises(ValueError, match=r"train_settings.loss: 'ipo' then, 'dpo' now"):
+        run(steps.Hparams.make(1e-3, 0.1), loss="dpo")
+    _, _, hist = run(steps.Hparams.make(1e-3, 0.1))
     assert [h["step"] for h in hist] == [2]

@@ -412,12 +412,21 @@ class ShuffledReplay:
         self._block, self._window = None, {}
 
     def identity(self) -> dict:
-        return {
+        """Also the log's length and the chain hash of its last step where windows span
+        steps: a window's permutation is drawn over all its rows (for a uniform shuffle,
+        every row of the log), so steps already trained came from steps past the resume
+        point, and from a permutation sized by the log's length; a resume on a log extended
+        or regenerated beyond the checkpoint's step would deal other rows."""
+        out = {
             "source": "shuffled replay",
             **_log_identity(self.log),
             "window": self.window,
             "seed": self.seed,
         }
+        if self.window > 1:
+            end = self.log.hash(self.num_steps - 1).hex() if self.num_steps else None
+            out.update(log_steps=self.num_steps, log_end_hash=end)
+        return out
 
     def source_rows(self, step: int) -> np.ndarray:
         """[batch_size, 2] int: the (log step, row) of each row of training step `step`."""

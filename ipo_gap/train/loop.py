@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipo_gap import hosts
+from ipo_gap import hosts, jsonl
 from ipo_gap.data import sources
 from ipo_gap.data.order_log import OrderLog, ReplayError
 from ipo_gap.data.sources import PAIR_FIELDS
@@ -266,6 +267,42 @@ def check_resume_meta(name, manager, step, saved, current) -> None:
         )
 
 
+def _with_settings(meta: dict | None, loss: str, hparams: steps.Hparams, **more) -> dict:
+    """`checkpoint_meta` plus the run's own loss and hyper-parameters, so that a resume under
+    another learning rate, beta, warm-up or lambda is refused (`check_resume_meta`) even
+    where the caller records none of them (checkpoints of older code lack the key and are
+    not checked on it)."""
+    values = {k: float(v) for k, v in hparams._asdict().items()}
+    return {**(meta or {}), "train_settings": {"loss": loss, **values, **more}}
+
+
+def _open_metrics(metrics_path, name: str, start_step: int, log_every: int, check: bool):
+    """The run's metrics file opened for appending (on the writer; None elsewhere or without
+    a path), cut back to the steps before `start_step`: emptied on a fresh start, where an
+    older run's lines would sit before this run's; on a resume (`check`) rid of the steps a
+    killed attempt logged past its checkpoint, which the resume redoes, and refused where a
+    step before it is missing, so a resumed run's history holds every logged step once."""
+    if not metrics_path or not hosts.is_writer():
+        return None
+    path = pathlib.Path(metrics_path)
+    rows = []
+    if start_step:
+        rows = [r for r in jsonl.read_rows(path, cut_tail_ok=True) if r["step"] < start_step]
+        want = list(range(0, start_step, log_every))
+        have = [r["step"] for r in rows]
+        if check and have != want:
+            gone = sorted(set(want) - set(have))
+            raise ValueError(
+                f"[{name}] {path} does not hold the steps before the checkpoint's step "
+                f"{start_step} (every {log_every}): "
+                + (f"missing {gone[:5]}" if gone else f"it holds steps {have[:8]}...")
+                + "; the resumed run's history would have a gap (resume with that run's "
+                "metrics file, or start over in a new checkpoint directory)"
+            )
+    jsonl.write_rows(path, rows)
+    return open(path, "a")  # noqa: SIM115 (the loop closes it)
+
+
 def _drop_logged_after(order_log: OrderLog | None, err: NonFiniteLossError, name: str) -> None:
     """After a non-finite loss at step t, cuts the order log back so that it ends with step
     t's batch, the one whose loss was not finite. The loop reads step t's loss only once step
@@ -417,7 +454,7 @@ def train_policy(
         on_step=on_step,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
-        checkpoint_meta=checkpoint_meta,
+        checkpoint_meta=_with_settings(checkpoint_meta, loss, hparams),
         checkpoint_keep=checkpoint_keep,
         rng_data=source_key_data(source),
         identity=sources.source_identity(source),
@@ -507,7 +544,7 @@ def train_hypo(
         on_step=on_step,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
-        checkpoint_meta=checkpoint_meta,
+        checkpoint_meta=_with_settings(checkpoint_meta, "hypo", hparams, normalize=normalize),
         checkpoint_keep=checkpoint_keep,
         rng_data=source_key_data(source),
         identity=sources.source_identity(source),
@@ -583,9 +620,14 @@ def _run(
                 "checkpoint directory)"
             )
         hosts.say(f"[{name}] resumed from {manager.directory} at step {start_step}")
+    resumed = manager is not None and manager.latest_step() is not None
+    out = _open_metrics(metrics_path, name, start_step, log_every, check=resumed)
 
     def save(step_done: int):
         check_finite_params((model, opt_state), name, step_done, not_saved(manager))
+        if out is not None:  # the metrics on disk reach the checkpoint before it is written
+            out.flush()
+            os.fsync(out.fileno())
         state = TrainState(
             model,
             opt_state,
@@ -603,22 +645,25 @@ def _run(
 
     history = []
     progress = Progress(num_steps, name)
-    out = hosts.open_on_writer(metrics_path, "a")
     clock = StepClock()
 
     def finish(step, device_metrics, tokens):
         # Reads a dispatched step's metrics (waiting for it), checks the loss, records it.
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         if not np.isfinite(metrics["loss"]):
+            done = manager.all_steps() if manager is not None else []
             raise NonFiniteLossError(
-                f"[{name}] loss is {metrics['loss']} at step {step}; "
-                f"stopped (the last good state is the previous step)",
+                f"[{name}] loss is {metrics['loss']} at step {step}; stopped: the parameters "
+                f"it was computed with came from an earlier update (step {step - 1}'s, or "
+                "before, if that one's loss was finite and its update broke them); "
+                + (f"the last checkpoint is step {max(done)}" if done else "no checkpoint"),
                 step=step,
             )
         metrics.update(step=step, **clock.lap(tokens))
         history.append(metrics)
         if out is not None and step % log_every == 0:
             out.write(json.dumps(metrics) + "\n")
+            out.flush()  # a kill loses no logged step (the checkpoint also syncs it)
         progress.update(step, metrics["loss"], force=step == num_steps - 1)
 
     # Step k's metrics are read after step k + 1 is dispatched, so the host's work for the

@@ -95,6 +95,19 @@ _PEER_SCRIPT = flags.DEFINE_string(
     "The peer's benchmark script.",
 )
 
+flags.register_validator(
+    "config",
+    lambda v: bool(v) and all(c in WORKLOADS for c in v),
+    "--config: a comma-separated list of toy, small",
+)
+flags.register_validator(
+    "bench",
+    lambda v: bool(v) and all(b in BENCHES for b in v),
+    "--bench: a comma-separated list of fwd_bwd, sample, ipo, kl",
+)
+flags.register_validator("repeats", lambda v: v >= 1, "--repeats must be >= 1")
+flags.register_validator("warmup", lambda v: v >= 0, "--warmup must be >= 0")
+
 # Workload shapes of ../shared/bench/peer_hf_t5.py.
 WORKLOADS = {
     "toy": {"preset": "toy", "batch": 32, "prompt_len": 64, "response_len": 32},

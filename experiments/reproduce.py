@@ -35,13 +35,14 @@ import shutil
 import time
 
 import dtype_flag
+import host_flags
 import jax
 from absl import app, flags, logging
 
 from ipo_gap import hosts, jsonl, parallel, report, sharding, study_experiments
 from ipo_gap import seeds as seeds_report
 from ipo_gap.data import preference_data
-from ipo_gap.study import PRESETS, for_task, with_new_defaults
+from ipo_gap.study import PRESETS, check_inputs, for_task, with_new_defaults
 from ipo_gap.study_runs import Study
 
 TASKS = ("embedded", *preference_data.TASKS)
@@ -117,11 +118,6 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Multi-host: jax.distributed.initialize before anything else; every process runs this "
     "same command (on Cloud TPU, SLURM or Open MPI the three flags below may be left unset).",
 )
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "With --distributed: process 0's host:port."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's id.")
 _EXPERIMENTS = flags.DEFINE_list(
     "experiments",
     [],
@@ -162,6 +158,13 @@ def config(preset: str, *, seed: int | None = None, **overrides):
     elif overrides.get("policy_checkpoint"):
         overrides["scaling_models"] = (overrides["policy_checkpoint"],)
     if overrides.get("mesh"):  # recorded resolved ("data:-1" -> "data:8"), so it is checked
+        known = (sharding.DATA_AXIS, sharding.MODEL_AXIS)
+        unknown = [a for a in sharding.parse_mesh_spec(overrides["mesh"]) if a not in known]
+        if unknown:  # no rule maps onto it: every array would be replicated along it
+            raise ValueError(
+                f"--mesh={overrides['mesh']}: axis {unknown[0]!r} is not one the study shards "
+                f"over ({', '.join(known)}: sharding.LOGICAL_RULES)"
+            )
         mesh = sharding.make_mesh(overrides["mesh"])
         overrides["mesh"] = ",".join(f"{name}:{size}" for name, size in mesh.shape.items())
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
@@ -217,6 +220,7 @@ def _run(
 ):
     study_experiments.experiments(selected)  # unknown names fail before any work
     cfg = config(preset, seed=seed, **overrides)
+    check_inputs(cfg)  # a mistyped flag must not bind the workdir to it
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "study_config.json"
     if hosts.exists(config_path):
@@ -246,9 +250,7 @@ def main(argv):
             "--distributed needs --mesh over the devices of all hosts (e.g. --mesh=data:-1): "
             "without one every host would train its own copy of the study"
         )
-    sharding.initialize_distributed(
-        _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-    )
+    host_flags.initialize(_DISTRIBUTED.value)
     workdir = pathlib.Path(_WORKDIR.value)
     seeds = None
     if _SEEDS.value is not None:
@@ -282,7 +284,8 @@ def main(argv):
     )
     if _DOCS.value:
         first = workdir / f"seed_{seeds[0]}" if seeds else workdir
-        shutil.copy(first / "figures" / "fig1_online_vs_offline.png", _DOCS.value)
+        if hosts.is_writer():  # one copy per job, as every other study file
+            shutil.copy(first / "figures" / "fig1_online_vs_offline.png", _DOCS.value)
 
 
 def only(*selected: str) -> None:

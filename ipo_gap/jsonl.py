@@ -63,6 +63,8 @@ def append_row(path: str | os.PathLike, row: dict) -> None:
     if out is not None:
         with out:
             out.write(json.dumps(row) + "\n")
+            out.flush()
+            os.fsync(out.fileno())  # durable before the checkpoint that follows it
 
 
 def read_rows(path: str | os.PathLike, *, cut_tail_ok: bool = False) -> list[dict]:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from ipo_gap import hosts, jsonl, sharding
-from ipo_gap.configs import T5Config, model_preset
+from ipo_gap.configs import MODEL_PRESETS, T5Config, model_preset
 from ipo_gap.data import embedded_task, preference_data
 from ipo_gap.t5 import model as t5
 from ipo_gap.tokenizer import Tokenizer
@@ -243,6 +243,56 @@ REAL_TASK_OVERRIDES = {
     "standard": {"prompt_len": 128, "target_len": 64, "vocab_size": 2048},
     "paper": {},
 }
+
+
+def check_inputs(cfg: StudyConfig) -> None:
+    """Refuses, naming the flag, a config whose inputs cannot be used: an unknown task, a
+    real task without --data_dir, a path that is not there, a scaling model that is neither
+    a preset nor a Hugging Face T5 directory. `reproduce` calls it before it records the
+    config in the workdir, so a mistyped flag does not bind the workdir to it."""
+    if cfg.task != "embedded" and cfg.task not in preference_data.TASKS:
+        raise ValueError(
+            f"--task={cfg.task!r}: one of embedded, {', '.join(preference_data.TASKS)}"
+        )
+    if cfg.task != "embedded" and not cfg.data_dir:
+        spec = preference_data.TASKS[cfg.task]
+        raise ValueError(
+            f"task {cfg.task} needs --data_dir, a folder with {' or '.join(spec.patterns)} "
+            f"({spec.format}; download from {spec.url})"
+        )
+    if cfg.data_dir and not pathlib.Path(cfg.data_dir).is_dir():
+        raise ValueError(f"--data_dir={cfg.data_dir}: not a directory")
+    if cfg.tokenizer_model and not pathlib.Path(cfg.tokenizer_model).is_file():
+        raise ValueError(f"--tokenizer_model={cfg.tokenizer_model}: no such file")
+    for flag, path in (
+        ("policy_checkpoint", cfg.policy_checkpoint),
+        ("golden_checkpoint", cfg.golden_checkpoint),
+    ):
+        if path and not (pathlib.Path(path) / "config.json").is_file():
+            raise ValueError(
+                f"--{flag}={path}: not a Hugging Face T5 directory (no config.json there)"
+            )
+    tags: dict[str, str] = {}
+    for m in cfg.scaling_models:
+        is_dir = (pathlib.Path(m) / "config.json").is_file()
+        if m not in MODEL_PRESETS and not is_dir:
+            raise ValueError(
+                f"--scaling_models: {m!r} is neither a model preset ({', '.join(MODEL_PRESETS)})"
+                " nor a Hugging Face T5 directory (no config.json there)"
+            )
+        if cfg.policy_checkpoint and not is_dir:
+            raise ValueError(
+                f"--scaling_models: {m!r} is a preset, but the study starts from the pretrained "
+                f"policy {cfg.policy_checkpoint}: every size must be a Hugging Face T5 "
+                "directory (a randomly initialised size is not comparable)"
+            )
+        tag = pathlib.Path(m).resolve().name if is_dir else m  # `Study.variant`'s directories
+        if tag in tags:
+            raise ValueError(
+                f"--scaling_models: {tags[tag]!r} and {m!r} would share the directories "
+                f"sft_{tag}/ and runs_{tag}/ (rename one of the checkpoint folders)"
+            )
+        tags[tag] = m
 
 
 def study_config(workdir: pathlib.Path) -> StudyConfig:

@@ -550,11 +550,17 @@ def worker(workdir: str):
     return lambda name: by_name[name]()
 
 
-def _execution(study: Study, jobs: int) -> str:
-    """How the study's stages ran, over every (re)start recorded in `execution.jsonl`."""
+def _record_execution(study: Study, jobs: int) -> None:
+    """Adds this (re)start's mode to `execution.jsonl` before any stage runs, so that a
+    killed start's is recorded too (a start that finds every stage done adds one as well:
+    the report may then call a study mixed that is not, never the reverse)."""
     path = study.workdir / "execution.jsonl"
-    rows = jsonl.read_rows(path, cut_tail_ok=True) + [{"jobs": jobs}]
-    jsonl.write_rows(path, rows)
+    jsonl.write_rows(path, jsonl.read_rows(path, cut_tail_ok=True) + [{"jobs": jobs}])
+
+
+def _execution(study: Study) -> str:
+    """How the study's stages ran, over every (re)start recorded in `execution.jsonl`."""
+    rows = jsonl.read_rows(study.workdir / "execution.jsonl", cut_tail_ok=True)
     modes = list(dict.fromkeys(r["jobs"] for r in rows))
     say = {0: "in one process"}
     text = ", then ".join(say.get(j, f"{j} one-core worker processes") for j in modes)
@@ -572,12 +578,13 @@ def run_all(study: Study, jobs: int = 0, selected=None) -> dict[str, list[dict]]
     results are collected here. jobs = 0: everything in this process.
     """
     chosen = experiments(selected)
+    if jobs and study.mesh is not None:
+        raise ValueError(
+            f"jobs={jobs} runs stages in one-core CPU workers; a study on a mesh "
+            f"({study.cfg.mesh}) runs in one process (jobs=0)"
+        )
+    _record_execution(study, jobs)
     if jobs:
-        if study.mesh is not None:
-            raise ValueError(
-                f"jobs={jobs} runs stages in one-core CPU workers; a study on a mesh "
-                f"({study.cfg.mesh}) runs in one process (jobs=0)"
-            )
         parallel.run(tasks(study, chosen), f"{__name__}:worker", [str(study.workdir)], jobs=jobs)
     collect = {
         "fig1": fig1,
@@ -589,5 +596,5 @@ def run_all(study: Study, jobs: int = 0, selected=None) -> dict[str, list[dict]]
     }
     with sharding.use_mesh(study.mesh):
         study.baseline()
-        summary = dict(pipeline_summary(study), execution=_execution(study, jobs))
+        summary = dict(pipeline_summary(study), execution=_execution(study))
         return {"pipeline": summary, **{e: collect[e](study) for e in chosen}}

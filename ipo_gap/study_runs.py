@@ -204,11 +204,13 @@ class Study:
             name = policy_model
         other.tag = f"_{name}"
         other._cache = {}
-        # Adam's step size per weight is about the learning rate, so wider models need a
-        # smaller one (1/width, as muP prescribes for hidden weights). Measured on the quick
-        # preset: toy-m (d_model 128) at toy-s's 3e-3 stays at the unigram loss (3.55 after
-        # 300 steps); at 1.5e-3 it reaches 3.21, at 1e-3 3.12.
-        other.sft_lr = self.cfg.sft_lr * self.policy_cfg.d_model / other.policy_cfg.d_model
+        # A randomly initialised size: Adam's step size per weight is about the learning
+        # rate, so wider models need a smaller one (1/width, as muP prescribes for hidden
+        # weights). Measured on the quick preset: toy-m (d_model 128) at toy-s's 3e-3 stays
+        # at the unigram loss (3.55 after 300 steps); at 1.5e-3 it reaches 3.21, at 1e-3
+        # 3.12. A pretrained size fine-tunes at the study's rate, as the paper's sizes do.
+        scale = 1.0 if is_dir else self.policy_cfg.d_model / other.policy_cfg.d_model
+        other.sft_lr = self.cfg.sft_lr * scale
         for shared in ("golden_pm", "d_golden", "proxy_pm", "baseline"):  # this study's, lazily
             setattr(other, shared, getattr(self, shared))
         return other
@@ -403,7 +405,11 @@ class Study:
         def fn(d):
             sft = self.sft()
             _, golden = self.golden_pm()
-            model, _, hist = loop.train_policy(
+            every = self.cfg.checkpoint_every
+            # A killed job resumes it (its batches are a function of seed, step and
+            # parameters; the loop records its loss and hyper-parameters).
+            ckpt = {"checkpoint_dir": d / TRAIN_STATE, "checkpoint_every": every} if every else {}
+            model, _, _ = loop.train_policy(
                 model=sources.copy_arrays(sft),
                 ref_model=sft,
                 source=self.online_source(golden, "baseline"),
@@ -412,6 +418,8 @@ class Study:
                 loss="ipo",
                 metrics_path=d / "metrics.jsonl",
                 name="golden-baseline",
+                checkpoint_keep=2,
+                **ckpt,
             )
             save_model(d, model, self.policy_cfg)
             ev = self.prep.prompts["eval"]
@@ -423,6 +431,7 @@ class Study:
                 max_len=self.cfg.target_len,
             )
             savez_atomic(d / "samples.npz", y=y, y_mask=ym)
+            hist = jsonl.read_rows(d / "metrics.jsonl")  # every step, also across a resume
             return {"final_loss": hist[-1]["loss"], "steps": len(hist)}
 
         def build():
@@ -657,6 +666,11 @@ class Study:
             hist = jsonl.read_rows(d / "metrics.jsonl")  # every step, also across a resume
             if [h["step"] for h in hist] != list(range(num_steps)):
                 raise RuntimeError(f"[{name}] {d / 'metrics.jsonl'} does not hold every step")
+            if [e["step"] for e in evals] != [0, *sorted(at)]:
+                raise RuntimeError(
+                    f"[{name}] {d / 'evals.jsonl'} holds the evaluations of steps "
+                    f"{[e['step'] for e in evals[1:]]}, not of {sorted(at)}"
+                )
             out = {
                 "name": name,
                 "method": method,

@@ -251,3 +251,21 @@ def test_bench_in_bf16_calibrates_and_reports_bf16():
     steps = bench.decode_step_bytes(cfg, w)
     assert ours["sample"]["decode_bytes_per_step"] == int(sum(steps) / len(steps))
     assert 0 < ours["sample"]["roofline_s"] < ours["sample"]["median_s"]
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--config=tiny", "--config: a comma-separated list of toy, small"),
+        ("--bench=fwd", "--bench: a comma-separated list of fwd_bwd, sample, ipo, kl"),
+        ("--repeats=0", "--repeats must be >= 1"),
+    ],
+)
+def test_bad_flags_are_named_before_any_work(flag, message):
+    """A mistyped workload or configuration was a KeyError after the matmul calibration."""
+    script = os.path.join(os.path.dirname(bench.__file__), "bench.py")
+    got = subprocess.run(
+        [sys.executable, script, flag], capture_output=True, text=True, timeout=120
+    )
+    assert got.returncode != 0 and message in got.stderr
+    assert "matmul" not in got.stdout  # nothing measured

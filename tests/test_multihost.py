@@ -139,3 +139,49 @@ def test_a_study_across_two_processes_equals_the_study_in_one(tmp_path):
     # The exact replay of the logged stream is the online run, across hosts too.
     assert p0["tandem"] == p0["online"]
     assert p0["tandem_param_diff"] == 0.0
+
+
+@pytest.mark.slow  # two processes x 2 simulated devices, then one process: about a minute
+def test_smoke_across_two_processes_loads_each_hosts_rows_and_equals_one_process(tmp_path):
+    """`smoke.py --distributed`: each process loads only its rows of the global batch
+    (`process_batch_slice`), so two processes train on the same global batches as one
+    process with all four devices: the same losses, the same samples. (It passed every
+    process the whole batch, which `shard_batch` took as that host's rows: a global batch
+    twice as large, each row repeated, which the losses alone would not show.)"""
+    flags = ["experiments/smoke.py", "--steps=3", "--batch_size=8", "--mesh=data:-1"]
+
+    def launch(num_processes, devices_each):
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_each}"
+        port = _free_port()
+        extra = lambda i: (  # noqa: E731
+            ["--distributed", f"--coordinator_address=localhost:{port}"]
+            + [f"--num_processes={num_processes}", f"--process_id={i}"]
+            if num_processes > 1
+            else []
+        )
+        procs = [
+            subprocess.Popen(
+                [sys.executable, *flags, *extra(i)],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(num_processes)
+        ]
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        for p, out in zip(procs, outs, strict=True):
+            assert p.returncode == 0, out[-3000:]
+        return outs
+
+    lines = lambda out: [x for x in out.splitlines() if " loss " in x or "-> sampled" in x]  # noqa: E731
+    strip = lambda x: x.split("  (")[0].split("  loss ")[1].split()[0] if " loss " in x else x  # noqa: E731
+    two = launch(2, 2)
+    (one,) = launch(1, 4)
+    assert "global batch 8, 4 rows loaded by this process" in two[0]
+    assert "global batch 8, 8 rows loaded by this process" in one
+    assert lines(two[0]) and len(lines(two[0])) == len(lines(one))
+    for a, b, c in zip(lines(two[0]), lines(two[1]), lines(one), strict=True):
+        assert strip(a) == strip(b) == strip(c), (a, b, c)

@@ -241,6 +241,40 @@ def test_a_killed_run_resumes_inside_the_run(micro_study):
 
 
 @pytest.mark.slow
+def test_a_killed_golden_baseline_resumes_from_its_train_state(micro_study, tmp_path, monkeypatch):
+    """With checkpoint_every, the golden baseline (the paper preset's longest online run)
+    continues from its train state after a kill, and ends with the same samples, bit for
+    bit, as the uninterrupted baseline of the study it was copied from."""
+    from ipo_gap.study_runs import Study
+
+    work = tmp_path / "w"
+    shutil.copytree(micro_study, work, ignore=shutil.ignore_patterns("baseline", "runs*"))
+    cfg = dataclasses.replace(study.PRESETS["micro"], checkpoint_every=2)
+    real = Study.online_source
+    monkeypatch.setattr(
+        Study,
+        "online_source",
+        lambda self, pm, purpose="online": _KilledAt(real(self, pm, purpose), 3),
+    )
+    with pytest.raises(KeyboardInterrupt):  # dies at step 3: the train state of step 2 kept
+        Study(work, cfg).baseline()
+    d = work / "baseline"
+    assert (d / "train_state").exists() and not (d / "done.json").exists()
+    monkeypatch.setattr(Study, "online_source", real)
+    Study(work, cfg).baseline()
+    assert not (d / "train_state").exists()
+    whole = micro_study / "baseline"
+    for name in ("y", "y_mask"):
+        with np.load(d / "samples.npz") as a, np.load(whole / "samples.npz") as b:
+            np.testing.assert_array_equal(a[name], b[name])
+    losses = lambda p: [r["loss"] for r in map(json.loads, p.read_text().splitlines())]  # noqa: E731
+    assert losses(d / "metrics.jsonl") == losses(whole / "metrics.jsonl")
+    assert json.loads((d / "done.json").read_text()) == json.loads(
+        (whole / "done.json").read_text()
+    )
+
+
+@pytest.mark.slow
 def test_a_run_whose_loss_turns_nan_is_never_evaluated_at_that_step(micro_study):
     """The loop reads a step's loss one step later; the study checks it itself before it
     evaluates or keeps a policy, so no evaluation of a NaN policy is written."""

@@ -209,6 +209,78 @@ def test_real_data_flags_are_refused_on_the_embedded_task():
     assert reproduce.config("micro", skip_bad_records=False).task == "embedded"
 
 
+def test_mistyped_inputs_are_refused_before_the_workdir_records_them(tmp_path):
+    """A flag naming a path that is not there (or a task without --data_dir) stops the job
+    before study_config.json is written: fixing the flag and running again works, where the
+    recorded config used to refuse the workdir as "another configuration"; a mesh axis no
+    sharding rule maps onto (a typo of data/model) is refused, not silently replicated."""
+    import reproduce
+
+    work = tmp_path / "w"
+    bad = {
+        "task": ("hh_helpful", "needs --data_dir"),
+        "data_dir": (str(tmp_path / "nowhere"), "--data_dir=.*nowhere: not a directory"),
+        "tokenizer_model": (str(tmp_path / "sp.model"), "--tokenizer_model=.*: no such file"),
+        "policy_checkpoint": (str(tmp_path), "--policy_checkpoint=.*no config.json"),
+        "scaling_models": (("toy-s", "toy-xl"), "--scaling_models: 'toy-xl' is neither"),
+    }
+    for flag, (value, message) in bad.items():
+        extra = {"task": "hh_helpful"} if flag == "data_dir" else {}
+        with pytest.raises(ValueError, match=message):
+            reproduce.run(work, "micro", **{flag: value, **extra})
+        assert not (work / "study_config.json").exists(), flag
+    # Two checkpoint folders of one name would share sft_<name>/ and runs_<name>/; a preset
+    # beside a pretrained start would be a randomly initialised size (or be dropped).
+    for parent in ("a", "b"):
+        (tmp_path / parent / "t5-base").mkdir(parents=True)
+        (tmp_path / parent / "t5-base" / "config.json").write_text("{}")
+    two = tuple(str(tmp_path / p / "t5-base") for p in ("a", "b"))
+    with pytest.raises(ValueError, match="would share the directories sft_t5-base/"):
+        study.check_inputs(reproduce.config("micro", scaling_models=two))
+    with pytest.raises(ValueError, match="'toy-s' is a preset, but the study starts from"):
+        study.check_inputs(
+            reproduce.config("micro", policy_checkpoint=two[0], scaling_models=("toy-s", two[0]))
+        )
+    with pytest.raises(ValueError, match="--mesh=dat:1: axis 'dat' is not one the study"):
+        reproduce.config("micro", mesh="dat:1")
+    assert reproduce.config("micro", mesh="data:1").mesh == "data:1"
+
+
+def test_every_start_records_its_mode_before_any_stage_runs(tmp_path):
+    """A start's --jobs is recorded when it begins, so a start killed after training some
+    stages in one process still makes the report say the study is mixed."""
+    import types
+
+    from ipo_gap import study_experiments
+
+    s = types.SimpleNamespace(workdir=tmp_path)
+    study_experiments._record_execution(s, 0)  # killed later: nothing else is written
+    study_experiments._record_execution(s, 2)
+    assert study_experiments._execution(s).startswith(
+        "in one process, then 2 one-core worker processes (mixed"
+    )
+
+
+def test_coordinator_flags_without_distributed_are_refused(tmp_path):
+    """Without --distributed the coordinator flags did nothing: each host ran its own
+    single-process study into the shared workdir."""
+    import subprocess
+
+    from conftest import REPO
+
+    cmd = [sys.executable, "experiments/reproduce.py", f"--workdir={tmp_path / 'w'}"]
+    got = subprocess.run(
+        [*cmd, "--coordinator_address=h0:1234", "--num_processes=2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert got.returncode != 0
+    assert "--coordinator_address, --num_processes without --distributed" in got.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_bad_real_task_inputs_are_named(downloads, tmp_path):
     root, dirs = downloads
     # A checkpoint whose vocabulary is smaller than the tokenizer's.

@@ -281,8 +281,10 @@ def _open_metrics(metrics_path, name: str, start_step: int, log_every: int, chec
     a path), cut back to the steps before `start_step`: emptied on a fresh start, where an
     older run's lines would sit before this run's; on a resume (`check`) rid of the steps a
     killed attempt logged past its checkpoint, which the resume redoes, and refused where a
-    step before it is missing, so a resumed run's history holds every logged step once."""
-    if not metrics_path or not hosts.is_writer():
+    step before it is missing, so a resumed run's history holds every logged step once.
+    Every process of a multi-host job reads and checks the file (all refuse alike) and meets
+    at the rewrite's barrier; process 0 writes it."""
+    if not metrics_path:
         return None
     path = pathlib.Path(metrics_path)
     rows = []
@@ -300,7 +302,7 @@ def _open_metrics(metrics_path, name: str, start_step: int, log_every: int, chec
                 "metrics file, or start over in a new checkpoint directory)"
             )
     jsonl.write_rows(path, rows)
-    return open(path, "a")  # noqa: SIM115 (the loop closes it)
+    return hosts.open_on_writer(path, "a")
 
 
 def _drop_logged_after(order_log: OrderLog | None, err: NonFiniteLossError, name: str) -> None:

@@ -21,9 +21,31 @@ from ipo_gap import jsonl  # noqa: E402
 
 _COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
+# One colour per method in every figure: the study's recurring methods have their own;
+# the others (shuffle levels, Fig. 5's datasets, semi-online periods) take the colours
+# left, in their order within the figure.
+TANDEM = "tandem: offline on the shuffled online stream"
+METHOD_COLORS = {
+    "online ipo": _COLORS[0],
+    "offline ipo": _COLORS[1],
+    "offline ipo (shuffled uniform)": _COLORS[2],
+    "offline ipo (shuffled uniform, lr x beta sweep)": "#98df8a",  # light green
+    TANDEM: _COLORS[2],
+    "offline ipo (exact order)": _COLORS[7],
+    "online bo2": _COLORS[9],
+    "offline bo2": _COLORS[3],
+    "offline bo2 (shuffled uniform)": _COLORS[8],
+    "hypo": _COLORS[4],
+}
+_REST = [_COLORS[5], _COLORS[6], "#1f1f1f", "#aec7e8", "#ffbb78", "#ff9896", "#c5b0d5",
+         "#c49c94", "#f7b6d2", "#dbdb8d"]  # fmt: skip
+
 
 def _color(methods: list[str], method: str) -> str:
-    return _COLORS[methods.index(method) % len(_COLORS)]
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    others = [m for m in methods if m not in METHOD_COLORS]
+    return _REST[others.index(method) % len(_REST)]
 
 
 def _methods(runs: Sequence[dict]) -> list[str]:
@@ -229,16 +251,26 @@ def figure_scaling(
 ) -> pathlib.Path:
     """Fig. 11: offline's best performance normalised by online's, against policy size (and,
     given, offline on the online stream shuffled: the paper's "tandem"), with each ratio's
-    95% interval ((sizes, 2) lower and upper ends) as error bars where given."""
+    95% interval ((sizes, 2) lower and upper ends) drawn from end to end where given."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(params, [1.0] * len(params), "-o", color=_COLORS[0], label="online ipo (= 1)")
-    series = [(ratios, intervals, _COLORS[1], "offline ipo")]
+    ax.plot(
+        params,
+        [1.0] * len(params),
+        "-o",
+        color=METHOD_COLORS["online ipo"],
+        label="online ipo (= 1)",
+    )
+    series = [(ratios, intervals, METHOD_COLORS["offline ipo"], "offline ipo")]
     if shuffled_ratios is not None:
-        series.append((shuffled_ratios, shuffled_intervals, _COLORS[2], "offline ipo, shuffled"))
+        series.append(
+            (shuffled_ratios, shuffled_intervals, METHOD_COLORS[TANDEM], "offline ipo, shuffled")
+        )
     for values, iv, color, label in series:
-        values = np.asarray(values, np.float64)
-        err = None if iv is None else np.abs(np.asarray(iv, np.float64).T - values)
-        ax.errorbar(params, values, yerr=err, fmt="-o", color=color, capsize=3, label=label)
+        ax.plot(params, values, "-o", color=color, label=label)
+        if iv is not None:  # the interval's own ends: a BCa interval need not hold its point
+            lo, hi = np.asarray(iv, np.float64).T
+            ax.vlines(params, lo, hi, color=color)
+            ax.plot(params, lo, "_", params, hi, "_", color=color, ms=8)
     for p, n in zip(params, names, strict=True):
         ax.annotate(n, (p, 1.0), textcoords="offset points", xytext=(0, 6), fontsize=8)
     ax.set_xscale("log")
@@ -256,10 +288,9 @@ def figure_sizes(sizes: Sequence[dict], path) -> pathlib.Path:
     fig, axes = plt.subplots(
         1, len(sizes), figsize=(5 * len(sizes), 4.2), sharex=True, sharey=True, squeeze=False
     )
-    tandem = "tandem: offline on the shuffled online stream"
     for ax, s in zip(axes[0], sizes, strict=True):
         runs = [*s["online"], *s["offline"]]
-        runs += [dict(r, method=tandem) for r in s.get("shuffled", [])]
+        runs += [dict(r, method=TANDEM) for r in s.get("shuffled", [])]
         kl_winrate(ax, runs, lines_for=[r["method"] for r in s["online"]])
         ax.set_title(f"{s['model']} ({s['params']:,} params)", fontsize=9)
     fig.suptitle("Fig. 10: KL vs win rate per policy size", fontsize=10)

@@ -5,7 +5,8 @@ judged once); they say nothing about training noise, which on the quick preset m
 IPO's peak win rate by more than its interval (README, "How firm are the numbers"). Runs of
 the same study with different seeds (`reproduce.py --seeds=0,1,2`) measure both: per seed,
 the Fig. 1 peaks and their difference; over seeds, the mean difference with a Student-t 95%
-interval (n - 1 degrees of freedom), and the same for Fig. 10's offline/online ratios.
+interval (n - 1 degrees of freedom), and the same for Fig. 10's ratios (offline and shuffled
+/ online) and, paired by seed, for the change of the gap with size.
 
 The verdict over seeds is a rule on those numbers: "online beats offline" requires the lower
 end of the t-interval of the mean difference (online peak - offline peak) to exceed 0.
@@ -55,11 +56,35 @@ def headline(results: Mapping) -> dict:
     """One study's numbers that the seeds compare: Fig. 1's peaks and Fig. 10's ratios."""
     fig1 = results["fig1"]
     on, off = report.peak([fig1[0]]), report.peak(fig1[1:])
-    ratios = {
-        s["model"]: report.quantile_win(s["offline"]) / report.quantile_win(s["online"])
-        for s in results.get("fig10", [])
+    ratios = {key: {} for key in ("offline", "shuffled")}  # by size, in the study's order
+    for s in results.get("fig10", []):
+        for key in ratios:
+            if key in s:
+                q_on = report.quantile_win(s["online"])
+                ratios[key][s["model"]] = report.quantile_win(s[key]) / q_on
+    return {
+        "online": on,
+        "offline": off,
+        "difference": on.win - off.win,
+        "ratios": ratios["offline"],
+        "shuffled_ratios": ratios["shuffled"],
+        "online_peak_at_end": report.at_last_checkpoint([fig1[0]], on),
     }
-    return {"online": on, "offline": off, "difference": on.win - off.win, "ratios": ratios}
+
+
+def narrowing(ratios: Mapping[str, float], first: str, last: str) -> float:
+    """REPORT.md's change of the gap with size: |1 - r_first| - |1 - r_last| (> 0 narrows)."""
+    return abs(1 - ratios[first]) - abs(1 - ratios[last])
+
+
+def trend_verdict(change: Spread) -> str:
+    if change.n < 2:
+        return "one seed: no interval over seeds"
+    if change.lo > 0:
+        return "the gap narrows with size over seeds (the t-interval of the change is > 0)"
+    if change.hi < 0:
+        return "the gap widens with size over seeds (the t-interval of the change is < 0)"
+    return "the gap's change with size is not separated from 0 over these seeds"
 
 
 def verdict(diff: Spread) -> str:
@@ -103,8 +128,12 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
         "Each seed is a whole study (its own task sample, models, runs and evaluation "
         "prompts' samples). Per seed, the intervals are evaluation noise only (REPORT.md); "
         "over seeds, the Student-t 95% interval of the mean holds training noise too. Each "
-        "peak is a maximum over checkpoints (offline: over the whole pooled sweep), so the "
-        "difference compares two selected maxima and leans towards the larger pool, offline.",
+        "seed's win rates are against its own golden baseline, judged by its own golden PM: "
+        "the mean peaks average different references, while each difference is paired "
+        "within its seed. Each peak is a maximum over checkpoints (offline: over the whole "
+        "pooled sweep), so the difference compares two selected maxima and leans towards the "
+        'larger pool, offline: "online beats offline" is then conservative, "offline '
+        'beats online" too easy.',
         "",
         "## Fig. 1: online vs offline IPO, peak win rate against the golden baseline",
         "",
@@ -132,18 +161,46 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
         "",
         f"**Verdict over seeds:** {verdict(diff)}.",
     ]
-    sizes = sorted({m for h in heads.values() for m in h["ratios"]})
-    if sizes:
-        size_rows = []
-        for m in sizes:
-            values = [h["ratios"][m] for h in heads.values() if m in h["ratios"]]
-            size_rows.append([m, " ".join(f"{v:.3f}" for v in values), spread(values).cell()])
+    ends = [seed for seed, h in heads.items() if h["online_peak_at_end"]]
+    if ends:
         lines += [
             "",
-            "## Fig. 10: offline / online best performance (90% quantile) per policy size",
-            "",
-            report.table(["size", "per seed", "mean [t 95% CI]"], size_rows),
+            f"Online's peak is its last checkpoint at seed(s) {', '.join(map(str, ends))}: it "
+            "may not have reached its peak there, which shortens those seeds' differences.",
         ]
+    sizes = list(dict.fromkeys(m for h in heads.values() for m in h["ratios"]))  # study order
+    if sizes:
+        lines += [
+            "",
+            "## Fig. 10/11: best performance (90% quantile) / online's per policy size",
+            "",
+            "Within a seed every size shares the golden PM, the baseline and the evaluation "
+            "prompts, so the change of the gap with size, |1 - r_first| - |1 - r_last| "
+            "(> 0: narrows), is taken per seed and its mean given a t-interval over seeds.",
+        ]
+        for key, label in (("ratios", "offline"), ("shuffled_ratios", "shuffled")):
+            size_rows = []
+            for m in sizes:
+                values = [h[key][m] for h in heads.values() if m in h[key]]
+                if values:
+                    per = " ".join(f"{v:.3f}" for v in values)
+                    size_rows.append([m, per, spread(values).cell()])
+            if not size_rows:
+                continue
+            lines += [
+                "",
+                report.table([f"size: {label} / online", "per seed", "mean [t 95% CI]"], size_rows),
+            ]
+            both = [h[key] for h in heads.values() if sizes[0] in h[key] and sizes[-1] in h[key]]
+            if len(sizes) > 1 and both:
+                changes = [narrowing(r, sizes[0], sizes[-1]) for r in both]
+                change = spread(changes)
+                lines += [
+                    "",
+                    f"{label.capitalize()}: change of the gap from {sizes[0]} to {sizes[-1]} "
+                    f"per seed {' '.join(f'{c:+.3f}' for c in changes)}, mean "
+                    f"{change.cell()}: {trend_verdict(change)}.",
+                ]
     path = pathlib.Path(path)
     jsonl.write_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -60,3 +60,41 @@ def test_seeds_report_numbers(tmp_path):
     assert mean.lo < 0 and "not separated over these seeds" in text  # two seeds: t = 12.7
     ratio0 = np.quantile([0.50, 0.55], 0.9) / np.quantile([0.60, 0.70], 0.9)
     assert f"{ratio0:.3f}" in text
+
+
+def test_the_change_of_the_gap_with_size_is_paired_by_seed(tmp_path):
+    """Each seed's sizes share one golden PM, baseline and prompts: the ratios of both
+    seeds move together (per-size intervals overlap), but the gap narrows by the same
+    amount in each, which the paired change shows; sizes stay in the study's order."""
+
+    def sized(offset, online_win=0.70):
+        res = _results(online_win, [0.55])
+        online = res["fig1"][0]
+
+        def run(w):
+            return [
+                {"name": "o", "evals": [{"step": 0, "win_rate": 0.5}, {"step": 10, "win_rate": w}]}
+            ]
+
+        rel = (("toy-s", 0.60), ("toy-m", 0.70), ("toy-l", 0.80 + offset / 10))
+        res["fig10"] = [
+            {"model": m, "online": [online], "offline": run(online_win * (r + offset)),
+             "shuffled": run(online_win * (r + offset + 0.1))}
+            for m, r in rel
+        ]  # fmt: skip
+        return res
+
+    text = seeds.write(
+        tmp_path / "SEEDS.md", {0: sized(0.0), 1: sized(0.05), 2: sized(-0.04)}, "t"
+    ).read_text()
+    assert text.index("| toy-s |") < text.index("| toy-m |") < text.index("| toy-l |")
+    assert "Offline: change of the gap from toy-s to toy-l per seed +0.203 +0.208 +0.199" in text
+    assert "the gap narrows with size over seeds" in text
+    # ... where the unpaired per-size intervals overlap (online's q90 is 0.69 here).
+    ratio = lambda r, o: 0.70 * (r + o) / 0.69  # noqa: E731
+    small = seeds.spread([ratio(0.60, o) for o in (0.0, 0.05, -0.04)])
+    large = seeds.spread([ratio(0.80 + o / 10, o) for o in (0.0, 0.05, -0.04)])
+    per_seed = " ".join(f"{ratio(0.60, o):.3f}" for o in (0.0, 0.05, -0.04))
+    assert small.hi > large.lo and f"| toy-s | {per_seed} | {small.cell()} |" in text
+    assert "Shuffled: change of the gap from toy-s to toy-l" in text
+    assert "Online's peak is its last checkpoint at seed(s) 0, 1, 2" in text

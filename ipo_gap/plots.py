@@ -171,7 +171,9 @@ def _stream_step(e: dict) -> int:
     return e.get("stream_step", e["step"])
 
 
-def figure_classification(runs: Sequence[dict], proxy_accuracy: float, path, title) -> pathlib.Path:
+def figure_classification(
+    runs: Sequence[dict], proxy_accuracy: float, path, title, proxy_label: str = "proxy PM"
+) -> pathlib.Path:
     """Fig. 6-8: accuracy on the online stream (with the proxy PM's on the same pairs) and on
     D_golden over steps, accuracy vs win rate (each run's trained checkpoints, the points of
     the H3 verdict's correlations, and their shared SFT start once), winner log-prob drift."""
@@ -211,12 +213,12 @@ def figure_classification(runs: Sequence[dict], proxy_accuracy: float, path, tit
     start = next((e for e in runs[0]["evals"] if e["step"] == 0), None)
     if start is not None:  # every run starts from the same SFT policy: one point, not one per run
         a2.plot(start["accuracy"], start["win_rate"], "k*", ms=9, label="SFT (step 0)")
-    a1.axhline(proxy_accuracy, color="k", ls=":", label="proxy PM")
+    a1.axhline(proxy_accuracy, color="k", ls=":", label=proxy_label)
     a0.set(
         xlabel="online step ending the stream window\n(each run's k-th checkpoint on window k)",
         ylabel="accuracy on the online stream (golden labels)",
     )
-    a1.set(xlabel="step", ylabel="accuracy on D_golden pairs")
+    a1.set(xlabel="step", ylabel="accuracy on D_golden pairs (valid split)")
     a2.set(xlabel="accuracy on D_golden pairs", ylabel="win rate vs golden baseline")
     a3.set(xlabel="step", ylabel=r"E[log $\pi$(y_w) - log $\pi_{sft}$(y_w)]")
     for a in (a0, a1, a2, a3):

@@ -176,6 +176,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         proxy_acc,
         figs / "fig6_7_8_classification.png",
         "Fig. 6-8: policies as classifiers on the online stream and on D_golden pairs",
+        # the policies' pairs are D_golden's valid split; the proxy PM is measured apart
+        proxy_label=f"proxy PM (its {proxy_split} split accuracy)",
     )
     if fig9:
         plots.figure_kl_winrate(

@@ -175,8 +175,9 @@ def run(
                 if not chunk:
                     code = wk.proc.wait()
                     raise TaskFailed(
-                        f"worker on core {wk.core} exited (code {code}) while running task "
-                        f"{wk.task!r}"
+                        f"worker on core {wk.core} exited (code {code}) with task {wk.task!r} "
+                        "handed to it: in that task, or before it began, if the worker died "
+                        "while starting (its traceback, if any, is in the job's stderr above)"
                     )
                 wk.buffer += chunk
                 while b"\n" in wk.buffer:

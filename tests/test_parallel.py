@@ -96,7 +96,9 @@ def test_a_failing_task_stops_the_graph_and_names_itself(tmp_path, on_path):
 
 
 def test_a_killed_worker_is_reported_with_its_task(tmp_path, on_path):
-    with pytest.raises(parallel.TaskFailed, match=r"exited \(code -9\) while running task 'die'"):
+    with pytest.raises(
+        parallel.TaskFailed, match=r"exited \(code -9\) with task 'die' handed to it"
+    ):
         parallel.run([Task("die")], "test_parallel:fake_tasks", [str(tmp_path)], jobs=1)
 
 

@@ -53,6 +53,10 @@ _KILL_AFTER = flags.DEFINE_integer(
     "kill_after", None, "SIGKILL the `killed` run once it reports this step (default steps // 2)."
 )
 _CHILD = flags.DEFINE_bool("_child", False, "Internal: run the stage once in --workdir.")
+flags.register_validator("steps", lambda v: v >= 3, "--steps must be >= 3 (a kill, then a resume)")
+flags.register_validator(
+    "checkpoint_every", lambda v: v >= 1, "--checkpoint_every must be >= 1 (the kill resumes)"
+)
 
 STEP_LINE = "STEP {}"
 DONE_LINE = "DONE"
@@ -322,6 +326,15 @@ def run(workdir: pathlib.Path, num_steps: int, kill_after: int) -> bool:
     print("  b: done", flush=True)
     run_child(dirs["killed"], hash_seed=3, kill_after=kill_after)
     print(f"  killed: SIGKILLed after step {kill_after}", flush=True)
+    ckpt = dirs["killed"] / "ckpt"
+    saved = CheckpointManager(ckpt).latest_step() if ckpt.exists() else None
+    if saved is None:  # the rerun would start over: no resume would be checked
+        raise ValueError(
+            f"the run killed after step {kill_after} had saved no checkpoint (every "
+            f"{_CKPT_EVERY.value} steps): nothing to resume from; use a later --kill_after or a "
+            "smaller --checkpoint_every"
+        )
+    print(f"  killed: its last checkpoint is step {saved}", flush=True)
     run_child(dirs["killed"], hash_seed=4)
     print("  killed: resumed and done", flush=True)
     ok = True

@@ -96,11 +96,18 @@ def listed(paths) -> list:
 
 
 def exists(path) -> bool:
-    """`os.path.exists(path)`, agreed by every process: each looks, then all meet at a barrier,
-    so process 0 cannot create or delete `path` between one process's look and another's
-    (only process 0 writes). Use it wherever a look decides whether to write."""
+    """`os.path.exists(path)` as process 0 sees it, on every process: all meet at a barrier
+    (so process 0 cannot create or delete `path` between one process's look and another's;
+    only process 0 writes) and take process 0's answer, which a shared filesystem's
+    attribute cache could otherwise make differ on another host, sending it down another
+    branch to other barriers. Use it wherever a look decides whether to write."""
     import os
 
     found = os.path.exists(path)
     sync(f"exists {path}")
+    if process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
     return found

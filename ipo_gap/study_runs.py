@@ -66,9 +66,11 @@ def _check_log_meta(log: OrderLog, want: dict) -> None:
     if diffs:
         raise ValueError(
             f"{log.directory}/meta.json: the order log was written by another run "
-            f"({'; '.join(diffs)}): resuming would append this run's batches to it (delete "
-            f"the run directory {os.path.dirname(log.directory)} to start the run afresh, or "
-            "use a new --workdir)"
+            f"({'; '.join(diffs)}): resuming would append this run's batches to it. Use a "
+            f"new --workdir; deleting the run directory {os.path.dirname(log.directory)} "
+            "restarts this run only, and the finished stages that read its stream or its "
+            "policy (replays, Fig. 5's datasets, other runs' stream accuracies) would stay "
+            "those of the old run"
         )
 
 

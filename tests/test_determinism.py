@@ -113,4 +113,28 @@ def test_check_determinism_binary_passes(tmp_path, stage):
     out = proc.stdout + proc.stderr[-3000:]
     assert proc.returncode == 0, out
     assert "PASS" in proc.stdout.splitlines()[-1], out
-    assert "resumed" in proc.stdout, out  # the killed run really resumed from a checkpoint
+    # the killed run really had a checkpoint to resume from (step 3 of every 3)
+    assert "killed: its last checkpoint is step 3" in proc.stdout, out
+
+
+@pytest.mark.slow  # three subprocess runs of a tiny stage: ~1 min
+def test_check_determinism_refuses_a_kill_before_the_first_checkpoint(tmp_path):
+    """Killed before its first checkpoint, the rerun would start over and the binary would
+    print PASS "across a kill + resume" with no resume checked."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "experiments/check_determinism.py",
+            "--stage=offline_ipo",
+            f"--workdir={tmp_path}",
+            "--steps=7",
+            "--kill_after=1",
+            "--checkpoint_every=3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode != 0 and "PASS" not in proc.stdout
+    assert "had saved no checkpoint (every 3 steps): nothing to resume from" in proc.stderr

@@ -853,8 +853,10 @@ def bootstrap_ratios(
     noise only, not training noise. None without per-prompt outcomes everywhere, or where
     online's quantile is 0 in a resample (no ratio there)."""
     mats = _size_outcomes(sizes, key)
-    if mats is None:
-        return None
+    return None if mats is None else _bootstrap(mats, draws, seed, q)
+
+
+def _bootstrap(mats: list[tuple], draws: int, seed: int, q: float) -> np.ndarray | None:
     n = mats[0][0].shape[1]
     weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=draws) / n
     return _ratios(mats, lambda m: weights @ m.T, q)
@@ -889,9 +891,9 @@ def ratio_resamples(
     sizes: Sequence[dict], key: str, draws: int = BOOTSTRAP_DRAWS, seed: int = 0, q: float = 0.9
 ) -> RatioResamples | None:
     """`RatioResamples` of `key` / online; None where `bootstrap_ratios` is."""
-    mats = _size_outcomes(sizes, key)
-    boot = bootstrap_ratios(sizes, key, draws, seed, q)
-    if mats is None or boot is None:
+    mats = _size_outcomes(sizes, key)  # parsed once for the three
+    boot = None if mats is None else _bootstrap(mats, draws, seed, q)
+    if boot is None:
         return None
     n = mats[0][0].shape[1]
     point = _ratios(mats, lambda m: m.mean(axis=1)[None], q)

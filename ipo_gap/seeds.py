@@ -77,26 +77,31 @@ def narrowing(ratios: Mapping[str, float], first: str, last: str) -> float:
     return abs(1 - ratios[first]) - abs(1 - ratios[last])
 
 
+def _by_interval(s: Spread, one: str, above: str, below: str, neither: str) -> str:
+    """The words for a t-interval over seeds: one seed, wholly above 0, below 0, or neither."""
+    if s.n < 2:
+        return one
+    return above if s.lo > 0 else below if s.hi < 0 else neither
+
+
 def trend_verdict(change: Spread) -> str:
-    if change.n < 2:
-        return "one seed: no interval over seeds"
-    if change.lo > 0:
-        return "the gap narrows with size over seeds (the t-interval of the change is > 0)"
-    if change.hi < 0:
-        return "the gap widens with size over seeds (the t-interval of the change is < 0)"
-    return "the gap's change with size is not separated from 0 over these seeds"
+    return _by_interval(
+        change,
+        "one seed: no interval over seeds",
+        "the gap narrows with size over seeds (the t-interval of the change is > 0)",
+        "the gap widens with size over seeds (the t-interval of the change is < 0)",
+        "the gap's change with size is not separated from 0 over these seeds",
+    )
 
 
 def verdict(diff: Spread) -> str:
-    if diff.n < 2:
-        return "one seed: no interval over seeds; run more seeds"
-    if diff.lo > 0:
-        return "online beats offline over seeds (the t-interval of the mean difference is > 0)"
-    if diff.hi < 0:
-        return "offline beats online over seeds (the t-interval of the mean difference is < 0)"
-    return (
+    return _by_interval(
+        diff,
+        "one seed: no interval over seeds; run more seeds",
+        "online beats offline over seeds (the t-interval of the mean difference is > 0)",
+        "offline beats online over seeds (the t-interval of the mean difference is < 0)",
         "not separated over these seeds: the t-interval of the mean difference contains 0 "
-        "(run more seeds, or a larger preset)"
+        "(run more seeds, or a larger preset)",
     )
 
 

@@ -245,21 +245,39 @@ REAL_TASK_OVERRIDES = {
 }
 
 
-def check_inputs(cfg: StudyConfig) -> None:
-    """Refuses, naming the flag, a config whose inputs cannot be used: an unknown task, a
-    real task without --data_dir, a path that is not there, a scaling model that is neither
-    a preset nor a Hugging Face T5 directory. `reproduce` calls it before it records the
-    config in the workdir, so a mistyped flag does not bind the workdir to it."""
-    if cfg.task != "embedded" and cfg.task not in preference_data.TASKS:
+def is_hf_dir(path: str) -> bool:
+    """Whether `path` is a Hugging Face T5 directory (it holds config.json)."""
+    return (pathlib.Path(path) / "config.json").is_file()
+
+
+def scaling_tag(model: str) -> str:
+    """A policy size's name in its directories (`sft_<tag>/`, `runs_<tag>/`): a preset's
+    name, or a Hugging Face directory's folder name."""
+    return pathlib.Path(model).resolve().name if is_hf_dir(model) else model
+
+
+def _check_task(cfg: StudyConfig) -> None:
+    """A known task, and a real one with its --data_dir."""
+    if cfg.task == "embedded":
+        return
+    if cfg.task not in preference_data.TASKS:
         raise ValueError(
-            f"--task={cfg.task!r}: one of embedded, {', '.join(preference_data.TASKS)}"
+            f"unknown task {cfg.task!r}: one of embedded, {', '.join(preference_data.TASKS)}"
         )
-    if cfg.task != "embedded" and not cfg.data_dir:
+    if not cfg.data_dir:
         spec = preference_data.TASKS[cfg.task]
         raise ValueError(
             f"task {cfg.task} needs --data_dir, a folder with {' or '.join(spec.patterns)} "
             f"({spec.format}; download from {spec.url})"
         )
+
+
+def check_inputs(cfg: StudyConfig) -> None:
+    """Refuses, naming the flag, a config whose inputs cannot be used: an unknown task, a
+    real task without --data_dir, a path that is not there, a scaling model that is neither
+    a preset nor a Hugging Face T5 directory. `reproduce` calls it before it records the
+    config in the workdir, so a mistyped flag does not bind the workdir to it."""
+    _check_task(cfg)
     if cfg.data_dir and not pathlib.Path(cfg.data_dir).is_dir():
         raise ValueError(f"--data_dir={cfg.data_dir}: not a directory")
     if cfg.tokenizer_model and not pathlib.Path(cfg.tokenizer_model).is_file():
@@ -268,13 +286,13 @@ def check_inputs(cfg: StudyConfig) -> None:
         ("policy_checkpoint", cfg.policy_checkpoint),
         ("golden_checkpoint", cfg.golden_checkpoint),
     ):
-        if path and not (pathlib.Path(path) / "config.json").is_file():
+        if path and not is_hf_dir(path):
             raise ValueError(
                 f"--{flag}={path}: not a Hugging Face T5 directory (no config.json there)"
             )
     tags: dict[str, str] = {}
     for m in cfg.scaling_models:
-        is_dir = (pathlib.Path(m) / "config.json").is_file()
+        is_dir = is_hf_dir(m)
         if m not in MODEL_PRESETS and not is_dir:
             raise ValueError(
                 f"--scaling_models: {m!r} is neither a model preset ({', '.join(MODEL_PRESETS)})"
@@ -286,7 +304,7 @@ def check_inputs(cfg: StudyConfig) -> None:
                 f"policy {cfg.policy_checkpoint}: every size must be a Hugging Face T5 "
                 "directory (a randomly initialised size is not comparable)"
             )
-        tag = pathlib.Path(m).resolve().name if is_dir else m  # `Study.variant`'s directories
+        tag = scaling_tag(m)
         if tag in tags:
             raise ValueError(
                 f"--scaling_models: {tags[tag]!r} and {m!r} would share the directories "
@@ -440,16 +458,7 @@ def load_task(workdir: pathlib.Path, cfg: StudyConfig):
     }
     if cfg.task == "embedded":
         return embedded_task.load_or_make(workdir / "task.json", cfg.seed, **sizes)
-    if cfg.task not in preference_data.TASKS:
-        raise ValueError(
-            f"unknown task {cfg.task!r}: one of embedded, {', '.join(preference_data.TASKS)}"
-        )
-    if not cfg.data_dir:
-        spec = preference_data.TASKS[cfg.task]
-        raise ValueError(
-            f"task {cfg.task} needs --data_dir, a folder with {' or '.join(spec.patterns)} "
-            f"({spec.format}; download from {spec.url})"
-        )
+    _check_task(cfg)
     return preference_data.load_or_make_task(
         workdir / "task.json",
         cfg.task,

@@ -30,12 +30,14 @@ from ipo_gap.data.order_log import OrderLog, pair_schema
 from ipo_gap.study import (
     TRAIN_STATE,
     StudyConfig,
+    is_hf_dir,
     load_model,
     pm_rows,
     prepare,
     relabel,
     save_model,
     savez_atomic,
+    scaling_tag,
     sft_rows,
     stage,
     with_new_defaults,
@@ -82,9 +84,9 @@ def _resume_point(
     Without a train state the directory is emptied (a killed attempt restarts the run). With
     one, a resume under other run settings (`meta`'s `_RUN_SETTINGS`: `loop.check_resume_meta`)
     or on an order log another run wrote (`_check_log_meta`) is refused first, with the
-    directory unchanged; then the metrics and evaluations after its step and the snapshots
-    taken after it are dropped; the train state and the data-order log are kept (the loop
-    re-checks logged steps it regenerates).
+    directory unchanged; then the evaluations after its step and the snapshots taken after
+    it are dropped (the loop cuts the metrics back itself); the train state and the
+    data-order log are kept (the loop re-checks logged steps it regenerates).
     """
     latest = None
     if every and hosts.exists(d / TRAIN_STATE):
@@ -99,9 +101,8 @@ def _resume_point(
         return None
     if log and hosts.exists(d / "log"):
         _check_log_meta(OrderLog.open(d / "log"), meta)
-    # A kill during an append cuts at most the last line; its step is after `latest`.
-    metrics = jsonl.read_rows(d / "metrics.jsonl", cut_tail_ok=True)
-    jsonl.write_rows(d / "metrics.jsonl", [m for m in metrics if m["step"] < latest])
+    # The loop cuts metrics.jsonl back to `latest` (`loop.metrics_before`). A kill during an
+    # append cuts at most the last line; its step is after `latest`.
     evals = jsonl.read_rows(d / "evals.jsonl", cut_tail_ok=True)
     jsonl.write_rows(d / "evals.jsonl", [e for e in evals if e["step"] <= latest])
     for snap in hosts.listed(d.glob("step_*")):
@@ -188,7 +189,7 @@ class Study:
         a study that starts from a pretrained policy takes only directories here, since a
         randomly initialised size would not be comparable.
         """
-        is_dir = (pathlib.Path(policy_model) / "config.json").exists()
+        is_dir = is_hf_dir(policy_model)
         if self.cfg.policy_checkpoint and not is_dir:
             raise ValueError(
                 f"scaling model {policy_model!r}: the study starts from the pretrained "
@@ -200,11 +201,9 @@ class Study:
         if is_dir:
             other._variant_checkpoint = policy_model
             other.policy_cfg = other._model_cfg("policy", vocab)
-            name = pathlib.Path(policy_model).resolve().name
         else:
             other.policy_cfg = self.cfg.preset_model(policy_model, vocab)
-            name = policy_model
-        other.tag = f"_{name}"
+        other.tag = f"_{scaling_tag(policy_model)}"
         other._cache = {}
         # A randomly initialised size: Adam's step size per weight is about the learning
         # rate, so wider models need a smaller one (1/width, as muP prescribes for hidden

@@ -276,33 +276,44 @@ def _with_settings(meta: dict | None, loss: str, hparams: steps.Hparams, **more)
     return {**(meta or {}), "train_settings": {"loss": loss, **values, **more}}
 
 
+def metrics_before(metrics_path, name: str, step: int, every: int = 1) -> list[dict]:
+    """A resume's history: the rows of `metrics_path` before the checkpoint's `step`, written
+    back (a killed attempt logged steps past its checkpoint, which the resume redoes; a line
+    cut by the kill is dropped), refused, naming the file and the missing steps, where one
+    logged step (every `every`) before it is missing. Every process of a multi-host job reads
+    and checks the file (all refuse alike) and meets at the rewrite's barrier."""
+    path = pathlib.Path(metrics_path)
+    rows = [r for r in jsonl.read_rows(path, cut_tail_ok=True) if r["step"] < step]
+    want = list(range(0, step, every))
+    have = [r["step"] for r in rows]
+    if have != want:
+        gone = sorted(set(want) - set(have))
+        raise ValueError(
+            f"[{name}] {path} does not hold the steps before the checkpoint's step {step} "
+            f"(every {every}): "
+            + (f"missing {gone[:5]}" if gone else f"it holds steps {have[:8]}...")
+            + "; the resumed run's history would have a gap (resume with that run's "
+            "metrics file, or start over in a new checkpoint directory)"
+        )
+    jsonl.write_rows(path, rows)
+    return rows
+
+
 def _open_metrics(metrics_path, name: str, start_step: int, log_every: int, check: bool):
     """The run's metrics file opened for appending (on the writer; None elsewhere or without
     a path), cut back to the steps before `start_step`: emptied on a fresh start, where an
-    older run's lines would sit before this run's; on a resume (`check`) rid of the steps a
-    killed attempt logged past its checkpoint, which the resume redoes, and refused where a
-    step before it is missing, so a resumed run's history holds every logged step once.
-    Every process of a multi-host job reads and checks the file (all refuse alike) and meets
-    at the rewrite's barrier; process 0 writes it."""
+    older run's lines would sit before this run's; on a resume (`check`) by
+    `metrics_before`; a caller's own `start_step` without a checkpoint keeps the earlier
+    lines unchecked."""
     if not metrics_path:
         return None
-    path = pathlib.Path(metrics_path)
-    rows = []
-    if start_step:
+    if check:
+        metrics_before(metrics_path, name, start_step, log_every)
+    else:
+        path = pathlib.Path(metrics_path)
         rows = [r for r in jsonl.read_rows(path, cut_tail_ok=True) if r["step"] < start_step]
-        want = list(range(0, start_step, log_every))
-        have = [r["step"] for r in rows]
-        if check and have != want:
-            gone = sorted(set(want) - set(have))
-            raise ValueError(
-                f"[{name}] {path} does not hold the steps before the checkpoint's step "
-                f"{start_step} (every {log_every}): "
-                + (f"missing {gone[:5]}" if gone else f"it holds steps {have[:8]}...")
-                + "; the resumed run's history would have a gap (resume with that run's "
-                "metrics file, or start over in a new checkpoint directory)"
-            )
-    jsonl.write_rows(path, rows)
-    return hosts.open_on_writer(path, "a")
+        jsonl.write_rows(path, rows)
+    return hosts.open_on_writer(metrics_path, "a")
 
 
 def _drop_logged_after(order_log: OrderLog | None, err: NonFiniteLossError, name: str) -> None:
@@ -594,7 +605,8 @@ def _run(
     manager = (
         CheckpointManager(checkpoint_dir, max_to_keep=checkpoint_keep) if checkpoint_dir else None
     )
-    if manager is not None and manager.latest_step() is not None:
+    resumed = manager is not None and manager.latest_step() is not None
+    if resumed:
         template = TrainState(
             model, opt_state, jnp.int32(0), jnp.zeros_like(rng_data), jnp.int32(0)
         )
@@ -622,7 +634,6 @@ def _run(
                 "checkpoint directory)"
             )
         hosts.say(f"[{name}] resumed from {manager.directory} at step {start_step}")
-    resumed = manager is not None and manager.latest_step() is not None
     out = _open_metrics(metrics_path, name, start_step, log_every, check=resumed)
 
     def save(step_done: int):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ipo_gap import hosts, jsonl, preference, sharding
+from ipo_gap import hosts, preference, sharding
 from ipo_gap.data import sources
 from ipo_gap.sharding import place_like, to_device, to_host
 from ipo_gap.train import steps
@@ -31,6 +31,7 @@ from ipo_gap.train.loop import (
     Progress,
     StepClock,
     check_finite_params,
+    metrics_before,
     not_saved,
     rates,
 )
@@ -127,15 +128,7 @@ class _Resumable:
                 "use the original settings, or delete that directory"
             )
         arrays = self.manager.restore(step, like, shardings=sharding.restore_shardings(like))
-        path = pathlib.Path(metrics_path)
-        # A line cut by the kill (the last) is dropped: its step is redone.
-        rows = [r for r in jsonl.read_rows(path, cut_tail_ok=True) if r["step"] < step]
-        if [r["step"] for r in rows] != list(range(step)):
-            raise ValueError(
-                f"[{self.name}] {path} does not hold steps 0..{step - 1} of the train state at "
-                f"step {step}: cannot resume with a complete history"
-            )
-        jsonl.write_rows(path, rows)
+        rows = metrics_before(metrics_path, self.name, step)
         hosts.say(f"[{self.name}] resumed from its train state at step {step}")
         return arrays, meta.get("extra", {}), step, rows
 

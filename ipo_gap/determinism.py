@@ -13,6 +13,7 @@ check_determinism.py) holds two runs to it and names where they part:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 
@@ -23,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ipo_gap.data.order_log import OrderLog
+from ipo_gap.sharding import to_host
 from ipo_gap.train_state_io import CheckpointManager
 
 
@@ -143,3 +145,55 @@ def tree_max_abs_diff(a, b) -> float:
     la = jax.tree.leaves(eqx.filter(a, eqx.is_array))
     lb = jax.tree.leaves(eqx.filter(b, eqx.is_array))
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(la, lb, strict=True))
+
+
+_MIX = (np.uint32(0x9E3779B1), np.uint32(0x85EBCA77))  # odd multipliers (golden ratio, murmur3)
+
+
+def _word_sums(x: jax.Array) -> jax.Array:
+    """Two position-weighted sums of `x`'s raw bit patterns, uint32 [2], modulo 2**32."""
+    if x.dtype.itemsize == 4:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 2:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    elif x.dtype == jnp.bool_:
+        words = x.astype(jnp.uint32)
+    elif x.dtype.itemsize == 1:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+    else:  # 8-byte words: both halves
+        pair = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        words = pair[..., 0] * _MIX[1] + pair[..., 1]
+    # The element's row-major index, built per axis (no reshape: a sharded leaf stays put).
+    index = jnp.zeros(words.shape, jnp.uint32)
+    for axis, size in enumerate(words.shape):
+        index = index * np.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+    out = []
+    for mix in _MIX:
+        weight = (index * mix + np.uint32(0x7F4A7C15)) | np.uint32(1)
+        out.append(jnp.sum(words * weight, dtype=jnp.uint32))  # wraps: the order is immaterial
+    return jnp.stack(out)
+
+
+@jax.jit
+def _leaf_sums(leaves):
+    return jnp.stack([_word_sums(x) for x in leaves])  # [leaves, 2]
+
+
+def weights_checksum(model) -> str:
+    """A cheap fingerprint of a model's weights, for checkpoints to record what they trained
+    against (the reference policy, the judging preference model) without fetching the weights
+    to the host (`ref_cache.model_fingerprint` does that, and is exact).
+
+    Per array leaf, two sums of its raw bit patterns weighted by odd functions of the element's
+    index, modulo 2**32, on the device; then a SHA-256 (16 hex digits kept) over each leaf's path,
+    dtype, shape and sums. Integer sums modulo 2**32 do not depend on the reduction's order, so
+    the value is the same on any device count, sharding or backend. It detects changed weights
+    (any one changed element changes both sums), not a crafted collision."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_array))
+    sums = to_host(_leaf_sums([leaf for _, leaf in flat]))  # replicated: read on every host
+    h = hashlib.sha256(b"ipo_gap.weights_checksum.v1\0")
+    cfg = getattr(model, "cfg", None)
+    h.update((cfg.to_json() if hasattr(cfg, "to_json") else "null").encode() + b"\0")
+    for (path, leaf), s in zip(flat, sums, strict=True):
+        h.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|{s[0]}|{s[1]}\0".encode())
+    return h.hexdigest()[:16]

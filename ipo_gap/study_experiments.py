@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import time
 from collections.abc import Callable
 
 import jax
@@ -550,18 +552,57 @@ def worker(workdir: str):
     return lambda name: by_name[name]()
 
 
-def _record_execution(study: Study, jobs: int) -> None:
+def _record_execution(study: Study, jobs: int) -> float:
     """Adds this (re)start's mode to `execution.jsonl` before any stage runs, so that a
-    killed start's is recorded too (a start that finds every stage done adds one as well:
-    the report may then call a study mixed that is not, never the reverse)."""
+    killed start's is recorded too; returns the start's time for `_close_execution`."""
     path = study.workdir / "execution.jsonl"
-    jsonl.write_rows(path, jsonl.read_rows(path, cut_tail_ok=True) + [{"jobs": jobs}])
+    started = time.time()
+    rows = jsonl.read_rows(path, cut_tail_ok=True)
+    jsonl.write_rows(path, rows + [{"jobs": jobs, "started": started}])
+    return started
+
+
+# What a start that trains nothing still writes: the report, its figures, the compilation
+# cache and this record. Any other file written during a start is a result it computed.
+_REPORT_OUTPUTS = frozenset({"REPORT.md", "SEEDS.md", "execution.jsonl", "figures", "jax_cache"})
+
+
+def _wrote_results(workdir: pathlib.Path, since: float) -> bool:
+    """Whether any file of the study's results (stages, runs, caches) was written at or after
+    `since` (a time from the same clock; a file system keeps mtimes to the second or finer)."""
+    for root, dirs, files in os.walk(workdir):
+        if pathlib.Path(root) == workdir:
+            dirs[:] = [d for d in dirs if d not in _REPORT_OUTPUTS]
+            files = [f for f in files if f not in _REPORT_OUTPUTS]
+        for f in files:
+            try:
+                if os.stat(os.path.join(root, f)).st_mtime >= since - 1:
+                    return True
+            except FileNotFoundError:  # a temporary file renamed meanwhile
+                continue
+    return False
+
+
+def _close_execution(study: Study, started: float) -> None:
+    """At the end of a start: marks its row `ran: false` when it wrote no result (every stage
+    was done already, e.g. a rerun that rebuilds the report), so that its --jobs does not
+    make the report call the study mixed. A killed start keeps its row as it was: it counts."""
+    if not hosts.is_writer():
+        return
+    path = study.workdir / "execution.jsonl"
+    rows = jsonl.read_rows(path, cut_tail_ok=True)
+    for row in rows:
+        if row.get("started") == started:
+            row["ran"] = _wrote_results(study.workdir, started)
+    jsonl.write_rows(path, rows)
 
 
 def _execution(study: Study) -> str:
-    """How the study's stages ran, over every (re)start recorded in `execution.jsonl`."""
+    """How the study's stages ran, over every (re)start recorded in `execution.jsonl` that
+    may have computed results (all but those `_close_execution` found wrote none)."""
     rows = jsonl.read_rows(study.workdir / "execution.jsonl", cut_tail_ok=True)
-    modes = list(dict.fromkeys(r["jobs"] for r in rows))
+    ran = [r for r in rows if r.get("ran", True)]
+    modes = list(dict.fromkeys(r["jobs"] for r in ran or rows[:1]))
     say = {0: "in one process"}
     text = ", then ".join(say.get(j, f"{j} one-core worker processes") for j in modes)
     if 0 in modes and len(modes) > 1:
@@ -583,7 +624,7 @@ def run_all(study: Study, jobs: int = 0, selected=None) -> dict[str, list[dict]]
             f"jobs={jobs} runs stages in one-core CPU workers; a study on a mesh "
             f"({study.cfg.mesh}) runs in one process (jobs=0)"
         )
-    _record_execution(study, jobs)
+    started = _record_execution(study, jobs)
     if jobs:
         parallel.run(tasks(study, chosen), f"{__name__}:worker", [str(study.workdir)], jobs=jobs)
     collect = {
@@ -596,5 +637,7 @@ def run_all(study: Study, jobs: int = 0, selected=None) -> dict[str, list[dict]]
     }
     with sharding.use_mesh(study.mesh):
         study.baseline()
+        results = {e: collect[e](study) for e in chosen}
+        _close_execution(study, started)
         summary = dict(pipeline_summary(study), execution=_execution(study))
-        return {"pipeline": summary, **{e: collect[e](study) for e in chosen}}
+        return {"pipeline": summary, **results}

@@ -80,6 +80,45 @@ def _log(directory, n, change_step=None, tok=TOK):
     return directory
 
 
+def test_weights_checksum_sees_one_ulp_and_ignores_nothing():
+    """The checksum a checkpoint records of its reference and judge: a pure function of the
+    weights (two inits of one key agree), changed by one ulp of one element, by swapping two
+    elements (the sums weight positions), by the dtype and by the config."""
+    import equinox as eqx
+    import jax
+    from conftest import tiny_config
+
+    from ipo_gap.t5 import model as t5
+
+    cfg = tiny_config(num_encoder_layers=1, num_decoder_layers=1)
+    model = t5.init(cfg, key=jax.random.key(0))
+    base = determinism.weights_checksum(model)
+    assert base == determinism.weights_checksum(t5.init(cfg, key=jax.random.key(0)))
+    assert len(base) == 16
+    leaves, tree = jax.tree.flatten(eqx.filter(model, eqx.is_array))
+
+    def with_leaf(i, fn):
+        new = list(leaves)
+        a = np.array(new[i])
+        fn(a)
+        new[i] = jnp.asarray(a)
+        return eqx.combine(jax.tree.unflatten(tree, new), model)
+
+    def one_ulp(a):
+        a.flat[5] = np.nextafter(a.flat[5], np.float32(np.inf))
+
+    def swap(a):
+        a.flat[[0, 1]] = a.flat[[1, 0]]
+
+    variants = [with_leaf(i, f) for i in (0, len(leaves) - 1) for f in (one_ulp, swap)]
+    variants.append(jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_array(x) else x, model))
+    variants.append(
+        t5.init(tiny_config(num_encoder_layers=1, num_decoder_layers=2), key=jax.random.key(0))
+    )
+    sums = [determinism.weights_checksum(v) for v in variants]
+    assert base not in sums and len(set(sums)) == len(sums), sums
+
+
 def test_compare_logs(tmp_path):
     a = _log(tmp_path / "a", 6)
     assert determinism.compare_logs(a, _log(tmp_path / "b", 6)) is None

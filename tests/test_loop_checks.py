@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_config
 
 from ipo_gap.data import sources
+from ipo_gap.determinism import weights_checksum
 from ipo_gap.t5 import model as t5
 from ipo_gap.train import loop, steps
 from ipo_gap.train_state_io import CheckpointManager, TrainState, key_to_data
@@ -463,3 +464,79 @@ def test_resume_refuses_other_hyper_parameters_the_caller_did_not_record(setup, 
         run(steps.Hparams.make(1e-3, 0.1), loss="dpo")
     _, _, hist = run(steps.Hparams.make(1e-3, 0.1))
     assert [h["step"] for h in hist] == [2]
+
+
+def test_resume_refuses_another_reference_or_judge(setup, tmp_path):
+    """A checkpoint records checksums of the reference policy and of the preference model that
+    judges its online pairs; a resume against another of either is refused, naming it (an
+    upstream stage rerun under other settings would otherwise continue the run silently)."""
+    cfg, model = setup
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, cfg.vocab_size, (8, 6)).astype(np.int32)
+    mask = np.ones_like(prompts)
+    pm, other = (t5.init(cfg, key=jax.random.key(k)) for k in (1, 2))
+
+    def online(judge):
+        return sources.SemiOnlineSource(  # the judge is found inside a wrapper too
+            sources.OnlineSource(
+                prompts, mask, judge, batch_size=2, seed=3, key=jax.random.key(5), max_len=4
+            ),
+            refresh_every=1,
+        )
+
+    def run(num_steps, ref, judge):
+        return loop.train_policy(
+            model=sources.copy_arrays(model),
+            ref_model=ref,
+            source=online(judge),
+            num_steps=num_steps,
+            hparams=steps.Hparams.make(1e-3, 0.1),
+            loss="ipo",
+            name="frozen",
+            checkpoint_dir=tmp_path / "ck",
+            checkpoint_every=1,
+        )
+
+    run(1, model, pm)
+    saved = CheckpointManager(tmp_path / "ck").restore_metadata(1)["weights"]
+    assert saved == {"reference": weights_checksum(model), "judge": weights_checksum(pm)}
+    with pytest.raises(ValueError, match=r"\[frozen\] .*other weights: the reference policy's"):
+        run(2, other, pm)
+    with pytest.raises(ValueError, match=r"other weights: the judging preference model's"):
+        run(2, model, other)
+    _, _, hist = run(2, model, pm)
+    assert [h["step"] for h in hist] == [1]
+
+
+def test_cached_references_of_another_normalisation_are_refused(setup):
+    """`ref_cache.with_refs` records how its reference log-probs were normalised; HyPO with
+    per-token ("mean") DPO log-probs refuses sequence-sum references, and the policy loop
+    (sums) refuses per-token ones, at step 0, before any update."""
+    from ipo_gap.data import ref_cache
+
+    cfg, model = setup
+    data = _data(cfg)
+    refs = np.zeros(len(data["prompt"]), np.float32)
+    summed = ref_cache.with_refs(data, refs, refs)
+    per_token = ref_cache.with_refs(data, refs, refs, normalize="mean")
+    with pytest.raises(loop.BatchError, match=r"\[hypo\] step 0: .*normalize='sum' but this run"):
+        loop.train_hypo(
+            model=sources.copy_arrays(model),
+            ref_model=model,
+            source=sources.HypoSource(
+                sources.OfflineSource(summed, batch_size=2, seed=0),
+                key=jax.random.key(0),
+                max_len=4,
+            ),
+            num_steps=1,
+            hparams=steps.Hparams.make(1e-3, 0.1, lam=0.1),
+            normalize="mean",
+        )
+    with pytest.raises(
+        loop.BatchError, match=r"normalize='mean' but this run's loss uses normalize='sum'"
+    ):
+        _train(model, sources.OfflineSource(per_token, batch_size=2, seed=0), num_steps=1)
+    batch = sources.OfflineSource(per_token, batch_size=2, seed=0).batch(0)
+    loop.check_pair_batch(batch, step=0, name="x", vocab_size=cfg.vocab_size, normalize="mean")
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        ref_cache.with_refs(data, refs, refs, normalize="token")

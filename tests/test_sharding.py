@@ -178,6 +178,7 @@ import json
 import jax, numpy as np
 from ipo_gap import sharding as sh
 from ipo_gap.configs import T5Config
+from ipo_gap.determinism import weights_checksum
 from ipo_gap.sampling import sample  # eqx.filter_jit-ed
 from ipo_gap.t5 import model as t5
 
@@ -215,6 +216,7 @@ for spec in MESHES:
         "lm_head_shard_shape": shard_shape(m.lm_head),
         "src_shard_shape": shard_shape(batch[0]),
         "fallbacks": sh.sharding_fallbacks(model, mesh),
+        "checksum_equal": weights_checksum(m) == weights_checksum(model),
         "sampling": {},
     }
     for name, opts in SAMPLING_OPTS.items():
@@ -257,6 +259,7 @@ def test_sharded_equals_unsharded(eight_device_result):
         data, model = sizes["data"], sizes.get("model", 1)
         assert r["max_abs_diff"] < 1e-5, (spec, r)
         assert r["fallbacks"] == [], (spec, r)
+        assert r["checksum_equal"], (spec, r)  # sums modulo 2**32: no sharding moves them
         # q is L x D x H x K: heads over model when the mesh has a model axis.
         L, D, H, K = r["q_shape"]
         if model > 1:

@@ -261,6 +261,43 @@ def test_every_start_records_its_mode_before_any_stage_runs(tmp_path):
     )
 
 
+def test_a_start_that_computes_nothing_does_not_make_the_study_mixed(tmp_path, monkeypatch):
+    """A rerun of a finished study (to rebuild its report) under another --jobs writes no
+    result: its row is marked `ran: false` and not counted; a start that wrote a stage's
+    done.json, or any cache, counts."""
+    import os
+    import types
+
+    from ipo_gap import study_experiments as se
+
+    s = types.SimpleNamespace(workdir=tmp_path)
+    clock = iter([1000.0, 2000.0, 3000.0, 4000.0])
+    monkeypatch.setattr(se.time, "time", lambda: next(clock))
+
+    def write(rel, at):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+        os.utime(path, (at, at))
+
+    write("old/done.json", 100.0)  # a file of long before
+    se._close_execution(s, se._record_execution(s, 0))  # t=1000: found everything done
+    first = se._record_execution(s, 2)  # t=2000
+    write("sft/done.json", 2000.5)  # a stage it ran
+    se._close_execution(s, first)
+    rerun = se._record_execution(s, 0)  # t=3000
+    write("REPORT.md", 3000.5)  # the report's outputs are not results
+    write("figures/fig1.png", 3000.5)
+    se._close_execution(s, rerun)
+    rows = [json.loads(line) for line in (tmp_path / "execution.jsonl").read_text().splitlines()]
+    assert [r["ran"] for r in rows] == [False, True, False]
+    assert se._execution(s) == "2 one-core worker processes"
+    later = se._record_execution(s, 0)  # t=4000
+    write("d_golden_train.npz", 4000.5)  # a cache recomputed in one process
+    se._close_execution(s, later)
+    assert se._execution(s).startswith("2 one-core worker processes, then in one process (mixed")
+
+
 def test_coordinator_flags_without_distributed_are_refused(tmp_path):
     """Without --distributed the coordinator flags did nothing: each host ran its own
     single-process study into the shared workdir."""

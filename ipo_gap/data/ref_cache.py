@@ -227,12 +227,24 @@ def load_or_compute(
     return ref_w, ref_l
 
 
-def with_refs(data: Mapping[str, np.ndarray], ref_w, ref_l) -> dict[str, np.ndarray]:
-    """A copy of `data` with `ref_w`/`ref_l` columns, which sources then slice with the rest."""
+def with_refs(
+    data: Mapping[str, np.ndarray], ref_w, ref_l, normalize: str = "sum"
+) -> dict[str, np.ndarray]:
+    """A copy of `data` with `ref_w`/`ref_l` columns, which sources then slice with the rest,
+    and a `ref_per_token` column (True where `normalize` was "mean"), so that a loop whose
+    loss normalises otherwise refuses the batch (`loop.check_pair_batch`) instead of mixing
+    a per-token reference with sequence log-probs."""
+    if normalize not in _NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
     n = _check_data(data)
     if np.shape(ref_w) != (n,) or np.shape(ref_l) != (n,):
         raise ValueError(f"ref_w {np.shape(ref_w)} / ref_l {np.shape(ref_l)} for {n} rows")
-    return {**data, "ref_w": np.asarray(ref_w, np.float32), "ref_l": np.asarray(ref_l, np.float32)}
+    return {
+        **data,
+        "ref_w": np.asarray(ref_w, np.float32),
+        "ref_l": np.asarray(ref_l, np.float32),
+        "ref_per_token": np.full(n, normalize == "mean"),
+    }
 
 
 def pair_batch(batch: Mapping[str, np.ndarray]) -> steps.PairBatch:

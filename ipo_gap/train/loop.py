@@ -31,6 +31,7 @@ from ipo_gap import hosts, jsonl
 from ipo_gap.data import sources
 from ipo_gap.data.order_log import OrderLog, ReplayError
 from ipo_gap.data.sources import PAIR_FIELDS
+from ipo_gap.determinism import weights_checksum
 from ipo_gap.sharding import place_like, restore_shardings, to_jit_arg
 from ipo_gap.train import steps
 from ipo_gap.train_state_io import CheckpointManager, TrainState, key_to_data
@@ -138,7 +139,13 @@ class BatchError(ValueError):
 
 
 def check_pair_batch(
-    batch: dict, *, step: int, name: str, vocab_size: int, expect: dict | None = None
+    batch: dict,
+    *,
+    step: int,
+    name: str,
+    vocab_size: int,
+    expect: dict | None = None,
+    normalize: str = "sum",
 ) -> dict[str, tuple]:
     """Checks a pair batch before it is trained on; returns its field shapes.
 
@@ -146,12 +153,23 @@ def check_pair_batch(
     prompt and response fields disagree on the batch or length, a shape differs from the
     run's first batch (`expect`: a source whose batches disagree with its configuration), or
     a token id lies outside [0, vocab_size) (a tokenizer of another model: JAX would clamp
-    the embedding lookup and train on garbage silently).
+    the embedding lookup and train on garbage silently), or cached reference log-probs
+    (`ref_cache.with_refs`) were normalised otherwise than the run's loss (`normalize`; a
+    batch without the `ref_per_token` record counts as "sum").
     """
     where = f"[{name}] step {step}"
     missing = [f for f in PAIR_FIELDS if f not in batch]
     if missing:
         raise BatchError(f"{where}: the batch lacks fields {missing} (has {sorted(batch)})")
+    if "ref_w" in batch:
+        per_token = np.asarray(batch.get("ref_per_token", False))
+        if np.any(per_token != (normalize == "mean")):
+            have = "mean" if np.any(per_token) else "sum"
+            raise BatchError(
+                f"{where}: the batch's cached reference log-probs were computed with "
+                f"normalize={have!r} but this run's loss uses normalize={normalize!r}: the "
+                f"log-ratios would mix the two (cache them with normalize={normalize!r})"
+            )
     shapes = {f: tuple(np.shape(batch[f])) for f in PAIR_FIELDS}
     groups = (("prompt", "prompt_mask"), ("y_w", "y_w_mask", "y_l", "y_l_mask"))
     for group in groups:
@@ -181,14 +199,20 @@ def check_pair_batch(
     return shapes
 
 
-def _batch_checker(name: str):
-    """check(pairs, step, model): `check_pair_batch` against the run's first batch."""
+def _batch_checker(name: str, normalize: str = "sum"):
+    """check(pairs, step, model): `check_pair_batch` against the run's first batch and the
+    run's log-prob normalisation."""
     shapes: dict[str, tuple] = {}
 
     def check(pairs, step, model):
         shapes.update(
             check_pair_batch(
-                pairs, step=step, name=name, vocab_size=model.cfg.vocab_size, expect=shapes or None
+                pairs,
+                step=step,
+                name=name,
+                vocab_size=model.cfg.vocab_size,
+                expect=shapes or None,
+                normalize=normalize,
             )
         )
 
@@ -264,6 +288,39 @@ def check_resume_meta(name, manager, step, saved, current) -> None:
             f"[{name}] the checkpoint in {manager.directory} (step {step}) was written by a "
             f"run with other settings ({diff}): resuming would continue it under this run's "
             "(use the original settings, or a new checkpoint directory)"
+        )
+
+
+def _weights_record(ref_model, source) -> dict:
+    """Checksums (`determinism.weights_checksum`) of the frozen models a policy run trains
+    against: the reference policy, and the preference model that judges an online source's
+    pairs (found through wrappers, `sources.wrapped_source`) where there is one."""
+    record = {"reference": weights_checksum(ref_model)}
+    while source is not None:
+        if getattr(source, "pm", None) is not None:
+            record["judge"] = weights_checksum(source.pm)
+            break
+        source = sources.wrapped_source(source)
+    return record
+
+
+def _check_resume_weights(name, manager, step, saved: dict | None, now: dict | None) -> None:
+    """Refuses a resume whose reference policy or judge differs from the checkpoint's (it would
+    continue the run against other models; upstream stages that reran with other settings,
+    or another --sft_checkpoint, do that). Checkpoints of older code carry no record."""
+    if not saved or not now:
+        return
+    what = {"reference": "reference policy", "judge": "judging preference model"}
+    diff = [
+        f"the {what.get(k, k)}'s (checksum {saved.get(k)} then, {now.get(k)} now)"
+        for k in sorted(saved.keys() | now.keys())
+        if saved.get(k) != now.get(k)
+    ]
+    if diff:
+        raise ValueError(
+            f"[{name}] the checkpoint in {manager.directory} (step {step}) was trained against "
+            f"other weights: {'; '.join(diff)}; resuming would continue it against these "
+            "(use the models it was trained with, or a new checkpoint directory)"
         )
 
 
@@ -469,6 +526,7 @@ def train_policy(
         checkpoint_every=checkpoint_every,
         checkpoint_meta=_with_settings(checkpoint_meta, loss, hparams),
         checkpoint_keep=checkpoint_keep,
+        weights=lambda: _weights_record(ref_model, source),
         rng_data=source_key_data(source),
         identity=sources.source_identity(source),
         log=order_log if order_log is not None else getattr(source, "log", None),
@@ -518,7 +576,7 @@ def train_hypo(
     else:
         step_fn = steps.make_hypo_step(optimizer, normalize=normalize)
 
-    check = _batch_checker(name)
+    check = _batch_checker(name, normalize)
     sources.check_replay_covers(source, num_steps, name)
 
     def next_batch(step, model):
@@ -559,6 +617,7 @@ def train_hypo(
         checkpoint_every=checkpoint_every,
         checkpoint_meta=_with_settings(checkpoint_meta, "hypo", hparams, normalize=normalize),
         checkpoint_keep=checkpoint_keep,
+        weights=lambda: _weights_record(ref_model, source),
         rng_data=source_key_data(source),
         identity=sources.source_identity(source),
         log=getattr(getattr(source, "offline", None), "log", None),
@@ -587,6 +646,7 @@ def _run(
     identity=None,
     log=None,
     written_log=None,
+    weights=None,
 ):
     """The host loop shared by `train_policy` and `train_hypo` (see `train_policy`).
 
@@ -598,6 +658,8 @@ def _run(
     opt_state, metrics); count_tokens(batch) -> int. `log` is the order log the run's
     stream is checked against on resume (its own, or the one it replays); `written_log` the
     one it appends to, if any (`_drop_logged_after` cuts it after a non-finite loss).
+    `weights()` gives the checksums of the frozen models the run trains against
+    (`_weights_record`), saved with each checkpoint and compared on resume.
     """
     if opt_state is None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
@@ -606,6 +668,7 @@ def _run(
         CheckpointManager(checkpoint_dir, max_to_keep=checkpoint_keep) if checkpoint_dir else None
     )
     resumed = manager is not None and manager.latest_step() is not None
+    frozen = weights() if (manager is not None and weights is not None) else None
     if resumed:
         template = TrainState(
             model, opt_state, jnp.int32(0), jnp.zeros_like(rng_data), jnp.int32(0)
@@ -626,6 +689,7 @@ def _run(
         saved_meta = manager.restore_metadata(manager.latest_step())
         _check_resume_source(name, manager, start_step, saved_meta, identity, log)
         check_resume_meta(name, manager, start_step, saved_meta, checkpoint_meta)
+        _check_resume_weights(name, manager, start_step, saved_meta.get("weights"), frozen)
         if start_step > num_steps:
             raise ValueError(
                 f"[{name}] the checkpoint in {manager.directory} is at step {start_step}, past "
@@ -651,6 +715,8 @@ def _run(
         meta = dict(checkpoint_meta or {})
         if identity is not None:
             meta["data_source"] = identity
+        if frozen is not None:
+            meta["weights"] = frozen
         if log is not None and step_done > 0:
             meta["log_hash"] = log.hash(step_done - 1).hex()  # the stream trained on so far
         if step_done not in manager.all_steps():

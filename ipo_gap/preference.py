@@ -18,8 +18,12 @@ separator. In the pairwise packing the two responses end with *different* separa
 readout ids A = 3 and B = 4 (`PAIR_SEPARATORS`): T5 has only relative positions, and with three
 identical separators a token can hardly tell which response it belongs to; distinct markers
 make the segments identifiable by one attention lookup (on the embedded task a toy PM learns
-noticeably faster with them). Nothing is truncated: the static output length N must hold the
-worst case, sum over segments of (length + 1); a shorter N raises `ValueError` at trace time
+noticeably faster with them). They identify the segments only if no text contains them: every
+tokenizer made by `Tokenizer.train` reserves ids 3 and 4 as control pieces that no text encodes
+to (`tokenizer.PM_MARKER_PIECES`); in a loaded model such as T5's `spiece.model` they are
+ordinary pieces (`Tokenizer.reserves_pm_markers` is False, and the study's report says so).
+Nothing is truncated: the static output length N must hold the worst case, sum over segments
+of (length + 1); a shorter N raises `ValueError` at trace time
 (a data-dependent error cannot be raised inside jit, and a silent cut could drop a response).
 
 Readout (`pm_logit`). The decoder is fed only its start token; the scalar is read from its first
@@ -29,10 +33,10 @@ step's logits over the vocabulary as
 
 i.e. a two-way softmax between two fixed vocabulary entries ("A" = y1 preferred, "B" = y2
 preferred), the way T5-based reward models and auto-raters are commonly read (score = logit of a
-target token). We use ids 3 and 4, the first two ordinary pieces, present in every vocabulary
-with more than 4 pieces. Chosen over a learned head because it adds no parameter (nothing to
-shard, initialise or convert), a PM initialised from a pretrained or SFT T5 starts from its
-LM head, and the difference of two logits is invariant to the softmax normaliser.
+target token). We use ids 3 and 4: the reserved control pieces of a trained tokenizer, present
+in every vocabulary with more than 4 pieces. Chosen over a learned head because it adds no
+parameter (nothing to shard, initialise or convert), a PM initialised from a pretrained or SFT
+T5 starts from its LM head, and the difference of two logits is invariant to the softmax normaliser.
 
 Training (eq. 5). `pm_loss`: per example, with probability 1/2 the pair is presented as
 (y_w, y_l) with target 1, otherwise as (y_l, y_w) with target 0; the loss is the binary
@@ -64,11 +68,12 @@ import jax.numpy as jnp
 import optax
 
 from ipo_gap.t5 import model as t5
-from ipo_gap.tokenizer import EOS_ID, PAD_ID
+from ipo_gap.tokenizer import EOS_ID, PAD_ID, PM_MARKER_IDS
 
 SEP_ID = EOS_ID  # separator after each packed segment (see module docstring)
-READOUT_A_ID = 3  # its logit votes for "y1 preferred" (pairwise) / a high reward (pointwise)
-READOUT_B_ID = 4  # its logit votes for "y2 preferred" / a low reward
+# Ids 3 and 4 (`PM_MARKER_IDS`): A's logit votes for "y1 preferred" (pairwise) / a high reward
+# (pointwise), B's for "y2 preferred" / a low reward; A and B also end y1 and y2 in a packing.
+READOUT_A_ID, READOUT_B_ID = PM_MARKER_IDS
 PAIR_SEPARATORS = (SEP_ID, READOUT_A_ID, READOUT_B_ID)
 
 Metrics = dict[str, jax.Array]

@@ -259,6 +259,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         ],
         ["truncated texts by split", str(pipe["truncated"])],
     ]
+    if "pm_markers" in pipe:
+        rows.append(["PM segment markers and readout ids", pipe["pm_markers"]])
     if "prompt_width" in pipe:
         rows.append(["prompt width in tokens (the longest prompt)", str(pipe["prompt_width"])])
     if "mesh" in pipe:

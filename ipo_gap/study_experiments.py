@@ -423,6 +423,7 @@ def pipeline_summary(study: Study) -> dict:
             "proxy_pm": proxy,
             "sft": study.sft_eval(),
             "truncated": study.prep.truncated,
+            "pm_markers": study.prep.tokenizer.pm_marker_note(),
             "prompt_width": study.prep.prompt_width,
             "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} visible",
             "mesh": study.cfg.mesh or "none (one device)",

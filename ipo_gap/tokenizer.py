@@ -3,7 +3,9 @@
 A `Tokenizer` wraps one serialized SentencePiece model proto. The SHA-256 of those bytes is the
 tokenizer's identity (`Tokenizer.sha256`): checkpoints, datasets and order logs record it so a
 run never silently mixes vocabularies. Any model with the T5 special ids loads, including T5's
-own `spiece.model`; `Tokenizer.train` builds a small one in memory for toy runs and tests.
+own `spiece.model`; `Tokenizer.train` builds a small one in memory for toy runs and tests,
+with two control pieces at ids 3 and 4 (`PM_MARKER_PIECES`) that no text encodes to: the
+preference models mark the ends of y1 and y2 with them (`ipo_gap.preference`).
 
 Batches are fixed-shape numpy arrays (`Encoded`): ids padded with `PAD_ID`, a 0/1 mask that
 covers real tokens including the final EOS, and the per-row lengths.
@@ -23,6 +25,11 @@ import sentencepiece as spm
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
+# Two control pieces every trained tokenizer reserves at ids 3 and 4: text never encodes to
+# them, so the preference models' segment markers and readout (`ipo_gap.preference`) are
+# tokens no prompt or response contains.
+PM_MARKER_PIECES = ("<pm_a>", "<pm_b>")
+PM_MARKER_IDS = (3, 4)
 
 
 class TokenizerError(ValueError):
@@ -98,6 +105,8 @@ class Tokenizer:
         Training runs single-threaded on the whole corpus (no sentence sampling), so the same
         texts in the same order give the same proto bytes, hence the same `sha256`.
 
+        Ids 3 and 4 are the control pieces `PM_MARKER_PIECES`, which `encode` never emits.
+
         `hard_vocab_limit=False` is set so that a small corpus which cannot fill `vocab_size`
         pieces does not fail: `vocab_size` is then an upper bound and the trained model may be
         smaller; read `Tokenizer.vocab_size` for the real size.
@@ -114,12 +123,12 @@ class Tokenizer:
             The trained tokenizer.
 
         Raises:
-            ValueError: if `vocab_size` leaves no room beyond the three special pieces.
+            ValueError: if `vocab_size` leaves no room beyond the five reserved pieces.
             TypeError: if an element of `texts` is not a str.
             TokenizerError: if SentencePiece training fails (e.g. an empty corpus).
         """
-        if vocab_size <= 3:
-            raise ValueError(f"vocab_size must exceed the 3 special pieces, got {vocab_size}")
+        if vocab_size <= 5:
+            raise ValueError(f"vocab_size must exceed the 5 reserved pieces, got {vocab_size}")
         writer = io.BytesIO()
         checked = _CheckedStrings(texts)
         try:
@@ -134,6 +143,7 @@ class Tokenizer:
                 eos_id=EOS_ID,
                 unk_id=UNK_ID,
                 bos_id=-1,
+                control_symbols=list(PM_MARKER_PIECES),
                 hard_vocab_limit=False,
                 num_threads=1,
                 minloglevel=2,
@@ -210,6 +220,25 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of pieces, special pieces included."""
         return self._sp.vocab_size()
+
+    @property
+    def reserves_pm_markers(self) -> bool:
+        """Whether ids 3 and 4 are control pieces that no text encodes to (every tokenizer
+        `train` made); in a loaded model such as T5's `spiece.model` they are ordinary pieces,
+        and a response containing them looks to a preference model like a segment's end."""
+        return self.vocab_size > max(PM_MARKER_IDS) and all(
+            self._sp.IsControl(i) for i in PM_MARKER_IDS
+        )
+
+    def pm_marker_note(self) -> str:
+        """One line for reports: whether the preference models' markers are reserved."""
+        if self.reserves_pm_markers:
+            return "reserved control pieces 3, 4 (no text encodes to them)"
+        pieces = [self._sp.id_to_piece(i) for i in PM_MARKER_IDS if i < self.vocab_size]
+        return (
+            f"ordinary pieces 3, 4 ({', '.join(map(repr, pieces))}) of a loaded tokenizer: a "
+            "text containing them looks to the PMs like the end of a response"
+        )
 
     def __repr__(self) -> str:
         return (

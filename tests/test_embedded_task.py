@@ -110,3 +110,36 @@ def test_generators_differ_in_quality_as_intended():
         et.hidden_reward(p, et.generate(rng, et.GENERATORS[-1], p, lexicon), lex) for p in prompts
     ]
     assert np.mean(np.array(careful) >= np.array(opt)) < 0.1  # measured: 0.04
+
+
+def test_the_lexicon_holds_none_of_the_task_words():
+    """Seed 48's lexicon drew "sure" (su+re), the summarize prompts' preferred opener: the
+    hidden reward charged it as a stray word. Reserved words are skipped; the other seeds'
+    lexicons are the draws they were (seed 0's first words pinned)."""
+    reserved = {*et.OPENERS, *et.FILLERS, *et.INSTRUCTIONS}
+    for seed in (0, 48, 54, 58):
+        lexicon = et.make_lexicon(seed)
+        assert len(set(lexicon)) == 300 and not reserved & set(lexicon), seed
+    assert et.make_lexicon(0)[:3] == ["bafa", "bani", "besa"]
+
+
+def test_a_cut_task_file_is_named(tmp_path):
+    path = tmp_path / "task.json"
+    sizes = {**SIZES, "num_train": 20}
+    et.load_or_make(path, 0, **sizes)
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(ValueError, match=r"task.json: not a task file .*delete it to regenerate"):
+        et.load_or_make(path, 0, **sizes)
+
+
+def test_toy_task_corruption_always_changes_the_response():
+    """The tandem check's PM pairs (reference, corrupted): a corruption equal to its input
+    (a word replaced by itself, two equal words swapped) made a pair of identical texts."""
+    import random
+
+    from ipo_gap.data import toy_task
+
+    rng = random.Random(0)
+    w = toy_task.WORDS
+    for response in [f"{w[0]} {w[0]} {w[1]}", f"{w[2]} {w[2]}", w[3], f"{w[1]} {w[2]}"] * 200:
+        assert toy_task.corrupt(rng, response) != response

@@ -233,9 +233,33 @@ def test_t5_style_proto_accepted(corpus):
     assert t.decode(t.encode(corpus[:3], max_len=64).ids) == corpus[:3]
 
 
+def test_trained_tokenizers_reserve_the_pm_markers(corpus):
+    """Ids 3 and 4 end y1 and y2 in a PM's packed input: a trained tokenizer makes them
+    control pieces that no text encodes to (on the embedded task they were 'so' and 'very',
+    words its hidden reward counts), even text spelling the pieces' names; a loaded model
+    whose ids 3 and 4 are ordinary pieces says so."""
+    from ipo_gap.data import embedded_task
+
+    task = embedded_task.make_task(
+        0, num_train=200, num_valid=20, num_test=20, num_rl_prompts=20, num_eval_prompts=20
+    )
+    texts = list(task.corpus())
+    t = tok.Tokenizer.train(texts, vocab_size=384)
+    assert t.reserves_pm_markers and "reserved" in t.pm_marker_note()
+    assert [t._sp.id_to_piece(i) for i in tok.PM_MARKER_IDS] == list(tok.PM_MARKER_PIECES)
+    ids = t.encode(texts + ["<pm_a> <pm_b> so very"], max_len=64).ids
+    assert not np.isin(ids, tok.PM_MARKER_IDS).any()
+    assert t.vocab_size <= 384  # the reserved pieces come out of the same budget
+    proto = _raw_proto(corpus, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="bpe")
+    loaded = tok.Tokenizer.from_proto(proto, source="t5-like")
+    assert not loaded.reserves_pm_markers
+    assert "ordinary pieces 3, 4" in loaded.pm_marker_note()
+    assert np.isin(loaded.encode(corpus, max_len=64).ids, tok.PM_MARKER_IDS).any()
+
+
 def test_train_errors():
     with pytest.raises(ValueError, match="vocab_size"):
-        tok.Tokenizer.train(["the cat"], vocab_size=3)
+        tok.Tokenizer.train(["the cat"], vocab_size=5)
     with pytest.raises(TypeError):
         tok.Tokenizer.train(["the cat", 7], vocab_size=16)
     with pytest.raises(tok.TokenizerError):

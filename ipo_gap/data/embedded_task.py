@@ -61,12 +61,18 @@ _VOWELS = "aeiou"
 
 
 def make_lexicon(seed: int, size: int = 300) -> list[str]:
-    """`size` distinct made-up topic words of 2-3 syllables, a function of `seed`."""
+    """`size` distinct made-up topic words of 2-3 syllables, a function of `seed`; none is
+    one of the task's own words (the opener "sure" is su+re: as a topic word it would be
+    charged as a stray word where it opens a response, and count as a topic where a prompt
+    lists it)."""
     rng = random.Random(f"lexicon-{seed}")
     syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
+    reserved = {*OPENERS, *FILLERS, *INSTRUCTIONS}
     words: set[str] = set()
     while len(words) < size:
-        words.add("".join(rng.choice(syllables) for _ in range(rng.choice((2, 2, 3)))))
+        word = "".join(rng.choice(syllables) for _ in range(rng.choice((2, 2, 3))))
+        if word not in reserved:
+            words.add(word)
     return sorted(words)
 
 
@@ -312,9 +318,15 @@ def load_or_make(path: str | os.PathLike, seed: int, **sizes: int) -> TaskData:
     path = pathlib.Path(path)
     key = {"seed": seed, **sizes}
     if hosts.exists(path):
-        blob = json.loads(path.read_text())
-        if blob.get("key") == key:
-            return TaskData(**blob["data"])
+        try:
+            blob = json.loads(path.read_text())
+            if blob.get("key") == key:
+                return TaskData(**blob["data"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"{path}: not a task file of this code ({type(e).__name__}: {e}); it was cut "
+                "or altered (delete it to regenerate the task from its seed)"
+            ) from None
     task = make_task(seed, **sizes)
     path.parent.mkdir(parents=True, exist_ok=True)
     jsonl.write_atomic(path, json.dumps({"key": key, "data": task.to_json()}))

@@ -35,14 +35,17 @@ def score(prompt: str, response: str) -> float:
 
 
 def corrupt(rng: random.Random, response: str) -> str:
-    """A worse variant of a response: words dropped, swapped or replaced."""
+    """A worse variant of a response, never the response itself: a word dropped, two
+    different words swapped, or a word replaced by another."""
     words = response.split()
     kind = rng.randrange(3)
     if kind == 0 and len(words) > 1:
         words.pop(rng.randrange(len(words)))
-    elif kind == 1 and len(words) > 1:
-        i, j = rng.sample(range(len(words)), 2)
+    elif kind == 1 and len(set(words)) > 1:
+        i = rng.randrange(len(words))
+        j = rng.choice([k for k, w in enumerate(words) if w != words[i]] or [i])
         words[i], words[j] = words[j], words[i]
-    else:
-        words[rng.randrange(len(words))] = rng.choice(WORDS)
+    if " ".join(words) == response:  # kind 2, or a swap that found two equal words
+        i = rng.randrange(len(words))
+        words[i] = rng.choice([w for w in WORDS if w != words[i]])
     return " ".join(words)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from absl import logging
 
 from ipo_gap import sharding
 from ipo_gap.configs import T5Config
@@ -265,6 +266,40 @@ def _convert(w: np.ndarray, kind: str, cfg: T5Config) -> np.ndarray:
     raise AssertionError(kind)
 
 
+_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def _shared_embedding(tensors: dict, directory) -> dict:
+    """`tensors` with the one embedding the model has under "shared.weight".
+
+    transformers ties both stacks' embed_tokens to `shared`, and files hold one, two or three
+    copies (some, such as google/madlad400-3b-mt, only decoder.embed_tokens.weight). As there,
+    the first present in `_EMBEDDINGS` order is the embedding and the other copies are not
+    used; one that differs from it is named in a warning (transformers drops it silently).
+    """
+    present = [n for n in _EMBEDDINGS if n in tensors]
+    for other in present[1:]:
+        _warn_if_differs(tensors, other, present[0], directory)
+    out = {n: t for n, t in tensors.items() if n not in present[1:]}
+    if present and present[0] != "shared.weight":
+        out["shared.weight"] = out.pop(present[0])
+    return out
+
+
+def _warn_if_differs(tensors: dict, name: str, used: str, directory) -> None:
+    a, b = tensors[name], tensors[used]
+    if a.shape != b.shape or not np.array_equal(a, b):
+        logging.warning(
+            "%s: tensor %s is not used (the model takes %s, as transformers does), and it "
+            "differs from it (shape %s vs %s)",
+            directory,
+            name,
+            used,
+            tuple(a.shape),
+            tuple(b.shape),
+        )
+
+
 def _hf_config_and_tensors(directory: pathlib.Path, **config_overrides):
     """(T5Config, memory-mapped tensors by HF name) of a Hugging Face T5 directory."""
     config_path = directory / "config.json"
@@ -274,7 +309,20 @@ def _hf_config_and_tensors(directory: pathlib.Path, **config_overrides):
         hf = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
-    tensors = _read_hf_tensors(directory)
+    tensors = _shared_embedding(_read_hf_tensors(directory), directory)
+    scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
+    tied = hf.get("tie_word_embeddings", True)
+    if not scaled and tied and "lm_head.weight" not in tensors and "shared.weight" in tensors:
+        # transformers 5.x: a head tied to the embedding without the d_model**-0.5 scaling
+        # (a v1.1 model built from its config and saved tied). A T5 here ties only with the
+        # scaling, so the head starts as a copy of the embedding: equal logits, but training
+        # updates the two apart.
+        logging.warning(
+            "%s: the LM head is tied to the embedding without output scaling; it is loaded "
+            "as an untied copy of shared.weight (equal logits; trained separately)",
+            directory,
+        )
+        tensors = {**tensors, "lm_head.weight": tensors["shared.weight"]}
     try:
         cfg = hf_config_to_t5(
             hf,
@@ -349,17 +397,14 @@ def load_hf_t5(directory, *, param_dtype: str = "float32", mesh=None, **config_o
         value = np.asarray(value.astype(np.float32), dtype=leaf.dtype)  # one leaf on the host
         if mesh is None:
             return jnp.asarray(value)
-        return jax.device_put(value, placements[jax.tree_util.keystr(path)])
+        return sharding.place(value, placements[jax.tree_util.keystr(path)])
 
     model = jax.tree_util.tree_map_with_path(fill, abstract)
-    # HF ignores these: embeddings duplicated per stack, a stray cross-attention bias table.
-    ignorable = {
-        "encoder.embed_tokens.weight",
-        "decoder.embed_tokens.weight",
-        "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
-    }
-    if cfg.tie_word_embeddings:
-        ignorable.add("lm_head.weight")
+    # HF ignores this stray cross-attention bias table (only block 0 of self-attention has one).
+    ignorable = {"decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
+    if cfg.tie_word_embeddings and "lm_head.weight" in tensors:
+        ignorable.add("lm_head.weight")  # the head is the scaled embedding
+        _warn_if_differs(tensors, "lm_head.weight", "shared.weight", directory)
     unexpected = sorted(set(tensors) - used - ignorable)
     if unexpected:
         raise CheckpointError(

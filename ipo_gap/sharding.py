@@ -278,7 +278,21 @@ def shard_model(model, mesh: Mesh, rules: Rules = LOGICAL_RULES):
     Static fields (the config, norms' eps) are untouched: only array leaves move.
     """
     shardings = model_shardings(model, mesh, rules)
-    return jax.tree.map(jax.device_put, model, shardings)
+    return jax.tree.map(place, model, shardings)
+
+
+def place(x, sharding: NamedSharding) -> jax.Array:
+    """`x` (a host or one-device array, the same on every process) placed on `sharding`.
+
+    On several processes each builds only its own devices' shards from its copy of `x`
+    (`make_array_from_callback`): `jax.device_put` onto a sharding that spans processes first
+    checks that every process holds equal values, by an all-gather that puts the whole array,
+    once per process, on every device (for an XXL model, gigabytes per parameter).
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _data_size(mesh: Mesh) -> int:

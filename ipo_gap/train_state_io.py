@@ -64,6 +64,22 @@ class TrainState(eqx.Module):
         return data_to_key(self.rng, impl)
 
 
+def _refuse_python_numbers(state) -> None:
+    """Only array leaves are saved: a Python number in a `TrainState` field (`step=7`) was
+    dropped without a word, and a restore returned the template's value in its place."""
+    if not isinstance(state, TrainState):
+        return
+    for field in ("step", "rng", "data_position"):
+        flat, _ = jax.tree_util.tree_flatten_with_path(getattr(state, field))
+        for path, leaf in flat:
+            if isinstance(leaf, (bool, int, float, complex)):
+                raise TypeError(
+                    f"TrainState.{field}{jax.tree_util.keystr(path)} is the Python "
+                    f"number {leaf!r}, which a checkpoint does not save (only arrays are): "
+                    "pass an array (e.g. jnp.int32(...))"
+                )
+
+
 def key_to_data(key: jax.Array) -> jax.Array:
     """Raw uint32 key data of a typed key (raw uint32 keys are returned unchanged)."""
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -234,6 +250,7 @@ class CheckpointManager:
         numpy scalars, or objects with `to_dict()` (configs).
         """
         step = int(step)
+        _refuse_python_numbers(state)
         leaves, _, names, _ = _array_leaves(state, eqx.is_array)
         if not leaves:
             raise ValueError("the state has no array leaves to save")

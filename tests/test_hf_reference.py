@@ -349,3 +349,52 @@ def test_load_onto_a_mesh_places_each_tensor_on_its_sharding():
         assert rows and all(r["equal"] for r in rows), variant
         assert all(r["placed"] and r["devices"] == 8 for r in rows), variant
         assert sum(r["split"] for r in rows) >= len(rows) // 2, (variant, rows)
+
+
+def _variant(tmp_path, name, edit, config_edit=None, src="hf_t5_v11"):
+    tensors = dict(checkpoint.read_safetensors(FIXTURES / src / "model.safetensors"))
+    edit(tensors)
+    out = tmp_path / name
+    out.mkdir()
+    config = json.loads((FIXTURES / src / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **(config_edit or {})}))
+    _write_safetensors(out / "model.safetensors", tensors)
+    return out
+
+
+def _logits(model, ref):
+    src, mask = jnp.asarray(ref["input_ids"]), jnp.asarray(ref["attention_mask"])
+    return np.asarray(t5.forward(model, src, mask, jnp.asarray(ref["decoder_input_ids"])))
+
+
+def test_embedding_copies_and_a_tied_unscaled_head_load_as_transformers_reads_them(
+    tmp_path, caplog
+):
+    """The embedding stored only as decoder.embed_tokens.weight (google/madlad400-3b-mt) loads
+    (it was refused as 'shared.weight missing'); an extra copy that differs is not used, as
+    in transformers, and a warning names it (it was dropped silently); a transformers-5 head
+    tied without scaling (no lm_head.weight, scale_decoder_outputs false) loads as a copy of
+    the embedding (it was refused as untied). The first two give the fixture's logits."""
+    ref = np.load(FIXTURES / "hf_t5_v11" / "expected.npz")
+
+    def rename(t):
+        t["decoder.embed_tokens.weight"] = t.pop("shared.weight")
+
+    def extra(t):
+        t["encoder.embed_tokens.weight"] = t["shared.weight"] + 1.0
+
+    def tied(t):
+        t["shared.weight"] = t.pop("lm_head.weight")  # the head's values (both V x D in HF)
+
+    for name, edit in (("renamed", rename), ("extra", extra)):
+        _, model = checkpoint.load_hf_t5(_variant(tmp_path, name, edit))
+        np.testing.assert_allclose(_logits(model, ref), ref["logits"], atol=1e-4, rtol=0)
+    assert "tensor encoder.embed_tokens.weight is not used" in caplog.text
+    assert "renamed" not in caplog.text  # one copy: nothing to warn about
+    caplog.clear()
+    cfg, model = checkpoint.load_hf_t5(_variant(tmp_path, "tied", tied))
+    assert not cfg.tie_word_embeddings and model.lm_head is not None
+    np.testing.assert_array_equal(np.asarray(model.lm_head), np.asarray(model.embedding).T)
+    assert "loaded as an untied copy of shared.weight" in caplog.text
+    with pytest.raises(checkpoint.CheckpointError, match="untied .* has no lm_head.weight"):
+        checkpoint.load_hf_t5(_variant(tmp_path, "untied", tied, {"tie_word_embeddings": False}))

@@ -74,7 +74,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, name, num_processes, devices_each):
+def _launch(tmp_path, name, num_processes, devices_each, script=_SCRIPT):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_each}"
     port = str(_free_port())
@@ -83,7 +83,7 @@ def _launch(tmp_path, name, num_processes, devices_each):
         out = tmp_path / f"{name}_{i}.json"
         log = open(tmp_path / f"{name}_{i}.log", "w")  # noqa: SIM115
         args = [str(i), str(num_processes), port, str(tmp_path / name), str(out)]
-        cmd = [sys.executable, "-c", _SCRIPT, *args]
+        cmd = [sys.executable, "-c", script, *args]
         procs.append((subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=log), log))
         outs.append(out)
     return procs, outs
@@ -185,3 +185,49 @@ def test_smoke_across_two_processes_loads_each_hosts_rows_and_equals_one_process
     assert lines(two[0]) and len(lines(two[0])) == len(lines(one))
     for a, b, c in zip(lines(two[0]), lines(two[1]), lines(one), strict=True):
         assert strip(a) == strip(b) == strip(c), (a, b, c)
+
+
+_PLACE_SCRIPT = r"""
+import json, sys
+process_id, num_processes, port, workdir, out = sys.argv[1:]
+from ipo_gap import sharding
+sharding.initialize_distributed(True, f"localhost:{port}", int(num_processes), int(process_id))
+import jax, numpy as np
+from jax.experimental import multihost_utils as mu
+gathered = []
+original = mu.process_allgather
+def counting(x, tiled=False):
+    gathered.append(sum(np.asarray(a).nbytes for a in jax.tree.leaves(x)))
+    return original(x, tiled=tiled)
+mu.process_allgather = counting
+from ipo_gap import checkpoint
+from ipo_gap.t5 import model as t5
+mesh = sharding.make_mesh("data:4,model:2")
+fixture = "tests/fixtures/hf_t5_v11"
+_, loaded = checkpoint.load_hf_t5(fixture, mesh=mesh)
+local_cfg, local = checkpoint.load_hf_t5(fixture)  # this process's devices only
+placed = sharding.shard_model(local, mesh)
+during = list(gathered)
+leaves = lambda m: jax.tree.leaves(m)
+result = {
+    "gathers_while_placing": len(during),
+    "spans_processes": sum(not x.is_fully_addressable for x in leaves(loaded)),
+    "loaded_equal": all(np.array_equal(sharding.to_host(a), np.asarray(b))
+                        for a, b in zip(leaves(loaded), leaves(local))),
+    "placed_equal": all(np.array_equal(sharding.to_host(a), np.asarray(b))
+                        for a, b in zip(leaves(placed), leaves(local))),
+}
+open(out, "w").write(json.dumps(result))
+"""
+
+
+@pytest.mark.slow  # two processes x 4 simulated devices: about a minute
+def test_placing_a_model_across_processes_gathers_nothing(tmp_path):
+    """load_hf_t5(mesh=...) and shard_model on a mesh spanning two processes: each process
+    builds its own shards; jax.device_put onto such a sharding all-gathered every parameter
+    (whole, once per process, onto every device) to check the processes agree."""
+    procs, outs = _launch(tmp_path, "place", 2, 4, script=_PLACE_SCRIPT)
+    for r in _collect(procs, outs, tmp_path, "place", timeout=300):
+        assert r["spans_processes"] > 0, r
+        assert r["gathers_while_placing"] == 0, r
+        assert r["loaded_equal"] and r["placed_equal"], r

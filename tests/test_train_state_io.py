@@ -269,6 +269,11 @@ def test_keys_and_bad_inputs(tmp_path, state):
             mngr.save(1, eqx.tree_at(lambda s: s.rng, state, key))
         with pytest.raises(TypeError, match="not JSON-serialisable"):
             mngr.save(1, state, metadata={"bad": object()})
+        # A Python number in place of an array was dropped and restored as the template's.
+        with pytest.raises(TypeError, match=r"TrainState.data_position is the Python number 123"):
+            mngr.save(1, eqx.tree_at(lambda s: s.data_position, state, 123))
+        with pytest.raises(TypeError, match=r"TrainState.step is the Python number 7"):
+            mngr.save(1, eqx.tree_at(lambda s: s.step, state, 7))
         assert mngr.all_steps() == []
 
 

@@ -199,7 +199,7 @@ def sampled_kl(
 
     One compiled program per (model config, batch shape, max_len): an evaluation loop over
     checkpoints compiles once. Teacher forcing encodes each model once; the sampler runs its
-    own encoder pass of the policy (sampling.sample takes no encoder output), an identical
+    own encoder pass of the policy (it is not handed `sampling.sample`'s `enc=`), an identical
     computation inside the same jitted program.
     """
     samples = sampling.sample(policy, src_BxS, src_mask_BxS, key=key, max_len=max_len)

@@ -456,9 +456,11 @@ PM_KINDS = ("pairwise", "pairwise-both", "bt")
 def make_pm_train_step(optimizer: optax.GradientTransformation, kind: str = "pairwise"):
     """Returns a jitted step(model, opt_state, batch, key) -> (model, opt_state, metrics).
 
-    kind "pairwise" trains with `pm_loss` (the key draws the presentation order), "bt" with
-    `bt_loss` (the key is unused). The model and optimizer state are donated; the batch and
-    key are not (a T5 has only array leaves, so plain `jax.jit` applies). Metrics: the loss's
+    kind "pairwise" trains with `pm_loss` (the key draws the presentation order),
+    "pairwise-both" with `pm_loss_both_orders` (both orders of every pair; the study's PMs),
+    "bt" with `bt_loss` (the key is unused by the last two). The model and optimizer state
+    are donated; the batch and key are not (a T5 has only array leaves, so plain `jax.jit`
+    applies). Metrics: the loss's
     metrics plus "loss" and "grad_norm".
     """
     if kind not in PM_KINDS:

@@ -336,9 +336,10 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
             )
         if nproc == 1:
             return jax.device_put(x, sharding)
-        return jax.make_array_from_process_local_data(
-            sharding, x, (global_batch,) + tuple(x.shape[1:])
-        )
+        global_shape = (global_batch,) + tuple(x.shape[1:])
+        local = sharding.addressable_devices_indices_map(global_shape).values()
+        check_process_rows([index[0] for index in local], global_batch, mesh)
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree_util.tree_map_with_path(put, tree)
 
@@ -390,6 +391,29 @@ def initialize_distributed(
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def check_process_rows(
+    row_slices, global_batch: int, mesh, process_index=None, process_count=None
+) -> None:
+    """Raises unless this process's devices hold exactly its `process_batch_slice` rows of a
+    batch: the rows each process loads. Where the "model" axis spans hosts, two processes
+    hold the same rows, and each loading its own would assemble a batch of mismatched
+    halves, silently; that layout would need every process to load the whole batch."""
+    want = process_batch_slice(
+        global_batch, process_index=process_index, process_count=process_count
+    )
+    held = set()
+    for rows in row_slices:
+        start, stop, _ = rows.indices(global_batch)
+        held.update(range(start, stop))
+    if held != set(range(want.start, want.stop)):
+        lo, hi = (min(held), max(held) + 1) if held else (0, 0)
+        raise ValueError(
+            f"on mesh {dict(mesh.shape)} this process's devices hold rows [{lo}, {hi}) of the "
+            f"global batch of {global_batch}, not the rows [{want.start}, {want.stop}) it loads "
+            "(process_batch_slice): the mesh's 'model' axis spans hosts; keep it within a host"
+        )
 
 
 def process_batch_slice(

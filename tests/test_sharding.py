@@ -162,6 +162,23 @@ def test_batch_helpers():
     sh.initialize_distributed(False)  # a no-op
 
 
+def test_a_model_axis_across_hosts_is_refused_before_a_batch_of_mismatched_halves():
+    """Process 1 of 2 loads rows [4, 8) of 8. Its devices hold those rows when the model axis
+    stays within a host (data:4 over 2 x 2 devices); with data:1,model:4 they hold all 8 rows
+    (the same as process 0's), and with the model axis across hosts on data:2 they hold one
+    block of each half: each process's loaded rows would be assembled as other rows."""
+    mesh = sh.make_mesh()
+    rows = {
+        "data:4": [slice(4, 6), slice(6, 8)],
+        "data:1,model:4": [slice(None), slice(None)],
+        "data:2, model across hosts": [slice(0, 4), slice(4, 8)],
+    }
+    sh.check_process_rows(rows["data:4"], 8, mesh, process_index=1, process_count=2)
+    for layout in ("data:1,model:4", "data:2, model across hosts"):
+        with pytest.raises(ValueError, match=r"hold rows \[0, 8\) .* not the rows \[4, 8\)"):
+            sh.check_process_rows(rows[layout], 8, mesh, process_index=1, process_count=2)
+
+
 # --- 8 simulated devices --------------------------------------------------------------------
 
 MESHES = ("data:8", "data:4,model:2", "data:2,model:4")

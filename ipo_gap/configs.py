@@ -43,6 +43,10 @@ class T5Config:
       scan_layers: run the blocks of a stack with lax.scan (fast compiles for deep models)
         or unrolled in Python (sometimes faster at run time for shallow models on CPU).
       name: preset name, for logs.
+      pm_ids: the two token ids a preference model on this T5 ends y1 and y2 with and reads
+        its score from (`ipo_gap.preference`); ids no text encodes to: 3 and 4, which a
+        trained tokenizer reserves, or embedding rows past a loaded tokenizer's pieces. Left
+        out of `to_dict` at its default (3, 4), so configs of older code hash the same.
     """
 
     vocab_size: int
@@ -61,8 +65,15 @@ class T5Config:
     compute_dtype: str = "float32"
     scan_layers: bool = True
     name: str = ""
+    pm_ids: tuple[int, int] = (3, 4)
 
     def __post_init__(self):
+        ids = tuple(self.pm_ids)
+        object.__setattr__(self, "pm_ids", ids)  # a JSON list in, a hashable tuple kept
+        if len(ids) != 2 or len(set(ids)) != 2 or not all(type(i) is int for i in ids):
+            raise ValueError(f"T5Config.pm_ids must be two different ints, got {self.pm_ids!r}")
+        if min(ids) < 3:
+            raise ValueError(f"T5Config.pm_ids {ids}: 0, 1, 2 are pad, eos and unk")
         for field in (
             "vocab_size",
             "d_model",
@@ -101,7 +112,12 @@ class T5Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["pm_ids"] == (3, 4):
+            del out["pm_ids"]
+        else:
+            out["pm_ids"] = list(out["pm_ids"])
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

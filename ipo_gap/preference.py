@@ -15,16 +15,18 @@ to the end. `Tokenizer.encode` ends every segment with EOS; a segment's trailing
 by its separator, and a segment without one (an unfinished sample cut at the length limit, an
 empty segment) gets its separator appended, so every segment is followed by exactly one
 separator. In the pairwise packing the two responses end with *different* separators, the
-readout ids A = 3 and B = 4 (`PAIR_SEPARATORS`): T5 has only relative positions, and with three
-identical separators a token can hardly tell which response it belongs to; distinct markers
+readout ids (A, B) = the PM's `cfg.pm_ids`, by default 3 and 4 (`PAIR_SEPARATORS`): T5 has
+only relative positions, and with three identical separators a token can hardly tell which
+response it belongs to; distinct markers
 make the segments identifiable by one attention lookup (on the embedded task a toy PM learns
 noticeably faster with them). They identify the segments only if no text contains them: every
 tokenizer made by `Tokenizer.train` reserves ids 3 and 4 as control pieces that no text encodes
 to (`tokenizer.PM_MARKER_PIECES`); in a loaded model such as T5's `spiece.model` they are
-ordinary pieces (`Tokenizer.reserves_pm_markers` is False, and the study's report says so).
+ordinary pieces (`Tokenizer.reserves_pm_markers` is False), and the study gives its PMs the
+first two embedding rows past the tokenizer's pieces instead (`Tokenizer.pm_ids_for`).
 Nothing is truncated: the static output length N must hold the worst case, sum over segments
-of (length + 1); a shorter N raises `ValueError` at trace time
-(a data-dependent error cannot be raised inside jit, and a silent cut could drop a response).
+of (length + 1); a shorter N raises `ValueError` at trace time (a data-dependent error cannot
+be raised inside jit, and a silent cut could drop a response).
 
 Readout (`pm_logit`). The decoder is fed only its start token; the scalar is read from its first
 step's logits over the vocabulary as
@@ -168,8 +170,19 @@ def pack_segments(
     return out_BxN, mask_BxN
 
 
-def pack_pair(x_BxS, x_mask, y1_BxT, y1_mask, y2_BxT, y2_mask, *, length: int | None = None):
-    """Packs (x, y1, y2) as [x] EOS [y1] A [y2] B PAD... (A, B = `PAIR_SEPARATORS`).
+def pack_pair(
+    x_BxS,
+    x_mask,
+    y1_BxT,
+    y1_mask,
+    y2_BxT,
+    y2_mask,
+    *,
+    length: int | None = None,
+    markers: tuple[int, int] = PM_MARKER_IDS,
+):
+    """Packs (x, y1, y2) as [x] EOS [y1] A [y2] B PAD... (A, B = `markers`: the PM's
+    `cfg.pm_ids`, by default 3 and 4).
 
     Returns:
         (tokens_BxN, mask_BxN) with N = `length` or S + T1 + T2 + 3.
@@ -177,7 +190,7 @@ def pack_pair(x_BxS, x_mask, y1_BxT, y1_mask, y2_BxT, y2_mask, *, length: int | 
     return pack_segments(
         [(x_BxS, x_mask), (y1_BxT, y1_mask), (y2_BxT, y2_mask)],
         length=length,
-        separators=PAIR_SEPARATORS,
+        separators=(SEP_ID, *markers),
     )
 
 
@@ -191,18 +204,18 @@ def pack_single(x_BxS, x_mask, y_BxT, y_mask, *, length: int | None = None):
 
 
 def pm_logit(model: t5.T5, tokens_BxN: jax.Array, mask_BxN: jax.Array) -> jax.Array:
-    """logit(r) = first-step decoder logits[READOUT_A_ID] - logits[READOUT_B_ID], float32 [B].
+    """logit(r) = first-step decoder logits[A] - logits[B], float32 [B], where (A, B) is the
+    model's `cfg.pm_ids` (`READOUT_A_ID`, `READOUT_B_ID` by default).
 
     For a pairwise packing this is logit r(x, y1, y2); for a single packing, the BT reward.
     """
-    if model.cfg.vocab_size <= max(READOUT_A_ID, READOUT_B_ID):
-        raise ValueError(
-            f"vocab_size {model.cfg.vocab_size} has no readout ids {READOUT_A_ID}, {READOUT_B_ID}"
-        )
+    a, b = model.cfg.pm_ids
+    if model.cfg.vocab_size <= max(a, b):
+        raise ValueError(f"vocab_size {model.cfg.vocab_size} has no readout ids {a}, {b}")
     start_Bx1 = jnp.full((tokens_BxN.shape[0], 1), t5.DECODER_START_ID, jnp.int32)
     logits_BxV = t5.forward(model, tokens_BxN, mask_BxN, start_Bx1)[:, 0, :]
     logits_BxV = logits_BxV.astype(jnp.float32)
-    return logits_BxV[:, READOUT_A_ID] - logits_BxV[:, READOUT_B_ID]
+    return logits_BxV[:, a] - logits_BxV[:, b]
 
 
 def pm_prob(model: t5.T5, tokens_BxN: jax.Array, mask_BxN: jax.Array) -> jax.Array:
@@ -249,7 +262,9 @@ def pm_loss(
     y1, y2 = jnp.where(sel, batch.y_w, batch.y_l), jnp.where(sel, batch.y_l, batch.y_w)
     m1 = jnp.where(sel, batch.y_w_mask, batch.y_l_mask)
     m2 = jnp.where(sel, batch.y_l_mask, batch.y_w_mask)
-    tokens, mask = pack_pair(batch.x, batch.x_mask, y1, m1, y2, m2, length=length)
+    tokens, mask = pack_pair(
+        batch.x, batch.x_mask, y1, m1, y2, m2, length=length, markers=model.cfg.pm_ids
+    )
     loss, metrics = bce_with_logits(pm_logit(model, tokens, mask), first_B)
     return loss, {**metrics, "winner_first": jnp.mean(first_B.astype(jnp.float32))}
 
@@ -301,16 +316,21 @@ def pair_logits_both_orders(
     length: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(logit r(x, y1, y2), logit r(x, y2, y1)), each [B], from ONE forward on 2B rows."""
-    packed = pack_both_orders(x_BxS, x_mask, y1_BxT, y1_mask, y2_BxT, y2_mask, length=length)
+    packed = pack_both_orders(
+        x_BxS, x_mask, y1_BxT, y1_mask, y2_BxT, y2_mask, length=length, markers=model.cfg.pm_ids
+    )
     return logits_of_packed_pairs(model, *packed, logit_fn=logit_fn)
 
 
-def pack_both_orders(x_BxS, x_mask, y1_BxT, y1_mask, y2_BxT, y2_mask, *, length=None):
+def pack_both_orders(
+    x_BxS, x_mask, y1_BxT, y1_mask, y2_BxT, y2_mask, *, length=None, markers=PM_MARKER_IDS
+):
     """(t12, m12, t21, m21): `pack_pair` of (x, y1, y2) and of (x, y2, y1), both length N."""
     if length is None:
         length = packed_length(x_BxS.shape[1], y1_BxT.shape[1], y2_BxT.shape[1])
-    t12, m12 = pack_pair(x_BxS, x_mask, y1_BxT, y1_mask, y2_BxT, y2_mask, length=length)
-    t21, m21 = pack_pair(x_BxS, x_mask, y2_BxT, y2_mask, y1_BxT, y1_mask, length=length)
+    kw = {"length": length, "markers": markers}
+    t12, m12 = pack_pair(x_BxS, x_mask, y1_BxT, y1_mask, y2_BxT, y2_mask, **kw)
+    t21, m21 = pack_pair(x_BxS, x_mask, y2_BxT, y2_mask, y1_BxT, y1_mask, **kw)
     return t12, m12, t21, m21
 
 

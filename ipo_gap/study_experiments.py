@@ -412,6 +412,17 @@ def fig10(study: Study) -> list[dict]:
     return out
 
 
+def _pm_markers(study: Study) -> str:
+    """What the golden and proxy PMs mark the ends of y1 and y2 with (`T5Config.pm_ids`)."""
+    notes = {
+        which: study.prep.tokenizer.pm_marker_note(cfg.pm_ids)
+        for which, cfg in (("golden", study.golden_cfg), ("proxy", study.proxy_cfg))
+    }
+    if notes["golden"] == notes["proxy"]:
+        return notes["golden"]
+    return "; ".join(f"{which} PM: {note}" for which, note in notes.items())
+
+
 def pipeline_summary(study: Study) -> dict:
     """Accuracies of the golden and proxy PMs, and the SFT evaluation."""
 
@@ -423,7 +434,7 @@ def pipeline_summary(study: Study) -> dict:
             "proxy_pm": proxy,
             "sft": study.sft_eval(),
             "truncated": study.prep.truncated,
-            "pm_markers": study.prep.tokenizer.pm_marker_note(),
+            "pm_markers": _pm_markers(study),
             "prompt_width": study.prep.prompt_width,
             "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} visible",
             "mesh": study.cfg.mesh or "none (one device)",

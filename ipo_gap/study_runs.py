@@ -155,15 +155,18 @@ class Study:
         tokenizer's ids)."""
         path = self._checkpoint(which)
         if not path:
-            return self.cfg.model(which, vocab)
-        model_cfg = checkpoint.hf_t5_config(path, compute_dtype=self.cfg.compute_dtype)
-        if model_cfg.vocab_size < vocab:
-            raise ValueError(
-                f"{which} checkpoint {path} has {model_cfg.vocab_size} embeddings but the "
-                f"tokenizer ({self.cfg.tokenizer_model or 'trained on the task'}) has {vocab} "
-                f"pieces: use the checkpoint's own SentencePiece model (--tokenizer_model)"
-            )
-        return model_cfg
+            model_cfg = self.cfg.model(which, vocab)
+        else:
+            model_cfg = checkpoint.hf_t5_config(path, compute_dtype=self.cfg.compute_dtype)
+            if model_cfg.vocab_size < vocab:
+                raise ValueError(
+                    f"{which} checkpoint {path} has {model_cfg.vocab_size} embeddings but the "
+                    f"tokenizer ({self.cfg.tokenizer_model or 'trained on the task'}) has "
+                    f"{vocab} pieces: use the checkpoint's own SentencePiece model "
+                    "(--tokenizer_model)"
+                )
+        # Markers no text encodes to, for the PMs (the proxy's config is the policy's).
+        return model_cfg.replace(pm_ids=self.prep.tokenizer.pm_ids_for(model_cfg.vocab_size))
 
     def init_model(self, which: str, purpose: str):
         """A starting model: the pretrained checkpoint when one is given (policy and proxy PM
@@ -173,11 +176,14 @@ class Study:
         (`sharding.init_model`: the same values as on one device); no device holds a whole
         model."""
         path = self._checkpoint(which)
+        cfg = self.golden_cfg if which == "golden" else self.policy_cfg
         if path:
             return checkpoint.load_hf_t5(
-                path, mesh=sharding.active_mesh(), compute_dtype=self.cfg.compute_dtype
+                path,
+                mesh=sharding.active_mesh(),
+                compute_dtype=self.cfg.compute_dtype,
+                pm_ids=cfg.pm_ids,
             )[1]
-        cfg = self.golden_cfg if which == "golden" else self.policy_cfg
         return sharding.init_model(cfg, key=self.key(purpose))
 
     def variant(self, policy_model: str) -> Study:

@@ -230,14 +230,31 @@ class Tokenizer:
             self._sp.IsControl(i) for i in PM_MARKER_IDS
         )
 
-    def pm_marker_note(self) -> str:
-        """One line for reports: whether the preference models' markers are reserved."""
-        if self.reserves_pm_markers:
+    def pm_ids_for(self, model_vocab_size: int) -> tuple[int, int]:
+        """The ids a preference model with `model_vocab_size` embedding rows should use as its
+        markers and readout (`T5Config.pm_ids`): 3 and 4 where this tokenizer reserves them;
+        else the first two rows past its pieces, which no text encodes to (T5's checkpoints
+        have 32128 rows for the 32000 pieces of its `spiece.model`); else 3 and 4 anyway,
+        which are then ordinary pieces (`pm_marker_note` says so)."""
+        if self.reserves_pm_markers or model_vocab_size < self.vocab_size + 2:
+            return PM_MARKER_IDS
+        return (self.vocab_size, self.vocab_size + 1)
+
+    def pm_marker_note(self, ids: tuple[int, int] = PM_MARKER_IDS) -> str:
+        """One line for reports: whether the preference models' markers `ids` are tokens no
+        text encodes to."""
+        if tuple(ids) == PM_MARKER_IDS and self.reserves_pm_markers:
             return "reserved control pieces 3, 4 (no text encodes to them)"
-        pieces = [self._sp.id_to_piece(i) for i in PM_MARKER_IDS if i < self.vocab_size]
+        if min(ids) >= self.vocab_size:
+            return (
+                f"ids {ids[0]}, {ids[1]}: embedding rows past the tokenizer's {self.vocab_size} "
+                "pieces (no text encodes to them)"
+            )
+        pieces = [self._sp.id_to_piece(i) for i in ids if i < self.vocab_size]
         return (
-            f"ordinary pieces 3, 4 ({', '.join(map(repr, pieces))}) of a loaded tokenizer: a "
-            "text containing them looks to the PMs like the end of a response"
+            f"ordinary pieces {ids[0]}, {ids[1]} ({', '.join(map(repr, pieces))}) of a loaded "
+            "tokenizer, and the model has no spare rows: a text containing them looks to the "
+            "PMs like the end of a response"
         )
 
     def __repr__(self) -> str:

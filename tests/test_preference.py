@@ -224,6 +224,39 @@ def test_pack_pair_matches_reference_on_random_segments():
         assert int(jnp.sum(got[0] == sep)) == 32
 
 
+def test_a_pm_marks_and_reads_its_own_pm_ids():
+    """A PM whose config names other marker ids (embedding rows past a loaded tokenizer's
+    pieces) ends y1 / y2 with them and reads its score from their logits, in training, in
+    judging and in the trainers' dataset scoring, which all agree."""
+    from ipo_gap.train import trainers
+
+    cfg = PM_CFG.replace(vocab_size=V + 2, pm_ids=(V, V + 1))  # content ids lie in [6, V)
+    model = t5.init(cfg, key=jax.random.key(3))
+    batch = make_pairs(np.random.default_rng(1), 8)
+    args = (batch.x, batch.x_mask, batch.y_w, batch.y_w_mask, batch.y_l, batch.y_l_mask)
+    tokens, mask = pref.pack_pair(*args, markers=cfg.pm_ids)
+    assert int(jnp.sum(tokens == V)) == int(jnp.sum(tokens == V + 1)) == 8
+    assert not jnp.isin(tokens, jnp.array([3, 4])).any()
+    start = jnp.zeros((8, 1), jnp.int32)
+    logits = t5.forward(model, tokens, mask, start)[:, 0]
+    np.testing.assert_allclose(
+        pref.pm_logit(model, tokens, mask), logits[:, V] - logits[:, V + 1], rtol=1e-6
+    )
+    z12, z21 = pref.pair_logits_both_orders(model, *args)
+    np.testing.assert_allclose(z12, pref.pm_logit(model, tokens, mask), rtol=1e-5, atol=1e-6)
+    r12, r21 = trainers.pair_logit_rows(model, *(np.asarray(a) for a in args), batch_size=8)
+    np.testing.assert_allclose(r12, z12, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(r21, z21, rtol=1e-4, atol=1e-5)
+    same_weights = t5.init(cfg.replace(pm_ids=(3, 4)), key=jax.random.key(3))
+    assert not np.allclose(pref.pair_logits_both_orders(same_weights, *args)[0], z12)
+    assert cfg.to_dict()["pm_ids"] == [V, V + 1] and "pm_ids" not in PM_CFG.to_dict()
+    assert type(cfg).from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="pad, eos and unk"):
+        PM_CFG.replace(pm_ids=(2, 5))
+    with pytest.raises(ValueError, match="two different ints"):
+        PM_CFG.replace(pm_ids=(5, 5))
+
+
 def test_pack_pair_too_short_raises():
     x = jnp.ones((2, 4), jnp.int32)
     y = jnp.ones((2, 3), jnp.int32)

@@ -58,7 +58,26 @@ def downloads(tmp_path_factory):
 
     pairs, _ = preference_data.load_task_pairs("hh_helpful", root / "hh")
     texts = [t for p in pairs for t in (p.prompt, p.chosen, p.rejected)]
-    tok = Tokenizer.train(texts, vocab_size=400)
+    # Like T5's spiece.model: trained without the reserved PM pieces (ids 3 and 4 ordinary).
+    import io
+
+    import sentencepiece as spm
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=proto,
+        vocab_size=400,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+    tok = Tokenizer.from_proto(proto.getvalue())
+    assert not tok.reserves_pm_markers
     tok.save(root / "spiece.model")
     dirs = {}
     for name, preset, seed in (
@@ -109,17 +128,22 @@ def test_pretrained_starts_are_the_checkpoints(downloads, tmp_path):
     s = Study(tmp_path, _cfg(downloads))
     assert s.prep.tokenizer.sha256 == Tokenizer.load(root / "spiece.model").sha256
     assert not (tmp_path / "tokenizer.model").exists()  # the given model is used, not trained
+    # The tokenizer's ids 3 and 4 are ordinary pieces: the PMs mark with the first two
+    # embedding rows past its pieces, which no text encodes to.
+    V = s.prep.tokenizer.vocab_size  # noqa: N806
     for which, d in (("policy", dirs["policy"]), ("golden", dirs["golden"])):
-        _, want = checkpoint.load_hf_t5(d)
+        _, want = checkpoint.load_hf_t5(d, pm_ids=(V, V + 1))
         got = s.init_model(which, "sft")
+        assert got.cfg.pm_ids == (V, V + 1)
         jax.tree.map(np.testing.assert_array_equal, got, want)
-    assert s.policy_cfg.vocab_size == s.prep.tokenizer.vocab_size + 28
+    assert s.policy_cfg.vocab_size == V + 28
+    assert s.golden_cfg.pm_ids == s.proxy_cfg.pm_ids == (V, V + 1)
     # A scaling size must be a checkpoint too when the policy is pretrained.
     with pytest.raises(ValueError, match="Hugging Face T5 directory"):
         s.variant("toy-m")
     m = s.variant(str(dirs["policy_m"]))
     assert m.policy_cfg.d_model == model_preset("toy-m").d_model and m.tag == "_policy_m"
-    _, want = checkpoint.load_hf_t5(dirs["policy_m"])
+    _, want = checkpoint.load_hf_t5(dirs["policy_m"], pm_ids=(V, V + 1))
     jax.tree.map(np.testing.assert_array_equal, m.init_model("policy", "sft"), want)
 
 
@@ -350,6 +374,9 @@ def test_micro_study_on_hh_format_from_pretrained_starts(downloads, tmp_path):
     assert pipe["task"] == "hh_helpful"
     assert pipe["data"]["obtained"]["test"] == 64 and pipe["data"]["loader"]["records"] == 900
     assert "bayes_accuracy_vs_human_labels" not in pipe["golden_pm"]
+    V = Tokenizer.load(root / "spiece.model").vocab_size  # noqa: N806
+    assert pipe["pm_markers"].startswith(f"ids {V}, {V + 1}: embedding rows past the tokenizer")
+    assert f"| PM segment markers and readout ids | ids {V}, {V + 1}" in text
     assert (tmp_path / "runs_policy_m" / "online_ipo" / "done.json").exists()
     from test_study import FIGURES  # every figure, the Goodhart one and Fig. 10's included
 

@@ -255,6 +255,13 @@ def test_trained_tokenizers_reserve_the_pm_markers(corpus):
     assert not loaded.reserves_pm_markers
     assert "ordinary pieces 3, 4" in loaded.pm_marker_note()
     assert np.isin(loaded.encode(corpus, max_len=64).ids, tok.PM_MARKER_IDS).any()
+    # A model with rows past the loaded tokenizer's pieces (T5: 32128 for 32000) marks with
+    # the first two of them; one without spare rows keeps 3 and 4, and the note says so.
+    V = loaded.vocab_size  # noqa: N806
+    assert t.pm_ids_for(V + 100) == (3, 4)
+    assert loaded.pm_ids_for(V + 2) == (V, V + 1)
+    assert "rows past the tokenizer's" in loaded.pm_marker_note((V, V + 1))
+    assert loaded.pm_ids_for(V + 1) == (3, 4)
 
 
 def test_train_errors():

@@ -222,7 +222,7 @@ def train_sft(
 
 
 # `preference.pair_logits_both_orders` in its two halves, so the rows can be cut in between.
-_pack_both_orders = jax.jit(preference.pack_both_orders)
+_pack_both_orders = jax.jit(preference.pack_both_orders, static_argnames="markers")
 _logits_both_orders = eqx.filter_jit(preference.logits_of_packed_pairs)
 
 
@@ -245,7 +245,7 @@ def pair_logit_rows(
     arrays = [np.asarray(a) for a in (x, xm, y1, m1, y2, m2)]
     packed = [[], [], [], []]
     for idx, keep in sources.padded_batches(n, batch_size):
-        rows = _pack_both_orders(*(to_device(a[idx]) for a in arrays))
+        rows = _pack_both_orders(*(to_device(a[idx]) for a in arrays), markers=pm.cfg.pm_ids)
         for out, a in zip(packed, rows, strict=True):
             out.append(to_host(a)[:keep])
     t12, m12, t21, m21 = (np.concatenate(p) for p in packed)

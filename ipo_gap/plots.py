@@ -25,9 +25,11 @@ _COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 # the others (shuffle levels, Fig. 5's datasets, semi-online periods) take the colours
 # left, in their order within the figure.
 TANDEM = "tandem: offline on the shuffled online stream"
+OFFLINE_SAME = "offline ipo on D_golden (same lr, beta)"  # the sweep's run at online's settings
 METHOD_COLORS = {
     "online ipo": _COLORS[0],
     "offline ipo": _COLORS[1],
+    OFFLINE_SAME: _COLORS[1],
     "offline ipo (shuffled uniform)": _COLORS[2],
     "offline ipo (shuffled uniform, lr x beta sweep)": "#98df8a",  # light green
     TANDEM: _COLORS[2],
@@ -110,7 +112,7 @@ def figure_kl_winrate(runs, path, title, lines_for=()) -> pathlib.Path:
 
 
 def figure_goodhart(online: dict, path, title) -> pathlib.Path:
-    """Over-optimisation: the online run's win rate at each checkpoint judged by the golden PM
+    """Over-optimisation check: the online run's win rate at each checkpoint judged by the golden PM
     and by the proxy PM it was trained against (the same samples), against KL."""
     ev = [e for e in online["evals"] if "proxy_win_rate" in e]
     proxy = [

@@ -154,8 +154,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
             offline=offline,
         )
     if fig5:
-        plots.figure_kl_winrate(  # the same offline run as H2's table
-            [online, offline_same(offline, online), *fig5],
+        plots.figure_kl_winrate(  # the same offline run as H2's table, named as there
+            [online, dict(offline_same(offline, online), method=plots.OFFLINE_SAME), *fig5],
             figs / "fig5_12_datasets.png",
             "Fig. 5 / 12: offline IPO on datasets of online-policy samples",
             lines_for=[r["method"] for r in [online, *fig5]],
@@ -324,7 +324,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         plots.figure_goodhart(
             online,
             figs / "goodhart_proxy_vs_golden.png",
-            "Over-optimisation: online IPO judged by the golden and the proxy PM",
+            "Over-optimisation check: online IPO judged by the golden and the proxy PM",
         )
         lines += [
             "",
@@ -380,7 +380,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
                 _peak_rows(
                     {
                         "online ipo": [online],
-                        "offline ipo on D_golden (same lr, beta)": [offline_same(offline, online)],
+                        plots.OFFLINE_SAME: [offline_same(offline, online)],
                         **{r["method"]: [r] for r in fig5},
                     }
                 ),

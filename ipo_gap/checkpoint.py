@@ -269,16 +269,17 @@ def _convert(w: np.ndarray, kind: str, cfg: T5Config) -> np.ndarray:
 _EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
-def _shared_embedding(tensors: dict, directory) -> dict:
+def _shared_embedding(tensors: dict, directory, check: bool = True) -> dict:
     """`tensors` with the one embedding the model has under "shared.weight".
 
     transformers ties both stacks' embed_tokens to `shared`, and files hold one, two or three
     copies (some, such as google/madlad400-3b-mt, only decoder.embed_tokens.weight). As there,
     the first present in `_EMBEDDINGS` order is the embedding and the other copies are not
-    used; one that differs from it is named in a warning (transformers drops it silently).
+    used; one that differs from it is named in a warning (transformers drops it silently),
+    when `check` (reading the copies: `load_hf_t5` does, `hf_t5_config` does not).
     """
     present = [n for n in _EMBEDDINGS if n in tensors]
-    for other in present[1:]:
+    for other in present[1:] if check else ():
         _warn_if_differs(tensors, other, present[0], directory)
     out = {n: t for n, t in tensors.items() if n not in present[1:]}
     if present and present[0] != "shared.weight":
@@ -300,7 +301,7 @@ def _warn_if_differs(tensors: dict, name: str, used: str, directory) -> None:
         )
 
 
-def _hf_config_and_tensors(directory: pathlib.Path, **config_overrides):
+def _hf_config_and_tensors(directory: pathlib.Path, *, check: bool = True, **config_overrides):
     """(T5Config, memory-mapped tensors by HF name) of a Hugging Face T5 directory."""
     config_path = directory / "config.json"
     if not config_path.exists():
@@ -309,7 +310,7 @@ def _hf_config_and_tensors(directory: pathlib.Path, **config_overrides):
         hf = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
-    tensors = _shared_embedding(_read_hf_tensors(directory), directory)
+    tensors = _shared_embedding(_read_hf_tensors(directory), directory, check)
     scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
     tied = hf.get("tie_word_embeddings", True)
     if not scaled and tied and "lm_head.weight" not in tensors and "shared.weight" in tensors:
@@ -317,7 +318,8 @@ def _hf_config_and_tensors(directory: pathlib.Path, **config_overrides):
         # (a v1.1 model built from its config and saved tied). A T5 here ties only with the
         # scaling, so the head starts as a copy of the embedding: equal logits, but training
         # updates the two apart.
-        logging.warning(
+        log = logging.warning if check else logging.debug
+        log(
             "%s: the LM head is tied to the embedding without output scaling; it is loaded "
             "as an untied copy of shared.weight (equal logits; trained separately)",
             directory,
@@ -339,7 +341,7 @@ def hf_t5_config(directory, *, param_dtype: str = "float32", **config_overrides)
     """The T5Config of a Hugging Face T5 directory, without reading its weights (the
     safetensors files are memory-mapped for their tensor names only)."""
     cfg, _ = _hf_config_and_tensors(
-        pathlib.Path(directory), param_dtype=param_dtype, **config_overrides
+        pathlib.Path(directory), check=False, param_dtype=param_dtype, **config_overrides
     )
     return cfg
 

@@ -150,19 +150,29 @@ def tree_max_abs_diff(a, b) -> float:
 _MIX = (np.uint32(0x9E3779B1), np.uint32(0x85EBCA77))  # odd multipliers (golden ratio, murmur3)
 
 
+def _words(x: jax.Array) -> jax.Array:
+    """`x`'s raw bit patterns as uint32 words: one per element of 1-, 2- and 4-byte dtypes (the
+    narrow ones zero-extended), two (a trailing axis) for 8-byte ones; typed PRNG keys as
+    their key data, complex numbers as (real, imaginary), sub-byte types widened exactly."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if jnp.iscomplexobj(x):
+        x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    try:
+        words = jax.lax.bitcast_convert_type(x, width)
+    except (TypeError, ValueError):  # a sub-byte type (int4, float4): widen, values exact
+        wide = jnp.int32 if jnp.issubdtype(x.dtype, jnp.integer) else jnp.float32
+        words = jax.lax.bitcast_convert_type(x.astype(wide), jnp.uint32)
+    return words.astype(jnp.uint32)
+
+
 def _word_sums(x: jax.Array) -> jax.Array:
-    """Two position-weighted sums of `x`'s raw bit patterns, uint32 [2], modulo 2**32."""
-    if x.dtype.itemsize == 4:
-        words = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    elif x.dtype.itemsize == 2:
-        words = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-    elif x.dtype == jnp.bool_:
-        words = x.astype(jnp.uint32)
-    elif x.dtype.itemsize == 1:
-        words = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
-    else:  # 8-byte words: both halves
-        pair = jax.lax.bitcast_convert_type(x, jnp.uint32)
-        words = pair[..., 0] * _MIX[1] + pair[..., 1]
+    """Two position-weighted sums of `x`'s raw bit patterns (`_words`), uint32 [2], modulo
+    2**32."""
+    words = _words(x)
     # The element's row-major index, built per axis (no reshape: a sharded leaf stays put).
     index = jnp.zeros(words.shape, jnp.uint32)
     for axis, size in enumerate(words.shape):
@@ -188,7 +198,9 @@ def weights_checksum(model) -> str:
     index, modulo 2**32, on the device; then a SHA-256 (16 hex digits kept) over each leaf's path,
     dtype, shape and sums. Integer sums modulo 2**32 do not depend on the reduction's order, so
     the value is the same on any device count, sharding or backend. It detects changed weights
-    (any one changed element changes both sums), not a crafted collision."""
+    (a change of any one 32-bit word, e.g. one float32 element, changes both sums; several
+    changes could cancel only by a coincidence of the weights), not a crafted collision.
+    The config (`cfg.to_json()`) is hashed too, its compute dtype included."""
     flat, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_array))
     sums = to_host(_leaf_sums([leaf for _, leaf in flat]))  # replicated: read on every host
     h = hashlib.sha256(b"ipo_gap.weights_checksum.v1\0")

@@ -31,12 +31,13 @@ be raised inside jit, and a silent cut could drop a response).
 Readout (`pm_logit`). The decoder is fed only its start token; the scalar is read from its first
 step's logits over the vocabulary as
 
-    logit(r) = logits[READOUT_A_ID] - logits[READOUT_B_ID],   r = sigmoid(logit(r)),
+    logit(r) = logits[A] - logits[B],   r = sigmoid(logit(r)),   (A, B) = cfg.pm_ids,
 
 i.e. a two-way softmax between two fixed vocabulary entries ("A" = y1 preferred, "B" = y2
 preferred), the way T5-based reward models and auto-raters are commonly read (score = logit of a
-target token). We use ids 3 and 4: the reserved control pieces of a trained tokenizer, present
-in every vocabulary with more than 4 pieces. Chosen over a learned head because it adds no
+target token). By default ids 3 and 4, the reserved control pieces of a trained tokenizer,
+present in every vocabulary with more than 4 pieces; rows past a loaded tokenizer's pieces
+where it has none (see the packing above). Chosen over a learned head because it adds no
 parameter (nothing to shard, initialise or convert), a PM initialised from a pretrained or SFT
 T5 starts from its LM head, and the difference of two logits is invariant to the softmax normaliser.
 

@@ -412,7 +412,8 @@ def check_process_rows(
         raise ValueError(
             f"on mesh {dict(mesh.shape)} this process's devices hold rows [{lo}, {hi}) of the "
             f"global batch of {global_batch}, not the rows [{want.start}, {want.stop}) it loads "
-            "(process_batch_slice): the mesh's 'model' axis spans hosts; keep it within a host"
+            "(process_batch_slice): the mesh's 'model' axis spans hosts, or it has no 'data' axis "
+            "(keep 'model' within a host and split hosts over 'data')"
         )
 
 

@@ -388,6 +388,14 @@ def load_model(directory: pathlib.Path, cfg: T5Config):
     mesh = sharding.active_mesh()
     shardings = None if mesh is None else sharding.model_shardings(like, mesh)
     with CheckpointManager(directory / "ckpt") as mngr:
+        saved = mngr.restore_metadata(0).get("config") or {}
+        ids = tuple(saved.get("pm_ids", (3, 4)))
+        if ids != tuple(cfg.pm_ids):  # a PM reads its score from these rows
+            raise ValueError(
+                f"{directory}: its model was trained with preference-model ids {ids}, but this "
+                f"study's config gives {tuple(cfg.pm_ids)} (a study begun by older code on a "
+                "loaded tokenizer): its PM would read untrained logits. Use a new --workdir"
+            )
         return mngr.restore(0, like, shardings=shardings)
 
 

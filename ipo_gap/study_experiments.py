@@ -566,7 +566,8 @@ def worker(workdir: str):
 
 def _record_execution(study: Study, jobs: int) -> float:
     """Adds this (re)start's mode to `execution.jsonl` before any stage runs, so that a
-    killed start's is recorded too; returns the start's time for `_close_execution`."""
+    killed start's is recorded too; returns the start's time, which names its row for
+    `_close_execution`."""
     path = study.workdir / "execution.jsonl"
     started = time.time()
     rows = jsonl.read_rows(path, cut_tail_ok=True)
@@ -599,13 +600,15 @@ def _close_execution(study: Study, started: float) -> None:
     """At the end of a start: marks its row `ran: false` when it wrote no result (every stage
     was done already, e.g. a rerun that rebuilds the report), so that its --jobs does not
     make the report call the study mixed. A killed start keeps its row as it was: it counts."""
-    if not hosts.is_writer():
-        return
     path = study.workdir / "execution.jsonl"
     rows = jsonl.read_rows(path, cut_tail_ok=True)
-    for row in rows:
-        if row.get("started") == started:
-            row["ran"] = _wrote_results(study.workdir, started)
+    if hosts.is_writer():  # process 0 decides; every process meets write_rows' barrier
+        for row in rows:
+            if row.get("started") == started:
+                # The earlier of this host's clock and the file system's (the record's
+                # mtime): a file server whose clock lags cannot hide a start's results.
+                since = min(started, os.stat(path).st_mtime) if path.exists() else started
+                row["ran"] = _wrote_results(study.workdir, since)
     jsonl.write_rows(path, rows)
 
 

@@ -58,11 +58,14 @@ def _check_log_meta(log: OrderLog, want: dict) -> None:
     got = dict(log.meta)
     if isinstance(got.get("study"), dict):
         got["study"] = with_new_defaults(got["study"])
-    if isinstance(got.get("model"), dict):  # T5Config fields added since, at their defaults
-        fields = [f for f in dataclasses.fields(T5Config) if f.default is not dataclasses.MISSING]
-        defaults = json.loads(json.dumps({f.name: f.default for f in fields}))
-        got["model"] = {**defaults, **got["model"]}
     want = json.loads(json.dumps(want))
+    # T5Config fields added since, or left out of `to_dict` at their defaults (pm_ids): both
+    # sides complete at the defaults.
+    fields = [f for f in dataclasses.fields(T5Config) if f.default is not dataclasses.MISSING]
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields}))
+    for side in (got, want):
+        if isinstance(side.get("model"), dict):
+            side["model"] = {**defaults, **side["model"]}
     keys = (want.keys() & got.keys()) - {"num_steps"}
     diffs = loop.differences(got, want, keys, words=("in the log", "in this run"))
     if diffs:

@@ -72,7 +72,7 @@ def _refuse_python_numbers(state) -> None:
     for field in ("step", "rng", "data_position"):
         flat, _ = jax.tree_util.tree_flatten_with_path(getattr(state, field))
         for path, leaf in flat:
-            if isinstance(leaf, (bool, int, float, complex)):
+            if isinstance(leaf, (bool, int, float, complex)) and not eqx.is_array(leaf):
                 raise TypeError(
                     f"TrainState.{field}{jax.tree_util.keystr(path)} is the Python "
                     f"number {leaf!r}, which a checkpoint does not save (only arrays are): "

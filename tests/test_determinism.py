@@ -117,6 +117,21 @@ def test_weights_checksum_sees_one_ulp_and_ignores_nothing():
     )
     sums = [determinism.weights_checksum(v) for v in variants]
     assert base not in sums and len(set(sums)) == len(sums), sums
+    # Leaves of other dtypes: typed keys, complex numbers, 4-bit integers, bools.
+    odd = {
+        "key": jax.random.key(1),
+        "c": jnp.array([1 + 2j, 3 - 1j], jnp.complex64),
+        "i4": jnp.array([1, -3, 7], jnp.int4),
+        "b": jnp.array([True, False]),
+    }
+    base = determinism.weights_checksum(odd)
+    changed = [
+        {**odd, "key": jax.random.key(2)},
+        {**odd, "c": odd["c"].at[1].set(3 - 2j)},
+        {**odd, "i4": odd["i4"].at[0].set(-1)},
+        {**odd, "b": ~odd["b"]},
+    ]
+    assert base not in {determinism.weights_checksum(t) for t in changed}
 
 
 def test_compare_logs(tmp_path):

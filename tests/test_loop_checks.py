@@ -540,3 +540,20 @@ def test_cached_references_of_another_normalisation_are_refused(setup):
     loop.check_pair_batch(batch, step=0, name="x", vocab_size=cfg.vocab_size, normalize="mean")
     with pytest.raises(ValueError, match="normalize must be one of"):
         ref_cache.with_refs(data, refs, refs, normalize="token")
+
+
+def test_the_normalisation_record_leaves_an_offline_source_identity_as_it_was(setup):
+    """Checkpoints of older code hashed the cached references without `ref_per_token`: the
+    record is left out of the data hash (a summed cache's identity is the old one), and a
+    per-token cache is named instead."""
+    from ipo_gap.data import ref_cache
+
+    cfg, _ = setup
+    data = _data(cfg)
+    refs = np.arange(len(data["prompt"]), dtype=np.float32)
+    old = {**data, "ref_w": refs, "ref_l": refs}  # what with_refs returned before
+    new = ref_cache.with_refs(data, refs, refs)
+    ident = lambda d: sources.OfflineSource(d, batch_size=2, seed=0).identity()  # noqa: E731
+    assert ident(new) == ident(old)
+    per_token = ident(ref_cache.with_refs(data, refs, refs, normalize="mean"))
+    assert per_token == {**ident(old), "ref_normalize": "mean"}

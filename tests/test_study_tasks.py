@@ -424,3 +424,14 @@ def test_real_tldr_through_the_study_loader(tmp_path):
     assert prep.truncated["test"] > 0
     for row, n in zip(x, lengths, strict=True):
         assert list(row[n - 1 - len(tail) : n - 1]) == tail  # ... TL;DR: EOS
+
+
+def test_a_saved_pm_is_not_read_with_other_marker_ids(tmp_path):
+    """A PM stage finished by older code on a loaded tokenizer learnt to read ids 3 and 4;
+    this code gives such a study's PMs the rows past the tokenizer: loading it under the new
+    ids would read untrained logits, so it is refused, naming the directory."""
+    cfg = model_preset("toy-s", vocab_size=64)
+    study.save_model(tmp_path / "golden_pm", t5.init(cfg, key=jax.random.key(0)), cfg)
+    assert study.load_model(tmp_path / "golden_pm", cfg).cfg.pm_ids == (3, 4)
+    with pytest.raises(ValueError, match=r"golden_pm: its model was trained with .*\(3, 4\)"):
+        study.load_model(tmp_path / "golden_pm", cfg.replace(pm_ids=(60, 61)))

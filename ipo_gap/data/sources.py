@@ -88,15 +88,23 @@ class OfflineSource:
             raise ValueError(f"dataset of {self.num_examples} pairs < batch size {batch_size}")
 
     def identity(self) -> dict:
-        """What a checkpoint records of this source (compared on resume, `loop`)."""
+        """What a checkpoint records of this source (compared on resume, `loop`). The
+        `ref_per_token` record of cached references (`ref_cache.with_refs`) is not hashed
+        with the data (checkpoints of older code hashed the same arrays without it): a
+        per-token cache adds `ref_normalize: mean` instead."""
         if not hasattr(self, "_sha256"):
-            self._sha256 = arrays_sha256(self.data)
-        return {
+            self._sha256 = arrays_sha256(
+                {k: v for k, v in self.data.items() if k != "ref_per_token"}
+            )
+        out = {
             "source": "offline",
             "batch_size": self.batch_size,
             "seed": self.seed,
             "data_sha256": self._sha256,
         }
+        if np.any(self.data.get("ref_per_token", False)):
+            out["ref_normalize"] = "mean"
+        return out
 
     def batch(self, step: int, policy=None) -> Batch:
         idx = schedule_indices(self.seed, step, self.batch_size, self.num_examples)

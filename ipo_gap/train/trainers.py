@@ -333,6 +333,8 @@ def train_pm(
         "patience": patience,
         "kind": kind,
     }
+    if tuple(model.cfg.pm_ids) != (3, 4):  # the ids it learns to read (older states: 3, 4)
+        identity["pm_ids"] = list(model.cfg.pm_ids)
     ckpt = _Resumable(checkpoint_dir, checkpoint_every, name, identity, metrics_path)
     # Before the first evaluation the best model slot holds the current one (best step -1).
     start, resumed = 0, ckpt.restore((model, opt_state, model), metrics_path, num_steps)

@@ -161,6 +161,12 @@ def _read_hf_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
     )
 
 
+def _scaled_head(hf: dict) -> bool:
+    """Whether an HF T5 config scales the decoder output by d_model**-0.5 (the original T5's
+    tied head): transformers 5.x says so in scale_decoder_outputs, 4.x in tie_word_embeddings."""
+    return hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
+
+
 def hf_config_to_t5(
     hf: dict, *, has_lm_head: bool, source: str = "config.json", **overrides
 ) -> T5Config:
@@ -178,7 +184,7 @@ def hf_config_to_t5(
         raise CheckpointError(
             f"{source}: feed_forward_proj={ff!r} is not supported (only 'relu' and 'gated-gelu')"
         )
-    scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
+    scaled = _scaled_head(hf)
     if not scaled and not has_lm_head:
         raise CheckpointError(
             f"{source}: the LM head is untied (no output scaling) but the "
@@ -311,9 +317,12 @@ def _hf_config_and_tensors(directory: pathlib.Path, *, check: bool = True, **con
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
     tensors = _shared_embedding(_read_hf_tensors(directory), directory, check)
-    scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
-    tied = hf.get("tie_word_embeddings", True)
-    if not scaled and tied and "lm_head.weight" not in tensors and "shared.weight" in tensors:
+    if (
+        not _scaled_head(hf)
+        and hf.get("tie_word_embeddings", True)
+        and "lm_head.weight" not in tensors
+        and "shared.weight" in tensors
+    ):
         # transformers 5.x: a head tied to the embedding without the d_model**-0.5 scaling
         # (a v1.1 model built from its config and saved tied). A T5 here ties only with the
         # scaling, so the head starts as a copy of the embedding: equal logits, but training

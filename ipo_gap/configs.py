@@ -113,7 +113,7 @@ class T5Config:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        if out["pm_ids"] == (3, 4):
+        if out["pm_ids"] == T5Config.pm_ids:  # the field's default
             del out["pm_ids"]
         else:
             out["pm_ids"] = list(out["pm_ids"])

@@ -389,7 +389,7 @@ def load_model(directory: pathlib.Path, cfg: T5Config):
     shardings = None if mesh is None else sharding.model_shardings(like, mesh)
     with CheckpointManager(directory / "ckpt") as mngr:
         saved = mngr.restore_metadata(0).get("config") or {}
-        ids = tuple(saved.get("pm_ids", (3, 4)))
+        ids = tuple(saved.get("pm_ids", T5Config.pm_ids))  # older configs: the default
         if ids != tuple(cfg.pm_ids):  # a PM reads its score from these rows
             raise ValueError(
                 f"{directory}: its model was trained with preference-model ids {ids}, but this "

@@ -333,7 +333,7 @@ def train_pm(
         "patience": patience,
         "kind": kind,
     }
-    if tuple(model.cfg.pm_ids) != (3, 4):  # the ids it learns to read (older states: 3, 4)
+    if "pm_ids" in model.cfg.to_dict():  # ids it learns to read, other than the default
         identity["pm_ids"] = list(model.cfg.pm_ids)
     ckpt = _Resumable(checkpoint_dir, checkpoint_every, name, identity, metrics_path)
     # Before the first evaluation the best model slot holds the current one (best step -1).

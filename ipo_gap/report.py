@@ -267,6 +267,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         rows.append(["device mesh (devices)", f"{pipe['mesh']} ({pipe['devices']})"])
     if "execution" in pipe:
         rows.append(["stages ran", pipe["execution"]])
+    if "code" in pipe:
+        rows.append(["code that computed the results", pipe["code"]])
     if pipe.get("data"):  # a real dataset: what the loader read and the splits obtained
         data = pipe["data"]
         rows.append(["data read", data["summary"]])

@@ -21,7 +21,7 @@ from absl import logging
 from ipo_gap import eval as evaluation
 from ipo_gap import hosts, jsonl, parallel, sharding
 from ipo_gap.data import ref_cache, sources
-from ipo_gap.data.order_log import OrderLog
+from ipo_gap.data.order_log import OrderLog, code_version
 from ipo_gap.determinism import tree_max_abs_diff
 from ipo_gap.report import SHUFFLED_BO2, UNIFORM, UNIFORM_SWEEP
 from ipo_gap.study import load_model, relabel, savez_atomic, stage, study_config
@@ -571,7 +571,7 @@ def _record_execution(study: Study, jobs: int) -> float:
     path = study.workdir / "execution.jsonl"
     started = time.time()
     rows = jsonl.read_rows(path, cut_tail_ok=True)
-    jsonl.write_rows(path, rows + [{"jobs": jobs, "started": started}])
+    jsonl.write_rows(path, rows + [{"jobs": jobs, "started": started, "code": code_version()}])
     return started
 
 
@@ -625,6 +625,35 @@ def _execution(study: Study) -> str:
     return text
 
 
+def _code_name(code: dict | None) -> str:
+    if code is None:
+        return "not recorded (a start of older code)"
+    name = f"ipo_gap {code.get('ipo_gap') or '(version unknown)'}"
+    if code.get("git_commit"):
+        name += f" at commit {code['git_commit'][:10]}"
+        if code.get("git_dirty"):
+            name += " with uncommitted changes"
+    else:
+        name += " (not in a git checkout)"
+    return name
+
+
+def _code(study: Study) -> str:
+    """Which code computed the study's results: the versions of every (re)start recorded in
+    `execution.jsonl` that may have computed some (as `_execution`), in order. A finished stage
+    is reused by later starts, so a study resumed under newer code mixes versions; the report
+    says so. A start's uncommitted changes are not identified further."""
+    rows = jsonl.read_rows(study.workdir / "execution.jsonl", cut_tail_ok=True)
+    ran = [r for r in rows if r.get("ran", True)] or rows[:1]
+    names = list(dict.fromkeys(_code_name(r.get("code")) for r in ran))
+    if len(names) == 1:
+        return names[0]
+    return (
+        ", then ".join(names) + " (mixed: each stage was computed by the code of the start "
+        "that ran it, and a later start reuses finished stages)"
+    )
+
+
 def run_all(study: Study, jobs: int = 0, selected=None) -> dict[str, list[dict]]:
     """Every stage of the study, on `study.mesh` (the config's `mesh`) when it has one; with
     `selected`, only the pipeline and those experiments (`experiments`: Fig. 1 always).
@@ -654,5 +683,5 @@ def run_all(study: Study, jobs: int = 0, selected=None) -> dict[str, list[dict]]
         study.baseline()
         results = {e: collect[e](study) for e in chosen}
         _close_execution(study, started)
-        summary = dict(pipeline_summary(study), execution=_execution(study))
+        summary = dict(pipeline_summary(study), execution=_execution(study), code=_code(study))
         return {"pipeline": summary, **results}

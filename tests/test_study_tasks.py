@@ -322,6 +322,44 @@ def test_a_start_that_computes_nothing_does_not_make_the_study_mixed(tmp_path, m
     assert se._execution(s).startswith("2 one-core worker processes, then in one process (mixed")
 
 
+def test_the_report_names_the_code_that_computed_the_results(tmp_path, monkeypatch):
+    """Each start records its code version; the report names the versions of the starts that
+    computed results, and calls a study resumed under other code mixed. A start that only
+    rebuilt the report, or a row of older code without a record, is named as such."""
+    import os
+    import types
+
+    from ipo_gap import study_experiments as se
+
+    s = types.SimpleNamespace(workdir=tmp_path)
+    (tmp_path / "execution.jsonl").write_text(json.dumps({"jobs": 2, "started": 1.0}) + "\n")
+    assert se._code(s) == "not recorded (a start of older code)"
+    (tmp_path / "execution.jsonl").unlink()
+    clock = iter([1000.0, 2000.0, 3000.0])
+    monkeypatch.setattr(se.time, "time", lambda: next(clock))
+    version = {"ipo_gap": "0.1.0", "git_commit": "a" * 40, "git_dirty": False}
+    monkeypatch.setattr(se, "code_version", lambda: dict(version))
+
+    def start(result: str | None, at: float):
+        started = se._record_execution(s, 0)
+        if result:
+            (tmp_path / result).write_text("x")
+            os.utime(tmp_path / result, (at, at))
+        se._close_execution(s, started)
+
+    start("sft.json", 1000.5)
+    assert se._code(s) == f"ipo_gap 0.1.0 at commit {'a' * 10}"
+    version.update(git_commit="b" * 40, git_dirty=True)
+    start(None, 0)  # a rerun under new code that computes nothing
+    assert se._code(s) == f"ipo_gap 0.1.0 at commit {'a' * 10}"
+    start("runs.json", 3000.5)
+    assert se._code(s) == (
+        f"ipo_gap 0.1.0 at commit {'a' * 10}, then ipo_gap 0.1.0 at commit {'b' * 10} with "
+        "uncommitted changes (mixed: each stage was computed by the code of the start that "
+        "ran it, and a later start reuses finished stages)"
+    )
+
+
 def test_coordinator_flags_without_distributed_are_refused(tmp_path):
     """Without --distributed the coordinator flags did nothing: each host ran its own
     single-process study into the shared workdir."""

@@ -41,6 +41,12 @@ def test_cached_decode_equals_teacher_forced(overrides):
     np.testing.assert_allclose(np.stack(cached, 1), logits, atol=1e-5, rtol=0)
     assert int(cache.index) == dec_in.shape[1]
     assert float(jnp.std(logits)) > 0.1  # not a degenerate model
+    # The cache is full: a further step has no slot. Jitted, its logits are NaN (writing
+    # would have overwritten the last position); eagerly, it raises.
+    past, _ = step(model, cache, dec_in[:, 0])
+    assert np.isnan(np.asarray(past)).all()
+    with pytest.raises(ValueError, match=f"cache holds {dec_in.shape[1]} positions"):
+        t5.decode_step(model, cache, dec_in[:, 0])
 
 
 def test_scan_and_unrolled_layers_agree():

@@ -432,12 +432,21 @@ def decode_step(model: T5, cache: DecodeCache, token_B: jax.Array, layers=None):
     response token, exactly as column 0 of `decode`'s teacher-forced logits. Layers are
     unrolled; pass `layers=unstack_layers(model.decoder.layers)` computed once outside a
     decoding loop to keep weight slicing out of it.
+
+    A cache holds `max_len` positions (`init_cache`). A step past them has no slot for its
+    keys and values: with a concrete `cache.index` it raises; under jit (a traced index) its
+    logits are NaN, where writing would have overwritten the last position silently.
     """
     _check_tokens("token_B", token_B, ndim=1)
     cd = model.cfg.compute_jnp_dtype
     layers = unstack_layers(model.decoder.layers) if layers is None else layers
     t = cache.index
     max_len = cache.self_k[0].shape[2]
+    if not isinstance(t, jax.core.Tracer) and int(t) >= max_len:
+        raise ValueError(
+            f"decode_step at position {int(t)}: the cache holds {max_len} positions "
+            "(init_cache's max_len); start a longer cache"
+        )
     x = model.embedding[token_B][:, None, :].astype(jnp.float32)
     pos_T = jnp.arange(max_len)
     causal_T = jnp.where(pos_T <= t, 0.0, MASK_VALUE)
@@ -455,4 +464,5 @@ def decode_step(model: T5, cache: DecodeCache, token_B: jax.Array, layers=None):
         ).astype(jnp.float32)
         x = x + layer.mlp(layer.ln_ff(x, cd), cd).astype(jnp.float32)
     logits = _logits(model, model.decoder.final_ln(x, jnp.float32))[:, 0]
+    logits = jnp.where(t < max_len, logits, jnp.nan)  # past the cache: see the docstring
     return logits, cache._replace(self_k=tuple(self_k), self_v=tuple(self_v), index=t + 1)

@@ -261,6 +261,8 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
     ]
     if "pm_markers" in pipe:
         rows.append(["PM segment markers and readout ids", pipe["pm_markers"]])
+    if "markers_sampled" in pipe:
+        rows.append(["sampled responses containing a PM marker id", pipe["markers_sampled"]])
     if "prompt_width" in pipe:
         rows.append(["prompt width in tokens (the longest prompt)", str(pipe["prompt_width"])])
     if "mesh" in pipe:

@@ -625,6 +625,26 @@ def _execution(study: Study) -> str:
     return text
 
 
+def _markers_sampled(study: Study) -> str:
+    """How many responses of the online runs' logged streams contain a preference model's
+    marker id (`T5Config.pm_ids`): the policy can sample any id of its vocabulary, and the
+    proxy judging such a response reads the marker inside it as a segment's end (no text
+    encodes to a reserved marker, so only sampling can produce one)."""
+    ids = np.unique([*study.proxy_cfg.pm_ids, *study.golden_cfg.pm_ids])
+    runs = total = hits = 0
+    for d in sorted(study.workdir.glob("runs*/online_*/log")):
+        runs += 1
+        for _, b in OrderLog.open(d).iter_steps(verify=False):
+            for y in ("y_w", "y_l"):
+                inside = np.isin(b[y], ids) & (b[f"{y}_mask"] > 0)
+                hits += int(inside.any(-1).sum())
+                total += len(b[y])
+    if not runs:
+        return "no online run logged"
+    share = f" ({hits / total:.2%})" if hits else ""
+    return f"{hits:,} of {total:,} responses{share}, in {runs} online runs' logs"
+
+
 def _code_name(code: dict | None) -> str:
     if code is None:
         return "not recorded (a start of older code)"
@@ -683,5 +703,10 @@ def run_all(study: Study, jobs: int = 0, selected=None) -> dict[str, list[dict]]
         study.baseline()
         results = {e: collect[e](study) for e in chosen}
         _close_execution(study, started)
-        summary = dict(pipeline_summary(study), execution=_execution(study), code=_code(study))
+        summary = dict(
+            pipeline_summary(study),
+            markers_sampled=_markers_sampled(study),
+            execution=_execution(study),
+            code=_code(study),
+        )
         return {"pipeline": summary, **results}

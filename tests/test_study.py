@@ -103,6 +103,8 @@ def test_micro_study_artefacts(micro_study):
     proxy = json.loads((w / "proxy_pm" / "done.json").read_text())
     assert 0 <= proxy["test_accuracy_vs_golden_labels"] <= 1 and proxy["test_pairs"] > 0
     assert "| proxy PM accuracy vs golden labels (held-out test) |" in text
+    assert "| sampled responses containing a PM marker id |" in text
+    assert "| code that computed the results | ipo_gap " in text
     pipe = json.loads((w / "pipeline" / "done.json").read_text())
     prep = study.prepare(w, study.PRESETS["micro"])
     longest = max(

@@ -360,6 +360,39 @@ def test_the_report_names_the_code_that_computed_the_results(tmp_path, monkeypat
     )
 
 
+def test_the_report_counts_sampled_responses_that_contain_a_pm_marker(tmp_path):
+    """A marker id sampled inside a response (only sampling can produce one) is counted over
+    every online run's log, the scaling sizes' included; ids under the mask only."""
+    import types
+
+    from ipo_gap import study_experiments as se
+    from ipo_gap.data.order_log import OrderLog, pair_schema
+
+    def cfg(ids):
+        return types.SimpleNamespace(pm_ids=ids)
+
+    s = types.SimpleNamespace(workdir=tmp_path, proxy_cfg=cfg((3, 4)), golden_cfg=cfg((3, 4)))
+    assert se._markers_sampled(s) == "no online run logged"
+    meta = {"tokenizer_sha256": "0" * 64}
+    for run, plant in (("runs/online_ipo", True), ("runs_toy-m/online_bo2", False)):
+        log = OrderLog.create(
+            tmp_path / run / "log", schema=pair_schema(3, 4), batch_size=2, meta=meta
+        )
+        for step in range(2):
+            y = np.full((2, 4), 7, np.int32)
+            mask = np.ones((2, 4), np.int32)
+            if plant and step == 1:
+                y[0, 2] = 4  # a marker inside y_w of row 0
+            y[1, 3], mask[1, 3] = 3, 0  # past the response's end: not counted
+            batch = dict.fromkeys(("prompt", "prompt_mask"), np.ones((2, 3), np.int32))
+            batch.update(y_w=y, y_w_mask=mask, y_l=np.full((2, 4), 5, np.int32), y_l_mask=mask)
+            batch.update(dict.fromkeys(("judge_prob", "logp_w", "logp_l"), np.zeros(2, np.float32)))
+            log.append(step, batch)
+    assert se._markers_sampled(s) == "1 of 16 responses (6.25%), in 2 online runs' logs"
+    s.golden_cfg = cfg((5, 6))  # the golden PM's ids count too: every y_l holds 5
+    assert se._markers_sampled(s) == "9 of 16 responses (56.25%), in 2 online runs' logs"
+
+
 def test_coordinator_flags_without_distributed_are_refused(tmp_path):
     """Without --distributed the coordinator flags did nothing: each host ran its own
     single-process study into the shared workdir."""

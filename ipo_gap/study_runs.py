@@ -158,7 +158,7 @@ class Study:
         tokenizer's ids)."""
         path = self._checkpoint(which)
         if not path:
-            model_cfg = self.cfg.model(which, vocab)
+            model_cfg = self.cfg.model(which, self._init_rows(vocab))
         else:
             model_cfg = checkpoint.hf_t5_config(path, compute_dtype=self.cfg.compute_dtype)
             if model_cfg.vocab_size < vocab:
@@ -170,6 +170,12 @@ class Study:
                 )
         # Markers no text encodes to, for the PMs (the proxy's config is the policy's).
         return model_cfg.replace(pm_ids=self.prep.tokenizer.pm_ids_for(model_cfg.vocab_size))
+
+    def _init_rows(self, vocab: int) -> int:
+        """The embedding rows of a randomly initialised model: the tokenizer's pieces, plus
+        two rows for the PMs' markers when the tokenizer does not reserve ids 3 and 4 (a
+        loaded one, such as T5's `spiece.model`), as T5's checkpoints have spare rows."""
+        return vocab + (0 if self.prep.tokenizer.reserves_pm_markers else 2)
 
     def init_model(self, which: str, purpose: str):
         """A starting model: the pretrained checkpoint when one is given (policy and proxy PM
@@ -211,7 +217,7 @@ class Study:
             other._variant_checkpoint = policy_model
             other.policy_cfg = other._model_cfg("policy", vocab)
         else:
-            other.policy_cfg = self.cfg.preset_model(policy_model, vocab)
+            other.policy_cfg = self.cfg.preset_model(policy_model, self._init_rows(vocab))
         other.tag = f"_{scaling_tag(policy_model)}"
         other._cache = {}
         # A randomly initialised size: Adam's step size per weight is about the learning

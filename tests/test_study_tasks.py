@@ -413,6 +413,23 @@ def test_coordinator_flags_without_distributed_are_refused(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_random_inits_with_a_loaded_tokenizer_get_rows_for_the_pm_markers(downloads, tmp_path):
+    """A loaded tokenizer has ordinary pieces at 3 and 4; a randomly initialised study gives
+    its models two rows past the pieces for the PMs' markers (it fell back to 3 and 4, which
+    a response's text can contain). A trained tokenizer reserves 3 and 4: no extra rows."""
+    V = Tokenizer.load(downloads[0] / "spiece.model").vocab_size
+    cfg = dataclasses.replace(_cfg(downloads), policy_checkpoint=None, golden_checkpoint=None)
+    s = Study(tmp_path / "w", dataclasses.replace(cfg, scaling_models=("toy-s", "toy-m")))
+    for model_cfg in (s.policy_cfg, s.proxy_cfg, s.golden_cfg, s.variant("toy-m").policy_cfg):
+        assert model_cfg.vocab_size == V + 2
+    for model_cfg in (s.proxy_cfg, s.golden_cfg):
+        assert model_cfg.pm_ids == (V, V + 1)
+    trained = Study(tmp_path / "t", study.PRESETS["micro"])
+    assert trained.prep.tokenizer.reserves_pm_markers
+    assert trained.policy_cfg.vocab_size == trained.prep.tokenizer.vocab_size
+    assert trained.golden_cfg.pm_ids == (3, 4)
+
+
 def test_bad_real_task_inputs_are_named(downloads, tmp_path):
     root, dirs = downloads
     # A checkpoint whose vocabulary is smaller than the tokenizer's.

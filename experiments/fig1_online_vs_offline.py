@@ -1,4 +1,6 @@
-"""Fig. 1: online IPO against the offline IPO sweep on D_golden (lr x beta x steps), KL vs win rate.
+"""Fig. 1: online IPO against the offline IPO sweep on D_golden, KL vs win rate.
+
+The sweep is lr x beta, each offline run `offline_steps_factor` times online's steps.
 
 Runs the pipeline (SFT, golden PM, D_golden, proxy PM, golden baseline), then this experiment,
 and writes figures/fig1_online_vs_offline.png and a partial REPORT.md into --workdir. It is

@@ -4,8 +4,9 @@ Stages (each resumable: a finished stage is skipped on re-run, a killed job cont
 the first unfinished stage or run, and inside it from its last train state when
 --checkpoint_every is set): the embedded task and its tokenizer, SFT, golden PM,
 D_golden, proxy PM, golden baseline policy, then the experiments of Fig. 1, 4/13, 5/12, 6-8, 9,
-semi-online IPO and HyPO. Writes into --workdir: per-run metrics (JSON lines) and checkpoints
-under runs/, one PNG per figure under figures/, and REPORT.md.
+semi-online IPO and HyPO, and the policy sizes of Fig. 10/11/14. Writes into --workdir: per-run
+metrics (JSON lines) and checkpoints under runs/, one PNG per figure under figures/, and
+REPORT.md.
 
   python experiments/reproduce.py --preset=quick --workdir=/tmp/ipo_gap_quick
 
@@ -20,9 +21,9 @@ same command on every host with --distributed (ipo_gap.hosts: process 0 writes t
 --workdir must be shared by all hosts).
 
 Presets (ipo_gap.study.PRESETS): micro (tests), quick (the whole study in <= 15 minutes on a
-2-core CPU), standard (the paper's full grid and evaluation counts at toy sizes; 80 minutes measured
+2-core CPU), standard (the paper's full grid and evaluation counts at toy sizes; 99 minutes measured
 end to end on a 2-core Intel Xeon, see the README), paper (the paper's counts and model sizes,
-for accelerators).
+for accelerators, with --remat on: experiments/memory_plan.py says what a mesh needs).
 """
 
 from __future__ import annotations
@@ -105,6 +106,14 @@ _MESH = flags.DEFINE_string(
     "on the data axis); default: one device. Recorded in the study's config.",
 )
 _COMPUTE = dtype_flag.COMPUTE_DTYPE
+_REMAT = flags.DEFINE_bool(
+    "remat",
+    None,
+    "Recompute each model block's activations in the backward pass (jax.checkpoint): far "
+    "less accelerator memory at long sequences for about a third more compute; the same "
+    "values to rounding, not the same bits (default: the preset's, on for paper). Recorded "
+    "in the study's config. experiments/memory_plan.py shows what a mesh needs either way.",
+)
 _JOBS = flags.DEFINE_integer(
     "jobs",
     None,
@@ -281,6 +290,7 @@ def main(argv):
         checkpoint_every=_CKPT_EVERY.value,
         mesh=_MESH.value,
         compute_dtype=_COMPUTE.value,
+        remat=_REMAT.value,
     )
     if _DOCS.value:
         first = workdir / f"seed_{seeds[0]}" if seeds else workdir

@@ -206,8 +206,10 @@ def hf_config_to_t5(
         "name": hf.get("_name_or_path", "") or "hf-t5",
     }
     # Execution, not weights: shallow stacks run unrolled (faster on CPU, as the toy presets),
-    # deep ones with lax.scan (compile time); an override decides otherwise.
-    fields["scan_layers"] = max(fields["num_encoder_layers"], fields["num_decoder_layers"]) > 4
+    # deep ones with lax.scan (compile time), and so does every stack under remat (it needs
+    # the scan: `T5Config.remat`); an override decides otherwise.
+    deep = max(fields["num_encoder_layers"], fields["num_decoder_layers"]) > 4
+    fields["scan_layers"] = deep or bool(overrides.get("remat"))
     fields.update(overrides)
     return T5Config(**fields)
 

@@ -43,6 +43,13 @@ class T5Config:
       scan_layers: run the blocks of a stack with lax.scan (fast compiles for deep models)
         or unrolled in Python (sometimes faster at run time for shallow models on CPU).
       name: preset name, for logs.
+      remat: recompute each block's activations in the backward pass (`jax.checkpoint` per
+        encoder and decoder block), keeping only the blocks' inputs: what makes long
+        sequences at the paper's sizes fit on an accelerator (T5 XXL's IPO step at batch 32,
+        1024 + 128 tokens, 8-way model parallel: 227 -> 30 GiB of temporaries per device,
+        `experiments/memory_plan.py`), for about a third more compute. Needs `scan_layers`.
+        The same values as without to rounding, not the same bits (tests/test_t5.py); left
+        out of `to_dict` when off.
       pm_ids: the two token ids a preference model on this T5 ends y1 and y2 with and reads
         its score from (`ipo_gap.preference`); ids no text encodes to: 3 and 4, which a
         trained tokenizer reserves, or embedding rows past a loaded tokenizer's pieces. Left
@@ -66,6 +73,7 @@ class T5Config:
     scan_layers: bool = True
     name: str = ""
     pm_ids: tuple[int, int] = (3, 4)
+    remat: bool = False
 
     def __post_init__(self):
         ids = tuple(self.pm_ids)
@@ -74,6 +82,14 @@ class T5Config:
             raise ValueError(f"T5Config.pm_ids must be two different ints, got {self.pm_ids!r}")
         if min(ids) < 3:
             raise ValueError(f"T5Config.pm_ids {ids}: 0, 1, 2 are pad, eos and unk")
+        if not isinstance(self.remat, bool):
+            raise ValueError(f"T5Config.remat must be a bool, got {self.remat!r}")
+        if self.remat and not self.scan_layers:
+            raise ValueError(
+                "T5Config.remat needs scan_layers=True: in unrolled layers XLA may schedule the "
+                "recomputation into the forward pass and keep the memory (T5 Large's IPO step: "
+                "42 -> 35 GiB unrolled, 42 -> 3.8 GiB scanned, measured on XLA's CPU compiler)"
+            )
         for field in (
             "vocab_size",
             "d_model",
@@ -117,6 +133,8 @@ class T5Config:
             del out["pm_ids"]
         else:
             out["pm_ids"] = list(out["pm_ids"])
+        if not out["remat"]:  # the field's default: configs of older code hash the same
+            del out["remat"]
         return out
 
     def to_json(self) -> str:

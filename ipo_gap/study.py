@@ -104,6 +104,10 @@ class StudyConfig:
     # float32, t5/layers.py `product`); parameters and optimizer state stay float32. bf16 is
     # for accelerators and CPUs with bf16 matrix units (AMX); its numbers are not float32's.
     compute_dtype: str = "float32"
+    # Recompute each model block's activations in the backward pass (`T5Config.remat`): the
+    # paper's sizes at 1024-token prompts do not fit an accelerator's memory without it
+    # (`experiments/memory_plan.py`). The same values to rounding, not the same bits.
+    remat: bool = False
 
     def __post_init__(self):
         if self.num_acc_pairs > self.num_valid:
@@ -124,7 +128,10 @@ class StudyConfig:
 
     def preset_model(self, preset: str, vocab_size: int) -> T5Config:
         """A model preset with this study's vocabulary size and compute dtype."""
-        return model_preset(preset, vocab_size=vocab_size).replace(compute_dtype=self.compute_dtype)
+        cfg = model_preset(preset, vocab_size=vocab_size)
+        # remat needs scanned layers (`T5Config.remat`); the toy presets unroll theirs.
+        scan = cfg.scan_layers or self.remat
+        return cfg.replace(compute_dtype=self.compute_dtype, remat=self.remat, scan_layers=scan)
 
 
 PRESETS = {
@@ -180,7 +187,7 @@ PRESETS = {
         semi_online_refresh=(10, 50, 0),
         scaling_models=("toy-s", "toy-m"),
     ),
-    # The paper's full grid and evaluation counts at toy sizes: 80 minutes end to end on a 2-core
+    # The paper's full grid and evaluation counts at toy sizes: 99 minutes end to end on a 2-core
     # Xeon (README).
     "standard": StudyConfig(name="standard", pm_lr_golden=3e-4),
     # The paper's counts and sizes, for accelerators (T5 Large policy, XXL golden PM).
@@ -214,6 +221,7 @@ PRESETS = {
         scaling_models=("large", "xl", "xxl"),
         num_evals=10,
         checkpoint_every=500,
+        remat=True,
     ),
 }
 
@@ -333,7 +341,7 @@ def with_new_defaults(saved: dict) -> dict:
 
 
 # StudyConfig fields added after studies were first saved, in order (`with_new_defaults`).
-_ADDED_FIELDS = ("compute_dtype",)
+_ADDED_FIELDS = ("compute_dtype", "remat")
 
 
 def savez_atomic(path: pathlib.Path, **arrays: np.ndarray) -> None:

@@ -160,7 +160,9 @@ class Study:
         if not path:
             model_cfg = self.cfg.model(which, self._init_rows(vocab))
         else:
-            model_cfg = checkpoint.hf_t5_config(path, compute_dtype=self.cfg.compute_dtype)
+            model_cfg = checkpoint.hf_t5_config(
+                path, compute_dtype=self.cfg.compute_dtype, remat=self.cfg.remat
+            )
             if model_cfg.vocab_size < vocab:
                 raise ValueError(
                     f"{which} checkpoint {path} has {model_cfg.vocab_size} embeddings but the "
@@ -191,6 +193,7 @@ class Study:
                 path,
                 mesh=sharding.active_mesh(),
                 compute_dtype=self.cfg.compute_dtype,
+                remat=self.cfg.remat,
                 pm_ids=cfg.pm_ids,
             )[1]
         return sharding.init_model(cfg, key=self.key(purpose))

@@ -171,12 +171,30 @@ def test_a_study_config_saved_before_compute_dtype_resumes_as_float32(tmp_path):
     that code ran), so the study resumes instead of being refused as another config."""
     cfg = study.PRESETS["micro"]
     saved = json.loads(json.dumps(cfg.to_dict()))  # as written to the file
-    del saved["compute_dtype"]
+    del saved["compute_dtype"], saved["remat"]  # both added later
     (tmp_path / "study_config.json").write_text(json.dumps(saved))
     assert study.study_config(tmp_path) == cfg
     assert study.with_new_defaults(saved) == json.loads(json.dumps(cfg.to_dict()))  # as compared
     bf16 = dataclasses.replace(cfg, compute_dtype="bfloat16").to_dict()
     assert study.with_new_defaults(bf16)["compute_dtype"] == "bfloat16"  # a saved value wins
+
+
+def test_remat_reaches_every_model_of_a_study(downloads, tmp_path):
+    """--remat (on in the paper preset) reaches the preset models, which then scan their
+    layers (remat needs it), and the pretrained starts; off, the models are as before."""
+    import reproduce
+
+    assert study.PRESETS["paper"].remat and not study.PRESETS["standard"].remat
+    on = reproduce.config("micro", remat=True)
+    for m in ("toy-s", "toy-m"):
+        assert on.preset_model(m, 100).remat and on.preset_model(m, 100).scan_layers
+    off = reproduce.config("micro").preset_model("toy-s", 100)
+    assert not off.remat and not off.scan_layers  # the toy presets unroll their layers
+    s = Study(tmp_path / "w", _cfg(downloads, remat=True))
+    for cfg in (s.policy_cfg, s.golden_cfg):  # from the (two-layer) HF checkpoints
+        assert cfg.remat and cfg.scan_layers
+    _, model = checkpoint.load_hf_t5(downloads[1]["golden"], remat=True)
+    assert model.cfg.remat and model.cfg.scan_layers
 
 
 def test_accuracy_pairs_fit_in_the_valid_split():

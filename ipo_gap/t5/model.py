@@ -285,8 +285,12 @@ def logical_axes(model: T5):
     return jax.tree_util.tree_map_with_path(axes_of, model)
 
 
-def _run_layers(layers, carry, xs, fn, scan: bool):
-    """carry, ys = fold of fn(carry, layer_i, xs_i) over the stacked layers."""
+def _run_layers(layers, carry, xs, fn, scan: bool, remat: bool = False):
+    """carry, ys = fold of fn(carry, layer_i, xs_i) over the stacked layers; with `remat`,
+    each fn is `jax.checkpoint`ed: its activations are recomputed in the backward pass from
+    its inputs (`T5Config.remat`)."""
+    if remat:
+        fn = _rematerialized(fn, prevent_cse=not scan)
     if scan:
         params, static = eqx.partition(layers, eqx.is_array)
 
@@ -304,6 +308,19 @@ def _run_layers(layers, carry, xs, fn, scan: bool):
     if ys[0] is None:
         return carry, None
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def _rematerialized(fn, prevent_cse: bool):
+    """fn(carry, layer, x) under `jax.checkpoint` (the layer's static fields kept out of it).
+    Inside a scan, CSE cannot merge the recomputation into the forward pass, so it is allowed
+    there (faster), as `jax.checkpoint` advises."""
+
+    def wrapped(carry, layer, x):
+        params, static = eqx.partition(layer, eqx.is_array)
+        run = lambda c, p, x_: fn(c, eqx.combine(p, static), x_)  # noqa: E731
+        return jax.checkpoint(run, prevent_cse=prevent_cse)(carry, params, x)
+
+    return wrapped
 
 
 def _key_mask_bias(mask_BxS: jax.Array) -> jax.Array:
@@ -335,7 +352,7 @@ def encode(model: T5, src_BxS: jax.Array, src_mask_BxS: jax.Array) -> jax.Array:
         x = x + layer.mlp(layer.ln_ff(x, cd), cd).astype(jnp.float32)
         return x, None
 
-    x, _ = _run_layers(model.encoder.layers, x, None, block, cfg.scan_layers)
+    x, _ = _run_layers(model.encoder.layers, x, None, block, cfg.scan_layers, cfg.remat)
     return model.encoder.final_ln(x, jnp.float32)
 
 
@@ -381,7 +398,7 @@ def decode(
         x = x + layer.mlp(layer.ln_ff(x, cd), cd).astype(jnp.float32)
         return x, None
 
-    x, _ = _run_layers(model.decoder.layers, x, None, block, cfg.scan_layers)
+    x, _ = _run_layers(model.decoder.layers, x, None, block, cfg.scan_layers, cfg.remat)
     return _logits(model, model.decoder.final_ln(x, jnp.float32))
 
 

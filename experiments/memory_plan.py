@@ -1,0 +1,314 @@
+"""How much memory each device needs for the study's programs on a mesh, before renting one.
+
+    python experiments/memory_plan.py --preset=paper --mesh=data:2,model:4 --device_memory_gib=80
+
+compiles (never runs) every heavy program of the study for the preset's sizes and batches,
+sharded over the mesh as the study shards it (`ipo_gap.sharding`: parameters by their logical
+axes, batches over "data"), and prints per device what XLA's buffer assignment needs: the
+arguments (parameters, optimizer state, batch), the outputs that do not reuse a donated
+argument, and the temporaries. Nothing is allocated: models are abstract shapes.
+
+On a host with the accelerators the numbers are that compiler's. On a CPU host,
+`--simulate_devices=N` plans for N devices with XLA's CPU compiler: a GPU or TPU compiler
+fuses and schedules differently, so read the numbers as an estimate (they show what dominates,
+how a mesh or `--remat` changes it, and which programs cannot fit).
+
+Programs, per policy size of the preset's scaling study and for both PMs: the SFT step, the
+IPO step (policy and reference, the online case: no cached reference log-probs), sampling a
+training batch and an evaluation batch, the exact KL of an evaluation batch (sampling and both
+models' teacher-forced passes, App. D), the PM train step (both orders of every pair), and a
+judgement of a batch of pairs (the proxy at the training batch, the golden PM at the
+evaluation batch). Prompts are at the preset's full `prompt_len` (the study cuts them to the
+longest prompt present, so real runs need no more).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _simulated_devices(argv: list[str]) -> int | None:
+    """--simulate_devices=N, read before jax is imported (XLA reads its flags once)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--simulate_devices="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--simulate_devices" and i + 1 < len(argv):
+            return int(argv[i + 1])
+    return None
+
+
+if __name__ == "__main__" and _simulated_devices(sys.argv):
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={_simulated_devices(sys.argv)}"
+    )
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from ipo_gap import kl, preference, sampling, sharding  # noqa: E402
+from ipo_gap.study import PRESETS, StudyConfig  # noqa: E402
+from ipo_gap.t5 import model as t5  # noqa: E402
+from ipo_gap.train import steps, trainers  # noqa: E402
+
+_PRESET = flags.DEFINE_enum("preset", "paper", list(PRESETS), "The study preset to plan.")
+_MESH = flags.DEFINE_string(
+    "mesh", "data:1", "The mesh, as reproduce.py's --mesh (e.g. data:2,model:4; -1 = the rest)."
+)
+_SIM = flags.DEFINE_integer(
+    "simulate_devices",
+    None,
+    "Plan for this many simulated CPU devices (XLA's CPU compiler: an estimate of an "
+    "accelerator's). Default: the host's own devices.",
+)
+_MEMORY = flags.DEFINE_float(
+    "device_memory_gib",
+    None,
+    "Memory of one device in GiB; each program is marked whether it fits. Default: the "
+    "device's own where it reports one (accelerators), else no verdict.",
+)
+_REMAT = flags.DEFINE_bool(
+    "remat", None, "Override the preset's remat (T5Config.remat), as reproduce.py's --remat."
+)
+_SIZES = flags.DEFINE_list(
+    "sizes", None, "Policy sizes to plan (default: the preset's scaling_models)."
+)
+_JSON = flags.DEFINE_string("json", None, "Also write the rows as JSON lines to this file.")
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One compiled program's per-device memory, in bytes (XLA's `memory_analysis`)."""
+
+    program: str
+    model: str
+    batch: int
+    arguments: int
+    outputs: int  # outputs that do not reuse a donated argument's buffer
+    temporaries: int
+    compile_s: float
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs + self.temporaries
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def abstract_model(cfg, mesh):
+    """A T5 of `cfg` as shapes with the study's shardings (`sharding.model_shardings`)."""
+    model = eqx.filter_eval_shape(t5.init, cfg, key=jax.random.key(0))
+    params, static = eqx.partition(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    shardings = eqx.filter(
+        sharding.model_shardings(model, mesh), lambda x: isinstance(x, NamedSharding)
+    )
+    return eqx.combine(_abstract(params, shardings), static)
+
+
+def abstract_opt_state(optimizer, model, mesh):
+    """The optimizer state of `model` placed as the study places it: moments (subtrees shaped
+    like the parameters) where the parameters are (eager `optimizer.init` on sharded
+    parameters keeps their shardings), the rest (Adam's count) replicated
+    (`sharding.place_like`)."""
+    params = eqx.filter(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))  # as is_array
+    like_params = jax.tree.structure(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(sub):
+        if jax.tree.structure(sub) == like_params:
+            return jax.tree.map(
+                lambda x, p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p.sharding),
+                sub,
+                params,
+            )
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), sub
+        )
+
+    state = jax.eval_shape(optimizer.init, params)
+    return jax.tree.map(place, state, is_leaf=lambda sub: jax.tree.structure(sub) == like_params)
+
+
+def batch_of(mesh, *shapes, dtype=jnp.int32):
+    """Abstract token/mask arrays with their leading axis over "data", as `to_device` puts
+    them."""
+    return tuple(
+        jax.ShapeDtypeStruct(s, dtype, sharding=sharding.batch_sharding(mesh, len(s)))
+        for s in shapes
+    )
+
+
+def measure(program: str, model_name: str, batch: int, lowered) -> Plan:
+    start = time.time()
+    compiled = lowered.compile()
+    m = compiled.memory_analysis()
+    return Plan(
+        program,
+        model_name,
+        batch,
+        arguments=m.argument_size_in_bytes,
+        outputs=m.output_size_in_bytes - m.alias_size_in_bytes,
+        temporaries=m.temp_size_in_bytes,
+        compile_s=time.time() - start,
+    )
+
+
+def policy_programs(cfg: StudyConfig, model_cfg, mesh, name: str):
+    """SFT step, IPO step, sampling (train and eval batches) and exact KL for one policy size."""
+    S, T = cfg.prompt_len, cfg.target_len
+    model = abstract_model(model_cfg, mesh)
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+
+    sft_opt = trainers.adam_with_warmup(0.0, 0)
+    B = cfg.sft_batch
+    yield measure(
+        "SFT step",
+        name,
+        B,
+        trainers._sft_step().lower(
+            model,
+            abstract_opt_state(sft_opt, model, mesh),
+            steps.SeqBatch(*batch_of(mesh, (B, S), (B, S), (B, T), (B, T))),
+        ),
+    )
+    opt = steps.make_optimizer()
+    B = cfg.rl_batch
+    hp = _abstract(
+        jax.eval_shape(lambda: steps.Hparams.make(1.0)), steps.Hparams(*[replicated] * 4)
+    )
+    pair = steps.PairBatch(*batch_of(mesh, (B, S), (B, S), (B, T), (B, T), (B, T), (B, T)))
+    yield measure(
+        "IPO step (policy + reference)",
+        name,
+        B,
+        steps.make_policy_step("ipo", opt).lower(
+            model, abstract_opt_state(opt, model, mesh), model, pair, hp, scalar
+        ),
+    )
+    draw = jax.jit(lambda m, x, xm, k: sampling.sample(m, x, xm, key=k, max_len=T))
+    for what, B in (("training", cfg.rl_batch), ("evaluation", cfg.eval_batch)):
+        x, xm = batch_of(mesh, (B, S), (B, S))
+        yield measure(f"sampling ({what} batch)", name, B, draw.lower(model, x, xm, key))
+    B = cfg.eval_batch
+    x, xm = batch_of(mesh, (B, S), (B, S))
+    exact = jax.jit(lambda p, r, x, xm, k: kl.sampled_kl(p, r, x, xm, key=k, max_len=T).exact)
+    yield measure("exact KL (policy + reference)", name, B, exact.lower(model, model, x, xm, key))
+
+
+def pm_programs(cfg: StudyConfig, model_cfg, mesh, name: str, train_batch: int, judge_batch: int):
+    """The PM train step (both orders of every pair) and a judgement of a batch of pairs."""
+    S, T = cfg.prompt_len, cfg.target_len
+    model = abstract_model(model_cfg, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+    opt = trainers.adam_with_warmup(0.0, 0)
+    B = train_batch
+    pairs = preference.PreferenceBatch(
+        *batch_of(mesh, (B, S), (B, S), (B, T), (B, T), (B, T), (B, T))
+    )
+    yield measure(
+        "PM train step (both orders)",
+        name,
+        B,
+        trainers._pm_step("pairwise-both").lower(
+            model, abstract_opt_state(opt, model, mesh), pairs, key
+        ),
+    )
+    B = judge_batch
+    judge = jax.jit(preference.judge)
+    yield measure(
+        "PM judgement (both orders)",
+        name,
+        B,
+        judge.lower(model, *batch_of(mesh, (B, S), (B, S), (B, T), (B, T), (B, T), (B, T))),
+    )
+
+
+def plan(cfg: StudyConfig, mesh, sizes: list[str]):
+    """Every program's Plan, in the order of the study."""
+    vocab = cfg.vocab_size
+    golden = cfg.preset_model(cfg.golden_model, vocab)
+    proxy = cfg.preset_model(cfg.policy_model, vocab)
+    yield from pm_programs(
+        cfg, golden, mesh, f"golden {cfg.golden_model}", cfg.pm_batch_golden, cfg.eval_batch
+    )
+    yield from pm_programs(
+        cfg, proxy, mesh, f"proxy {cfg.policy_model}", cfg.pm_batch_proxy, cfg.rl_batch
+    )
+    for size in sizes:
+        yield from policy_programs(cfg, cfg.preset_model(size, vocab), mesh, f"policy {size}")
+
+
+def device_memory(device) -> int | None:
+    """The device's memory in bytes where its runtime reports it (accelerators)."""
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # CPU devices report none
+        return None
+    return stats.get("bytes_limit")
+
+
+def format_row(p: Plan, limit: int | None) -> str:
+    def gib(b):  # GiB, or MiB below a tenth of one
+        return f"{b / GIB:7.2f}G" if b >= GIB / 10 else f"{b / 2**20:7.1f}M"
+
+    fits = "" if limit is None else ("   fits" if p.total <= limit else "   DOES NOT FIT")
+    return (
+        f"{p.program:32s} {p.model:16s} {p.batch:5d} {gib(p.arguments)} {gib(p.outputs)} "
+        f"{gib(p.temporaries)} {gib(p.total)}{fits}"
+    )
+
+
+def main(argv):
+    del argv
+    cfg = PRESETS[_PRESET.value]
+    if _REMAT.value is not None:
+        cfg = dataclasses.replace(cfg, remat=_REMAT.value)
+    mesh = sharding.make_mesh(_MESH.value)
+    sizes = _SIZES.value or list(cfg.scaling_models)
+    devices = mesh.devices.flatten()
+    limit = int(_MEMORY.value * GIB) if _MEMORY.value is not None else device_memory(devices[0])
+    print(
+        f"preset {cfg.name}: prompts {cfg.prompt_len} + responses {cfg.target_len} tokens, "
+        f"remat {'on' if cfg.remat else 'off'}, compute {cfg.compute_dtype}; mesh "
+        f"{dict(mesh.shape)} of {devices[0].device_kind}"
+        + (" (simulated: XLA's CPU compiler, an estimate)" if devices[0].platform == "cpu" else "")
+    )
+    print(
+        f"{'program':32s} {'model':16s} {'batch':>5s} {'args':>8s} {'outputs':>8s} "
+        f"{'temps':>8s} {'total':>8s}   per device"
+        + ("" if limit is None else f", {limit / GIB:.1f} GiB available")
+    )
+    rows = []
+    for p in plan(cfg, mesh, sizes):
+        print(format_row(p, limit), flush=True)
+        rows.append(p)
+    worst = max(rows, key=lambda p: p.total)
+    print(f"largest: {worst.program} of {worst.model}, {worst.total / GIB:.2f} GiB per device")
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            for p in rows:
+                f.write(json.dumps({**dataclasses.asdict(p), "total": p.total}) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

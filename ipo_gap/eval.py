@@ -83,7 +83,7 @@ class Interval:
         interval at n = len(values): (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)."""
         v = np.asarray(values, np.float64)
         n, p, z = len(v), float(v.mean()), 1.96
-        if n == 0 or np.any((v < 0) | (v > 1)):
+        if n == 0 or not np.all(np.isfinite(v)) or np.any((v < 0) | (v > 1)):
             raise ValueError(f"judgements must be a non-empty array of values in [0, 1]; got {v}")
         centre = (p + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -110,17 +110,66 @@ def outcome_values(text: str) -> np.ndarray:
     return np.array([OUTCOME_VALUES[c] for c in text], np.float64)
 
 
+# Below this many prompts on which two checkpoints differ, the normal interval of the paired
+# mean is unreliable (4 of 4 differing prompts in one direction would count as separated);
+# `paired_difference` then uses an exact interval on the signs.
+EXACT_BELOW = 30
+
+
+def clopper_pearson(k: int, m: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper and Pearson's exact interval for a binomial proportion, k successes of m
+    trials: the q at which P(X >= k) and P(X <= k) are each (1 - level) / 2 (bisection on the
+    binomial tail sums; 0 and 1 at the edges)."""
+    if not 0 <= k <= m or m == 0:
+        raise ValueError(f"need 0 <= k <= m and m > 0, got k={k}, m={m}")
+    alpha = (1 - level) / 2
+
+    def tail_at_least(q):  # P(X >= k), increasing in q
+        return sum(math.comb(m, j) * q**j * (1 - q) ** (m - j) for j in range(k, m + 1))
+
+    def solve(f, target):  # f increasing in q on [0, 1]
+        lo, hi = 0.0, 1.0
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+        return (lo + hi) / 2
+
+    lower = 0.0 if k == 0 else solve(tail_at_least, alpha)
+    # P(X <= k) = 1 - P(X >= k + 1) falls with q: solve P(X >= k + 1) = 1 - alpha.
+    upper = (
+        1.0
+        if k == m
+        else solve(
+            lambda q: 1 - sum(math.comb(m, j) * q**j * (1 - q) ** (m - j) for j in range(k + 1)),
+            1 - alpha,
+        )
+    )
+    return lower, upper
+
+
 def paired_difference(a: str, b: str) -> Interval:
     """Mean over prompts of judgement(a) - judgement(b), two checkpoints' `win_outcomes` on
-    the same prompts and baseline samples, with the normal 95% interval of a paired mean
-    (zero width when every prompt's difference judgement(a) - judgement(b) is the same, e.g.
-    when a and b agree on every prompt, whatever the outcomes)."""
+    the same prompts and baseline samples, with a 95% interval.
+
+    With `EXACT_BELOW` or more prompts on which the two differ: the normal interval of a
+    paired mean. With fewer (close checkpoints sample alike from the same key), an exact one:
+    of the m differing prompts, k favour a; Clopper-Pearson's interval [q_lo, q_hi] for the
+    chance q that a differing prompt favours a gives the mean's (m / n) * |d| * (2 q - 1),
+    |d| the differing prompts' mean size (1 or 1/2). It excludes 0 about when the exact sign
+    test rejects (never for 5 of 5 or fewer in one direction). No differing prompt: [0, 0].
+    """
     if len(a) != len(b) or not a:
         raise ValueError(f"paired outcomes must cover the same prompts: {len(a)} vs {len(b)}")
     d = outcome_values(a) - outcome_values(b)
-    if np.all(d == d[0]):
-        return Interval(float(d[0]), float(d[0]), float(d[0]), len(d))
-    return Interval.of(d)
+    n, differ = len(d), d[d != 0]
+    m = len(differ)
+    if m >= EXACT_BELOW:
+        return Interval.of(d)
+    if m == 0:
+        return Interval(0.0, 0.0, 0.0, n)
+    q_lo, q_hi = clopper_pearson(int(np.sum(differ > 0)), m)
+    scale = m / n * float(np.mean(np.abs(differ)))
+    return Interval(float(d.mean()), scale * (2 * q_lo - 1), scale * (2 * q_hi - 1), n)
 
 
 def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> np.ndarray:
@@ -159,9 +208,21 @@ def pair_metrics(
 ):
     """(accuracy, drift) of the policy as a classifier on pairs whose label is y_w
     (`ref_logps`: as `margins_and_drift`'s)."""
+    accuracy, drift, _ = pair_metrics_with_outcomes(
+        policy, ref, pairs, batch_size=batch_size, ref_logps=ref_logps
+    )
+    return accuracy, drift
+
+
+def pair_metrics_with_outcomes(
+    policy, ref, pairs: dict[str, np.ndarray], *, batch_size: int = 256, ref_logps=None
+):
+    """`pair_metrics` and the per-pair results as a string (W: right, T: margin 0, L: wrong),
+    so that two checkpoints' accuracies on the same pairs compare pair by pair
+    (`paired_difference`)."""
     m, drift = margins_and_drift(policy, ref, pairs, batch_size=batch_size, ref_logps=ref_logps)
-    accuracy = float(np.mean(np.where(m > 0, 1.0, np.where(m < 0, 0.0, 0.5))))
-    return accuracy, float(np.mean(drift))
+    right = np.where(m > 0, 1.0, np.where(m < 0, 0.0, 0.5))
+    return float(np.mean(right)), float(np.mean(drift)), outcomes(right)
 
 
 @dataclasses.dataclass
@@ -227,7 +288,7 @@ class Evaluator:
             self._ref_pair_logps = ref_cache.compute_reference_logprobs(
                 self.ref, self.pairs, batch_size=self.batch_size
             )
-        acc, drift = pair_metrics(
+        acc, drift, acc_outcomes = pair_metrics_with_outcomes(
             policy,
             self.ref,
             self.pairs,
@@ -256,6 +317,7 @@ class Evaluator:
             "kl_lo": kls.lo,
             "kl_hi": kls.hi,
             "accuracy": acc,
+            "accuracy_outcomes": acc_outcomes,
             "drift": drift,
             "response_tokens": float(ym.sum(-1).mean()),
             "win_outcomes": outcomes(golden),

@@ -220,8 +220,10 @@ def figure_classification(
         xlabel="online step ending the stream window\n(each run's k-th checkpoint on window k)",
         ylabel="accuracy on the online stream (golden labels)",
     )
-    a1.set(xlabel="step", ylabel="accuracy on D_golden pairs (valid split)")
-    a2.set(xlabel="accuracy on D_golden pairs", ylabel="win rate vs golden baseline")
+    a1.set(xlabel="step", ylabel="accuracy on valid-split pairs (golden labels)")
+    a2.set(
+        xlabel="accuracy on valid-split pairs (golden labels)", ylabel="win rate vs golden baseline"
+    )
     a3.set(xlabel="step", ylabel=r"E[log $\pi$(y_w) - log $\pi_{sft}$(y_w)]")
     for a in (a0, a1, a2, a3):
         a.grid(alpha=0.3)

@@ -46,6 +46,8 @@ def peak(runs: Sequence[dict]) -> Peak:
         for e in r["evals"]:
             if e["step"] == 0:
                 continue
+            if not math.isfinite(e["win_rate"]):  # a NaN would never be replaced as the peak
+                raise ValueError(f"run {r['name']}: win rate {e['win_rate']} at step {e['step']}")
             if best is None or e["win_rate"] > best.win:
                 best = Peak(
                     r["name"],
@@ -175,7 +177,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         h3_runs,
         proxy_acc,
         figs / "fig6_7_8_classification.png",
-        "Fig. 6-8: policies as classifiers on the online stream and on D_golden pairs",
+        "Fig. 6-8: policies as classifiers on the online stream and on golden-labelled valid pairs",
         # the policies' pairs are D_golden's valid split; the proxy PM is measured apart
         proxy_label=f"proxy PM (its {proxy_split} split accuracy)",
     )
@@ -428,7 +430,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
     rows[-1] += ["", "", ""]
     header = [
         "policy (run, checkpoint)",
-        "accuracy on D_golden pairs (valid split)",
+        "accuracy on valid-split pairs (golden labels)",
         "accuracy on the online stream",
         "self-classification (E.1)",
         "drift of log pi(y_w)",
@@ -621,8 +623,8 @@ def bo2_verdict(fig9: Sequence[dict]) -> str:
     said = compare(b_third, b_on, "shuffled Bo2", "online Bo2")
     if sign == 0:
         end = (
-            "offline Bo2 on the shuffled online stream is not separated from online, as the "
-            "paper found (on par)"
+            "offline Bo2 on the shuffled online stream is not separated from online, "
+            "consistent with the paper's finding (on par), though not separated is not shown equal"
         )
     elif sign > 0:
         end = "offline Bo2 on the shuffled online stream is above online (the paper: on par)"
@@ -638,8 +640,10 @@ def bo2_verdict(fig9: Sequence[dict]) -> str:
             f"the shuffled run's at KL {b_third.kl:.2f}, where online's curve (interpolated "
             f"between its checkpoints) is at {at:.3f}, "
             + (
-                "inside the shuffled peak's 95% interval: on the same trade-off curve, as the "
-                "paper found; online's higher peak comes from reaching a larger KL."
+                "inside the shuffled peak's 95% interval: not distinguishable from online's "
+                "curve at that KL (consistent with the paper's same curve; online's own "
+                "uncertainty is not counted), so online's higher peak may come from reaching a "
+                "larger KL."
                 if close
                 else "outside the shuffled peak's 95% interval: unlike the paper, the curves "
                 "differ where both are measured."
@@ -775,27 +779,43 @@ def classification_verdict(online: dict, offline: dict, shuffled: Sequence[dict]
     said = lambda r: "n/a" if math.isnan(r) else f"{r:+.2f}"  # noqa: E731
     within = ", ".join(f"{label} {said(_pearson(points(r)))}" for label, r in runs)
     pooled = said(_pearson(points(online) + points(offline)))
-    acc_on, acc_off = online["evals"][-1]["accuracy"], offline["evals"][-1]["accuracy"]
+    last_on, last_off = online["evals"][-1], offline["evals"][-1]
+    acc_on, acc_off = last_on["accuracy"], last_off["accuracy"]
     p_on, p_off = peak([online]), peak([offline])
     sign, evidence = separation(p_on, p_off, "online", "offline")
+    pairs_on, pairs_off = last_on.get("accuracy_outcomes"), last_off.get("accuracy_outcomes")
+    if pairs_on and pairs_off and len(pairs_on) == len(pairs_off):
+        d = paired_difference(pairs_off, pairs_on)
+        acc_sign = 1 if d.lo > 0 else -1 if d.hi < 0 else 0
+        acc_evidence = (
+            f"paired difference offline - online {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] "
+            f"over the same {d.n} pairs"
+        )
+    else:  # evaluations of older code kept no per-pair results
+        acc_sign, acc_evidence = 0, "no per-pair results to compare (an older evaluation)"
     text = (
-        f"offline's last checkpoint classifies {acc_off:.3f} of the D_golden pairs right, "
-        f"online's {acc_on:.3f}; their peak win rates are {p_off.win:.3f} and {p_on.win:.3f} "
-        f"({evidence}): "
+        f"offline's last checkpoint classifies {acc_off:.3f} of the valid-split pairs (golden "
+        f"labels) right, online's {acc_on:.3f} ({acc_evidence}); their peak win rates are "
+        f"{p_off.win:.3f} and {p_on.win:.3f} ({evidence}): "
     )
-    if acc_off > acc_on and sign > 0:
+    if acc_sign > 0 and sign > 0:
         text += (
             "as the paper found, the more accurate classifier is the weaker policy, so accuracy "
             "does not explain the gap."
         )
-    elif acc_off > acc_on and sign == 0:
+    elif acc_sign > 0 and sign == 0:
         text += (
             "offline is the more accurate classifier, as in the paper, but the two policies "
             "are not separated at this sample size."
         )
-    elif acc_on >= acc_off and sign > 0:
+    elif acc_sign < 0 and sign > 0:
         text += (
             "unlike the paper, online is both the more accurate classifier and the better policy."
+        )
+    elif acc_sign == 0 and sign > 0:
+        text += (
+            "online is the better policy, but the two classifiers' accuracies are not "
+            "separated on these pairs: no evidence either way on the paper's contrast."
         )
     else:
         text += "the runs do not show the paper's contrast (offline more accurate, online better)."
@@ -806,6 +826,11 @@ def classification_verdict(online: dict, offline: dict, shuffled: Sequence[dict]
         "mixes the two runs' levels with their trends. The paper found little positive "
         "correlation."
     )
+
+
+def ratio(a: float, online: float) -> float:
+    """a / online, NaN (printed as such) where online's win rate is 0."""
+    return a / online if online else float("nan")
 
 
 def quantile_win(runs: Sequence[dict], q: float = 0.9) -> float:
@@ -1052,19 +1077,19 @@ def scaling_section(sizes: Sequence[dict], figs: pathlib.Path) -> list[str]:
     rows, ratios, ratios_shuffled = [], [], []
     for i, s in enumerate(sizes):
         on, off = quantile_win(s["online"]), quantile_win(s["offline"])
-        ratios.append(off / on)
+        ratios.append(ratio(off, on))
         row = [
             f"{s['model']} ({s['params']:,})",
             f"{s['sft_loss']:.3f}" if "sft_loss" in s else "-",
             f"{on:.3f}",
             f"{off:.3f}",
-            _ratio_cell(off / on, iv, i),
+            _ratio_cell(ratio(off, on), iv, i),
             len(s["offline"]),
         ]
         if shuffled:
             sh = quantile_win(s["shuffled"])
-            ratios_shuffled.append(sh / on)
-            row += [f"{sh:.3f}", _ratio_cell(sh / on, iv_sh, i), len(s["shuffled"])]
+            ratios_shuffled.append(ratio(sh, on))
+            row += [f"{sh:.3f}", _ratio_cell(ratio(sh, on), iv_sh, i), len(s["shuffled"])]
         rows.append(row)
     plots.figure_scaling(
         [s["params"] for s in sizes],

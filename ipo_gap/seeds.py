@@ -61,7 +61,7 @@ def headline(results: Mapping) -> dict:
         for key in ratios:
             if key in s:
                 q_on = report.quantile_win(s["online"])
-                ratios[key][s["model"]] = report.quantile_win(s[key]) / q_on
+                ratios[key][s["model"]] = report.ratio(report.quantile_win(s[key]), q_on)
     return {
         "online": on,
         "offline": off,

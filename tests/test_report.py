@@ -1,11 +1,13 @@
 """Win-rate intervals and the report's verdicts (ipo_gap/eval.py, ipo_gap/report.py): each
 verdict against a case worked out by hand."""
 
+import math
+
 import numpy as np
 import pytest
 
 from ipo_gap import report
-from ipo_gap.eval import Interval, outcome_values, outcomes, paired_difference
+from ipo_gap.eval import Interval, clopper_pearson, outcome_values, outcomes, paired_difference
 
 
 def test_wilson_interval_stays_inside_0_1_and_is_never_empty():
@@ -36,14 +38,38 @@ def test_outcomes_round_trip_and_refuse_other_values():
 
 
 def test_paired_difference_is_the_mean_of_per_prompt_differences():
-    d = paired_difference("WWLT", "LWLL")  # differences 1, 0, 0, 1/2
-    values = np.array([1.0, 0.0, 0.0, 0.5])
-    half = 1.96 * values.std(ddof=1) / 2
-    assert (d.mean, d.lo, d.hi, d.n) == pytest.approx((0.375, 0.375 - half, 0.375 + half, 4))
+    # 40 differing prompts of 60: the normal interval of the paired mean.
+    a, b = "W" * 30 + "T" * 10 + "L" * 20, "L" * 25 + "W" * 5 + "L" * 10 + "L" * 20
+    d = paired_difference(a, b)
+    values = outcome_values(a) - outcome_values(b)
+    half = 1.96 * values.std(ddof=1) / math.sqrt(60)
+    assert (d.mean, d.lo, d.hi, d.n) == pytest.approx(
+        (values.mean(), values.mean() - half, values.mean() + half, 60)
+    )
     same = paired_difference("WLT", "WLT")
     assert (same.mean, same.lo, same.hi) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="same prompts"):
         paired_difference("WL", "W")
+
+
+def test_few_differing_prompts_get_the_exact_sign_interval():
+    """Close checkpoints sample alike: with few differing prompts the normal interval called
+    3 of 3 in one direction separated (it had zero width); the exact interval agrees with
+    the exact sign test (scipy's Clopper-Pearson, p-values)."""
+    from scipy.stats import binomtest
+
+    for k, m in ((0, 5), (4, 4), (5, 5), (6, 6), (3, 10), (20, 29)):
+        ci = binomtest(k, m).proportion_ci(0.95, "exact")
+        assert clopper_pearson(k, m) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    rest = "L" * 2042
+    for wins in (3, 4, 5, 6, 8):
+        d = paired_difference("W" * wins + rest, "L" * wins + rest)
+        assert d.mean == pytest.approx(wins / (wins + 2042))
+        separated = d.lo > 0
+        assert separated == (binomtest(wins, wins).pvalue < 0.05), (wins, d)
+    assert not paired_difference("WWW", "LLL").lo > 0
+    half = paired_difference("T" * 7 + rest, "L" * 7 + rest)  # seven half-wins
+    assert half.hi == pytest.approx(half.mean) and 0 < half.lo < half.mean
 
 
 def _peak(outcome_text, run="r"):
@@ -314,10 +340,11 @@ def test_h1_sets_the_shuffle_against_offline_and_names_each_shuffle_level():
         dict(_run("offline ipo", ["L" * 100 + base[100:]]), name="off_b", lr=3e-3, beta=0.1),
     ]
     shuffled = dict(_run(report.UNIFORM, ["L" * 40 + base[40:]]), lr=1e-3, beta=0.1)
-    # shuffled - offline: +1 on 20 of 400 prompts: 0.05, half-width 1.96 sd / 20 = 0.021.
+    # shuffled - offline: +1 on 20 of 400 prompts (all 20 differing prompts): 0.05, with the
+    # exact interval (fewer than 30 differ): 0.05 * (2 * 0.025 ** (1 / 20) - 1) = 0.033.
     (line,) = report._shuffle_vs_offline([shuffled], offline, online)
     assert "at online's lr and beta, shuffled is higher than offline (paired difference " in line
-    assert "shuffled - offline +0.050 [+0.029, +0.071]" in line
+    assert "shuffled - offline +0.050 [+0.033, +0.050]" in line
     assert "over both pools (best checkpoints), shuffled (pooled) is higher" in line
     assert line.endswith("the shuffled stream is the better dataset for offline IPO here.")
     level = dict(shuffled, evals=offline[0]["evals"])  # the same judgements as offline
@@ -343,14 +370,17 @@ def test_h4_compares_online_bo2_with_its_shuffled_stream():
     par = _run(report.SHUFFLED_BO2, ["L" * 2 + base[2:200] + "W" * 2 + base[202:]])
     text = report.bo2_verdict([on, off, par])
     assert text.startswith("online Bo2 is higher than offline Bo2 (paired difference")
-    assert "shuffled online stream is not separated from online, as the paper found" in text
+    assert "shuffled online stream is not separated from online, consistent with the paper's finding" in text
     below = _run(report.SHUFFLED_BO2, ["L" * 60 + base[60:]])
     assert "online Bo2's peak stays above offline Bo2's on its own shuffled stream." in (
         report.bo2_verdict([on, off, below])
     )
     # The paper compares curves: a shuffled peak at KL 1 (0.35 [0.30, 0.40]) against online's
     # curve through (0, 0.2), (2, 0.6): 0.4 at KL 1, inside the interval; 0.45 would be out.
-    for at_one, word in ((0.6, "on the same trade-off curve"), (0.7, "the curves differ")):
+    for at_one, word in (
+        (0.6, "not distinguishable from online's curve at that KL"),
+        (0.7, "the curves differ"),
+    ):
         curve = dict(on, evals=[{**on["evals"][0], "kl": 0.0, "win_rate": 0.2}])
         curve["evals"].append({**on["evals"][1], "kl": 2.0, "win_rate": at_one})
         low = dict(
@@ -415,6 +445,8 @@ def test_h3_verdict_contrasts_the_runs_and_correlates_within_each():
         r = _run(name, outcomes)
         for e, (acc, win) in zip(r["evals"][1:], points, strict=True):
             e["accuracy"], e["win_rate"] = acc, win
+            right = round(acc * 200)  # the same 200 pairs, the first ones classified right
+            e["accuracy_outcomes"] = "W" * right + "L" * (200 - right)
         r["evals"][0]["accuracy"] = 0.5
         return r
 
@@ -425,7 +457,8 @@ def test_h3_verdict_contrasts_the_runs_and_correlates_within_each():
     )
     text = report.classification_verdict(online, offline)
     assert text.startswith(
-        "offline's last checkpoint classifies 0.850 of the D_golden pairs right, online's 0.700"
+        "offline's last checkpoint classifies 0.850 of the valid-split pairs (golden labels) "
+        "right, online's 0.700 (paired difference offline - online +0.150 ["
     )
     assert "as the paper found, the more accurate classifier is the weaker policy" in text
     assert "r = online +1.00, offline +1.00 (successive states" in text
@@ -441,6 +474,21 @@ def test_h3_verdict_contrasts_the_runs_and_correlates_within_each():
     # Not separated policies: said so.
     level = run("offline ipo", [(0.75, 0.6), (0.8, 0.6), (0.85, 0.6)], [base] * 3)
     assert "not separated at this sample size" in report.classification_verdict(online, level)
+    # Accuracies 0.705 vs 0.700 (1 pair of 200 differs): not separated, no claim on accuracy.
+    close = run(
+        "offline ipo", [(0.70, 0.30), (0.70, 0.35), (0.705, 0.40)], ["L" * 80 + base[80:]] * 3
+    )
+    text = report.classification_verdict(online, close)
+    assert "the two classifiers' accuracies are not separated" in text
+    assert "as the paper found" not in text
+    # Evaluations of older code have no per-pair results: no claim either.
+    old = dict(
+        offline,
+        evals=[{k: v for k, v in e.items() if k != "accuracy_outcomes"} for e in offline["evals"]],
+    )
+    text = report.classification_verdict(online, old)
+    assert "no per-pair results to compare (an older evaluation)" in text
+    assert "as the paper found" not in text
     short = dict(online, evals=online["evals"][:3])  # two checkpoints: no r
     assert "r = online n/a, offline +1.00" in report.classification_verdict(short, offline)
 
@@ -455,3 +503,15 @@ def test_pool_bias_is_what_copies_of_online_would_score():
     assert "would score 1.087 at toy-s (3 copies)" in report._pool_bias([size])
     size["offline"] = size["offline"][:1]  # as many checkpoints as online: no bias to state
     assert report._pool_bias([size]) == ""
+
+
+def test_nan_judgements_and_win_rates_are_refused_not_carried():
+    """A NaN judgement gave a mean NaN with the interval [0, 1]; a NaN win rate met first was
+    never replaced as the peak."""
+    with pytest.raises(ValueError, match="values in \\[0, 1\\]"):
+        Interval.of_judgements(np.array([1.0, np.nan, 0.0]))
+    r = _run("online ipo", ["WL", "WW"])
+    r["evals"][1]["win_rate"] = float("nan")
+    with pytest.raises(ValueError, match="win rate nan at step"):
+        report.peak([r])
+    assert math.isnan(report.ratio(0.3, 0.0)) and report.ratio(0.3, 0.6) == 0.5

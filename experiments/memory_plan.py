@@ -127,7 +127,6 @@ def abstract_opt_state(optimizer, model, mesh):
     (`sharding.place_like`)."""
     params = eqx.filter(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))  # as is_array
     like_params = jax.tree.structure(params)
-    replicated = NamedSharding(mesh, PartitionSpec())
 
     def place(sub):
         if jax.tree.structure(sub) == like_params:
@@ -136,12 +135,19 @@ def abstract_opt_state(optimizer, model, mesh):
                 sub,
                 params,
             )
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), sub
-        )
+        return jax.tree.map(lambda x: replicated_like(x, mesh), sub)
 
     state = jax.eval_shape(optimizer.init, params)
     return jax.tree.map(place, state, is_leaf=lambda sub: jax.tree.structure(sub) == like_params)
+
+
+def replicated_like(x, mesh):
+    """`x`'s shape and dtype, replicated over `mesh` (keys, scalars, Adam's count)."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+def abstract_key(mesh):
+    return replicated_like(jax.eval_shape(lambda: jax.random.key(0)), mesh)
 
 
 def batch_of(mesh, *shapes, dtype=jnp.int32):
@@ -172,10 +178,9 @@ def policy_programs(cfg: StudyConfig, model_cfg, mesh, name: str):
     """SFT step, IPO step, sampling (train and eval batches) and exact KL for one policy size."""
     S, T = cfg.prompt_len, cfg.target_len
     model = abstract_model(model_cfg, mesh)
-    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype)
+    key = abstract_key(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    scalar = replicated_like(jax.ShapeDtypeStruct((), jnp.int32), mesh)
 
     sft_opt = trainers.adam_with_warmup(0.0, 0)
     B = cfg.sft_batch
@@ -217,9 +222,7 @@ def pm_programs(cfg: StudyConfig, model_cfg, mesh, name: str, train_batch: int, 
     """The PM train step (both orders of every pair) and a judgement of a batch of pairs."""
     S, T = cfg.prompt_len, cfg.target_len
     model = abstract_model(model_cfg, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+    key = abstract_key(mesh)
     opt = trainers.adam_with_warmup(0.0, 0)
     B = train_batch
     pairs = preference.PreferenceBatch(

@@ -124,8 +124,8 @@ def clopper_pearson(k: int, m: int, level: float = 0.95) -> tuple[float, float]:
         raise ValueError(f"need 0 <= k <= m and m > 0, got k={k}, m={m}")
     alpha = (1 - level) / 2
 
-    def tail_at_least(q):  # P(X >= k), increasing in q
-        return sum(math.comb(m, j) * q**j * (1 - q) ** (m - j) for j in range(k, m + 1))
+    def at_least(j0, q):  # P(X >= j0) for X ~ Binomial(m, q), increasing in q
+        return sum(math.comb(m, j) * q**j * (1 - q) ** (m - j) for j in range(j0, m + 1))
 
     def solve(f, target):  # f increasing in q on [0, 1]
         lo, hi = 0.0, 1.0
@@ -134,16 +134,9 @@ def clopper_pearson(k: int, m: int, level: float = 0.95) -> tuple[float, float]:
             lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
         return (lo + hi) / 2
 
-    lower = 0.0 if k == 0 else solve(tail_at_least, alpha)
-    # P(X <= k) = 1 - P(X >= k + 1) falls with q: solve P(X >= k + 1) = 1 - alpha.
-    upper = (
-        1.0
-        if k == m
-        else solve(
-            lambda q: 1 - sum(math.comb(m, j) * q**j * (1 - q) ** (m - j) for j in range(k + 1)),
-            1 - alpha,
-        )
-    )
+    lower = 0.0 if k == 0 else solve(lambda q: at_least(k, q), alpha)
+    # P(X <= k) = 1 - P(X >= k + 1) = alpha, i.e. P(X >= k + 1) = 1 - alpha.
+    upper = 1.0 if k == m else solve(lambda q: at_least(k + 1, q), 1 - alpha)
     return lower, upper
 
 

@@ -71,6 +71,11 @@ def at_last_checkpoint(runs: Sequence[dict], p: Peak) -> bool:
     return p.step == last["step"] or last["win_rate"] >= p.win
 
 
+def interval_sign(d) -> int:
+    """+1 when the interval lies above 0, -1 below, 0 when it holds 0."""
+    return 1 if d.lo > 0 else -1 if d.hi < 0 else 0
+
+
 def separation(a: Peak, b: Peak, name_a: str = "a", name_b: str = "b") -> tuple[int, str]:
     """(+1: a above b, -1: below, 0: not separated) and the evidence, in words.
 
@@ -86,7 +91,7 @@ def separation(a: Peak, b: Peak, name_a: str = "a", name_b: str = "b") -> tuple[
             f"paired difference {name_a} - {name_b} {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] "
             f"over the same {d.n} prompts"
         )
-        return (1 if d.lo > 0 else -1 if d.hi < 0 else 0), evidence
+        return interval_sign(d), evidence
     if a.lo > b.hi:
         return 1, "95% intervals disjoint"
     if b.lo > a.hi:
@@ -786,7 +791,7 @@ def classification_verdict(online: dict, offline: dict, shuffled: Sequence[dict]
     pairs_on, pairs_off = last_on.get("accuracy_outcomes"), last_off.get("accuracy_outcomes")
     if pairs_on and pairs_off and len(pairs_on) == len(pairs_off):
         d = paired_difference(pairs_off, pairs_on)
-        acc_sign = 1 if d.lo > 0 else -1 if d.hi < 0 else 0
+        acc_sign = interval_sign(d)
         acc_evidence = (
             f"paired difference offline - online {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] "
             f"over the same {d.n} pairs"

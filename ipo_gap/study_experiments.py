@@ -612,12 +612,16 @@ def _close_execution(study: Study, started: float) -> None:
     jsonl.write_rows(path, rows)
 
 
-def _execution(study: Study) -> str:
-    """How the study's stages ran, over every (re)start recorded in `execution.jsonl` that
-    may have computed results (all but those `_close_execution` found wrote none)."""
+def _starts_that_ran(study: Study) -> list[dict]:
+    """The (re)starts recorded in `execution.jsonl` that may have computed results (all but
+    those `_close_execution` found wrote none; the first, if none did)."""
     rows = jsonl.read_rows(study.workdir / "execution.jsonl", cut_tail_ok=True)
-    ran = [r for r in rows if r.get("ran", True)]
-    modes = list(dict.fromkeys(r["jobs"] for r in ran or rows[:1]))
+    return [r for r in rows if r.get("ran", True)] or rows[:1]
+
+
+def _execution(study: Study) -> str:
+    """How the study's stages ran, over `_starts_that_ran`."""
+    modes = list(dict.fromkeys(r["jobs"] for r in _starts_that_ran(study)))
     say = {0: "in one process"}
     text = ", then ".join(say.get(j, f"{j} one-core worker processes") for j in modes)
     if 0 in modes and len(modes) > 1:
@@ -659,13 +663,10 @@ def _code_name(code: dict | None) -> str:
 
 
 def _code(study: Study) -> str:
-    """Which code computed the study's results: the versions of every (re)start recorded in
-    `execution.jsonl` that may have computed some (as `_execution`), in order. A finished stage
-    is reused by later starts, so a study resumed under newer code mixes versions; the report
-    says so. A start's uncommitted changes are not identified further."""
-    rows = jsonl.read_rows(study.workdir / "execution.jsonl", cut_tail_ok=True)
-    ran = [r for r in rows if r.get("ran", True)] or rows[:1]
-    names = list(dict.fromkeys(_code_name(r.get("code")) for r in ran))
+    """Which code computed the study's results: the versions of `_starts_that_ran`, in order.
+    A finished stage is reused by later starts, so a study resumed under newer code mixes
+    versions; the report says so. A start's uncommitted changes are not identified further."""
+    names = list(dict.fromkeys(_code_name(r.get("code")) for r in _starts_that_ran(study)))
     if len(names) == 1:
         return names[0]
     return (

@@ -370,7 +370,10 @@ def test_h4_compares_online_bo2_with_its_shuffled_stream():
     par = _run(report.SHUFFLED_BO2, ["L" * 2 + base[2:200] + "W" * 2 + base[202:]])
     text = report.bo2_verdict([on, off, par])
     assert text.startswith("online Bo2 is higher than offline Bo2 (paired difference")
-    assert "shuffled online stream is not separated from online, consistent with the paper's finding" in text
+    assert (
+        "shuffled online stream is not separated from online, consistent with the paper's finding"
+        in text
+    )
     below = _run(report.SHUFFLED_BO2, ["L" * 60 + base[60:]])
     assert "online Bo2's peak stays above offline Bo2's on its own shuffled stream." in (
         report.bo2_verdict([on, off, below])

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ipo_gap import jsonl, plots
-from ipo_gap.eval import outcome_values, paired_difference
+from ipo_gap.eval import Interval, outcome_values, paired_difference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +184,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         figs / "fig6_7_8_classification.png",
         "Fig. 6-8: policies as classifiers on the online stream and on golden-labelled valid pairs",
         # the policies' pairs are D_golden's valid split; the proxy PM is measured apart
-        proxy_label=f"proxy PM (its {proxy_split} split accuracy)",
+        proxy_label=f"proxy PM: its {proxy_split} split",
     )
     if fig9:
         plots.figure_kl_winrate(
@@ -637,14 +637,29 @@ def bo2_verdict(fig9: Sequence[dict]) -> str:
         end = "online Bo2's peak stays above offline Bo2's on its own shuffled stream"
     text += f"{said}: {end}."
     if sign < 0 and b_on.kl > b_third.kl:  # the paper compares trade-off curves, not peaks
-        on = sorted((e["kl"], e["win_rate"]) for e in fig9[0]["evals"])
-        at = float(np.interp(b_third.kl, [k for k, _ in on], [w for _, w in on]))
-        close = b_third.lo <= at <= b_third.hi
+        at, curve = _curve_at(fig9[0]["evals"], b_third.kl)
         text += (
             f" The paper compares trade-off curves: online's peak lies at KL {b_on.kl:.2f}, "
             f"the shuffled run's at KL {b_third.kl:.2f}, where online's curve (interpolated "
-            f"between its checkpoints) is at {at:.3f}, "
-            + (
+            f"between its checkpoints) is at {at:.3f}"
+        )
+        if curve is not None and b_third.outcomes is not None:
+            d = Interval.of(outcome_values(b_third.outcomes) - curve)
+            text += (
+                f"; paired over the evaluation prompts (online's judgements interpolated "
+                f"alike, so online's own noise is counted), the shuffled peak minus online's "
+                f"curve is {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]: "
+                + (
+                    "not distinguishable from online's curve at that KL (consistent with the "
+                    "paper's same curve), so online's higher peak may come from reaching a "
+                    "larger KL."
+                    if interval_sign(d) == 0
+                    else "unlike the paper, the curves differ where both are measured."
+                )
+            )
+        else:  # summaries of older code: no per-prompt judgements to pair
+            close = b_third.lo <= at <= b_third.hi
+            text += ", " + (
                 "inside the shuffled peak's 95% interval: not distinguishable from online's "
                 "curve at that KL (consistent with the paper's same curve; online's own "
                 "uncertainty is not counted), so online's higher peak may come from reaching a "
@@ -653,8 +668,21 @@ def bo2_verdict(fig9: Sequence[dict]) -> str:
                 else "outside the shuffled peak's 95% interval: unlike the paper, the curves "
                 "differ where both are measured."
             )
-        )
     return text
+
+
+def _curve_at(evals: Sequence[dict], kl: float) -> tuple[float, np.ndarray | None]:
+    """A run's win rate at `kl`, linear between the two checkpoints that bracket it by KL
+    (the nearer end outside them), and its per-prompt judgements interpolated with the same
+    weights (None where either checkpoint lacks them)."""
+    pts = sorted(evals, key=lambda e: e["kl"])
+    j = int(np.searchsorted([e["kl"] for e in pts], kl))
+    a, b = pts[max(j - 1, 0)], pts[min(j, len(pts) - 1)]
+    t = (kl - a["kl"]) / (b["kl"] - a["kl"]) if b["kl"] > a["kl"] else 0.0
+    win = (1 - t) * a["win_rate"] + t * b["win_rate"]
+    if a.get("win_outcomes") is None or b.get("win_outcomes") is None:
+        return win, None
+    return win, (1 - t) * outcome_values(a["win_outcomes"]) + t * outcome_values(b["win_outcomes"])
 
 
 def offline_same(offline: Sequence[dict], online: dict) -> dict:
@@ -915,10 +943,20 @@ class RatioResamples:
 
     def narrowing(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         """The BCa and the percentile interval of the gap's narrowing
-        |1 - r_first| - |1 - r_last|."""
-        gap = lambda t: np.abs(1 - t[..., 0]) - np.abs(1 - t[..., -1])  # noqa: E731
-        draws = gap(self.boot)
-        bca = bca_interval(draws[:, None], gap(self.point)[None], gap(self.jack)[:, None], level)
+        |1 - r_first| - |1 - r_last|. |1 - r| folds at r = 1: where a ratio's interval
+        contains 1 its draws all lie at or above the value's distance, so read `change`
+        there (`_gap_trend` does)."""
+        return self._of(lambda t: np.abs(1 - t[..., 0]) - np.abs(1 - t[..., -1]), level)
+
+    def change(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """The BCa and the percentile interval of the ratio's own change r_last - r_first:
+        smooth everywhere, no fold at 1."""
+        return self._of(lambda t: t[..., -1] - t[..., 0], level)
+
+    def _of(self, stat, level: float) -> tuple[np.ndarray, np.ndarray]:
+        """The BCa and the percentile interval of a statistic of the sizes' ratios."""
+        draws = stat(self.boot)
+        bca = bca_interval(draws[:, None], stat(self.point)[None], stat(self.jack)[:, None], level)
         tails = 50 * (1 - level), 50 * (1 + level)
         return bca[0], np.percentile(draws, tails)
 
@@ -979,7 +1017,8 @@ def _gap_trend(
     the narrowing's 95% intervals, BCa and percentile, must both exclude 0 for "narrows" or
     "widens": BCa corrects the percentile interval's skew where the draws are smooth, and
     can claim too much where a change rests on a handful of prompts (discrete draws), where
-    the percentile interval does not."""
+    the percentile interval does not. |1 - r| folds at 1, so where an end's ratio interval
+    contains 1 the ratio's own change r_last - r_first decides instead (`_fold_rule`)."""
     d = abs(1 - ratios[0]) - abs(1 - ratios[-1])
     ahead = [s["model"] for s, r in zip(sizes, ratios, strict=True) if r > 1]
     text = (
@@ -988,18 +1027,31 @@ def _gap_trend(
     )
     if res is not None:
         (lo, hi), (p_lo, p_hi) = res.narrowing()
-        word = (
-            "the gap narrows with size"
-            if min(lo, p_lo) > 0
-            else "the gap widens with size"
-            if max(hi, p_hi) < 0
-            else "the gap's change with size is not separated from 0 at this sample size"
-        )
+        (c_lo, c_hi), (cp_lo, cp_hi) = res.change()
+        ends = res.intervals()[[0, -1]]
+        at_one = [sizes[i]["model"] for i, (a, b) in zip((0, -1), ends, strict=True) if a <= 1 <= b]
+        sign = 1 if min(lo, p_lo) > 0 else -1 if max(hi, p_hi) < 0 else 0
+        change = 1 if min(c_lo, cp_lo) > 0 else -1 if max(c_hi, cp_hi) < 0 else 0
+        held = _fold_rule(sign, change, ratios, ends)
+        word = {
+            1: "the gap narrows with size",
+            -1: "the gap widens with size",
+            0: "the gap's change with size is not separated from 0 at this sample size",
+        }[held]
         text += (
             f"{word} (narrowing {d:+.3f}; 95% bootstrap intervals over the evaluation "
             f"prompts: BCa [{lo:+.3f}, {hi:+.3f}], percentile [{p_lo:+.3f}, {p_hi:+.3f}]; "
-            "separated only where both exclude 0)."
+            "separated only where both exclude 0. The ratio itself moves "
+            f"{ratios[-1] - ratios[0]:+.3f}, BCa [{c_lo:+.3f}, {c_hi:+.3f}], percentile "
+            f"[{cp_lo:+.3f}, {cp_hi:+.3f}])."
         )
+        if at_one:
+            text += (
+                f" The ratio's interval contains 1 at {' and '.join(at_one)}, where the gap"
+                " |1 - r| folds (its draws cannot fall below 0): there the ratio's own change"
+                " decides"
+                + (", and it does not carry the narrowing's claim." if held != sign else ".")
+            )
     else:
         text += (
             "the gap "
@@ -1010,6 +1062,21 @@ def _gap_trend(
     return text + (
         f" {label.capitalize()} is ahead of online at {', '.join(ahead)}." if ahead else ""
     )
+
+
+def _fold_rule(sign: int, change: int, ratios: Sequence[float], ends: np.ndarray) -> int:
+    """The gap's separated direction (1 narrows, -1 widens, 0 neither) from the narrowing's
+    (`sign`) and the ratio change's (`change`) separated signs and the two ends' ratio
+    intervals (2, 2). Where neither end's interval contains 1 each end stays on its side of
+    1 and the narrowing stands. A gap that narrows must be separated from 0 where it starts,
+    and it closes towards 1: the ratio moves towards 1 from the first end's side. A gap that
+    widens must be separated where it ends, and it opens away from 1 on the last end's side."""
+    first, last = (bool(a <= 1 <= b) for a, b in ends)
+    if sign == 0 or not (first or last):
+        return sign
+    if sign > 0:
+        return 1 if not first and change == (1 if ratios[0] < 1 else -1) else 0
+    return -1 if not last and change == (-1 if ratios[-1] < 1 else 1) else 0
 
 
 def _intervals(res: RatioResamples | None) -> np.ndarray | None:

@@ -77,6 +77,12 @@ def narrowing(ratios: Mapping[str, float], first: str, last: str) -> float:
     return abs(1 - ratios[first]) - abs(1 - ratios[last])
 
 
+def ratio_change(ratios: Mapping[str, float], first: str, last: str) -> float:
+    """The ratio's own change with size, r_last - r_first: unlike the gap it does not fold
+    at 1, so where seeds put a ratio on both sides of 1 it is the one to read."""
+    return ratios[last] - ratios[first]
+
+
 def _by_interval(s: Spread, one: str, above: str, below: str, neither: str) -> str:
     """The words for a t-interval over seeds: one seed, wholly above 0, below 0, or neither."""
     if s.n < 2:
@@ -200,11 +206,20 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
             if len(sizes) > 1 and both:
                 changes = [narrowing(r, sizes[0], sizes[-1]) for r in both]
                 change = spread(changes)
+                moves = [ratio_change(r, sizes[0], sizes[-1]) for r in both]
+                sides = {r[m] > 1 for r in both for m in (sizes[0], sizes[-1])}
                 lines += [
                     "",
                     f"{label.capitalize()}: change of the gap from {sizes[0]} to {sizes[-1]} "
                     f"per seed {' '.join(f'{c:+.3f}' for c in changes)}, mean "
-                    f"{change.cell()}: {trend_verdict(change)}.",
+                    f"{change.cell()}: {trend_verdict(change)}. The ratio itself moves "
+                    f"{' '.join(f'{c:+.3f}' for c in moves)}, mean {spread(moves).cell()}"
+                    + (
+                        "; these end ratios lie on both sides of 1, where the gap folds:"
+                        " read the ratio's own change."
+                        if len(sides) > 1
+                        else "."
+                    ),
                 ]
     path = pathlib.Path(path)
     jsonl.write_atomic(path, "\n".join(lines) + "\n")

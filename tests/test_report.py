@@ -189,6 +189,49 @@ def test_scaling_gap_is_the_distance_of_the_ratio_from_1(tmp_path, ratios, word,
     assert (tmp_path / "fig10_11_scaling.png").exists() and (tmp_path / "fig10_sizes.png").exists()
 
 
+def test_fold_rule_reads_the_ratio_change_where_an_end_sits_at_1():
+    """The gap |1 - r| folds at 1. Where neither end's ratio interval contains 1 the
+    narrowing's own verdict stands; a narrowing needs the first end's gap separated from 0
+    and the ratio moving towards 1 from that side; a widening needs the last end's gap
+    separated and the ratio moving away from 1 on that side."""
+    rule = report._fold_rule
+    below, at_one, above = (0.4, 0.6), (0.9, 1.1), (1.3, 1.5)
+    ends = lambda a, b: np.array([a, b])  # noqa: E731
+    for sign in (1, -1, 0):
+        for change in (1, -1, 0):  # both ends off 1: the narrowing decides alone
+            assert rule(sign, change, (0.5, 0.7), ends(below, below)) == sign
+    # Narrows: first end below 1, last at 1; the ratio must rise to claim it.
+    assert rule(1, 1, (0.5, 1.0), ends(below, at_one)) == 1
+    assert rule(1, 0, (0.5, 1.0), ends(below, at_one)) == 0
+    assert rule(1, -1, (0.5, 1.0), ends(below, at_one)) == 0
+    assert rule(1, -1, (1.4, 1.0), ends(above, at_one)) == 1  # from above, it falls
+    assert rule(1, 1, (1.0, 1.0), ends(at_one, at_one)) == 0  # no gap to close at first
+    # Widens: first at 1, last below (it must fall) or above (it must rise).
+    assert rule(-1, -1, (1.0, 0.5), ends(at_one, below)) == -1
+    assert rule(-1, 1, (1.0, 0.5), ends(at_one, below)) == 0
+    assert rule(-1, 1, (1.0, 1.4), ends(at_one, above)) == -1  # it rises, above 1
+    assert rule(-1, -1, (0.5, 1.0), ends(below, at_one)) == 0  # no gap at the last end
+    assert rule(0, 1, (0.5, 1.0), ends(below, at_one)) == 0
+
+
+def test_scaling_trend_names_an_end_whose_ratio_interval_contains_1(tmp_path):
+    """Offline at half online's q90 at the small size and level with it (prompts drawn at
+    random) at the large one: the last end's interval contains 1, the report says so, and
+    the narrowing stands because the ratio itself rises, separated from 0. Level at both
+    ends: no claim."""
+    sizes = [_size("toy-s", 1e6, 0.5, 400, seed=1), _size("toy-m", 4e6, 1.0, 400, seed=2)]
+    text = "\n".join(report.scaling_section(sizes, tmp_path))
+    lo, hi = report.ratio_resamples(sizes, "offline").intervals()[-1]
+    assert lo < 1 < hi
+    assert "The ratio's interval contains 1 at toy-m" in text
+    assert "the gap narrows with size" in text and "The ratio itself moves +0.500" in text
+    assert "does not carry the narrowing's claim" not in text
+    level = [_size("toy-s", 1e6, 1.0, 400, seed=3), _size("toy-m", 4e6, 1.0, 400, seed=4)]
+    text = "\n".join(report.scaling_section(level, tmp_path))
+    assert "The ratio's interval contains 1 at toy-s and toy-m" in text
+    assert "the gap's change with size is not separated from 0" in text
+
+
 def test_scaling_intervals_resample_the_prompts_alike_everywhere(tmp_path):
     """The ratios' bootstrap resamples the evaluation prompts, the same draw for every
     checkpoint, method and size: where offline is online with its wins on a fixed share of
@@ -399,6 +442,39 @@ def test_h4_compares_online_bo2_with_its_shuffled_stream():
             in text
         )
         assert word in text
+    # With per-prompt judgements at online's bracketing checkpoints the check is paired:
+    # online's judgements interpolated with the curve's weights (here 1/2, 1/2), minus nothing
+    # of the shuffled peak's. Online at KL 0 and 2 wins prompts [0, 100) and [0, 300) of 400;
+    # the shuffled peak at KL 1 wins [0, 200): the mean difference is exactly 0 prompt by
+    # prompt on average, and online's noise widens the interval, which must hold 0. The
+    # shuffled peak winning only [0, 120) is 0.2 below the curve, far outside it.
+    two = dict(on, evals=[on["evals"][0]] + [
+        {**on["evals"][1], "kl": k, "step": st, "win_rate": w / 400,
+         "win_outcomes": "W" * w + "L" * (400 - w)}
+        for k, st, w in ((0.0, 10, 100), (2.0, 20, 300))
+    ])  # fmt: skip
+    for wins, word, d in (
+        (200, "not distinguishable from online's curve at that KL", 0.0),
+        (120, "unlike the paper, the curves differ where both are measured", -0.2),
+    ):
+        third = _run(report.SHUFFLED_BO2, ["W" * wins + "L" * (400 - wins)])
+        third["evals"][1]["kl"] = 1.0
+        text = report.bo2_verdict([two, off, third])
+        v = (
+            report.outcome_values("W" * wins + "L" * (400 - wins))
+            - (
+                report.outcome_values("W" * 100 + "L" * 300)
+                + report.outcome_values("W" * 300 + "L" * 100)
+            )
+            / 2
+        )
+        ref = report.Interval.of(v)
+        assert (
+            f"the shuffled peak minus online's curve is {d:+.3f} [{ref.lo:+.3f}, {ref.hi:+.3f}]"
+            in text
+        )
+        assert "online's own noise is counted" in text and word in text
+        assert "online's own uncertainty is not counted" not in text
     exact = dict(_run("offline bo2 (exact order)", [base]), max_param_diff_to_online=0.0)
     assert report.bo2_verdict([on, off, exact]).endswith(
         "the exact-order Bo2 replay's max parameter difference to online: 0."

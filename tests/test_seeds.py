@@ -96,5 +96,15 @@ def test_the_change_of_the_gap_with_size_is_paired_by_seed(tmp_path):
     large = seeds.spread([ratio(0.80 + o / 10, o) for o in (0.0, 0.05, -0.04)])
     per_seed = " ".join(f"{ratio(0.60, o):.3f}" for o in (0.0, 0.05, -0.04))
     assert small.hi > large.lo and f"| toy-s | {per_seed} | {small.cell()} |" in text
+    # All ratios below 1: the ratio's own change is the gap's narrowing, and no fold.
+    assert "The ratio itself moves +0.203 +0.208 +0.199, mean" in text
+    assert "where the gap folds" not in text
     assert "Shuffled: change of the gap from toy-s to toy-l" in text
     assert "Online's peak is its last checkpoint at seed(s) 0, 1, 2" in text
+    # A seed whose toy-l offline run passes online: |1 - r| folds, the report says so, and
+    # the ratio's own change is r_last - r_first per seed.
+    text = seeds.write(tmp_path / "SEEDS.md", {0: sized(0.0), 1: sized(0.2)}, "t").read_text()
+    moves = [ratio(0.80 + o / 10, o) - ratio(0.60, o) for o in (0.0, 0.2)]
+    assert ratio(0.82, 0.2) > 1 > ratio(0.80, 0.0)
+    assert f"The ratio itself moves {moves[0]:+.3f} {moves[1]:+.3f}" in text
+    assert "these end ratios lie on both sides of 1, where the gap folds" in text

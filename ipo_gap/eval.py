@@ -142,18 +142,26 @@ def clopper_pearson(k: int, m: int, level: float = 0.95) -> tuple[float, float]:
 
 def paired_difference(a: str, b: str) -> Interval:
     """Mean over prompts of judgement(a) - judgement(b), two checkpoints' `win_outcomes` on
-    the same prompts and baseline samples, with a 95% interval.
-
-    With `EXACT_BELOW` or more prompts on which the two differ: the normal interval of a
-    paired mean. With fewer (close checkpoints sample alike from the same key), an exact one:
-    of the m differing prompts, k favour a; Clopper-Pearson's interval [q_lo, q_hi] for the
-    chance q that a differing prompt favours a gives the mean's (m / n) * |d| * (2 q - 1),
-    |d| the differing prompts' mean size (1 or 1/2). It excludes 0 about when the exact sign
-    test rejects (never for 5 of 5 or fewer in one direction). No differing prompt: [0, 0].
-    """
+    the same prompts and baseline samples, with a 95% interval (`paired_interval`)."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired outcomes must cover the same prompts: {len(a)} vs {len(b)}")
-    d = outcome_values(a) - outcome_values(b)
+    return paired_interval(outcome_values(a) - outcome_values(b))
+
+
+def paired_interval(d: np.ndarray) -> Interval:
+    """The mean of per-prompt differences d with a 95% interval.
+
+    With `EXACT_BELOW` or more prompts on which d is not 0: the normal interval of a paired
+    mean. With fewer (close checkpoints sample alike from the same key), an exact one: of the
+    m differing prompts, k favour the first; Clopper-Pearson's interval [q_lo, q_hi] for the
+    chance q that a differing prompt favours it gives the mean's (m / n) * |d| * (2 q - 1),
+    |d| the differing prompts' mean size (1 or 1/2 between two checkpoints' judgements). It
+    excludes 0 about when the exact sign test rejects (never for 5 of 5 or fewer in one
+    direction). No differing prompt: [0, 0].
+    """
+    d = np.asarray(d, np.float64)
+    if d.ndim != 1 or not len(d) or not np.all(np.isfinite(d)):
+        raise ValueError(f"paired differences must be a non-empty finite 1-D array; got {d}")
     n, differ = len(d), d[d != 0]
     m = len(differ)
     if m >= EXACT_BELOW:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ipo_gap import jsonl, plots
-from ipo_gap.eval import Interval, outcome_values, paired_difference
+from ipo_gap.eval import outcome_values, paired_difference, paired_interval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -643,18 +643,28 @@ def bo2_verdict(fig9: Sequence[dict]) -> str:
             f"the shuffled run's at KL {b_third.kl:.2f}, where online's curve (interpolated "
             f"between its checkpoints) is at {at:.3f}"
         )
-        if curve is not None and b_third.outcomes is not None:
-            d = Interval.of(outcome_values(b_third.outcomes) - curve)
+        mine = None if b_third.outcomes is None else outcome_values(b_third.outcomes)
+        if curve is not None and mine is not None and len(mine) == len(curve) > 0:
+            d = paired_interval(mine - curve)
+            side = "above" if d.lo > 0 else "below"
             text += (
                 f"; paired over the evaluation prompts (online's judgements interpolated "
-                f"alike, so online's own noise is counted), the shuffled peak minus online's "
-                f"curve is {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]: "
+                f"alike, so online's evaluation noise is counted; not the KLs' noise, nor the "
+                f"choice of the shuffled run's best checkpoint), the shuffled peak minus "
+                f"online's curve is {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]: "
                 + (
                     "not distinguishable from online's curve at that KL (consistent with the "
                     "paper's same curve), so online's higher peak may come from reaching a "
                     "larger KL."
                     if interval_sign(d) == 0
-                    else "unlike the paper, the curves differ where both are measured."
+                    else f"{side} online's curve at that KL; unlike the paper, the curves differ"
+                    " there"
+                    + (
+                        " (though a straight line between checkpoints lies below a curve that"
+                        " flattens, which favours the shuffled run)."
+                        if d.lo > 0
+                        else "."
+                    )
                 )
             )
         else:  # summaries of older code: no per-prompt judgements to pair
@@ -666,23 +676,30 @@ def bo2_verdict(fig9: Sequence[dict]) -> str:
                 "larger KL."
                 if close
                 else "outside the shuffled peak's 95% interval: unlike the paper, the curves "
-                "differ where both are measured."
+                "differ at that KL."
             )
     return text
 
 
 def _curve_at(evals: Sequence[dict], kl: float) -> tuple[float, np.ndarray | None]:
     """A run's win rate at `kl`, linear between the two checkpoints that bracket it by KL
-    (the nearer end outside them), and its per-prompt judgements interpolated with the same
-    weights (None where either checkpoint lacks them)."""
-    pts = sorted(evals, key=lambda e: e["kl"])
+    (the nearer end outside them; KL ties in step order), and its per-prompt judgements
+    interpolated with the same weights (None where a checkpoint with weight lacks them, or
+    two cover different prompt counts)."""
+    if not all(math.isfinite(e["kl"]) for e in evals):
+        raise ValueError(f"KL {[e['kl'] for e in evals]}: a checkpoint's KL is not finite")
+    pts = sorted(evals, key=lambda e: (e["kl"], e["step"]))
     j = int(np.searchsorted([e["kl"] for e in pts], kl))
     a, b = pts[max(j - 1, 0)], pts[min(j, len(pts) - 1)]
     t = (kl - a["kl"]) / (b["kl"] - a["kl"]) if b["kl"] > a["kl"] else 0.0
     win = (1 - t) * a["win_rate"] + t * b["win_rate"]
-    if a.get("win_outcomes") is None or b.get("win_outcomes") is None:
+    used = [(e, w) for e, w in ((a, 1 - t), (b, t)) if w > 0]  # a weight-0 end need not judge
+    if any(e.get("win_outcomes") is None for e, _ in used):
         return win, None
-    return win, (1 - t) * outcome_values(a["win_outcomes"]) + t * outcome_values(b["win_outcomes"])
+    values = [outcome_values(e["win_outcomes"]) for e, _ in used]
+    if len({len(v) for v in values}) > 1:
+        return win, None
+    return win, sum(w * v for (_, w), v in zip(used, values, strict=True))
 
 
 def offline_same(offline: Sequence[dict], online: dict) -> dict:
@@ -944,9 +961,13 @@ class RatioResamples:
     def narrowing(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         """The BCa and the percentile interval of the gap's narrowing
         |1 - r_first| - |1 - r_last|. |1 - r| folds at r = 1: where a ratio's interval
-        contains 1 its draws all lie at or above the value's distance, so read `change`
-        there (`_gap_trend` does)."""
+        contains 1, resamples on both sides of 1 all count as a gap, which pulls that end's
+        gap away from 0 (`_fold_rule` says what a verdict may claim there)."""
         return self._of(lambda t: np.abs(1 - t[..., 0]) - np.abs(1 - t[..., -1]), level)
+
+    def percentiles(self, level: float = 0.95) -> np.ndarray:
+        """(sizes, 2): each ratio's percentile interval (`intervals` gives BCa's)."""
+        return np.percentile(self.boot, [50 * (1 - level), 50 * (1 + level)], axis=0).T
 
     def change(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         """The BCa and the percentile interval of the ratio's own change r_last - r_first:
@@ -1017,8 +1038,9 @@ def _gap_trend(
     the narrowing's 95% intervals, BCa and percentile, must both exclude 0 for "narrows" or
     "widens": BCa corrects the percentile interval's skew where the draws are smooth, and
     can claim too much where a change rests on a handful of prompts (discrete draws), where
-    the percentile interval does not. |1 - r| folds at 1, so where an end's ratio interval
-    contains 1 the ratio's own change r_last - r_first decides instead (`_fold_rule`)."""
+    the percentile interval does not. |1 - r| folds at 1: where an end's ratio interval
+    contains 1 the verdict may be withheld (`_fold_rule`). The ratio's own change
+    r_last - r_first, smooth everywhere, is given beside it."""
     d = abs(1 - ratios[0]) - abs(1 - ratios[-1])
     ahead = [s["model"] for s, r in zip(sizes, ratios, strict=True) if r > 1]
     text = (
@@ -1028,11 +1050,10 @@ def _gap_trend(
     if res is not None:
         (lo, hi), (p_lo, p_hi) = res.narrowing()
         (c_lo, c_hi), (cp_lo, cp_hi) = res.change()
-        ends = res.intervals()[[0, -1]]
-        at_one = [sizes[i]["model"] for i, (a, b) in zip((0, -1), ends, strict=True) if a <= 1 <= b]
+        spans = [(res.intervals()[i], res.percentiles()[i]) for i in (0, -1)]
+        first, last = (any(a <= 1 <= b for a, b in span) for span in spans)
         sign = 1 if min(lo, p_lo) > 0 else -1 if max(hi, p_hi) < 0 else 0
-        change = 1 if min(c_lo, cp_lo) > 0 else -1 if max(c_hi, cp_hi) < 0 else 0
-        held = _fold_rule(sign, change, ratios, ends)
+        held = _fold_rule(sign, first, last)
         word = {
             1: "the gap narrows with size",
             -1: "the gap widens with size",
@@ -1045,12 +1066,21 @@ def _gap_trend(
             f"{ratios[-1] - ratios[0]:+.3f}, BCa [{c_lo:+.3f}, {c_hi:+.3f}], percentile "
             f"[{cp_lo:+.3f}, {cp_hi:+.3f}])."
         )
-        if at_one:
+        at_one = [sizes[i]["model"] for i, at in ((0, first), (-1, last)) if at]
+        if held != sign:
+            end, verb = (
+                (sizes[0]["model"], "narrow from")
+                if sign > 0
+                else (sizes[-1]["model"], "have widened to")
+            )
+            text += (
+                f" But the ratio's interval contains 1 at {end}: the gap there is not separated"
+                f" from 0, so it cannot be said to {verb} there."
+            )
+        elif at_one:
             text += (
                 f" The ratio's interval contains 1 at {' and '.join(at_one)}, where the gap"
-                " |1 - r| folds (its draws cannot fall below 0): there the ratio's own change"
-                " decides"
-                + (", and it does not carry the narrowing's claim." if held != sign else ".")
+                " |1 - r| folds: resamples on both sides of 1 all count as a gap there."
             )
     else:
         text += (
@@ -1064,19 +1094,17 @@ def _gap_trend(
     )
 
 
-def _fold_rule(sign: int, change: int, ratios: Sequence[float], ends: np.ndarray) -> int:
-    """The gap's separated direction (1 narrows, -1 widens, 0 neither) from the narrowing's
-    (`sign`) and the ratio change's (`change`) separated signs and the two ends' ratio
-    intervals (2, 2). Where neither end's interval contains 1 each end stays on its side of
-    1 and the narrowing stands. A gap that narrows must be separated from 0 where it starts,
-    and it closes towards 1: the ratio moves towards 1 from the first end's side. A gap that
-    widens must be separated where it ends, and it opens away from 1 on the last end's side."""
-    first, last = (bool(a <= 1 <= b) for a, b in ends)
-    if sign == 0 or not (first or last):
-        return sign
-    if sign > 0:
-        return 1 if not first and change == (1 if ratios[0] < 1 else -1) else 0
-    return -1 if not last and change == (-1 if ratios[-1] < 1 else 1) else 0
+def _fold_rule(sign: int, first_at_one: bool, last_at_one: bool) -> int:
+    """The gap's verdict (1 narrows, -1 widens, 0 neither) from the narrowing's separated
+    sign and whether each end's ratio interval (BCa or percentile) contains 1. A gap narrows
+    from a gap, and widens to one: "narrows" needs the first end's gap separated from 0, and
+    "widens" the last end's. The fold then errs only on the side of no claim: at an end whose
+    interval contains 1, resamples on both sides of 1 all count as a gap, which pulls the
+    narrowing towards "narrows" at the first end (refused there) and towards "widens" at the
+    last (refused there); at the other end it pulls against the claim."""
+    if sign > 0 and first_at_one or sign < 0 and last_at_one:
+        return 0
+    return sign
 
 
 def _intervals(res: RatioResamples | None) -> np.ndarray | None:

@@ -90,13 +90,28 @@ def _by_interval(s: Spread, one: str, above: str, below: str, neither: str) -> s
     return above if s.lo > 0 else below if s.hi < 0 else neither
 
 
-def trend_verdict(change: Spread) -> str:
-    return _by_interval(
+def trend_verdict(change: Spread, first: Spread | None = None, last: Spread | None = None) -> str:
+    """The gap's change over seeds; with the end ratios' spreads over seeds, REPORT.md's fold
+    rule (`report._fold_rule`): "narrows" needs the first size's gap |1 - r| separated from
+    0 (its ratios' t-interval off 1), "widens" the last size's."""
+    text = _by_interval(
         change,
         "one seed: no interval over seeds",
         "the gap narrows with size over seeds (the t-interval of the change is > 0)",
         "the gap widens with size over seeds (the t-interval of the change is < 0)",
         "the gap's change with size is not separated from 0 over these seeds",
+    )
+    if change.n < 2 or first is None or last is None:
+        return text
+    sign = 1 if change.lo > 0 else -1 if change.hi < 0 else 0
+    at_one = [not (s.lo > 1 or s.hi < 1) for s in (first, last)]  # NaN counts as at 1
+    if report._fold_rule(sign, *at_one) == sign:
+        return text
+    return (
+        "the gap's change with size is not separated from 0 over these seeds: the t-interval "
+        f"of the change is {'> 0' if sign > 0 else '< 0'}, but the "
+        f"{'first' if sign > 0 else 'last'} size's ratios hold 1 in their t-interval, so the "
+        f"gap it would {'narrow from' if sign > 0 else 'widen to'} is not separated from 0"
     )
 
 
@@ -207,17 +222,19 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
                 changes = [narrowing(r, sizes[0], sizes[-1]) for r in both]
                 change = spread(changes)
                 moves = [ratio_change(r, sizes[0], sizes[-1]) for r in both]
-                sides = {r[m] > 1 for r in both for m in (sizes[0], sizes[-1])}
+                ends = [spread([r[m] for r in both]) for m in (sizes[0], sizes[-1])]
+                # an end whose seeds put its ratio on both sides of 1: its gap |1 - r| folds
+                folded = [m for m in (sizes[0], sizes[-1]) if len({r[m] > 1 for r in both}) > 1]
                 lines += [
                     "",
                     f"{label.capitalize()}: change of the gap from {sizes[0]} to {sizes[-1]} "
                     f"per seed {' '.join(f'{c:+.3f}' for c in changes)}, mean "
-                    f"{change.cell()}: {trend_verdict(change)}. The ratio itself moves "
+                    f"{change.cell()}: {trend_verdict(change, *ends)}. The ratio itself moves "
                     f"{' '.join(f'{c:+.3f}' for c in moves)}, mean {spread(moves).cell()}"
                     + (
-                        "; these end ratios lie on both sides of 1, where the gap folds:"
-                        " read the ratio's own change."
-                        if len(sides) > 1
+                        f"; the seeds put the ratio on both sides of 1 at {' and '.join(folded)},"
+                        " where the gap |1 - r| folds."
+                        if folded
                         else "."
                     ),
                 ]

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from ipo_gap import report
-from ipo_gap.eval import Interval, clopper_pearson, outcome_values, outcomes, paired_difference
+from ipo_gap.eval import (
+    Interval,
+    clopper_pearson,
+    outcome_values,
+    outcomes,
+    paired_difference,
+    paired_interval,
+)
 
 
 def test_wilson_interval_stays_inside_0_1_and_is_never_empty():
@@ -70,6 +77,14 @@ def test_few_differing_prompts_get_the_exact_sign_interval():
     assert not paired_difference("WWW", "LLL").lo > 0
     half = paired_difference("T" * 7 + rest, "L" * 7 + rest)  # seven half-wins
     assert half.hi == pytest.approx(half.mean) and 0 < half.lo < half.mean
+    # paired_interval takes any per-prompt differences (Fig. 9 pairs a checkpoint with an
+    # interpolation of two): the same rule, and bad input named.
+    assert paired_interval(np.array([0.5] * 4 + [0.0] * 96)) == paired_difference(
+        "T" * 4 + "L" * 96, "L" * 100
+    )
+    for bad in (np.array([]), np.array([0.1, np.nan]), np.zeros((2, 2))):
+        with pytest.raises(ValueError, match="finite 1-D"):
+            paired_interval(bad)
 
 
 def _peak(outcome_text, run="r"):
@@ -189,47 +204,49 @@ def test_scaling_gap_is_the_distance_of_the_ratio_from_1(tmp_path, ratios, word,
     assert (tmp_path / "fig10_11_scaling.png").exists() and (tmp_path / "fig10_sizes.png").exists()
 
 
-def test_fold_rule_reads_the_ratio_change_where_an_end_sits_at_1():
-    """The gap |1 - r| folds at 1. Where neither end's ratio interval contains 1 the
-    narrowing's own verdict stands; a narrowing needs the first end's gap separated from 0
-    and the ratio moving towards 1 from that side; a widening needs the last end's gap
-    separated and the ratio moving away from 1 on that side."""
+def test_fold_rule_needs_a_separated_gap_where_it_narrows_from_or_widens_to():
+    """The gap |1 - r| folds at 1. A narrowing needs the first end's gap separated from 0
+    (its ratio interval off 1), a widening the last end's; otherwise the narrowing's own
+    separated sign stands."""
     rule = report._fold_rule
-    below, at_one, above = (0.4, 0.6), (0.9, 1.1), (1.3, 1.5)
-    ends = lambda a, b: np.array([a, b])  # noqa: E731
     for sign in (1, -1, 0):
-        for change in (1, -1, 0):  # both ends off 1: the narrowing decides alone
-            assert rule(sign, change, (0.5, 0.7), ends(below, below)) == sign
-    # Narrows: first end below 1, last at 1; the ratio must rise to claim it.
-    assert rule(1, 1, (0.5, 1.0), ends(below, at_one)) == 1
-    assert rule(1, 0, (0.5, 1.0), ends(below, at_one)) == 0
-    assert rule(1, -1, (0.5, 1.0), ends(below, at_one)) == 0
-    assert rule(1, -1, (1.4, 1.0), ends(above, at_one)) == 1  # from above, it falls
-    assert rule(1, 1, (1.0, 1.0), ends(at_one, at_one)) == 0  # no gap to close at first
-    # Widens: first at 1, last below (it must fall) or above (it must rise).
-    assert rule(-1, -1, (1.0, 0.5), ends(at_one, below)) == -1
-    assert rule(-1, 1, (1.0, 0.5), ends(at_one, below)) == 0
-    assert rule(-1, 1, (1.0, 1.4), ends(at_one, above)) == -1  # it rises, above 1
-    assert rule(-1, -1, (0.5, 1.0), ends(below, at_one)) == 0  # no gap at the last end
-    assert rule(0, 1, (0.5, 1.0), ends(below, at_one)) == 0
+        assert rule(sign, False, False) == sign
+    assert rule(1, False, True) == 1 and rule(1, True, False) == 0 and rule(1, True, True) == 0
+    assert rule(-1, True, False) == -1 and rule(-1, False, True) == 0 and rule(-1, True, True) == 0
+    assert all(rule(0, f, last) == 0 for f in (False, True) for last in (False, True))
 
 
 def test_scaling_trend_names_an_end_whose_ratio_interval_contains_1(tmp_path):
     """Offline at half online's q90 at the small size and level with it (prompts drawn at
     random) at the large one: the last end's interval contains 1, the report says so, and
-    the narrowing stands because the ratio itself rises, separated from 0. Level at both
-    ends: no claim."""
+    the narrowing from the small size's separated gap stands. Level at both ends: no claim.
+    A narrowing from an end at 1 is refused (the fold rule's truth table, above)."""
     sizes = [_size("toy-s", 1e6, 0.5, 400, seed=1), _size("toy-m", 4e6, 1.0, 400, seed=2)]
     text = "\n".join(report.scaling_section(sizes, tmp_path))
     lo, hi = report.ratio_resamples(sizes, "offline").intervals()[-1]
     assert lo < 1 < hi
-    assert "The ratio's interval contains 1 at toy-m" in text
+    assert "The ratio's interval contains 1 at toy-m, where the gap |1 - r| folds" in text
     assert "the gap narrows with size" in text and "The ratio itself moves +0.500" in text
-    assert "does not carry the narrowing's claim" not in text
+    assert "cannot be said to" not in text
     level = [_size("toy-s", 1e6, 1.0, 400, seed=3), _size("toy-m", 4e6, 1.0, 400, seed=4)]
     text = "\n".join(report.scaling_section(level, tmp_path))
     assert "The ratio's interval contains 1 at toy-s and toy-m" in text
     assert "the gap's change with size is not separated from 0" in text
+    # Reversed, level at the small size and half at the large: the gap widens from a gap
+    # that is not separated from 0, which the verdict allows (it widens to toy-m's).
+    text = "\n".join(report.scaling_section(sizes[::-1], tmp_path))
+    assert "the gap widens with size" in text and "The ratio itself moves -0.500" in text
+    # The fold's false claim: offline at 0.93 of online at toy-s, its interval holding 1, and
+    # exactly online at toy-m (the same prompts won: ratio 1 in every resample). Resamples
+    # of toy-s on both sides of 1 all count as a gap, so both intervals of the narrowing
+    # exclude 0; the gap at toy-s is not separated from 0, and the verdict refuses.
+    fold = [_size("toy-s", 1e6, 0.93, 400, seed=3), _size("toy-m", 4e6, 1.0, 400)]
+    res = report.ratio_resamples(fold, "offline")
+    (lo, _), (p_lo, _) = res.narrowing()
+    assert lo > 0 and p_lo > 0 and res.intervals()[0][0] < 1 < res.intervals()[0][1]
+    text = "\n".join(report.scaling_section(fold, tmp_path))
+    assert "the gap's change with size is not separated from 0" in text
+    assert "But the ratio's interval contains 1 at toy-s: the gap there is not separated" in text
 
 
 def test_scaling_intervals_resample_the_prompts_alike_everywhere(tmp_path):
@@ -442,39 +459,53 @@ def test_h4_compares_online_bo2_with_its_shuffled_stream():
             in text
         )
         assert word in text
+
     # With per-prompt judgements at online's bracketing checkpoints the check is paired:
-    # online's judgements interpolated with the curve's weights (here 1/2, 1/2), minus nothing
-    # of the shuffled peak's. Online at KL 0 and 2 wins prompts [0, 100) and [0, 300) of 400;
-    # the shuffled peak at KL 1 wins [0, 200): the mean difference is exactly 0 prompt by
-    # prompt on average, and online's noise widens the interval, which must hold 0. The
-    # shuffled peak winning only [0, 120) is 0.2 below the curve, far outside it.
-    two = dict(on, evals=[on["evals"][0]] + [
-        {**on["evals"][1], "kl": k, "step": st, "win_rate": w / 400,
-         "win_outcomes": "W" * w + "L" * (400 - w)}
-        for k, st, w in ((0.0, 10, 100), (2.0, 20, 300))
-    ])  # fmt: skip
-    for wins, word, d in (
+    # online's judgements interpolated with the curve's weights (here 1/2, 1/2), taken from
+    # the shuffled peak's. Online at KL 0 and 2 wins prompts [0, 100) and [0, 300) of 400;
+    # the shuffled peak at KL 1 wins [0, 200): the mean difference is exactly 0, and online's
+    # noise gives the interval its width, which holds 0. The shuffled peak winning only
+    # [0, 120) is 0.2 below the curve, far outside it.
+    def online_at(*points):  # (kl, step, prompts won of 400)
+        return dict(on, evals=[on["evals"][0]] + [
+            {**on["evals"][1], **_run("o", [wins(w)])["evals"][1], "kl": k, "step": st}
+            for k, st, w in points
+        ])  # fmt: skip
+
+    def shuffled_at(kl, text):
+        third = _run(report.SHUFFLED_BO2, [text])
+        third["evals"][1]["kl"] = kl
+        return third
+
+    wins = lambda w: "W" * w + "L" * (400 - w)  # noqa: E731
+    two = online_at((0.0, 10, 100), (2.0, 20, 300))
+    for won, word, d in (
         (200, "not distinguishable from online's curve at that KL", 0.0),
-        (120, "unlike the paper, the curves differ where both are measured", -0.2),
+        (120, "below online's curve at that KL; unlike the paper, the curves differ there.", -0.2),
     ):
-        third = _run(report.SHUFFLED_BO2, ["W" * wins + "L" * (400 - wins)])
-        third["evals"][1]["kl"] = 1.0
-        text = report.bo2_verdict([two, off, third])
-        v = (
-            report.outcome_values("W" * wins + "L" * (400 - wins))
-            - (
-                report.outcome_values("W" * 100 + "L" * 300)
-                + report.outcome_values("W" * 300 + "L" * 100)
-            )
-            / 2
-        )
-        ref = report.Interval.of(v)
+        text = report.bo2_verdict([two, off, shuffled_at(1.0, wins(won))])
+        v = outcome_values(wins(won)) - (outcome_values(wins(100)) + outcome_values(wins(300))) / 2
+        ref = Interval.of(v)
         assert (
             f"the shuffled peak minus online's curve is {d:+.3f} [{ref.lo:+.3f}, {ref.hi:+.3f}]"
             in text
         )
-        assert "online's own noise is counted" in text and word in text
+        assert "online's evaluation noise is counted" in text and word in text
         assert "online's own uncertainty is not counted" not in text
+    # At a checkpoint's own KL (weight 1 on it) and 4 prompts apart, all four the shuffled
+    # run's: the normal interval would call it separated; the exact sign interval does not.
+    at_ckpt = online_at((1.0, 10, 196), (2.0, 20, 300))
+    text = report.bo2_verdict([at_ckpt, off, shuffled_at(1.0, wins(200))])
+    exact = paired_interval(outcome_values(wins(200)) - outcome_values(wins(196)))
+    assert Interval.of(outcome_values(wins(200)) - outcome_values(wins(196))).lo > 0
+    assert exact.lo < 0 < exact.hi and f"+0.010 [{exact.lo:+.3f}, {exact.hi:+.3f}]" in text
+    assert "not distinguishable from online's curve" in text
+    # Judgements of another prompt count at a bracketing checkpoint: no pairing, the unpaired
+    # check of older summaries instead (never a broadcast over mismatched prompts).
+    short = shuffled_at(1.0, "W" * 60 + "L" * 240)
+    text = report.bo2_verdict([two, off, short])
+    assert "paired over the evaluation prompts" not in text
+    assert "online's own uncertainty is not counted" in text or "outside the shuffled" in text
     exact = dict(_run("offline bo2 (exact order)", [base]), max_param_diff_to_online=0.0)
     assert report.bo2_verdict([on, off, exact]).endswith(
         "the exact-order Bo2 replay's max parameter difference to online: 0."

@@ -90,10 +90,22 @@ def _by_interval(s: Spread, one: str, above: str, below: str, neither: str) -> s
     return above if s.lo > 0 else below if s.hi < 0 else neither
 
 
-def trend_verdict(change: Spread, first: Spread | None = None, last: Spread | None = None) -> str:
-    """The gap's change over seeds; with the end ratios' spreads over seeds, REPORT.md's fold
-    rule (`report._fold_rule`): "narrows" needs the first size's gap |1 - r| separated from
-    0 (its ratios' t-interval off 1), "widens" the last size's."""
+def straddles_one(values: Sequence[float]) -> bool:
+    """Whether per-seed ratios lie on both sides of 1 (or at 1, or NaN): there the gap
+    |1 - r| folds, as it does in REPORT.md's bootstrap where a ratio's interval holds 1."""
+    return not (all(v < 1 for v in values) or all(v > 1 for v in values))
+
+
+def trend_verdict(
+    change: Spread,
+    first: Sequence[float] | None = None,
+    last: Sequence[float] | None = None,
+) -> str:
+    """The gap's change over seeds; with the end sizes' per-seed ratios, REPORT.md's fold rule
+    (`report._fold_rule`): "narrows" needs the first size's gap |1 - r| unfolded (its seeds'
+    ratios on one side of 1), "widens" the last size's. With every seed on one side at both
+    ends, |1 - r| is linear in r and the change's t-interval is the ratio change's, up to
+    sign."""
     text = _by_interval(
         change,
         "one seed: no interval over seeds",
@@ -104,13 +116,12 @@ def trend_verdict(change: Spread, first: Spread | None = None, last: Spread | No
     if change.n < 2 or first is None or last is None:
         return text
     sign = 1 if change.lo > 0 else -1 if change.hi < 0 else 0
-    at_one = [not (s.lo > 1 or s.hi < 1) for s in (first, last)]  # NaN counts as at 1
-    if report._fold_rule(sign, *at_one) == sign:
+    if report._fold_rule(sign, straddles_one(first), straddles_one(last)) == sign:
         return text
     return (
         "the gap's change with size is not separated from 0 over these seeds: the t-interval "
-        f"of the change is {'> 0' if sign > 0 else '< 0'}, but the "
-        f"{'first' if sign > 0 else 'last'} size's ratios hold 1 in their t-interval, so the "
+        f"of the change is {'> 0' if sign > 0 else '< 0'}, but the seeds put the "
+        f"{'first' if sign > 0 else 'last'} size's ratio on both sides of 1 (or at 1), so the "
         f"gap it would {'narrow from' if sign > 0 else 'widen to'} is not separated from 0"
     )
 
@@ -222,9 +233,11 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
                 changes = [narrowing(r, sizes[0], sizes[-1]) for r in both]
                 change = spread(changes)
                 moves = [ratio_change(r, sizes[0], sizes[-1]) for r in both]
-                ends = [spread([r[m] for r in both]) for m in (sizes[0], sizes[-1])]
+                ends = [[r[m] for r in both] for m in (sizes[0], sizes[-1])]
                 # an end whose seeds put its ratio on both sides of 1: its gap |1 - r| folds
-                folded = [m for m in (sizes[0], sizes[-1]) if len({r[m] > 1 for r in both}) > 1]
+                folded = [
+                    m for m, v in zip((sizes[0], sizes[-1]), ends, strict=True) if straddles_one(v)
+                ]
                 lines += [
                     "",
                     f"{label.capitalize()}: change of the gap from {sizes[0]} to {sizes[-1]} "
@@ -232,8 +245,8 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
                     f"{change.cell()}: {trend_verdict(change, *ends)}. The ratio itself moves "
                     f"{' '.join(f'{c:+.3f}' for c in moves)}, mean {spread(moves).cell()}"
                     + (
-                        f"; the seeds put the ratio on both sides of 1 at {' and '.join(folded)},"
-                        " where the gap |1 - r| folds."
+                        f"; the seeds put the ratio on both sides of 1 (or at 1) at"
+                        f" {' and '.join(folded)}, where the gap |1 - r| folds."
                         if folded
                         else "."
                     ),

@@ -108,24 +108,27 @@ def test_the_change_of_the_gap_with_size_is_paired_by_seed(tmp_path):
     assert ratio(0.82, 0.2) > 1 > ratio(0.80, 0.0)
     assert f"The ratio itself moves {moves[0]:+.3f} {moves[1]:+.3f}" in text
     assert (
-        "the seeds put the ratio on both sides of 1 at toy-l, where the gap |1 - r| folds" in text
+        "the seeds put the ratio on both sides of 1 (or at 1) at toy-l, where the gap |1 - r| folds"
     )
 
 
 def test_the_gap_over_seeds_narrows_only_from_a_separated_gap():
-    """REPORT.md's fold rule over seeds: first-size ratios 0.90, 1.10, 0.92, 1.08 (mean 1)
-    and last-size ratios at 1 give per-seed narrowings 0.10, 0.10, 0.08, 0.08, a t-interval
-    above 0, yet no gap at the first size to narrow from; the same narrowings from ratios
-    near 0.5 stand. A widening needs the last size's gap separated."""
+    """REPORT.md's fold rule over seeds: first-size ratios 0.90, 1.10, 0.92, 1.08 (on both
+    sides of 1) and last-size ratios at 1 give per-seed narrowings 0.10, 0.10, 0.08, 0.08, a
+    t-interval above 0, yet the gap folds where it would narrow from; the same narrowings
+    from ratios near 0.5 stand, and so do ratios all below 1 whose mean's t-interval holds 1
+    (no seed folds: |1 - r| is 1 - r in each). A widening needs the last size unfolded."""
     change = seeds.spread([0.10, 0.10, 0.08, 0.08])
     assert change.lo > 0
-    at_one, low, ones = (
-        seeds.spread(v) for v in ([0.90, 1.10, 0.92, 1.08], [0.5, 0.52, 0.48, 0.5], [1.0] * 4)
-    )
+    at_one, low, ones = [0.90, 1.10, 0.92, 1.08], [0.5, 0.52, 0.48, 0.5], [1.0] * 4
     refused = seeds.trend_verdict(change, at_one, ones)
     assert refused.startswith("the gap's change with size is not separated from 0 over these")
-    assert "the first size's ratios hold 1 in their t-interval" in refused
+    assert "the seeds put the first size's ratio on both sides of 1 (or at 1)" in refused
     assert seeds.trend_verdict(change, low, ones).startswith("the gap narrows with size")
+    spread_low = [0.2, 0.5, 0.99, 0.3]
+    assert seeds.spread(spread_low).hi > 1 and not seeds.straddles_one(spread_low)
+    assert seeds.trend_verdict(change, spread_low, ones).startswith("the gap narrows with size")
     widens = seeds.spread([-0.10, -0.10, -0.08, -0.08])
-    assert "the last size's ratios hold 1" in seeds.trend_verdict(widens, low, at_one)
+    assert "the last size's ratio on both sides" in seeds.trend_verdict(widens, low, at_one)
     assert seeds.trend_verdict(widens, at_one, low).startswith("the gap widens with size")
+    assert seeds.straddles_one([0.5, float("nan")]) and seeds.straddles_one([1.0, 0.5])

@@ -965,6 +965,13 @@ class RatioResamples:
         gap away from 0 (`_fold_rule` says what a verdict may claim there)."""
         return self._of(lambda t: np.abs(1 - t[..., 0]) - np.abs(1 - t[..., -1]), level)
 
+    def unfolded(self) -> bool:
+        """Whether every value at both ends (point, resamples, jackknife) lies on one side
+        of 1: then the narrowing is the ratio's change up to sign, draw by draw, and says it
+        all."""
+        ends = np.concatenate([self.point[None], self.boot, self.jack])[:, [0, -1]]
+        return bool(np.all(ends < 1) or np.all(ends > 1))
+
     def percentiles(self, level: float = 0.95) -> np.ndarray:
         """(sizes, 2): each ratio's percentile interval (`intervals` gives BCa's)."""
         return np.percentile(self.boot, [50 * (1 - level), 50 * (1 + level)], axis=0).T
@@ -1039,8 +1046,8 @@ def _gap_trend(
     "widens": BCa corrects the percentile interval's skew where the draws are smooth, and
     can claim too much where a change rests on a handful of prompts (discrete draws), where
     the percentile interval does not. |1 - r| folds at 1: where an end's ratio interval
-    contains 1 the verdict may be withheld (`_fold_rule`). The ratio's own change
-    r_last - r_first, smooth everywhere, is given beside it."""
+    contains 1 the verdict may be withheld (`_fold_rule`). Where some resample crosses 1 at
+    an end, the ratio's own change r_last - r_first, smooth everywhere, is given beside it."""
     d = abs(1 - ratios[0]) - abs(1 - ratios[-1])
     ahead = [s["model"] for s, r in zip(sizes, ratios, strict=True) if r > 1]
     text = (
@@ -1062,9 +1069,13 @@ def _gap_trend(
         text += (
             f"{word} (narrowing {d:+.3f}; 95% bootstrap intervals over the evaluation "
             f"prompts: BCa [{lo:+.3f}, {hi:+.3f}], percentile [{p_lo:+.3f}, {p_hi:+.3f}]; "
-            "separated only where both exclude 0. The ratio itself moves "
-            f"{ratios[-1] - ratios[0]:+.3f}, BCa [{c_lo:+.3f}, {c_hi:+.3f}], percentile "
-            f"[{cp_lo:+.3f}, {cp_hi:+.3f}])."
+            "separated only where both exclude 0"
+            + (
+                ")."
+                if res.unfolded()
+                else f". The ratio itself moves {ratios[-1] - ratios[0]:+.3f}, BCa "
+                f"[{c_lo:+.3f}, {c_hi:+.3f}], percentile [{cp_lo:+.3f}, {cp_hi:+.3f}])."
+            )
         )
         at_one = [sizes[i]["model"] for i, at in ((0, first), (-1, last)) if at]
         if held != sign:

@@ -189,6 +189,11 @@ def test_scaling_gap_is_the_distance_of_the_ratio_from_1(tmp_path, ratios, word,
     text = "\n".join(report.scaling_section(sizes, tmp_path))
     assert f"Offline/online goes from {ratios[0]:.3f}" in text and word in text
     assert ("Offline is ahead of online at" in text) == ahead
+    # The ratio's own change is given where it says more than the narrowing: where the ends
+    # lie on both sides of 1 (0.8 -> 1.2: the gap stays, the ratio crosses), or an end's
+    # resamples reach 1 (1.04 is a superset of online's wins: 1 exactly where its two extra
+    # prompts are not drawn). Below 1 throughout it is the narrowing itself.
+    assert ("The ratio itself moves" in text) == (ratios != (0.60, 0.80))
     assert "Shuffled/online" not in text  # no shuffled runs in the summary
     assert "Every size pools 1 offline run(s) (the study" in text
     # With each size's shuffled replay (the paper's "tandem"): its own ratio and trend.

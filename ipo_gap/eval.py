@@ -148,16 +148,20 @@ def paired_difference(a: str, b: str) -> Interval:
     return paired_interval(outcome_values(a) - outcome_values(b))
 
 
-def paired_interval(d: np.ndarray) -> Interval:
+def paired_interval(d: np.ndarray, level: float = 0.95) -> Interval:
     """The mean of per-prompt differences d with a 95% interval.
 
     With `EXACT_BELOW` or more prompts on which d is not 0: the normal interval of a paired
-    mean. With fewer (close checkpoints sample alike from the same key), an exact one: of the
-    m differing prompts, k favour the first; Clopper-Pearson's interval [q_lo, q_hi] for the
-    chance q that a differing prompt favours it gives the mean's (m / n) * |d| * (2 q - 1),
-    |d| the differing prompts' mean size (1 or 1/2 between two checkpoints' judgements). It
+    mean. With fewer (close checkpoints sample alike from the same key), an exact one on the
+    signs: of the m differing prompts k favour the first; Clopper-Pearson's interval
+    [q_lo, q_hi] for the chance q that a differing prompt does gives the mean's
+    (m / n) * (q * a_pos - (1 - q) * a_neg) at q_lo and q_hi, a_pos and a_neg the mean size of
+    the positive and of the negative differences (where one sign is unseen, the other's; the
+    mean itself at q = k / m). With equal
+    sizes (two checkpoints' judgements: 1 or 1/2) it is (m / n) * |d| * (2 q - 1), and it
     excludes 0 about when the exact sign test rejects (never for 5 of 5 or fewer in one
-    direction). No differing prompt: [0, 0].
+    direction); with unequal ones (an interpolation of judgements) a large difference
+    against many small ones keeps its weight. None differing: [0, 0].
     """
     d = np.asarray(d, np.float64)
     if d.ndim != 1 or not len(d) or not np.all(np.isfinite(d)):
@@ -168,9 +172,13 @@ def paired_interval(d: np.ndarray) -> Interval:
         return Interval.of(d)
     if m == 0:
         return Interval(0.0, 0.0, 0.0, n)
-    q_lo, q_hi = clopper_pearson(int(np.sum(differ > 0)), m)
-    scale = m / n * float(np.mean(np.abs(differ)))
-    return Interval(float(d.mean()), scale * (2 * q_lo - 1), scale * (2 * q_hi - 1), n)
+    pos, neg = differ[differ > 0], -differ[differ < 0]
+    size = float(np.abs(differ).mean())  # an unseen side's size: the seen one's
+    a_pos = float(pos.mean()) if len(pos) else size
+    a_neg = float(neg.mean()) if len(neg) else size
+    q_lo, q_hi = clopper_pearson(len(pos), m, level)
+    at = lambda q: m / n * (q * a_pos - (1 - q) * a_neg)  # noqa: E731
+    return Interval(float(d.mean()), at(q_lo), at(q_hi), n)
 
 
 def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> np.ndarray:

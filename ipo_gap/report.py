@@ -463,7 +463,11 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "Online-stream accuracy: on the last 64 pairs of the online IPO run's stream before "
         "its k-th evaluation, relabelled by the golden PM, for every run's k-th checkpoint "
         "(Fig. 6): the window is named, since runs of other lengths meet other windows at a "
-        "step. Self-classification: on pairs of the policy's own two samples per prompt, "
+        "step. For online IPO (and its exact replay) that window is in-sample: the checkpoint "
+        "has just trained on those pairs, under the proxy's labels (the paper reads its final "
+        "policies on every window, in-sample throughout); a shuffled replay has seen part of "
+        "it, offline on D_golden none of it. "
+        "Self-classification: on pairs of the policy's own two samples per prompt, "
         "labelled by the golden PM (App. E.1).",
         "",
         f"Proxy PM accuracy on golden-labelled pairs ({proxy_split} split): {proxy_acc:.3f}. "

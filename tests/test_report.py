@@ -85,6 +85,18 @@ def test_few_differing_prompts_get_the_exact_sign_interval():
     for bad in (np.array([]), np.array([0.1, np.nan]), np.zeros((2, 2))):
         with pytest.raises(ValueError, match="finite 1-D"):
             paired_interval(bad)
+    # Unequal sizes with few differing prompts: nine small wins against one large loss has a
+    # negative mean; signs alone gave an interval above 0. Each sign keeps its own size, so
+    # the interval holds the mean, and 0; so does every random mix of sizes and signs.
+    for d in ([0.05] * 9 + [-1] + [0] * 200, [0.1] * 20 + [-0.9] * 6 + [0] * 100):
+        iv = paired_interval(np.array(d))
+        assert iv.mean < 0 and iv.lo <= iv.mean and iv.lo < 0 < iv.hi
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        m = int(rng.integers(1, 30))
+        d = np.concatenate([rng.uniform(0.01, 1, m) * rng.choice([-1, 1], m), np.zeros(200)])
+        iv = paired_interval(d)
+        assert iv.lo - 1e-12 <= iv.mean <= iv.hi + 1e-12  # at k = 0 or m: the mean, rounded
 
 
 def _peak(outcome_text, run="r"):

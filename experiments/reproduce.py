@@ -234,10 +234,18 @@ def _run(
     config_path = workdir / "study_config.json"
     if hosts.exists(config_path):
         saved = with_new_defaults(json.loads(config_path.read_text()))
-        if saved != json.loads(json.dumps(cfg.to_dict())):
+        asked = json.loads(json.dumps(cfg.to_dict()))
+        if saved != asked:
+            differ = ", ".join(
+                f"{k}: saved {saved.get(k)!r}, asked {asked.get(k)!r}"
+                for k in sorted(set(saved) | set(asked))
+                if saved.get(k) != asked.get(k)
+            )
             raise ValueError(
-                f"{workdir} holds a study with another configuration ({config_path}); "
-                f"use a new --workdir or delete it"
+                f"{workdir} holds a study with another configuration ({config_path}; "
+                f"{differ}); pass the saved values as flags to resume it, or use a new "
+                "--workdir (a study saved before a field existed has it at its old default: "
+                "remat off, float32)"
             )
     else:
         jsonl.write_atomic(config_path, json.dumps(cfg.to_dict(), indent=1))

@@ -117,6 +117,13 @@ class StudyConfig:
                 "pairs of the valid split, so only num_valid of them would be used; set "
                 "num_acc_pairs <= num_valid"
             )
+        if self.rl_steps < self.num_evals:
+            raise ValueError(
+                f"StudyConfig {self.name!r}: rl_steps={self.rl_steps} < num_evals="
+                f"{self.num_evals}: the online run's evaluation steps would repeat, and every "
+                "run's k-th evaluation reads the online stream's k-th window; set num_evals <= "
+                "rl_steps"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

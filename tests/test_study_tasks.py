@@ -216,6 +216,17 @@ def test_accuracy_pairs_fit_in_the_valid_split():
         reproduce.config("quick", num_valid=100)
 
 
+def test_a_run_has_at_least_as_many_steps_as_evaluations():
+    """Every run's k-th evaluation reads the online stream's k-th window; with fewer online
+    steps than evaluations the steps repeat, and a longer (offline) run's later evaluations
+    had no window (an IndexError deep in a stage). Refused up front, naming both fields."""
+    for name, preset in study.PRESETS.items():
+        assert preset.rl_steps >= preset.num_evals, name
+    with pytest.raises(ValueError, match=r"'micro': rl_steps=3 < num_evals=5"):
+        dataclasses.replace(study.PRESETS["micro"], rl_steps=3, num_evals=5)
+    dataclasses.replace(study.PRESETS["micro"], rl_steps=5, num_evals=5)  # equal: fine
+
+
 def test_a_resumed_study_refuses_a_changed_data_folder(tmp_path):
     """study.load_task (run by `prepare` whenever a study starts or resumes) reads its cached
     task.json while the data files' bytes are the same (a touched file included), and refuses
@@ -541,3 +552,19 @@ def test_a_saved_pm_is_not_read_with_other_marker_ids(tmp_path):
     assert study.load_model(tmp_path / "golden_pm", cfg).cfg.pm_ids == (3, 4)
     with pytest.raises(ValueError, match=r"golden_pm: its model was trained with .*\(3, 4\)"):
         study.load_model(tmp_path / "golden_pm", cfg.replace(pm_ids=(60, 61)))
+
+
+def test_a_study_of_older_code_names_the_fields_a_resume_must_pass(tmp_path):
+    """A paper study saved before `remat` existed resumes with it off (its old behaviour),
+    while the paper preset now turns it on: the refusal names the field and both values
+    (it said only "another configuration"), and passing the saved value resumes."""
+    import json
+
+    import reproduce
+
+    saved = reproduce.config("paper").to_dict()
+    del saved["remat"]
+    (tmp_path / "study_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"remat: saved False, asked True\); pass the saved"):
+        reproduce.run(tmp_path, "paper")
+    assert study.with_new_defaults(saved) == reproduce.config("paper", remat=False).to_dict()

@@ -14,12 +14,20 @@ fuses and schedules differently, so read the numbers as an estimate (they show w
 how a mesh or `--remat` changes it, and which programs cannot fit).
 
 Programs, per policy size of the preset's scaling study and for both PMs: the SFT step, the
-IPO step (policy and reference, the online case: no cached reference log-probs), sampling a
-training batch and an evaluation batch, the exact KL of an evaluation batch (sampling and both
-models' teacher-forced passes, App. D), the PM train step (both orders of every pair), and a
-judgement of a batch of pairs (the proxy at the training batch, the golden PM at the
-evaluation batch). Prompts are at the preset's full `prompt_len` (the study cuts them to the
-longest prompt present, so real runs need no more).
+reference's log-probs of a training batch and the IPO step that takes them (as the loop runs
+it: `steps.with_reference`), sampling a training batch and an evaluation batch, the exact KL
+of an evaluation batch (sampling and both models' teacher-forced passes, App. D), the PM train
+step (both orders of every pair), and a judgement of pairs at the study's batches
+(`trainers.JUDGE_BATCH` for whole datasets; the evaluation batch). Prompts are at the preset's
+full `prompt_len` (the study cuts them to the longest prompt present, so real runs need no
+more).
+
+Each program is planned alone. The study, in one process on accelerators, keeps other arrays
+on the device while it runs: a PM's validation judgement runs beside its training copy, Adam's
+moments, its best copy and its initial parameters; a policy's evaluations (sampling, exact KL,
+the golden PM's judgement) beside its Adam moments, its reference, the golden and the proxy
+PM. Add those (a model's per-device parameter bytes are the planned SFT or PM train step's
+arguments over 3, less the batch) before calling a program "fits".
 """
 
 from __future__ import annotations
@@ -201,7 +209,18 @@ def policy_programs(cfg: StudyConfig, model_cfg, mesh, name: str):
     )
     pair = steps.PairBatch(*batch_of(mesh, (B, S), (B, S), (B, T), (B, T), (B, T), (B, T)))
     yield measure(
-        "IPO step (policy + reference)",
+        "reference log-probs (training)",
+        name,
+        B,
+        steps.reference_pair_logprobs.lower(model, pair, normalize="sum"),
+    )
+    # As the loop calls it (`steps.with_reference`): the reference's log-probs come in with the
+    # batch, so jit drops the unused reference model from the step's arguments.
+    pair = pair._replace(
+        **dict(zip(("ref_w", "ref_l"), batch_of(mesh, (B,), (B,), dtype=jnp.float32), strict=True))
+    )
+    yield measure(
+        "IPO step",
         name,
         B,
         steps.make_policy_step("ipo", opt).lower(
@@ -218,8 +237,10 @@ def policy_programs(cfg: StudyConfig, model_cfg, mesh, name: str):
     yield measure("exact KL (policy + reference)", name, B, exact.lower(model, model, x, xm, key))
 
 
-def pm_programs(cfg: StudyConfig, model_cfg, mesh, name: str, train_batch: int, judge_batch: int):
-    """The PM train step (both orders of every pair) and a judgement of a batch of pairs."""
+def pm_programs(cfg: StudyConfig, model_cfg, mesh, name: str, train_batch: int):
+    """The PM train step (both orders of every pair) and a judgement of a batch of pairs, at
+    the batch the study judges whole datasets with (`trainers.JUDGE_BATCH`) and at the
+    evaluation batch where that differs (win rates: the golden PM; the proxy's own)."""
     S, T = cfg.prompt_len, cfg.target_len
     model = abstract_model(model_cfg, mesh)
     key = abstract_key(mesh)
@@ -236,14 +257,14 @@ def pm_programs(cfg: StudyConfig, model_cfg, mesh, name: str, train_batch: int, 
             model, abstract_opt_state(opt, model, mesh), pairs, key
         ),
     )
-    B = judge_batch
     judge = jax.jit(preference.judge)
-    yield measure(
-        "PM judgement (both orders)",
-        name,
-        B,
-        judge.lower(model, *batch_of(mesh, (B, S), (B, S), (B, T), (B, T), (B, T), (B, T))),
-    )
+    for B in sorted({trainers.JUDGE_BATCH, cfg.eval_batch}):
+        yield measure(
+            "PM judgement (both orders)",
+            name,
+            B,
+            judge.lower(model, *batch_of(mesh, (B, S), (B, S), (B, T), (B, T), (B, T), (B, T))),
+        )
 
 
 def plan(cfg: StudyConfig, mesh, sizes: list[str]):
@@ -251,12 +272,8 @@ def plan(cfg: StudyConfig, mesh, sizes: list[str]):
     vocab = cfg.vocab_size
     golden = cfg.preset_model(cfg.golden_model, vocab)
     proxy = cfg.preset_model(cfg.policy_model, vocab)
-    yield from pm_programs(
-        cfg, golden, mesh, f"golden {cfg.golden_model}", cfg.pm_batch_golden, cfg.eval_batch
-    )
-    yield from pm_programs(
-        cfg, proxy, mesh, f"proxy {cfg.policy_model}", cfg.pm_batch_proxy, cfg.rl_batch
-    )
+    yield from pm_programs(cfg, golden, mesh, f"golden {cfg.golden_model}", cfg.pm_batch_golden)
+    yield from pm_programs(cfg, proxy, mesh, f"proxy {cfg.policy_model}", cfg.pm_batch_proxy)
     for size in sizes:
         yield from policy_programs(cfg, cfg.preset_model(size, vocab), mesh, f"policy {size}")
 
@@ -274,7 +291,7 @@ def format_row(p: Plan, limit: int | None) -> str:
     def gib(b):  # GiB, or MiB below a tenth of one
         return f"{b / GIB:7.2f}G" if b >= GIB / 10 else f"{b / 2**20:7.1f}M"
 
-    fits = "" if limit is None else ("   fits" if p.total <= limit else "   DOES NOT FIT")
+    fits = "" if limit is None else ("   fits alone" if p.total <= limit else "   DOES NOT FIT")
     return (
         f"{p.program:32s} {p.model:16s} {p.batch:5d} {gib(p.arguments)} {gib(p.outputs)} "
         f"{gib(p.temporaries)} {gib(p.total)}{fits}"

@@ -222,12 +222,16 @@ def train_sft(
 
 
 # `preference.pair_logits_both_orders` in its two halves, so the rows can be cut in between.
+# Rows per batch where a PM judges a whole dataset (validation, relabelling, test accuracy,
+# the online stream): `pair_logit_rows`, `judge_rows`, `pm_accuracy`.
+JUDGE_BATCH = 256
+
 _pack_both_orders = jax.jit(preference.pack_both_orders, static_argnames="markers")
 _logits_both_orders = eqx.filter_jit(preference.logits_of_packed_pairs)
 
 
 def pair_logit_rows(
-    pm, x, xm, y1, m1, y2, m2, *, batch_size: int = 256, bucket: int = 8
+    pm, x, xm, y1, m1, y2, m2, *, batch_size: int = JUDGE_BATCH, bucket: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
     """(logit r(x, y1, y2), logit r(x, y2, y1)) for every row: `preference.pair_logits_both_orders`
     for a whole dataset, with the work cut to the tokens that are there.
@@ -261,14 +265,14 @@ def pair_logit_rows(
     return z12, z21
 
 
-def judge_rows(pm, x, xm, y1, m1, y2, m2, *, batch_size: int = 256) -> np.ndarray:
+def judge_rows(pm, x, xm, y1, m1, y2, m2, *, batch_size: int = JUDGE_BATCH) -> np.ndarray:
     """De-biased judgements P(y1 > y2) in {0, 0.5, 1} for every row (A.2's sign rule on
     `pair_logit_rows`)."""
     z12, z21 = pair_logit_rows(pm, x, xm, y1, m1, y2, m2, batch_size=batch_size)
     return np.asarray(preference.judge_from_logits(z12, z21))
 
 
-def pm_accuracy(pm, data: dict[str, np.ndarray], *, batch_size: int = 256) -> float:
+def pm_accuracy(pm, data: dict[str, np.ndarray], *, batch_size: int = JUDGE_BATCH) -> float:
     """Fraction of rows where the de-biased judge prefers y_w (a tie counts 1/2)."""
     judged = judge_rows(pm, *(data[f] for f in PM_FIELDS), batch_size=batch_size)
     return float(np.mean(judged))

@@ -43,7 +43,7 @@ from absl import app, flags, logging
 from ipo_gap import hosts, jsonl, parallel, report, sharding, study_experiments
 from ipo_gap import seeds as seeds_report
 from ipo_gap.data import preference_data
-from ipo_gap.study import PRESETS, check_inputs, for_task, with_new_defaults
+from ipo_gap.study import PRESETS, check_inputs, for_task, old_defaults, with_new_defaults
 from ipo_gap.study_runs import Study
 
 TASKS = ("embedded", *preference_data.TASKS)
@@ -245,7 +245,8 @@ def _run(
                 f"{workdir} holds a study with another configuration ({config_path}; "
                 f"{differ}); pass the saved values as flags to resume it, or use a new "
                 "--workdir (a study saved before a field existed has it at its old default: "
-                "remat off, float32)"
+                + old_defaults()
+                + ")"
             )
     else:
         jsonl.write_atomic(config_path, json.dumps(cfg.to_dict(), indent=1))

@@ -148,37 +148,39 @@ def paired_difference(a: str, b: str) -> Interval:
     return paired_interval(outcome_values(a) - outcome_values(b))
 
 
-def paired_interval(d: np.ndarray, level: float = 0.95) -> Interval:
+def paired_interval(d: np.ndarray) -> Interval:
     """The mean of per-prompt differences d with a 95% interval.
 
     With `EXACT_BELOW` or more prompts on which d is not 0: the normal interval of a paired
     mean. With fewer (close checkpoints sample alike from the same key), an exact one on the
     signs: of the m differing prompts k favour the first; Clopper-Pearson's interval
-    [q_lo, q_hi] for the chance q that a differing prompt does gives the mean's
-    (m / n) * (q * a_pos - (1 - q) * a_neg) at q_lo and q_hi, a_pos and a_neg the mean size of
-    the positive and of the negative differences (where one sign is unseen, the other's; the
-    mean itself at q = k / m). With equal
-    sizes (two checkpoints' judgements: 1 or 1/2) it is (m / n) * |d| * (2 q - 1), and it
-    excludes 0 about when the exact sign test rejects (never for 5 of 5 or fewer in one
-    direction); with unequal ones (an interpolation of judgements) a large difference
-    against many small ones keeps its weight. None differing: [0, 0].
+    [q_lo, q_hi] for the chance q that a differing prompt does gives the lower end
+    (m / n) * (q_lo * a_pos - (1 - q_lo) * a_max) and the upper (m / n) * (q_hi * a_max -
+    (1 - q_hi) * a_neg), a_pos and a_neg the mean size of the positive and of the negative
+    differences and a_max the largest: the side against a bound counts at its worst, so a
+    tiny difference against a claim never strengthens it (at its mean size, one of -1e-6
+    beside one of +1 made the pair separated). With equal sizes (W against L, or ties: 1 or
+    1/2) it is (m / n) * |d| * (2 q - 1), which excludes 0 about when the exact sign test
+    rejects (never for 5 of 5 or fewer in one direction). None differing: [0, 0].
     """
     d = np.asarray(d, np.float64)
     if d.ndim != 1 or not len(d) or not np.all(np.isfinite(d)):
         raise ValueError(f"paired differences must be a non-empty finite 1-D array; got {d}")
     n, differ = len(d), d[d != 0]
     m = len(differ)
+    mean = float(d.mean())
     if m >= EXACT_BELOW:
         return Interval.of(d)
     if m == 0:
         return Interval(0.0, 0.0, 0.0, n)
     pos, neg = differ[differ > 0], -differ[differ < 0]
-    size = float(np.abs(differ).mean())  # an unseen side's size: the seen one's
-    a_pos = float(pos.mean()) if len(pos) else size
-    a_neg = float(neg.mean()) if len(neg) else size
-    q_lo, q_hi = clopper_pearson(len(pos), m, level)
-    at = lambda q: m / n * (q * a_pos - (1 - q) * a_neg)  # noqa: E731
-    return Interval(float(d.mean()), at(q_lo), at(q_hi), n)
+    a_max = float(np.abs(differ).max())
+    a_pos = float(pos.mean()) if len(pos) else a_max
+    a_neg = float(neg.mean()) if len(neg) else a_max
+    q_lo, q_hi = clopper_pearson(len(pos), m)
+    lo = m / n * (q_lo * a_pos - (1 - q_lo) * a_max)
+    hi = m / n * (q_hi * a_max - (1 - q_hi) * a_neg)
+    return Interval(mean, lo, hi, n)
 
 
 def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> np.ndarray:

@@ -965,16 +965,15 @@ class RatioResamples:
     def narrowing(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         """The BCa and the percentile interval of the gap's narrowing
         |1 - r_first| - |1 - r_last|. |1 - r| folds at r = 1: where a ratio's interval
-        contains 1, resamples on both sides of 1 all count as a gap, which pulls that end's
+        contains 1, resamples at and across 1 all count as a gap, which pulls that end's
         gap away from 0 (`_fold_rule` says what a verdict may claim there)."""
-        return self._of(lambda t: np.abs(1 - t[..., 0]) - np.abs(1 - t[..., -1]), level)
+        return self._of(lambda t: gap_narrowing(t[..., 0], t[..., -1]), level)
 
     def unfolded(self) -> bool:
         """Whether every value at both ends (point, resamples, jackknife) lies on one side
         of 1: then the narrowing is the ratio's change up to sign, draw by draw, and says it
         all."""
-        ends = np.concatenate([self.point[None], self.boot, self.jack])[:, [0, -1]]
-        return bool(np.all(ends < 1) or np.all(ends > 1))
+        return one_side_of_1(np.concatenate([self.point[None], self.boot, self.jack])[:, [0, -1]])
 
     def percentiles(self, level: float = 0.95) -> np.ndarray:
         """(sizes, 2): each ratio's percentile interval (`intervals` gives BCa's)."""
@@ -991,6 +990,19 @@ class RatioResamples:
         bca = bca_interval(draws[:, None], stat(self.point)[None], stat(self.jack)[:, None], level)
         tails = 50 * (1 - level), 50 * (1 + level)
         return bca[0], np.percentile(draws, tails)
+
+
+def gap_narrowing(first, last):
+    """How much the gap |1 - r| closes from the first size's ratio to the last's (> 0:
+    narrows); floats or arrays."""
+    return np.abs(1 - first) - np.abs(1 - last)
+
+
+def one_side_of_1(values) -> bool:
+    """Whether every value lies strictly on one side of 1 (NaN: no): there |1 - r| is linear
+    in r, and a change of the gap is a change of the ratio, up to sign."""
+    v = np.asarray(values, np.float64)
+    return bool(np.all(v < 1) or np.all(v > 1))
 
 
 def ratio_resamples(
@@ -1050,9 +1062,10 @@ def _gap_trend(
     "widens": BCa corrects the percentile interval's skew where the draws are smooth, and
     can claim too much where a change rests on a handful of prompts (discrete draws), where
     the percentile interval does not. |1 - r| folds at 1: where an end's ratio interval
-    contains 1 the verdict may be withheld (`_fold_rule`). Where some resample crosses 1 at
-    an end, the ratio's own change r_last - r_first, smooth everywhere, is given beside it."""
-    d = abs(1 - ratios[0]) - abs(1 - ratios[-1])
+    contains 1 the verdict may be withheld (`_fold_rule`). Unless every value at both ends
+    lies on one side of 1 (`RatioResamples.unfolded`), the ratio's own change r_last -
+    r_first, smooth everywhere, is given beside it."""
+    d = gap_narrowing(ratios[0], ratios[-1])
     ahead = [s["model"] for s, r in zip(sizes, ratios, strict=True) if r > 1]
     text = (
         f"{label.capitalize()}/online goes from {ratios[0]:.3f} ({sizes[0]['model']}) to "
@@ -1095,7 +1108,7 @@ def _gap_trend(
         elif at_one:
             text += (
                 f" The ratio's interval contains 1 at {' and '.join(at_one)}, where the gap"
-                " |1 - r| folds: resamples on both sides of 1 all count as a gap there."
+                " |1 - r| folds: resamples at and across 1 all count as a gap there."
             )
     else:
         text += (
@@ -1114,7 +1127,7 @@ def _fold_rule(sign: int, first_at_one: bool, last_at_one: bool) -> int:
     sign and whether each end's ratio interval (BCa or percentile) contains 1. A gap narrows
     from a gap, and widens to one: "narrows" needs the first end's gap separated from 0, and
     "widens" the last end's. The fold then errs only on the side of no claim: at an end whose
-    interval contains 1, resamples on both sides of 1 all count as a gap, which pulls the
+    interval contains 1, resamples at and across 1 all count as a gap, which pulls the
     narrowing towards "narrows" at the first end (refused there) and towards "widens" at the
     last (refused there); at the other end it pulls against the claim."""
     if sign > 0 and first_at_one or sign < 0 and last_at_one:

@@ -74,7 +74,7 @@ def headline(results: Mapping) -> dict:
 
 def narrowing(ratios: Mapping[str, float], first: str, last: str) -> float:
     """REPORT.md's change of the gap with size: |1 - r_first| - |1 - r_last| (> 0 narrows)."""
-    return abs(1 - ratios[first]) - abs(1 - ratios[last])
+    return float(report.gap_narrowing(ratios[first], ratios[last]))
 
 
 def ratio_change(ratios: Mapping[str, float], first: str, last: str) -> float:
@@ -87,13 +87,15 @@ def _by_interval(s: Spread, one: str, above: str, below: str, neither: str) -> s
     """The words for a t-interval over seeds: one seed, wholly above 0, below 0, or neither."""
     if s.n < 2:
         return one
-    return above if s.lo > 0 else below if s.hi < 0 else neither
+    return {1: above, -1: below, 0: neither}[report.interval_sign(s)]
 
 
 def straddles_one(values: Sequence[float]) -> bool:
-    """Whether per-seed ratios lie on both sides of 1 (or at 1, or NaN): there the gap
-    |1 - r| folds, as it does in REPORT.md's bootstrap where a ratio's interval holds 1."""
-    return not (all(v < 1 for v in values) or all(v > 1 for v in values))
+    """Whether per-seed ratios lie on both sides of 1 (or at 1, or NaN): there the mean of
+    |1 - r| over seeds folds, as REPORT.md's bootstrap does where a ratio's interval holds
+    1. It reads each seed's point ratio, not its evaluation interval: seeds each within
+    noise of 1 but on one side count as unfolded, so the rule refuses less than REPORT.md's."""
+    return not report.one_side_of_1(values)
 
 
 def trend_verdict(
@@ -115,7 +117,7 @@ def trend_verdict(
     )
     if change.n < 2 or first is None or last is None:
         return text
-    sign = 1 if change.lo > 0 else -1 if change.hi < 0 else 0
+    sign = report.interval_sign(change)
     if report._fold_rule(sign, straddles_one(first), straddles_one(last)) == sign:
         return text
     return (

@@ -351,6 +351,12 @@ def with_new_defaults(saved: dict) -> dict:
 _ADDED_FIELDS = ("compute_dtype", "remat")
 
 
+def old_defaults() -> str:
+    """The fields `with_new_defaults` fills, with their values, in words."""
+    fields = StudyConfig.__dataclass_fields__
+    return ", ".join(f"{k} {fields[k].default!r}" for k in _ADDED_FIELDS)
+
+
 def savez_atomic(path: pathlib.Path, **arrays: np.ndarray) -> None:
     """np.savez through a temporary file and a rename: a kill never leaves half a file."""
     jsonl.write_file_atomic(path, lambda f: np.savez(f, **arrays))

@@ -91,6 +91,13 @@ def test_few_differing_prompts_get_the_exact_sign_interval():
     for d in ([0.05] * 9 + [-1] + [0] * 200, [0.1] * 20 + [-0.9] * 6 + [0] * 100):
         iv = paired_interval(np.array(d))
         assert iv.mean < 0 and iv.lo <= iv.mean and iv.lo < 0 < iv.hi
+    # A tiny difference against a claim never strengthens it: one W-vs-L prompt is not
+    # separated, and neither is it beside a -1e-6; 5 W-vs-L beside a T-vs-W, or 7 beside 3
+    # (an exact sign-flip test: p = 0.07), are not either; 9 of 9 still is.
+    z = [0.0] * 200
+    for d in ([1] + z, [1, -1e-6] + z, [1] * 5 + [-0.5] + z, [1] * 7 + [-0.5] * 3 + z):
+        assert paired_interval(np.array(d)).lo < 0, d[:10]
+    assert paired_interval(np.array([1] * 9 + z)).lo > 0
     rng = np.random.default_rng(0)
     for _ in range(300):
         m = int(rng.integers(1, 30))
@@ -517,12 +524,17 @@ def test_h4_compares_online_bo2_with_its_shuffled_stream():
     assert Interval.of(outcome_values(wins(200)) - outcome_values(wins(196))).lo > 0
     assert exact.lo < 0 < exact.hi and f"+0.010 [{exact.lo:+.3f}, {exact.hi:+.3f}]" in text
     assert "not distinguishable from online's curve" in text
-    # Judgements of another prompt count at a bracketing checkpoint: no pairing, the unpaired
-    # check of older summaries instead (never a broadcast over mismatched prompts).
-    short = shuffled_at(1.0, "W" * 60 + "L" * 240)
-    text = report.bo2_verdict([two, off, short])
+    # Judgements of another prompt count at a bracketing checkpoint of online's: no pairing,
+    # the unpaired check of older summaries instead (never a broadcast over mismatched
+    # prompts). Online's curve at KL 1 is 0.5, outside the shuffled peak's 0.375 [0.33, 0.42].
+    uneven = online_at((0.0, 10, 100), (2.0, 20, 300))
+    uneven["evals"][1]["win_outcomes"] = "W" * 75 + "L" * 225
+    text = report.bo2_verdict([uneven, off, shuffled_at(1.0, wins(150))])
     assert "paired over the evaluation prompts" not in text
-    assert "online's own uncertainty is not counted" in text or "outside the shuffled" in text
+    assert text.endswith(
+        "is at 0.500, outside the shuffled peak's 95% interval: unlike the paper, the curves "
+        "differ at that KL."
+    )
     exact = dict(_run("offline bo2 (exact order)", [base]), max_param_diff_to_online=0.0)
     assert report.bo2_verdict([on, off, exact]).endswith(
         "the exact-order Bo2 replay's max parameter difference to online: 0."

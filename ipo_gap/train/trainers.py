@@ -221,11 +221,12 @@ def train_sft(
     return model, history
 
 
-# `preference.pair_logits_both_orders` in its two halves, so the rows can be cut in between.
-# Rows per batch where a PM judges a whole dataset (validation, relabelling, test accuracy,
-# the online stream): `pair_logit_rows`, `judge_rows`, `pm_accuracy`.
+# Rows per batch where a PM judges a whole dataset (validation, relabelling, test accuracy):
+# `pair_logit_rows`, `judge_rows`, `pm_accuracy`. (The online stream and the win rates are
+# judged at the study's `eval_batch`.)
 JUDGE_BATCH = 256
 
+# `preference.pair_logits_both_orders` in its two halves, so the rows can be cut in between.
 _pack_both_orders = jax.jit(preference.pack_both_orders, static_argnames="markers")
 _logits_both_orders = eqx.filter_jit(preference.logits_of_packed_pairs)
 

@@ -57,6 +57,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
+import dtype_flag  # noqa: E402
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -91,6 +92,7 @@ _SIZES = flags.DEFINE_list(
     "sizes", None, "Policy sizes to plan (default: the preset's scaling_models)."
 )
 _JSON = flags.DEFINE_string("json", None, "Also write the rows as JSON lines to this file.")
+_COMPUTE = dtype_flag.COMPUTE_DTYPE
 
 GIB = 2**30
 
@@ -303,6 +305,8 @@ def main(argv):
     cfg = PRESETS[_PRESET.value]
     if _REMAT.value is not None:
         cfg = dataclasses.replace(cfg, remat=_REMAT.value)
+    if _COMPUTE.value is not None:  # as reproduce.py's flag: what the products read
+        cfg = dataclasses.replace(cfg, compute_dtype=_COMPUTE.value)
     mesh = sharding.make_mesh(_MESH.value)
     sizes = _SIZES.value or list(cfg.scaling_models)
     devices = mesh.devices.flatten()

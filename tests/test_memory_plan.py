@@ -72,6 +72,7 @@ def test_the_plan_binary_marks_what_does_not_fit(tmp_path):
         "--mesh=data:2,model:4",
         "--sizes=toy-s",
         "--device_memory_gib=0.005",
+        "--compute_dtype=bfloat16",
         f"--json={rows}",
     ]
     got = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -90,6 +91,7 @@ def test_the_plan_binary_marks_what_does_not_fit(tmp_path):
     assert len(plans) == 12
     lines = got.stdout.splitlines()
     assert "simulated: XLA's CPU compiler, an estimate" in lines[0]
+    assert "compute bfloat16" in lines[0]  # the flag reaches every planned model
     for p in plans:
         assert p["total"] == p["arguments"] + p["outputs"] + p["temporaries"] > 0
         line = next(

@@ -1074,8 +1074,8 @@ def _gap_trend(
     if res is not None:
         (lo, hi), (p_lo, p_hi) = res.narrowing()
         (c_lo, c_hi), (cp_lo, cp_hi) = res.change()
-        spans = [(res.intervals()[i], res.percentiles()[i]) for i in (0, -1)]
-        first, last = (any(a <= 1 <= b for a, b in span) for span in spans)
+        bca, pct = res.intervals(), res.percentiles()  # each once: BCa loops over the sizes
+        first, last = (any(a <= 1 <= b for a, b in (bca[i], pct[i])) for i in (0, -1))
         sign = 1 if min(lo, p_lo) > 0 else -1 if max(hi, p_hi) < 0 else 0
         held = _fold_rule(sign, first, last)
         word = {

@@ -24,8 +24,9 @@ counterpart of D_golden, which is the train split relabelled by it).
   mean of log pi(y_w|x) - log pi_sft(y_w|x) on the same pairs.
 
 All loops run fixed-size batches (the last one edge-padded, padding dropped), so each
-quantity compiles once per study. Keys derive from (seed, purpose), not from the step, so
-every checkpoint is measured on the same prompts with the same random stream.
+quantity compiles once per study. Every checkpoint is measured with the evaluator's one key
+(in a study, its "eval" purpose key), not one per step, so every checkpoint is measured on the
+same prompts with the same random stream.
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ class Evaluator:
     kl_xm: np.ndarray
     pairs: dict[str, np.ndarray]
     max_len: int
-    seed: int
+    key: jax.Array  # win-rate samples: split(key)[0]; KL: split(key)[1]; E.1: fold_in(key, 2)
     batch_size: int = 256
     num_self: int = 64  # prompts for self-classification (E.1); 0 = not measured
     # Other judges of the same win-rate samples, e.g. {"proxy": proxy_pm}: each adds
@@ -267,7 +268,7 @@ class Evaluator:
     _ref_pair_logps: tuple | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __call__(self, policy) -> dict[str, float]:
-        key = jax.random.key(self.seed)
+        key = self.key
         k_win, k_kl = jax.random.split(key)
         y, ym = sample_rows(
             policy,

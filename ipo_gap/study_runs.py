@@ -7,7 +7,17 @@ the SFT policy as reference, evaluated (`ipo_gap.eval`) at `cfg.num_evals` evenl
 checkpoints; its summary (`runs/<name>/done.json`) holds the evaluations and per-step losses.
 
 Keys: the root key jax.random.key(seed) is folded with a fixed number per purpose
-(`PURPOSES`), so every stage's randomness is independent of the others and of run order.
+(`PURPOSES`), so every stage's JAX randomness (initialisations, samples) is its own stream,
+whatever the run order. (Before 2026-12-06 the evaluator's key was jax.random.key(seed + 6),
+the root key of study seed + 6, whose golden PM it shared a key with: its self-classification
+samples drew the bits that initialised that PM.)
+
+Data orders are not separated by purpose: SFT, both PMs, the offline runs, the shuffled
+replays and the online runs' prompt schedules read in `sources.epoch_permutation(seed, epoch,
+n)` order, so stages over the same number of rows see them in the same order. The golden PM
+(human labels), the proxy PM and offline IPO on D_golden (golden labels) read the same
+train-split pairs, at equal batch sizes (the standard preset's 32) in the same batches.
+Separating them would change every number of the study.
 """
 
 from __future__ import annotations
@@ -131,6 +141,11 @@ PURPOSES = {
 }
 
 
+def purpose_key(seed: int, purpose: str) -> jax.Array:
+    """The key of one purpose of study `seed` (`PURPOSES`): the root key folded with it."""
+    return jax.random.fold_in(jax.random.key(seed), PURPOSES[purpose])
+
+
 class Study:
     def __init__(self, workdir: str | pathlib.Path, cfg: StudyConfig):
         self.workdir, self.cfg = pathlib.Path(workdir), cfg
@@ -239,7 +254,7 @@ class Study:
         return self.workdir / f"runs{self.tag}"
 
     def key(self, purpose: str) -> jax.Array:
-        return jax.random.fold_in(jax.random.key(self.cfg.seed), PURPOSES[purpose])
+        return purpose_key(self.cfg.seed, purpose)
 
     def _memo(self, name, fn):
         if name not in self._cache:
@@ -477,7 +492,7 @@ class Study:
                 kl_xm=rl["prompt_mask"][:n_kl],
                 pairs=pairs,
                 max_len=self.cfg.target_len,
-                seed=self.cfg.seed + PURPOSES["eval"],
+                key=self.key("eval"),
                 batch_size=self.cfg.eval_batch,
             )
 

@@ -59,7 +59,7 @@ def test_the_evaluator_computes_the_reference_on_its_pairs_once(monkeypatch):
         kl_xm=xm,
         pairs=_pairs(2, 7),
         max_len=4,
-        seed=0,
+        key=jax.random.key(0),
         batch_size=4,
         num_self=0,
     )
@@ -94,7 +94,7 @@ def _evaluator(ref, pm, x, xm, base_y, base_ym, **overrides):
         "kl_xm": xm,
         "pairs": _pairs(2, 7),
         "max_len": 4,
-        "seed": 0,
+        "key": jax.random.key(0),
         "batch_size": 4,
         "num_self": 0,
     }
@@ -112,7 +112,7 @@ def test_win_rate_is_the_policy_sample_beating_the_baseline_sample(monkeypatch):
     most any 4-token response can have) on two, so the outcomes are lopsided and swapping the
     judge's arguments would turn each W into L: the win rate, its Wilson interval and the
     outcome string must equal a direct judgement of the policy's own samples (the win-rate key
-    is split(key(seed))[0]) against the baseline's, in that order."""
+    is split(key)[0]) against the baseline's, in that order."""
     policy, ref, golden, proxy = (t5.init(CFG, key=jax.random.key(k)) for k in (1, 2, 3, 4))
     x, xm = _prompts(1, 6)
     base_y = np.repeat(np.array([2, 2, 2, 2, 63, 63], np.int32)[:, None], 4, axis=1)
@@ -127,7 +127,7 @@ def test_win_rate_is_the_policy_sample_beating_the_baseline_sample(monkeypatch):
     ev = _evaluator(ref, golden, x, xm, base_y, base_ym, other_judges={"proxy": proxy})
     got = ev(policy)
 
-    k_win = jax.random.split(jax.random.key(ev.seed))[0]
+    k_win = jax.random.split(ev.key)[0]
     y, ym = evaluation.sample_rows(policy, x, xm, key=k_win, max_len=4, batch_size=4)
     policy_sum, base_sum = _token_sum(y, ym), _token_sum(base_y, base_ym)
     want = np.where(policy_sum > base_sum, 1.0, np.where(policy_sum < base_sum, 0.0, 0.5))

@@ -15,12 +15,13 @@ import pathlib
 import shutil
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
 
 from ipo_gap import eval as evaluation
-from ipo_gap import report, seeds, study
+from ipo_gap import report, seeds, study, study_runs
 from ipo_gap.determinism import tree_max_abs_diff
 from ipo_gap.study import load_model
 
@@ -71,6 +72,29 @@ def test_prompts_are_cut_to_the_longest_prompt():
     left_padded = {"prompt": np.ones((1, 3), int), "prompt_mask": np.array([[0, 1, 1]])}
     with pytest.raises(ValueError, match="right-padded"):
         study._trim_prompts([left_padded])
+
+
+def test_evaluation_keys_are_shared_with_no_stage_of_any_seed():
+    """The evaluator draws its win-rate samples, KL samples and self-classification samples
+    from split(k)[0], split(k)[1] and fold_in(k, 2) of its purpose key k. None of those equals
+    a stage's purpose key or root key, of its own seed or of any other: seeds 6 apart shared
+    one when the evaluator's key was key(seed + 6) (its fold_in(., 2) was seed + 6's golden PM
+    key), which the last assertion shows."""
+    seeds = range(13)
+
+    def bits(key):
+        return tuple(np.asarray(jax.random.key_data(key)).tolist())
+
+    stage_keys = {bits(jax.random.key(s)) for s in seeds} | {
+        bits(study_runs.purpose_key(s, p)) for s in seeds for p in study_runs.PURPOSES
+    }
+    drawn = []
+    for s in seeds:
+        k = study_runs.purpose_key(s, "eval")
+        drawn += [bits(k2) for k2 in jax.random.split(k)] + [bits(jax.random.fold_in(k, 2))]
+    assert len(set(drawn)) == len(drawn) and not set(drawn) & stage_keys
+    old = jax.random.fold_in(jax.random.key(0 + study_runs.PURPOSES["eval"]), 2)
+    assert bits(old) == bits(study_runs.purpose_key(6, "golden_pm"))
 
 
 @pytest.mark.slow

@@ -8,9 +8,10 @@ small; same batch, prompt and response lengths as the peer):
            full-length responses (EOS forbidden before Lr, as the peer's min_new_tokens):
            generated tokens/s; FLOPs = fwd(B*Lp, B*Lr).
   ipo      one IPO train step on B pairs (policy fwd+bwd on y_w and y_l, reference forward
-           in the step, Adam): response tokens/s (both responses). FLOPs are the peer's
-           4 * fwd(2B*Lp, 2B*Lr); ipo_gap encodes each prompt once per model, so it does less
-           work for the same step and the comparable figure is tokens/s.
+           in the step, Adam): response tokens/s (both responses). FLOPs = 4 * fwd(B*Lp,
+           2B*Lr): ipo_gap encodes each prompt once per model. The peer encodes it once per
+           response, 4 * fwd(2B*Lp, 2B*Lr), given as `peer_equivalent_gflops_per_s`; the
+           comparable figure is tokens/s.
   kl       exact per-token KL along sampled responses (policy and reference teacher-forced,
            sum over the vocabulary): tokens/s; FLOPs = 2 * fwd(B*Lp, B*Lr).
 FLOP model (the peer's, so the figures compare): attention-score matmuls, softmax, norms and
@@ -22,7 +23,8 @@ drifts by tens of % within minutes, so each workload is divided by the higher of
 calibrations beside it (the conservative fraction), named in its `peak_gflops`.
 
 With --peer_python=PATH (a Python with torch and transformers, see ../shared/bench/README.md),
-the peer's script runs next to ours for each configuration, in --rounds rounds that alternate
+the peer's script runs next to ours for each configuration (with `--threads` set to the cores
+this process may use, as XLA uses them), in --rounds rounds that alternate
 who goes first (ours then the peer, then the peer then ours, ...), and a `compare` line gives
 the median over rounds of each side's throughput and of the per-round ratio, with every
 round's ratio. Where an issue set a target (`TARGET_RATIO`: sampling 3x the peer on toy and
@@ -52,6 +54,7 @@ compare lines give `ours_dtype` and `peer_dtype`, and a ratio compares like with
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -141,6 +144,18 @@ def token_param_counts(cfg) -> tuple[int, int]:
 def fwd_flops(cfg, t_enc: int, t_dec: int) -> float:
     n_enc, n_dec = token_param_counts(cfg)
     return 2.0 * (n_enc * t_enc + n_dec * t_dec)
+
+
+def workload_flops(bench: str, cfg, w) -> float:
+    """The FLOPs one call of our workload `bench` executes, by the FLOP model above: what
+    `fraction_of_peak` divides by the peak."""
+    B, Lp, Lr = w["batch"], w["prompt_len"], w["response_len"]
+    return {
+        "fwd_bwd": 3 * fwd_flops(cfg, B * Lp, B * Lr),
+        "sample": fwd_flops(cfg, B * Lp, B * Lr),
+        "ipo": 4 * fwd_flops(cfg, B * Lp, 2 * B * Lr),  # policy fwd+bwd, reference fwd
+        "kl": 2 * fwd_flops(cfg, B * Lp, B * Lr),
+    }[bench]
 
 
 def decode_step_bytes(cfg, w) -> list[int]:
@@ -241,8 +256,8 @@ def bench_fwd_bwd(cfg, model, w):
 
     grad_fn = eqx.filter_jit(eqx.filter_value_and_grad(loss))
     ts = time_calls(lambda: grad_fn(model), _WARMUP.value, _REPEATS.value)
-    B, Lp, Lr = w["batch"], w["prompt_len"], w["response_len"]
-    return ts, {"response_tokens": B * Lr, "flops": 3 * fwd_flops(cfg, B * Lp, B * Lr)}
+    B, Lr = w["batch"], w["response_len"]
+    return ts, {"response_tokens": B * Lr, "flops": workload_flops("fwd_bwd", cfg, w)}
 
 
 def bench_sample(cfg, model, w):
@@ -259,8 +274,7 @@ def bench_sample(cfg, model, w):
     ts = time_calls(run, _WARMUP.value, _REPEATS.value)
     out = run()
     assert int(out.mask.sum()) == w["batch"] * Lr, "responses must be full length"
-    B, Lp = w["batch"], w["prompt_len"]
-    return ts, {"generated_tokens": B * Lr, "flops": fwd_flops(cfg, B * Lp, B * Lr)}
+    return ts, {"generated_tokens": w["batch"] * Lr, "flops": workload_flops("sample", cfg, w)}
 
 
 def bench_ipo(cfg, model, w):
@@ -283,9 +297,12 @@ def bench_ipo(cfg, model, w):
 
     ts = time_calls(run, _WARMUP.value, _REPEATS.value)
     B, Lp, Lr = w["batch"], w["prompt_len"], w["response_len"]
-    # Peer-equivalent FLOPs (4 fwd of the doubled batch), so GFLOP/s compare; ours encodes
-    # each prompt once per model, so it does less work for the same step.
-    return ts, {"response_tokens": 2 * B * Lr, "flops": 4 * fwd_flops(cfg, 2 * B * Lp, 2 * B * Lr)}
+    return ts, {
+        "response_tokens": 2 * B * Lr,
+        "flops": workload_flops("ipo", cfg, w),
+        # The peer's count: it encodes each prompt once per response (4 fwd of 2B pairs' rows).
+        "peer_flops": 4 * fwd_flops(cfg, 2 * B * Lp, 2 * B * Lr),
+    }
 
 
 def bench_kl(cfg, model, w):
@@ -300,8 +317,7 @@ def bench_kl(cfg, model, w):
         _WARMUP.value,
         _REPEATS.value,
     )
-    B, Lp = w["batch"], w["prompt_len"]
-    return ts, {"tokens": B * Lr, "flops": 2 * fwd_flops(cfg, B * Lp, B * Lr)}
+    return ts, {"tokens": w["batch"] * Lr, "flops": workload_flops("kl", cfg, w)}
 
 
 BENCHES = {"fwd_bwd": bench_fwd_bwd, "sample": bench_sample, "ipo": bench_ipo, "kl": bench_kl}
@@ -391,6 +407,10 @@ def run_peer(config: str, benches: list[str], compute_dtype: str = "float32") ->
         str(_REPEATS.value),
         "--warmup",
         str(_WARMUP.value),
+        # As many threads as XLA's CPU backend uses here (one per core this process may run
+        # on); the peer's own default is 2, which matched only on 2-core machines.
+        "--threads",
+        str(len(os.sched_getaffinity(0))),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -442,6 +462,7 @@ def _ours(name: str, cfg, model, w, round_: int) -> dict[str, dict]:
         peak = max(peak_before, peak_after)
         med = statistics.median(ts)
         flops = extra.pop("flops")
+        peer_flops = extra.pop("peer_flops", None)
         line = {
             "config": name,
             "round": round_,
@@ -452,6 +473,11 @@ def _ours(name: str, cfg, model, w, round_: int) -> dict[str, dict]:
             **{f"{k}_per_s": round(v / med, 1) for k, v in extra.items()},
             "model_gflops_per_s": round(flops / med / 1e9, 1),
             "fraction_of_peak": round(flops / med / 1e9 / peak, 3),
+            **(
+                {"peer_equivalent_gflops_per_s": round(peer_flops / med / 1e9, 1)}
+                if peer_flops
+                else {}
+            ),
             "peak_gflops": round(peak, 1),
             "batch": w["batch"],
             "prompt_len": w["prompt_len"],

@@ -101,6 +101,54 @@ def test_sample_roofline_reads_weights_and_caches_in_the_narrower_dtype():
         assert roof["roofline_s"] == pytest.approx((2 * n_enc + 4 * n_dec + sum(kv)) / 1e9)
 
 
+def test_flop_model_counts_what_the_programs_execute():
+    """`workload_flops` against XLA's own count of the compiled programs (toy's widths, one
+    layer per stack, 2 rows of 8 + 8 tokens): the model leaves out attention scores, softmax,
+    norms and Adam's elementwise update, so XLA counts a little more, never less. The IPO
+    step encodes each prompt once per model: the peer's count, which encodes it once per
+    response, lies above what XLA counts."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    from ipo_gap import kl, logprobs
+    from ipo_gap.configs import model_preset
+    from ipo_gap.t5 import model as t5
+    from ipo_gap.train import steps
+
+    cfg = model_preset("toy").replace(num_encoder_layers=1, num_decoder_layers=1)
+    w = {"batch": 2, "prompt_len": 8, "response_len": 8}
+    model = t5.init(cfg, key=jax.random.key(0))
+    src, sm, tgt, tm = bench._inputs(cfg, w, 1)
+
+    def xla_flops(lowered):
+        lowered = getattr(lowered, "lowered", lowered)  # equinox wraps jax's Lowered
+        return lowered.compile().cost_analysis()["flops"]
+
+    def loss(m):
+        logits = t5.forward(m, src, sm, t5.shift_right(tgt))
+        return -logprobs.sequence_logprobs(logits, tgt, tm).sum()
+
+    opt = steps.make_optimizer()
+    ipo_args = (
+        model,
+        opt.init(eqx.filter(model, eqx.is_array)),
+        model,
+        steps.PairBatch(src, sm, tgt, tm, tgt[:, ::-1], tm),
+        steps.Hparams.make(1e-7, beta=0.1),
+        jnp.int32(0),
+    )
+    counted = {
+        "fwd_bwd": xla_flops(eqx.filter_jit(eqx.filter_value_and_grad(loss)).lower(model)),
+        "ipo": xla_flops(steps.make_policy_step("ipo", opt).lower(*ipo_args)),
+        "kl": xla_flops(eqx.filter_jit(kl.teacher_forced_kl).lower(model, model, src, sm, tgt, tm)),
+    }
+    for name, flops in counted.items():
+        assert 1.0 <= flops / bench.workload_flops(name, cfg, w) <= 1.2, name
+    B, Lp, Lr = w["batch"], w["prompt_len"], w["response_len"]
+    assert 4 * bench.fwd_flops(cfg, 2 * B * Lp, 2 * B * Lr) > 1.1 * counted["ipo"]
+
+
 def test_compare_line_names_each_sides_dtype():
     ours, peer = _round("kl", 300.0, 30.0, 100.0, 200.0)
     assert "ours_dtype" not in bench.compare_line("toy", "kl", "tokens_per_s", [(ours, peer)])
@@ -213,6 +261,10 @@ def test_bench_runs_every_workload_and_compares_with_a_peer(tmp_path):
             < x["fraction_of_peak"]
             == pytest.approx(x["model_gflops_per_s"] / x["peak_gflops"], abs=2e-3)
         )
+        # Only the IPO step does less work than the peer's for the same step (see its docstring).
+        assert ("peer_equivalent_gflops_per_s" in x) == (x["bench"] == "ipo")
+        if x["bench"] == "ipo":
+            assert x["peer_equivalent_gflops_per_s"] > x["model_gflops_per_s"]
     streams = [x for x in lines if x.get("bench") == "calib_stream"]
     assert [x["when"] for x in streams] == ["before sample", "after sample"] * 2
     for x in (o for o in ours if o["bench"] == "sample"):

@@ -34,7 +34,7 @@ from ipo_gap import preference
 from ipo_gap.configs import model_preset
 from ipo_gap.data import sources, toy_task
 from ipo_gap.data.order_log import OrderLog, pair_schema
-from ipo_gap.determinism import tree_max_abs_diff
+from ipo_gap.determinism import tree_bit_differences, tree_max_abs_diff
 from ipo_gap.study import load_model, save_model, stage
 from ipo_gap.t5 import model as t5
 from ipo_gap.tokenizer import Tokenizer
@@ -187,10 +187,12 @@ def run(workdir: pathlib.Path) -> bool:
     )
     loss_dev = [abs(a["loss"] - b["loss"]) for a, b in zip(hist_on, hist_off, strict=True)]
     diff = tree_max_abs_diff(online, offline)
+    differing = tree_bit_differences(online, offline)  # -0 against +0 too
     report = {
         "steps": n,
         "max_loss_deviation": max(loss_dev),
         "max_param_diff": diff,
+        "param_leaves_differing_in_bits": differing,
         "per_step_loss_deviation": loss_dev,
     }
     for level in _SHUFFLE.value:
@@ -231,8 +233,11 @@ def run(workdir: pathlib.Path) -> bool:
         )
     for level in _SHUFFLE.value:
         print(f"shuffle window {level}: {report[f'shuffle_{level}']}")
-    ok = diff == 0.0 and max(loss_dev) == 0.0
-    print(f"max parameter difference {diff:.3g}, max loss deviation {max(loss_dev):.3g}")
+    ok = not differing and max(loss_dev) == 0.0
+    print(
+        f"max parameter difference {diff:.3g}, max loss deviation {max(loss_dev):.3g}, "
+        f"parameters differing in bits: {', '.join(differing) or 'none'}"
+    )
     print(
         "PASS: the offline replay is bit-identical to the online run"
         if ok

@@ -281,10 +281,12 @@ def _shared_embedding(tensors: dict, directory, check: bool = True) -> dict:
     """`tensors` with the one embedding the model has under "shared.weight".
 
     transformers ties both stacks' embed_tokens to `shared`, and files hold one, two or three
-    copies (some, such as google/madlad400-3b-mt, only decoder.embed_tokens.weight). As there,
-    the first present in `_EMBEDDINGS` order is the embedding and the other copies are not
-    used; one that differs from it is named in a warning (transformers drops it silently),
-    when `check` (reading the copies: `load_hf_t5` does, `hf_t5_config` does not).
+    copies (some, such as google/madlad400-3b-mt, only decoder.embed_tokens.weight). The model
+    has one embedding: the first present in `_EMBEDDINGS` order; the other copies are not
+    used. One that differs from it is named in a warning, when `check` (reading the copies:
+    `load_hf_t5` does, `hf_t5_config` does not): transformers 5.x does not tie a copy that
+    differs, it keeps it for its stack (5.25 checked), so its logits then differ from these.
+    Public checkpoints store equal copies.
     """
     present = [n for n in _EMBEDDINGS if n in tensors]
     for other in present[1:] if check else ():
@@ -299,8 +301,9 @@ def _warn_if_differs(tensors: dict, name: str, used: str, directory) -> None:
     a, b = tensors[name], tensors[used]
     if a.shape != b.shape or not np.array_equal(a, b):
         logging.warning(
-            "%s: tensor %s is not used (the model takes %s, as transformers does), and it "
-            "differs from it (shape %s vs %s)",
+            "%s: tensor %s is not used (the model has one, %s), and it differs from it "
+            "(shape %s vs %s): transformers 5.x keeps such a copy, so its logits differ from "
+            "this model's",
             directory,
             name,
             used,

@@ -141,10 +141,26 @@ def compare_logs(dir_a, dir_b) -> int | None:
 
 
 def tree_max_abs_diff(a, b) -> float:
-    """Max |a - b| over the array leaves of two pytrees of the same structure (models)."""
+    """Max |a - b| over the array leaves of two pytrees of the same structure (models); NaN
+    where any leaf's difference is NaN (Python's max would drop it after the first leaf).
+    A distance: -0 and +0 count as equal; `tree_bit_differences` tells bits apart."""
     la = jax.tree.leaves(eqx.filter(a, eqx.is_array))
     lb = jax.tree.leaves(eqx.filter(b, eqx.is_array))
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(la, lb, strict=True))
+    diffs = [float(jnp.max(jnp.abs(x - y))) for x, y in zip(la, lb, strict=True)]
+    return float("nan") if any(d != d for d in diffs) else max(diffs)
+
+
+def tree_bit_differences(a, b) -> list[str]:
+    """The key paths of the array leaves of two pytrees (models) whose bits differ (NaN equal
+    to itself with the same payload, -0 unequal to +0); empty: the same bits. Compared on
+    the devices, as `tree_max_abs_diff` is, so sharded models need no transfer."""
+    la = jax.tree_util.tree_leaves_with_path(eqx.filter(a, eqx.is_array))
+    lb = jax.tree.leaves(eqx.filter(b, eqx.is_array))
+    return [
+        jax.tree_util.keystr(path)
+        for (path, x), y in zip(la, lb, strict=True)
+        if x.shape != y.shape or x.dtype != y.dtype or not bool(jnp.all(_words(x) == _words(y)))
+    ]
 
 
 _MIX = (np.uint32(0x9E3779B1), np.uint32(0x85EBCA77))  # odd multipliers (golden ratio, murmur3)

@@ -7,10 +7,12 @@ KL estimator and every online algorithm of the study assume samples y ~ pi_theta
 samplers that silently default to truncation bias them. Truncation is opt-in.
 
 Exact up to float32 Gumbel noise: the draw is Gumbel-max with `jax.random.gumbel`, whose
-float32 noise -log(-log(u)) spans at most about [-2.8, 16.6] (u has 24 random bits; 4M draws
-gave [-2.66, 15.94]), so a token whose logit lies more than ~19 nats below the step's largest
-can never be drawn: at most V * exp(-19) of probability per step, ~2e-4 at T5's 32,128
-pieces, far less for the study's 1-2k. JAX's `jax_use_high_dynamic_range_gumbel` widens the
+float32 noise -log(-log(u)) draws u uniform with 23 random bits, clipped below at the smallest
+normal float: it spans [-2.77, 15.94], and reaches -4.47 with probability 2**-23 (4M draws
+gave [-2.66, 15.94]). So a token whose logit lies more than 18.7 nats below the step's
+largest is drawn only when the top token's noise hits that floor, and one more than 20.4
+below never: at most V * exp(-18.7) of probability per step, ~2e-4 at T5's 32,128 pieces, far
+less for the study's 1-2k. JAX's `jax_use_high_dynamic_range_gumbel` widens the
 range; it would change every sampled token.
 
 Randomness comes only from the key passed in: the token at position t of every row is drawn

@@ -22,7 +22,7 @@ from ipo_gap import eval as evaluation
 from ipo_gap import hosts, jsonl, parallel, sharding
 from ipo_gap.data import ref_cache, sources
 from ipo_gap.data.order_log import OrderLog, code_version
-from ipo_gap.determinism import tree_max_abs_diff
+from ipo_gap.determinism import tree_bit_differences, tree_max_abs_diff
 from ipo_gap.report import SHUFFLED_BO2, UNIFORM, UNIFORM_SWEEP
 from ipo_gap.study import load_model, relabel, savez_atomic, stage, study_config
 from ipo_gap.study_runs import Study
@@ -103,8 +103,12 @@ def _replay(
         ref = load_model(online, study.policy_cfg)
         online_losses = json.loads((online / "done.json").read_text())["losses"]
         dev = [abs(a - h["loss"]) for a, h in zip(online_losses, hist, strict=True)]
+        differing = tree_bit_differences(model, ref)
         return {
             "max_param_diff_to_online": tree_max_abs_diff(model, ref),
+            # Leaves whose bits differ (-0 against +0 too), and the first of them.
+            "param_leaves_differing_in_bits": len(differing),
+            "first_param_leaf_differing": differing[0] if differing else None,
             "max_loss_dev_to_online": max(dev),
             "mean_loss_dev_to_online": float(np.mean(dev)),
         }

@@ -245,11 +245,17 @@ class CheckpointManager:
     ) -> bool:
         """Saves the array leaves of `state` and a JSON `metadata` object as `step`.
 
-        Returns whether a checkpoint was written (False when `step` is off the save interval,
-        unless `force`). Raises if `step` already exists. Metadata values may be JSON types,
-        numpy scalars, or objects with `to_dict()` (configs).
+        Returns whether a checkpoint was written: False when `step` is off the save interval
+        or older than the latest saved step, unless `force` (which writes it). Raises if
+        `step` is saved already (orbax skipped that silently without `force`). Metadata values
+        may be JSON types, numpy scalars, or objects with `to_dict()` (configs).
         """
         step = int(step)
+        if step in self._mngr.all_steps():
+            raise ValueError(
+                f"{self.directory}: step {step} is saved already (steps {self.all_steps()}); "
+                "a step is written once (`rollback` removes it and the steps after it)"
+            )
         _refuse_python_numbers(state)
         leaves, _, names, _ = _array_leaves(state, eqx.is_array)
         if not leaves:

@@ -192,3 +192,15 @@ def test_check_determinism_refuses_a_kill_before_the_first_checkpoint(tmp_path):
     )
     assert proc.returncode != 0 and "PASS" not in proc.stdout
     assert "had saved no checkpoint (every 3 steps): nothing to resume from" in proc.stderr
+
+
+def test_tree_comparisons_tell_signed_zeros_and_nans_apart():
+    """A distance cannot see -0 against +0, and Python's max dropped a NaN after the first
+    leaf; the bit comparison names each leaf whose bits differ, in key-path order."""
+    a = {"w": jnp.array([0.0, 1.0]), "x": jnp.array([1.0, 2.0]), "y": jnp.array([3.0])}
+    b = {"w": jnp.array([-0.0, 1.0]), "x": jnp.array([1.0, jnp.nan]), "y": jnp.array([3.0])}
+    assert np.isnan(determinism.tree_max_abs_diff(a, b))
+    assert determinism.tree_max_abs_diff(a, {**b, "x": a["x"]}) == 0.0  # -0 = +0 by value
+    assert determinism.tree_bit_differences(a, b) == ["['w']", "['x']"]
+    assert determinism.tree_bit_differences(b, b) == []  # NaN is its own bits
+    assert determinism.tree_bit_differences(a, {**a, "y": jnp.array([3], jnp.int32)}) == ["['y']"]

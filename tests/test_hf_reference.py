@@ -367,14 +367,13 @@ def _logits(model, ref):
     return np.asarray(t5.forward(model, src, mask, jnp.asarray(ref["decoder_input_ids"])))
 
 
-def test_embedding_copies_and_a_tied_unscaled_head_load_as_transformers_reads_them(
-    tmp_path, caplog
-):
+def test_embedding_copies_and_a_tied_unscaled_head_load_into_one_embedding(tmp_path, caplog):
     """The embedding stored only as decoder.embed_tokens.weight (google/madlad400-3b-mt) loads
-    (it was refused as 'shared.weight missing'); an extra copy that differs is not used, as
-    in transformers, and a warning names it (it was dropped silently); a transformers-5 head
-    tied without scaling (no lm_head.weight, scale_decoder_outputs false) loads as a copy of
-    the embedding (it was refused as untied). The first two give the fixture's logits."""
+    (it was refused as 'shared.weight missing'); an extra copy that differs is not used and a
+    warning names it (it was dropped silently; transformers 5.x would use it for its stack);
+    a transformers-5 head tied without scaling (no lm_head.weight, scale_decoder_outputs
+    false) loads as a copy of the embedding (it was refused as untied). The first two give
+    the fixture's logits."""
     ref = np.load(FIXTURES / "hf_t5_v11" / "expected.npz")
 
     def rename(t):

@@ -654,3 +654,23 @@ def test_nan_judgements_and_win_rates_are_refused_not_carried():
     with pytest.raises(ValueError, match="win rate nan at step"):
         report.peak([r])
     assert math.isnan(report.ratio(0.3, 0.0)) and report.ratio(0.3, 0.6) == 0.5
+
+
+def test_the_tandem_verdict_compares_bits_where_the_summary_has_them():
+    """A replay whose parameters differ from online's only as -0 against +0 has a largest
+    difference of 0: with the bit record it is not called identical; an older summary,
+    without the record, is called identical by value, and says so."""
+    signed_zero = {
+        "max_param_diff_to_online": 0.0,
+        "max_loss_dev_to_online": 0.0,
+        "param_leaves_differing_in_bits": 1,
+    }
+    assert report.tandem_identical(signed_zero) == (False, "bit-identical")
+    assert report.tandem_identical({**signed_zero, "param_leaves_differing_in_bits": 0}) == (
+        True,
+        "bit-identical",
+    )
+    old = {"max_param_diff_to_online": 0.0, "max_loss_dev_to_online": 0.0}
+    same, how = report.tandem_identical(old)
+    assert same and "by value" in how
+    assert not report.tandem_identical({**old, "max_loss_dev_to_online": 1e-7})[0]

@@ -181,6 +181,7 @@ def test_exact_replays_equal_the_online_runs(micro_study):
     the paper's D_online-shuffled (the online Bo2 stream uniformly shuffled), which is not."""
     t, o = _summary(micro_study, "tandem_ipo"), _summary(micro_study, "online_ipo")
     assert t["max_param_diff_to_online"] == 0.0
+    assert t["param_leaves_differing_in_bits"] == 0 and t["first_param_leaf_differing"] is None
     assert t["max_loss_dev_to_online"] == 0.0
     assert t["losses"] == o["losses"]
     # Same parameters -> same evaluations, bit for bit. The online runs' checkpoints are

@@ -170,6 +170,9 @@ def test_max_to_keep_and_interval(tmp_path, state):
         saved = [s for s in range(1, 5) if mngr.save(s, state)]  # the first step always saves
         assert mngr.save(5, state, force=True)
         assert saved == [1, 3] and mngr.all_steps() == [1, 3, 5]
+        for force in (False, True):  # without force, orbax returned False and wrote nothing
+            with pytest.raises(ValueError, match="step 3 is saved already"):
+                mngr.save(3, state, force=force)
 
 
 def test_async_save_is_final_after_wait(tmp_path, state, template):

@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import optax
 
 from ipo_gap.t5 import model as t5
-from ipo_gap.tokenizer import EOS_ID, PAD_ID, PM_MARKER_IDS
+from ipo_gap.tokenizer import EOS_ID, PAD_ID, PM_MARKER_IDS, UNK_ID
 
 SEP_ID = EOS_ID  # separator after each packed segment (see module docstring)
 # Ids 3 and 4 (`PM_MARKER_IDS`): A's logit votes for "y1 preferred" (pairwise) / a high reward
@@ -185,9 +185,21 @@ def pack_pair(
     """Packs (x, y1, y2) as [x] EOS [y1] A [y2] B PAD... (A, B = `markers`: the PM's
     `cfg.pm_ids`, by default 3 and 4).
 
+    A marker id inside a segment is packed as UNK_ID, so A and B occur once each, where
+    they end y1 and y2. No text encodes to a reserved marker, but a policy samples any id of
+    its vocabulary (0.01-0.03% of the study's online responses hold one), and a PM read such a
+    marker as the end of its response. Where the markers are ordinary pieces (a checkpoint
+    without spare rows), their text is read as UNK too.
+
     Returns:
         (tokens_BxN, mask_BxN) with N = `length` or S + T1 + T2 + 3.
     """
+    ids = jnp.asarray(markers, jnp.int32)
+
+    def unmarked(tokens):
+        return jnp.where(jnp.isin(tokens, ids), UNK_ID, tokens)
+
+    x_BxS, y1_BxT, y2_BxT = (unmarked(t) for t in (x_BxS, y1_BxT, y2_BxT))
     return pack_segments(
         [(x_BxS, x_mask), (y1_BxT, y1_mask), (y2_BxT, y2_mask)],
         length=length,

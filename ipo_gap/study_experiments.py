@@ -635,9 +635,9 @@ def _execution(study: Study) -> str:
 
 def _markers_sampled(study: Study) -> str:
     """How many responses of the online runs' logged streams contain a preference model's
-    marker id (`T5Config.pm_ids`): the policy can sample any id of its vocabulary, and the
-    proxy judging such a response reads the marker inside it as a segment's end (no text
-    encodes to a reserved marker, so only sampling can produce one)."""
+    marker id (`T5Config.pm_ids`): the policy can sample any id of its vocabulary (no text
+    encodes to a reserved marker, so only sampling can produce one); the PMs pack it as UNK
+    (`preference.pack_pair`; before 2026-12-06 they read it as the end of its response)."""
     ids = np.unique([*study.proxy_cfg.pm_ids, *study.golden_cfg.pm_ids])
     runs = total = hits = 0
     for d in sorted(study.workdir.glob("runs*/online_*/log")):

@@ -224,6 +224,24 @@ def test_pack_pair_matches_reference_on_random_segments():
         assert int(jnp.sum(got[0] == sep)) == 32
 
 
+def test_a_marker_id_inside_a_segment_is_packed_as_unk():
+    """A sampled response can hold a marker id; packed, it reads as UNK (id 2), so each row
+    holds A and B once, where y1 and y2 end, for the default markers and a PM's own."""
+    x = jnp.array([[7, 3, EOS_ID], [9, EOS_ID, 0]])
+    x_mask = (x != 0).astype(jnp.int32)
+    y1 = jnp.array([[10, 4, EOS_ID], [3, 11, 40]])
+    y2 = jnp.array([[3, 4, EOS_ID], [12, 41, EOS_ID]])
+    ones = jnp.ones_like(y1)
+    tokens, _ = pref.pack_pair(x, x_mask, y1, ones, y2, ones)
+    np.testing.assert_array_equal(
+        tokens[:, :9], [[7, 2, 1, 10, 2, 3, 2, 2, 4], [9, 1, 2, 11, 40, 3, 12, 41, 4]]
+    )
+    tokens, _ = pref.pack_pair(x, x_mask, y1, ones, y2, ones, markers=(40, 41))
+    np.testing.assert_array_equal(
+        tokens[:, :9], [[7, 3, 1, 10, 4, 40, 3, 4, 41], [9, 1, 3, 11, 2, 40, 12, 2, 41]]
+    )
+
+
 def test_a_pm_marks_and_reads_its_own_pm_ids():
     """A PM whose config names other marker ids (embedding rows past a loaded tokenizer's
     pieces) ends y1 / y2 with them and reads its score from their logits, in training, in

@@ -22,12 +22,14 @@ step (both orders of every pair), and a judgement of pairs at the study's batche
 full `prompt_len` (the study cuts them to the longest prompt present, so real runs need no
 more).
 
-Each program is planned alone. The study, in one process on accelerators, keeps other arrays
-on the device while it runs: a PM's validation judgement runs beside its training copy, Adam's
-moments, its best copy and its initial parameters; a policy's evaluations (sampling, exact KL,
-the golden PM's judgement) beside its Adam moments, its reference, the golden and the proxy
-PM. Add those (a model's per-device parameter bytes are the planned SFT or PM train step's
-arguments over 3, less the batch) before calling a program "fits".
+Beside each program, the study (one process, as on accelerators) keeps other models on the
+device: `beside` lists them by the study's order of stages (`BESIDE`) and adds their bytes
+per device, and the verdict says whether the program fits with them ("fits"), only alone
+("fits alone only") or not at all. A model's bytes are its parameters' shards on the mesh;
+Adam's moments count as two more copies. Where a program runs in several contexts (a PM judges
+during its own training and, at the evaluation batch, during every policy run), the largest
+is taken. Models the study holds only for a moment (a saved checkpoint loaded to sample from,
+Fig. 5) and arrays smaller than a model (batches, keys, metrics) are not counted.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ if __name__ == "__main__" and _simulated_devices(sys.argv):
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 
 import dtype_flag  # noqa: E402
@@ -108,6 +111,8 @@ class Plan:
     outputs: int  # outputs that do not reuse a donated argument's buffer
     temporaries: int
     compile_s: float
+    beside: int = 0  # bytes per device of the models the study holds beside it (`BESIDE`)
+    beside_of: str = ""  # what they are
 
     @property
     def total(self) -> int:
@@ -269,15 +274,133 @@ def pm_programs(cfg: StudyConfig, model_cfg, mesh, name: str, train_batch: int):
         )
 
 
+def tree_bytes(tree) -> int:
+    """Bytes per device of an abstract pytree: each array leaf's shard on its mesh (the
+    largest shard where a dimension does not divide)."""
+    leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.ShapeDtypeStruct)]
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+
+
+def study_order(cfg: StudyConfig) -> list[str]:
+    """The policy sizes in the order the study trains them: its own policy (with the
+    pipeline and the main experiments), then Fig. 10's other sizes in `scaling_models` order."""
+    return [cfg.policy_model] + [m for m in cfg.scaling_models if m != cfg.policy_model]
+
+
+class Beside:
+    """What the study holds on the device beside each program (`BESIDE` in words), in bytes
+    per device of the mesh: models of the study's sizes and Adam's moments of a trained one.
+
+    The study runs in this order (one process): the main size's SFT; the golden PM (beside
+    its training: its initial and best copies, and the SFT policy); the golden baseline; the
+    proxy PM (the same, and the golden PM); the main size's policy runs; then each other size
+    of `scaling_models`, its SFT and its runs. Finished models stay cached (`Study._memo`):
+    both PMs and every size's SFT policy, the reference of its runs. A policy run holds its
+    policy and Adam's two moments, a semi-online run (main size) also its sampling copy; the
+    programs' own arguments are not counted again. Checked against the live arrays of a
+    one-process micro study (`tests/test_memory_plan.py`)."""
+
+    def __init__(self, cfg: StudyConfig, mesh):
+        vocab = cfg.vocab_size
+        self.cfg, self.order = cfg, study_order(cfg)
+        self.bytes, self.moments = {}, {}
+        for name, which, opt in [
+            ("golden", cfg.golden_model, trainers.adam_with_warmup(0.0, 0)),
+            ("proxy", cfg.policy_model, trainers.adam_with_warmup(0.0, 0)),
+        ] + [(m, m, steps.make_optimizer()) for m in self.order]:
+            model = abstract_model(cfg.preset_model(which, vocab), mesh)
+            self.bytes[name] = tree_bytes(model)
+            self.moments[name] = tree_bytes(abstract_opt_state(opt, model, mesh))
+
+    def _cached(self, size: str) -> list[tuple[str, int]]:
+        """Both PMs (from the proxy's training on, before any policy run) and the SFT
+        policies of the sizes trained before `size`."""
+        done = self.order[: self.order.index(size)]
+        held = [("golden PM", self.bytes["golden"]), ("proxy PM", self.bytes["proxy"])]
+        return held + [(f"SFT {m}", self.bytes[m]) for m in done]
+
+    def _policy(self, size: str, *items: str, semi_online: bool = True) -> list[tuple[str, int]]:
+        """The cached models and the named items of a policy run of `size` ("policy",
+        "moments", "reference": its SFT policy). The main size's semi-online runs also hold
+        the sampling copy of the policy (refreshed every s steps), unless `semi_online` is
+        False (a context that only other runs have)."""
+        named = {
+            "policy": (f"policy {size}", self.bytes[size]),
+            "moments": (f"Adam moments {size}", self.moments[size]),
+            "reference": (f"SFT {size} (reference)", self.bytes[size]),
+        }
+        held = self._cached(size) + [named[i] for i in items]
+        if semi_online and size == self.cfg.policy_model:
+            held.append((f"policy {size} sampling copy (semi-online)", self.bytes[size]))
+        return held
+
+    def _pm_training(self, pm: str, *, moments: bool) -> list[tuple[str, int]]:
+        held = [(f"{pm} PM initial", self.bytes[pm]), (f"{pm} PM best", self.bytes[pm])]
+        held.append((f"SFT {self.cfg.policy_model}", self.bytes[self.cfg.policy_model]))
+        if pm == "proxy":
+            held.append(("golden PM", self.bytes["golden"]))
+        if moments:
+            held.append((f"Adam moments {pm} PM", self.moments[pm]))
+        return held
+
+    def contexts(self, plan: Plan, role: str) -> list[list[tuple[str, int]]]:
+        """Every context the study runs `plan`'s program of `role` ("golden", "proxy" or a
+        policy size) in, each as the list of (what, bytes) it holds beside the program's own
+        arguments."""
+        program = plan.program
+        if role in ("golden", "proxy"):
+            if program.startswith("PM train step"):  # its arguments: the PM, its moments
+                return [self._pm_training(role, moments=False)]
+            out = []
+            if plan.batch == trainers.JUDGE_BATCH:  # validation during its own training
+                out.append(self._pm_training(role, moments=True))
+            if plan.batch == self.cfg.eval_batch:  # win rates, inside a policy run
+                # The golden PM judges every size's runs, the proxy the main size's online
+                # runs (over-optimisation, not semi-online); the judging PM is the argument.
+                sizes = self.order if role == "golden" else [self.cfg.policy_model]
+                for size in sizes:
+                    held = self._policy(
+                        size, "policy", "moments", "reference", semi_online=role == "golden"
+                    )
+                    out.append([h for h in held if h[0] != f"{role} PM"])
+            return out
+        size = role
+        if program == "SFT step":  # its arguments: the model, its moments
+            initial = (f"{size} initial", self.bytes[size])
+            if size == self.cfg.policy_model:
+                return [[initial]]  # the study's first stage
+            return [self._cached(size) + [initial]]
+        if program == "IPO step":  # arguments: the policy, its moments (reference log-probs in)
+            return [self._policy(size, "reference")]
+        if program.startswith("reference log-probs"):  # argument: the reference
+            return [self._policy(size, "policy", "moments")]
+        if program.startswith("exact KL"):  # arguments: the policy and the reference
+            return [self._policy(size, "moments")]
+        if program.startswith("sampling"):  # argument: the policy
+            return [self._policy(size, "moments", "reference")]
+        raise ValueError(f"no context for program {program!r}")
+
+    def add(self, plan: Plan, role: str) -> Plan:
+        """`plan` with its largest context's bytes (`beside`) and contents (`beside_of`)."""
+        held = max(self.contexts(plan, role), key=lambda h: sum(b for _, b in h))
+        return dataclasses.replace(
+            plan, beside=sum(b for _, b in held), beside_of=", ".join(w for w, _ in held)
+        )
+
+
 def plan(cfg: StudyConfig, mesh, sizes: list[str]):
-    """Every program's Plan, in the order of the study."""
+    """Every program's Plan, in the order of the study, with what it runs beside."""
     vocab = cfg.vocab_size
     golden = cfg.preset_model(cfg.golden_model, vocab)
     proxy = cfg.preset_model(cfg.policy_model, vocab)
-    yield from pm_programs(cfg, golden, mesh, f"golden {cfg.golden_model}", cfg.pm_batch_golden)
-    yield from pm_programs(cfg, proxy, mesh, f"proxy {cfg.policy_model}", cfg.pm_batch_proxy)
+    held = Beside(cfg, mesh)
+    for p in pm_programs(cfg, golden, mesh, f"golden {cfg.golden_model}", cfg.pm_batch_golden):
+        yield held.add(p, "golden")
+    for p in pm_programs(cfg, proxy, mesh, f"proxy {cfg.policy_model}", cfg.pm_batch_proxy):
+        yield held.add(p, "proxy")
     for size in sizes:
-        yield from policy_programs(cfg, cfg.preset_model(size, vocab), mesh, f"policy {size}")
+        for p in policy_programs(cfg, cfg.preset_model(size, vocab), mesh, f"policy {size}"):
+            yield held.add(p, size)
 
 
 def device_memory(device) -> int | None:
@@ -289,14 +412,26 @@ def device_memory(device) -> int | None:
     return stats.get("bytes_limit")
 
 
-def format_row(p: Plan, limit: int | None) -> str:
-    def gib(b):  # GiB, or MiB below a tenth of one
-        return f"{b / GIB:7.2f}G" if b >= GIB / 10 else f"{b / 2**20:7.1f}M"
+def gib(b: int) -> str:
+    """GiB, or MiB below a tenth of one, 8 characters wide."""
+    return f"{b / GIB:7.2f}G" if b >= GIB / 10 else f"{b / 2**20:7.1f}M"
 
-    fits = "" if limit is None else ("   fits alone" if p.total <= limit else "   DOES NOT FIT")
+
+def verdict(p: Plan, limit: int | None) -> str:
+    """Whether `p` fits a device of `limit` bytes with what the study holds beside it."""
+    if limit is None:
+        return ""
+    if p.total + p.beside <= limit:
+        return "fits"
+    return "fits alone only" if p.total <= limit else "DOES NOT FIT"
+
+
+def format_row(p: Plan, limit: int | None) -> str:
+    fits = verdict(p, limit)
     return (
         f"{p.program:32s} {p.model:16s} {p.batch:5d} {gib(p.arguments)} {gib(p.outputs)} "
-        f"{gib(p.temporaries)} {gib(p.total)}{fits}"
+        f"{gib(p.temporaries)} {gib(p.total)} {gib(p.beside)} {gib(p.total + p.beside)}"
+        + (f"   {fits}" if fits else "")
     )
 
 
@@ -319,19 +454,26 @@ def main(argv):
     )
     print(
         f"{'program':32s} {'model':16s} {'batch':>5s} {'args':>8s} {'outputs':>8s} "
-        f"{'temps':>8s} {'total':>8s}   per device"
+        f"{'temps':>8s} {'total':>8s} {'beside':>8s} {'with it':>8s}   per device"
         + ("" if limit is None else f", {limit / GIB:.1f} GiB available")
     )
     rows = []
     for p in plan(cfg, mesh, sizes):
         print(format_row(p, limit), flush=True)
         rows.append(p)
-    worst = max(rows, key=lambda p: p.total)
-    print(f"largest: {worst.program} of {worst.model}, {worst.total / GIB:.2f} GiB per device")
+    worst = max(rows, key=lambda p: p.total + p.beside)
+    print(
+        f"largest: {worst.program} of {worst.model}, {worst.total / GIB:.2f} GiB per device, "
+        f"{(worst.total + worst.beside) / GIB:.2f} GiB with what the study holds beside it"
+    )
+    print("beside each program (the study's cached models and its run's arrays, `Beside`):")
+    for p in rows:
+        print(f"  {p.program} of {p.model} (batch {p.batch}): {p.beside_of or 'nothing'}")
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             for p in rows:
-                f.write(json.dumps({**dataclasses.asdict(p), "total": p.total}) + "\n")
+                row = {**dataclasses.asdict(p), "total": p.total, "with_beside": p.total + p.beside}
+                f.write(json.dumps({**row, "verdict": verdict(p, limit)}) + "\n")
 
 
 if __name__ == "__main__":

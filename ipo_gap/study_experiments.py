@@ -290,7 +290,10 @@ def fig5_runs(study: Study) -> list[tuple[str, Callable[[], dict]]]:
         if which == "sft":
             return study.sft()
         path = run if which == "final" else run / f"step_{mid_step(study)}"
-        return study._memo(f"online_ipo_{which}", lambda: load_model(path, study.policy_cfg))
+        # Loaded for one dataset and dropped after it (memoised, the two checkpoints stayed on
+        # the device through every later stage: found by counting live arrays, see
+        # experiments/memory_plan.py).
+        return load_model(path, study.policy_cfg)
 
     def one(name, a, b):
         _online(study, "ipo", "online_ipo")

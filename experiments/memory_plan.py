@@ -23,7 +23,7 @@ full `prompt_len` (the study cuts them to the longest prompt present, so real ru
 more).
 
 Beside each program, the study (one process, as on accelerators) keeps other models on the
-device: `beside` lists them by the study's order of stages (`BESIDE`) and adds their bytes
+device: `beside` lists them by the study's order of stages (`Beside`) and adds their bytes
 per device, and the verdict says whether the program fits with them ("fits"), only alone
 ("fits alone only") or not at all. A model's bytes are its parameters' shards on the mesh;
 Adam's moments count as two more copies. Where a program runs in several contexts (a PM judges
@@ -92,7 +92,11 @@ _REMAT = flags.DEFINE_bool(
     "remat", None, "Override the preset's remat (T5Config.remat), as reproduce.py's --remat."
 )
 _SIZES = flags.DEFINE_list(
-    "sizes", None, "Policy sizes to plan (default: the preset's scaling_models)."
+    "sizes",
+    None,
+    "Policy sizes to plan: the study's scaling sizes, as reproduce.py's --scaling_models "
+    "(default: the preset's scaling_models). The preset's own policy size runs first either "
+    "way, so its SFT policy is counted beside the others' programs.",
 )
 _JSON = flags.DEFINE_string("json", None, "Also write the rows as JSON lines to this file.")
 _COMPUTE = dtype_flag.COMPUTE_DTYPE
@@ -111,7 +115,7 @@ class Plan:
     outputs: int  # outputs that do not reuse a donated argument's buffer
     temporaries: int
     compile_s: float
-    beside: int = 0  # bytes per device of the models the study holds beside it (`BESIDE`)
+    beside: int = 0  # bytes per device of the models the study holds beside it (`Beside`)
     beside_of: str = ""  # what they are
 
     @property
@@ -288,7 +292,7 @@ def study_order(cfg: StudyConfig) -> list[str]:
 
 
 class Beside:
-    """What the study holds on the device beside each program (`BESIDE` in words), in bytes
+    """What the study holds on the device beside each program, in bytes
     per device of the mesh: models of the study's sizes and Adam's moments of a trained one.
 
     The study runs in this order (one process): the main size's SFT; the golden PM (beside
@@ -313,8 +317,8 @@ class Beside:
             self.moments[name] = tree_bytes(abstract_opt_state(opt, model, mesh))
 
     def _cached(self, size: str) -> list[tuple[str, int]]:
-        """Both PMs (from the proxy's training on, before any policy run) and the SFT
-        policies of the sizes trained before `size`."""
+        """Both PMs (the proxy from its training on: the golden baseline's run, before it,
+        holds less) and the SFT policies of the sizes trained before `size`."""
         done = self.order[: self.order.index(size)]
         held = [("golden PM", self.bytes["golden"]), ("proxy PM", self.bytes["proxy"])]
         return held + [(f"SFT {m}", self.bytes[m]) for m in done]
@@ -355,16 +359,21 @@ class Beside:
             if plan.batch == trainers.JUDGE_BATCH:  # validation during its own training
                 out.append(self._pm_training(role, moments=True))
             if plan.batch == self.cfg.eval_batch:  # win rates, inside a policy run
-                # The golden PM judges every size's runs, the proxy the main size's online
-                # runs (over-optimisation, not semi-online); the judging PM is the argument.
-                sizes = self.order if role == "golden" else [self.cfg.policy_model]
-                for size in sizes:
+                # The golden PM judges every run's samples, the proxy every size's online
+                # runs' (over-optimisation; not the semi-online runs'); the judging PM is the
+                # argument.
+                for size in self.order:
                     held = self._policy(
                         size, "policy", "moments", "reference", semi_online=role == "golden"
                     )
                     out.append([h for h in held if h[0] != f"{role} PM"])
             return out
         size = role
+        if size not in self.order:
+            raise ValueError(
+                f"policy size {size!r} is not one the study runs ({', '.join(self.order)}: "
+                "its policy_model, then its scaling_models)"
+            )
         if program == "SFT step":  # its arguments: the model, its moments
             initial = (f"{size} initial", self.bytes[size])
             if size == self.cfg.policy_model:
@@ -443,7 +452,9 @@ def main(argv):
     if _COMPUTE.value is not None:  # as reproduce.py's flag: what the products read
         cfg = dataclasses.replace(cfg, compute_dtype=_COMPUTE.value)
     mesh = sharding.make_mesh(_MESH.value)
-    sizes = _SIZES.value or list(cfg.scaling_models)
+    if _SIZES.value:  # the study these sizes make (`study_order`): what each runs beside
+        cfg = dataclasses.replace(cfg, scaling_models=tuple(_SIZES.value))
+    sizes = list(cfg.scaling_models)
     devices = mesh.devices.flatten()
     limit = int(_MEMORY.value * GIB) if _MEMORY.value is not None else device_memory(devices[0])
     print(

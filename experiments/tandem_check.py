@@ -192,7 +192,8 @@ def run(workdir: pathlib.Path) -> bool:
         "steps": n,
         "max_loss_deviation": max(loss_dev),
         "max_param_diff": diff,
-        "param_leaves_differing_in_bits": differing,
+        "param_leaves_differing_in_bits": len(differing),
+        "param_leaves_differing": differing,
         "per_step_loss_deviation": loss_dev,
     }
     for level in _SHUFFLE.value:

@@ -82,6 +82,10 @@ for program, role in [
     ("PM judgement (both orders)", "golden"), ("PM judgement (both orders)", "proxy"),
 ]:
     out[program + " " + role] = beside(program, role)
+try:
+    beside("SFT step", "base")
+except ValueError as e:
+    out["not in the study"] = str(e)
 print(json.dumps(out))
 """
 
@@ -90,9 +94,9 @@ def test_what_the_study_holds_beside_each_program():
     """The paper preset on data:1,model:8 (models as shapes, nothing compiled): the XXL
     policy's exact KL runs beside its Adam moments, both PMs and the SFT policies of the
     sizes trained before it (Large, XL); the first SFT beside its initial copy only; a PM's
-    judgement at 256 pairs (the dataset and the evaluation batch) in its largest context,
-    the golden PM's inside the XXL runs (more than its validation holds), the proxy's in its
-    validation (more than the Large online run, where it judges win rates, holds)."""
+    judgement at 256 pairs (the dataset and the evaluation batch) in its largest context:
+    inside the XXL runs, whose win rates both judge (more than their validations hold); a
+    size the study does not run is refused."""
     r = run_with_devices(_BESIDE_SCRIPT, num_devices=8)
     b, m = r["bytes"], r["moments"]
     assert r["order"] == ["large", "xl", "xxl"]
@@ -118,9 +122,10 @@ def test_what_the_study_holds_beside_each_program():
     what, size = r["PM judgement (both orders) golden"]
     assert what == "proxy PM, SFT large, SFT xl, policy xxl, Adam moments xxl, SFT xxl (reference)"
     assert size == b["proxy"] + b["large"] + b["xl"] + 2 * b["xxl"] + m["xxl"]
-    what, size = r["PM judgement (both orders) proxy"]
-    assert what == "proxy PM initial, proxy PM best, SFT large, golden PM, Adam moments proxy PM"
-    assert size == 3 * b["proxy"] + b["golden"] + m["proxy"]
+    what, size = r["PM judgement (both orders) proxy"]  # inside XXL's online run
+    assert what == "golden PM, SFT large, SFT xl, policy xxl, Adam moments xxl, SFT xxl (reference)"
+    assert size == b["golden"] + b["large"] + b["xl"] + 2 * b["xxl"] + m["xxl"]
+    assert r["not in the study"].startswith("policy size 'base' is not one the study runs")
 
 
 @pytest.mark.slow  # compiles the micro study's nine programs on 8 simulated devices: ~40 s
@@ -184,7 +189,7 @@ from ipo_gap.study import PRESETS
 from ipo_gap.study_runs import Study
 from ipo_gap.train import trainers
 
-seen = {"kl": {}, "validation": {}}
+seen = {"kl": {}, "validation": {}, "win": {}}
 
 def copies(rows):  # d_model -> live float32 arrays shaped like an embedding of `rows`
     out = {}
@@ -197,17 +202,18 @@ def hook(module, name, kind):
     orig = getattr(module, name)
     def wrapped(model, *args, **kwargs):
         now, d = copies(model.embedding.shape[0]), str(model.cfg.d_model)
-        if sum(now.values()) > sum(seen[kind].get(d, {}).values()):
-            seen[kind][d] = now
+        if now not in seen[kind].setdefault(d, []):  # every distinct set of copies
+            seen[kind][d].append(now)
         return orig(model, *args, **kwargs)
     setattr(module, name, wrapped)
 
 hook(evaluation, "kl_rows", "kl")
 hook(trainers, "pm_accuracy", "validation")
+hook(evaluation, "judge_rows", "win")  # win rates and E.1 labels, inside the runs
 cfg = dataclasses.replace(PRESETS["micro"], golden_model="toy-m")
 study_experiments.run_all(Study(sys.argv[1], cfg), jobs=0)
 held = mp.Beside(cfg, sharding.make_mesh("data:1"))
-want = {"kl": {}, "validation": {}}
+want = {"kl": {}, "validation": {}, "win": {}}
 for size in held.order:  # exact KL: the policy and its reference are its arguments
     plan = mp.Plan("exact KL (policy + reference)", size, 0, 0, 0, 0, 0.0)
     d = str(cfg.preset_model(size, 8).d_model)
@@ -216,6 +222,8 @@ for pm, m in (("golden", cfg.golden_model), ("proxy", cfg.policy_model)):
     d = str(cfg.preset_model(m, 8).d_model)  # the PM in training is the argument
     want["validation"][d] = sum(b for _, b in held._pm_training(pm, moments=True))
     want["validation"][d] += held.bytes[pm]
+    plan = mp.Plan("PM judgement (both orders)", pm, cfg.eval_batch, 0, 0, 0, 0.0)
+    want["win"][d] = held.add(plan, pm).beside + held.bytes[pm]
 size_bytes = {str(cfg.preset_model(m, 8).d_model): held.bytes[m] for m in held.order}
 print(json.dumps({"seen": seen, "want": want, "size_bytes": size_bytes}))
 """
@@ -224,12 +232,13 @@ print(json.dumps({"seen": seen, "want": want, "size_bytes": size_bytes}))
 @pytest.mark.slow  # a micro study in one process: about 3 minutes on 2 cores
 def test_beside_is_what_a_one_process_study_holds(tmp_path):
     """`Beside` against the live arrays of a micro study run in one process (as on an
-    accelerator): at the fullest exact KL of each policy size's runs and the fullest
-    validation of each PM, the copies of each model alive (counted by their embedding
-    arrays; Adam's moments are two) weigh what the plan's arguments and `Beside` say (golden
-    PM toy-m, policies toy-s and toy-m: a variant's runs hold the main size's SFT policy, and
-    the main size's semi-online run its sampling copy). Two online checkpoints that Fig. 5's
-    datasets had loaded stayed cached through every later run until this test found them."""
+    accelerator): at the fullest exact KL of each policy size's runs, the fullest validation
+    of each PM and its fullest judgement of a run's samples, the copies of each model alive
+    (counted by their embedding arrays; Adam's moments are two) weigh what the plan's
+    arguments and `Beside` say (golden PM toy-m, policies toy-s and toy-m: a variant's runs
+    hold the main size's SFT policy, and the main size's semi-online run its sampling copy).
+    Two online checkpoints that Fig. 5's datasets had loaded stayed cached through every
+    later run until this test found them."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-c", _LIVE_SCRIPT, str(tmp_path)],
@@ -242,8 +251,10 @@ def test_beside_is_what_a_one_process_study_holds(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.splitlines()[-1])
     size_bytes = r["size_bytes"]
-    for kind in ("kl", "validation"):
+    for kind in ("kl", "validation", "win"):
         assert sorted(r["seen"][kind]) == sorted(r["want"][kind]), r
-        for d, want in r["want"][kind].items():
-            got = sum(n * size_bytes[str(e)] for e, n in r["seen"][kind][d].items())
+        for d, want in r["want"][kind].items():  # the fullest moment of each
+            got = max(
+                sum(n * size_bytes[str(e)] for e, n in now.items()) for now in r["seen"][kind][d]
+            )
             assert abs(got - want) <= 64, (kind, d, r["seen"][kind][d], got, want)  # Adam's count

@@ -466,6 +466,7 @@ def test_resume_refuses_other_hyper_parameters_the_caller_did_not_record(setup, 
     assert [h["step"] for h in hist] == [2]
 
 
+@pytest.mark.slow  # three short runs and their resumes: ~20 s
 def test_resume_refuses_another_reference_or_judge(setup, tmp_path):
     """A checkpoint records checksums of the reference policy and of the preference model that
     judges its online pairs; a resume against another of either is refused, naming it (an

@@ -43,6 +43,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # compiles the IPO step twice on 8 simulated devices: ~30 s
 def test_the_plan_counts_each_devices_shards_and_remat_cuts_the_temporaries():
     """The IPO step's arguments on data:2,model:4 are exactly the per-device shards of the
     policy and both Adam moments, plus the batch's rows on one data shard, the reference's

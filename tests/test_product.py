@@ -97,6 +97,7 @@ def test_gradient_of_an_operand_index_summed_alone_is_refused():
         jax.grad(lambda a: product("nd,do->o", a, b, BF16).astype(jnp.float32).sum())(a)
 
 
+@pytest.mark.slow  # trains two models side by side: ~29 s
 def test_bf16_compute_model_trains_close_to_float32():
     """A whole model in bf16 compute with float32 parameters: float32 gradients that point
     where the float32 model's do (cosine > 0.99 per parameter, measured ~0.999)."""

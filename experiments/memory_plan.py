@@ -122,6 +122,10 @@ class Plan:
     def total(self) -> int:
         return self.arguments + self.outputs + self.temporaries
 
+    @property
+    def with_beside(self) -> int:
+        return self.total + self.beside
+
 
 def _abstract(tree, shardings):
     return jax.tree.map(
@@ -430,7 +434,7 @@ def verdict(p: Plan, limit: int | None) -> str:
     """Whether `p` fits a device of `limit` bytes with what the study holds beside it."""
     if limit is None:
         return ""
-    if p.total + p.beside <= limit:
+    if p.with_beside <= limit:
         return "fits"
     return "fits alone only" if p.total <= limit else "DOES NOT FIT"
 
@@ -439,7 +443,7 @@ def format_row(p: Plan, limit: int | None) -> str:
     fits = verdict(p, limit)
     return (
         f"{p.program:32s} {p.model:16s} {p.batch:5d} {gib(p.arguments)} {gib(p.outputs)} "
-        f"{gib(p.temporaries)} {gib(p.total)} {gib(p.beside)} {gib(p.total + p.beside)}"
+        f"{gib(p.temporaries)} {gib(p.total)} {gib(p.beside)} {gib(p.with_beside)}"
         + (f"   {fits}" if fits else "")
     )
 
@@ -472,10 +476,10 @@ def main(argv):
     for p in plan(cfg, mesh, sizes):
         print(format_row(p, limit), flush=True)
         rows.append(p)
-    worst = max(rows, key=lambda p: p.total + p.beside)
+    worst = max(rows, key=lambda p: p.with_beside)
     print(
         f"largest: {worst.program} of {worst.model}, {worst.total / GIB:.2f} GiB per device, "
-        f"{(worst.total + worst.beside) / GIB:.2f} GiB with what the study holds beside it"
+        f"{worst.with_beside / GIB:.2f} GiB with what the study holds beside it"
     )
     print("beside each program (the study's cached models and its run's arrays, `Beside`):")
     for p in rows:
@@ -483,7 +487,7 @@ def main(argv):
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             for p in rows:
-                row = {**dataclasses.asdict(p), "total": p.total, "with_beside": p.total + p.beside}
+                row = {**dataclasses.asdict(p), "total": p.total, "with_beside": p.with_beside}
                 f.write(json.dumps({**row, "verdict": verdict(p, limit)}) + "\n")
 
 

@@ -50,7 +50,9 @@ def _offline(study: Study, data: dict, name: str) -> callable:
         return ref_cache.with_refs(pairs, ref_w, ref_l)
 
     return lambda: sources.OfflineSource(
-        study._memo(f"offline_{name}", build), batch_size=study.cfg.rl_batch, seed=study.cfg.seed
+        study._memo(f"offline_{name}", build),
+        batch_size=study.cfg.rl_batch,
+        seed=study.data_seed("offline"),
     )
 
 
@@ -97,7 +99,9 @@ def _replay(
         log, tok = OrderLog.open(log_dir), study.prep.tokenizer
         if window is None:
             return sources.LogReplay(log, tokenizer=tok)
-        return sources.ShuffledReplay(log, window=window, seed=study.cfg.seed, tokenizer=tok)
+        return sources.ShuffledReplay(
+            log, window=window, seed=study.data_seed("shuffle"), tokenizer=tok
+        )
 
     def extra(model, hist):
         ref = load_model(online, study.policy_cfg)

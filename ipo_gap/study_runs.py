@@ -12,12 +12,17 @@ whatever the run order. (Before 2026-12-06 the evaluator's key was jax.random.ke
 the root key of study seed + 6, whose golden PM it shared a key with: its self-classification
 samples drew the bits that initialised that PM.)
 
-Data orders are not separated by purpose: SFT, both PMs, the offline runs, the shuffled
-replays and the online runs' prompt schedules read in `sources.epoch_permutation(seed, epoch,
-n)` order, so stages over the same number of rows see them in the same order. The golden PM
-(human labels), the proxy PM and offline IPO on D_golden (golden labels) read the same
-train-split pairs, at equal batch sizes (the standard preset's 32) in the same batches.
-Separating them would change every number of the study.
+Data orders are separated by purpose the same way. Every stage that reads rows in seeded
+epoch order (`sources.epoch_permutation`) gets the seed `data_seed(seed, purpose)`, a 31-bit
+hash of (seed, the purpose's number): SFT, the golden PM, the proxy PM, the golden baseline's
+and the online runs' prompt schedules, the offline runs (every offline run, HyPO's pairs
+included, reads its dataset in one order, so they differ in their settings only) and the
+shuffled replays' windows. Runs of one purpose share an order on purpose: online IPO, Bo2 and
+the semi-online runs draw the same prompts at each step, and a size's runs read the order of
+every other size's. Before 2026-12-07 all of them read in order `epoch_permutation(seed, ...)`:
+the golden PM (human labels), the proxy PM and offline IPO on D_golden (golden labels) read
+the same train pairs in the same batches when their batch sizes agreed (the standard
+preset's 32).
 """
 
 from __future__ import annotations
@@ -138,12 +143,21 @@ PURPOSES = {
     "datasets": 8,
     "hypo": 9,
     "init": 10,
+    "offline": 11,
+    "shuffle": 12,
 }
 
 
 def purpose_key(seed: int, purpose: str) -> jax.Array:
     """The key of one purpose of study `seed` (`PURPOSES`): the root key folded with it."""
     return jax.random.fold_in(jax.random.key(seed), PURPOSES[purpose])
+
+
+def data_seed(seed: int, purpose: str) -> int:
+    """The seed of one purpose's data order in study `seed` (`PURPOSES`; see the module's
+    docstring): 31 bits of numpy's SeedSequence([seed, the purpose's number]), so it is a
+    valid seed of numpy and of `jax.random.key` alike."""
+    return int(np.random.SeedSequence([seed, PURPOSES[purpose]]).generate_state(1)[0] >> 1)
 
 
 class Study:
@@ -256,6 +270,9 @@ class Study:
     def key(self, purpose: str) -> jax.Array:
         return purpose_key(self.cfg.seed, purpose)
 
+    def data_seed(self, purpose: str) -> int:
+        return data_seed(self.cfg.seed, purpose)
+
     def _memo(self, name, fn):
         if name not in self._cache:
             self._cache[name] = fn()
@@ -272,7 +289,7 @@ class Study:
                 num_steps=self.cfg.sft_steps,
                 batch_size=self.cfg.sft_batch,
                 learning_rate=self.sft_lr,
-                seed=self.cfg.seed,
+                seed=self.data_seed("sft"),
                 name="sft",
                 metrics_path=d / "metrics.jsonl",
                 checkpoint_dir=d / TRAIN_STATE,
@@ -283,6 +300,7 @@ class Study:
                 "final_loss": float(np.mean(hist[-20:])),
                 "steps": len(hist),
                 "learning_rate": self.sft_lr,
+                "data_seed": self.data_seed("sft"),
             }
 
         return self._memo(
@@ -305,7 +323,7 @@ class Study:
                 num_steps=self.cfg.pm_steps,
                 batch_size=batch,
                 learning_rate=lr,
-                seed=self.cfg.seed,
+                seed=self.data_seed(name),
                 warmup_steps=self.cfg.pm_warmup,
                 eval_every=self.cfg.pm_eval_every,
                 patience=self.cfg.pm_patience,
@@ -321,6 +339,7 @@ class Study:
                 "valid_accuracy": res.best_valid_accuracy,
                 "stopped_early": res.stopped_early,
                 "learning_rate": lr,
+                "data_seed": self.data_seed(name),
                 "model": cfg_model.name,
                 "params": cfg_model.num_params(),
                 **(measure(res.model) if measure else {}),
@@ -428,7 +447,7 @@ class Study:
             rl["prompt_mask"],
             pm,
             batch_size=self.cfg.rl_batch,
-            seed=self.cfg.seed,
+            seed=self.data_seed(purpose),
             key=self.key(purpose),
             max_len=self.cfg.target_len,
         )
@@ -443,10 +462,11 @@ class Study:
             # A killed job resumes it (its batches are a function of seed, step and
             # parameters; the loop records its loss and hyper-parameters).
             ckpt = {"checkpoint_dir": d / TRAIN_STATE, "checkpoint_every": every} if every else {}
+            source = self.online_source(golden, "baseline")
             model, _, _ = loop.train_policy(
                 model=sources.copy_arrays(sft),
                 ref_model=sft,
-                source=self.online_source(golden, "baseline"),
+                source=source,
                 num_steps=self.cfg.rl_steps,
                 hparams=steps.Hparams.make(self.cfg.rl_lr, self.cfg.rl_beta),
                 loss="ipo",
@@ -466,7 +486,11 @@ class Study:
             )
             savez_atomic(d / "samples.npz", y=y, y_mask=ym)
             hist = jsonl.read_rows(d / "metrics.jsonl")  # every step, also across a resume
-            return {"final_loss": hist[-1]["loss"], "steps": len(hist)}
+            return {
+                "final_loss": hist[-1]["loss"],
+                "steps": len(hist),
+                "data": sources.source_identity(source),
+            }
 
         def build():
             stage(self.workdir / "baseline", fn)
@@ -714,6 +738,7 @@ class Study:
                 "steps": num_steps,
                 "evals": evals,
                 "losses": [h["loss"] for h in hist],
+                "data": sources.source_identity(source),  # its stream: kind, seed, data hash
             }
             return dict(out, **(extra(model, hist) if extra else {}))
 

@@ -22,6 +22,7 @@ from conftest import tiny_config
 
 from ipo_gap import eval as evaluation
 from ipo_gap import report, seeds, study, study_runs
+from ipo_gap.data import sources
 from ipo_gap.determinism import tree_max_abs_diff
 from ipo_gap.study import load_model
 
@@ -95,6 +96,49 @@ def test_evaluation_keys_are_shared_with_no_stage_of_any_seed():
     assert len(set(drawn)) == len(drawn) and not set(drawn) & stage_keys
     old = jax.random.fold_in(jax.random.key(0 + study_runs.PURPOSES["eval"]), 2)
     assert bits(old) == bits(study_runs.purpose_key(6, "golden_pm"))
+
+
+def test_each_purpose_reads_its_own_data_order():
+    """Every purpose of every seed has its own data seed, valid for numpy and jax.random.key;
+    before 2026-12-07 every stage read in `epoch_permutation(seed, ...)` order, so the golden
+    PM, the proxy PM and offline IPO on D_golden read the same pairs in the same batches."""
+    got = {(s, p): study_runs.data_seed(s, p) for s in range(13) for p in study_runs.PURPOSES}
+    assert len(set(got.values())) == len(got)
+    assert all(0 <= v < 2**31 for v in got.values())
+    jax.random.key(max(got.values()))
+    first = {
+        p: tuple(sources.schedule_indices(study_runs.data_seed(0, p), 0, 32, 4000))
+        for p in ("golden_pm", "proxy_pm", "offline")
+    }
+    assert len(set(first.values())) == 3
+    assert first["golden_pm"] != tuple(sources.schedule_indices(0, 0, 32, 4000))
+
+
+@pytest.mark.slow
+def test_every_stage_records_the_order_of_its_purpose(micro_study):
+    """SFT, both PMs, the baseline and every policy run record the data seed they read in
+    (`study_runs.data_seed`): each stage its purpose's, every offline run (HyPO's pairs too)
+    the offline one, which is neither PM's."""
+    w, seed = micro_study, 0
+
+    def done(d):
+        return json.loads((d / "done.json").read_text())
+
+    assert {done(d)["data_seed"] for d in w.glob("sft*")} == {study_runs.data_seed(seed, "sft")}
+    for pm in ("golden_pm", "proxy_pm"):
+        assert done(w / pm)["data_seed"] == study_runs.data_seed(seed, pm)
+    assert done(w / "baseline")["data"]["seed"] == study_runs.data_seed(seed, "baseline")
+    purpose = {"online": "online", "offline": "offline", "shuffled replay": "shuffle"}
+    kinds = {}
+    for d in sorted(w.glob("runs*/*/")):
+        data = done(d)["data"]
+        data = data.get("pairs", data)  # HyPO: its offline pairs
+        kinds[data["source"]] = kinds.get(data["source"], 0) + 1
+        if data["source"] in purpose:
+            assert data["seed"] == study_runs.data_seed(seed, purpose[data["source"]]), d
+    assert set(kinds) == {*purpose, "log replay"}, kinds
+    pm_seeds = {done(w / pm)["data_seed"] for pm in ("golden_pm", "proxy_pm")}
+    assert len(pm_seeds) == 2 and study_runs.data_seed(seed, "offline") not in pm_seeds
 
 
 @pytest.mark.slow

@@ -127,3 +127,16 @@ def test_append_row_writes_on_process_zero_only(tmp_path, monkeypatch, index):
         ]
     else:
         assert not path.exists()
+
+
+def test_progress_reads_a_clock_that_has_not_moved(monkeypatch, capsys):
+    """Two updates within the clock's float resolution (~0.2 us at today's epoch) read the
+    same time: the rate and ETA are then unknown (?), not a ZeroDivisionError."""
+    from ipo_gap.train import loop
+
+    monkeypatch.setattr(loop.time, "time", lambda: 1.7e9)
+    progress = loop.Progress(3, "sft")
+    progress.update(0, 0.5)
+    progress.update(1, 0.5, force=True)
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].endswith("loss 0.5000  ? steps/s  ETA ?"), out

@@ -12,16 +12,16 @@ whatever the run order. (Before 2026-12-06 the evaluator's key was jax.random.ke
 the root key of study seed + 6, whose golden PM it shared a key with: its self-classification
 samples drew the bits that initialised that PM.)
 
-Data orders are separated by purpose the same way. Every stage that reads rows in seeded
-epoch order (`sources.epoch_permutation`) gets the seed `data_seed(seed, purpose)`, a 31-bit
-hash of (seed, the purpose's number): SFT, the golden PM, the proxy PM, the golden baseline's
-and the online runs' prompt schedules, the offline runs (every offline run, HyPO's pairs
-included, reads its dataset in one order, so they differ in their settings only) and the
-shuffled replays' windows. Runs of one purpose share an order on purpose: online IPO, Bo2 and
-the semi-online runs draw the same prompts at each step, and a size's runs read the order of
-every other size's. Before 2026-12-07 all of them read in order `epoch_permutation(seed, ...)`:
-the golden PM (human labels), the proxy PM and offline IPO on D_golden (golden labels) read
-the same train pairs in the same batches when their batch sizes agreed (the standard
+Data orders are separated by purpose the same way. Every stage that reads rows in seeded epoch
+order (`sources.epoch_permutation`) gets the seed `data_seed(seed, purpose)`, a 31-bit hash of
+(seed, the purpose's number): SFT, the golden PM, the proxy PM, the golden baseline's and the
+online runs' prompt schedules, the offline runs (every offline run, HyPO's pairs included,
+reads its dataset in one order, so they differ in their settings only) and the shuffled
+replays' windows. Runs of one purpose share an order on purpose: online IPO, Bo2 and the
+semi-online runs draw the same prompts at each step, and a size's runs read the order of every
+other size's. Before ccf5c32 (2026-12-06) all of them read in order `epoch_permutation(seed,
+...)`: the golden PM (human labels), the proxy PM and offline IPO on D_golden (golden labels)
+read the same train pairs in the same batches when their batch sizes agreed (the standard
 preset's 32).
 """
 

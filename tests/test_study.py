@@ -100,8 +100,9 @@ def test_evaluation_keys_are_shared_with_no_stage_of_any_seed():
 
 def test_each_purpose_reads_its_own_data_order():
     """Every purpose of every seed has its own data seed, valid for numpy and jax.random.key;
-    before 2026-12-07 every stage read in `epoch_permutation(seed, ...)` order, so the golden
-    PM, the proxy PM and offline IPO on D_golden read the same pairs in the same batches."""
+    before ccf5c32 (2026-12-06) every stage read in `epoch_permutation(seed, ...)` order, so
+    the golden PM, the proxy PM and offline IPO on D_golden read the same pairs in the same
+    batches."""
     got = {(s, p): study_runs.data_seed(s, p) for s in range(13) for p in study_runs.PURPOSES}
     assert len(set(got.values())) == len(got)
     assert all(0 <= v < 2**31 for v in got.values())

@@ -34,22 +34,53 @@ class Spread:
     hi: float
     n: int
 
+    @property
+    def identical(self) -> bool:
+        """Two or more seeds with one value: a zero-width interval that is no evidence (seeds
+        that agree to the bit are not independent draws of the training noise)."""
+        return self.n >= 2 and self.lo == self.hi
+
     def cell(self) -> str:
         if self.n < 2:
             return f"{self.mean:.3f} (one seed: no interval)"
+        if self.identical:
+            return f"{self.mean:.3f} (the same in all {self.n} seeds: no interval)"
         return f"{self.mean:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
 
 
 def spread(values: Sequence[float], level: float = 0.95) -> Spread:
-    """Mean and the t-interval mean +- t_{(1+level)/2, n-1} * sd / sqrt(n) of `values`."""
+    """Mean and the t-interval mean +- t_{(1+level)/2, n-1} * sd / sqrt(n) of `values`.
+
+    Raises:
+        ValueError: on no values or a non-finite one (`finite` sorts those out by seed).
+    """
     v = np.asarray(values, np.float64)
     if v.ndim != 1 or len(v) == 0:
         raise ValueError(f"spread needs a non-empty list of numbers, got {values!r}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"spread needs finite numbers, got {values!r}")
     mean = float(v.mean())
     if len(v) < 2:
         return Spread(mean, math.nan, math.nan, 1)
+    if np.all(v == v[0]):  # no spread (the float mean and sd of equal values can round off)
+        return Spread(float(v[0]), float(v[0]), float(v[0]), len(v))
     half = float(stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
     return Spread(mean, mean - half, mean + half, len(v))
+
+
+def finite(by_seed: Mapping[int, float]) -> tuple[list[float], list[int]]:
+    """The finite per-seed values in seed order, and the seeds whose value is not finite (a
+    NaN ratio where online's win rates are all 0): those are left out of the mean, by name."""
+    kept = [v for v in by_seed.values() if math.isfinite(v)]
+    return kept, [seed for seed, v in by_seed.items() if not math.isfinite(v)]
+
+
+def per_seed_cell(by_seed: Mapping[int, float], seeds: Sequence[int], fmt: str = ".3f") -> str:
+    """Each seed's value labelled by its seed; a seed without one shows "-"."""
+    return ", ".join(
+        f"{seed}: {format(by_seed[seed], fmt)}" if seed in by_seed else f"{seed}: -"
+        for seed in seeds
+    )
 
 
 def headline(results: Mapping) -> dict:
@@ -69,6 +100,7 @@ def headline(results: Mapping) -> dict:
         "ratios": ratios["offline"],
         "shuffled_ratios": ratios["shuffled"],
         "online_peak_at_end": report.at_last_checkpoint([fig1[0]], on),
+        "offline_peak_at_end": report.at_last_checkpoint(fig1[1:], off),
     }
 
 
@@ -87,6 +119,11 @@ def _by_interval(s: Spread, one: str, above: str, below: str, neither: str) -> s
     """The words for a t-interval over seeds: one seed, wholly above 0, below 0, or neither."""
     if s.n < 2:
         return one
+    if s.identical:
+        return (
+            f"the same value in all {s.n} seeds, so no interval over seeds: are the seeds "
+            "independent?"
+        )
     return {1: above, -1: below, 0: neither}[report.interval_sign(s)]
 
 
@@ -115,7 +152,7 @@ def trend_verdict(
         "the gap widens with size over seeds (the t-interval of the change is < 0)",
         "the gap's change with size is not separated from 0 over these seeds",
     )
-    if change.n < 2 or first is None or last is None:
+    if change.n < 2 or change.identical or first is None or last is None:
         return text
     sign = report.interval_sign(change)
     if report._fold_rule(sign, straddles_one(first), straddles_one(last)) == sign:
@@ -139,11 +176,51 @@ def verdict(diff: Spread) -> str:
     )
 
 
+def _headlines(per_seed: Mapping[int, Mapping]) -> dict[int, dict]:
+    heads = {}
+    for seed, res in sorted(per_seed.items()):
+        try:
+            heads[seed] = headline(res)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"seed {seed}: its results give no Fig. 1 peaks: {e}") from e
+    return heads
+
+
+def _at_end_notes(heads: Mapping[int, dict]) -> list[str]:
+    """Where a Fig. 1 peak is its run's last checkpoint, the run may still have been rising:
+    its true peak may be higher, which biases that seed's difference against its method."""
+    notes = []
+    for key, who, direction in (
+        ("online_peak_at_end", "Online's peak", "against online"),
+        ("offline_peak_at_end", "The offline sweep's peak", "in favour of online"),
+    ):
+        ends = [seed for seed, h in heads.items() if h[key]]
+        if ends:
+            notes.append(
+                f"{who} is its run's last checkpoint at seed(s) {', '.join(map(str, ends))}: it "
+                f"may not have reached its peak there, which biases those seeds' differences "
+                f"{direction}."
+            )
+    return notes
+
+
+def _mean_cell(by_seed: Mapping[int, float]) -> str:
+    """The t-interval cell over the finite values, naming the seeds left out."""
+    values, dropped = finite(by_seed)
+    if not values:
+        return "no finite value"
+    cell = spread(values).cell()
+    if dropped:
+        cell += f" (n = {len(values)}; not finite at seed(s) {', '.join(map(str, dropped))})"
+    return cell
+
+
 def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> pathlib.Path:
     """Writes SEEDS.md for {seed: results of `study_experiments.run_all`}; returns its path."""
     if not per_seed:
         raise ValueError("no seeds to compare")
-    heads = {seed: headline(res) for seed, res in sorted(per_seed.items())}
+    heads = _headlines(per_seed)
+    seeds = list(heads)
     rows = []
     for seed, h in heads.items():
         on, off = h["online"], h["offline"]
@@ -172,7 +249,8 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
         "within its seed. Each peak is a maximum over checkpoints (offline: over the whole "
         "pooled sweep), so the difference compares two selected maxima and leans towards the "
         'larger pool, offline: "online beats offline" is then conservative, "offline '
-        'beats online" too easy.',
+        'beats online" too easy. This file gives three verdicts at 95% each (Fig. 1, and the '
+        "offline and shuffled gaps' change with size), not corrected for multiplicity.",
         "",
         "## Fig. 1: online vs offline IPO, peak win rate against the golden baseline",
         "",
@@ -200,13 +278,8 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
         "",
         f"**Verdict over seeds:** {verdict(diff)}.",
     ]
-    ends = [seed for seed, h in heads.items() if h["online_peak_at_end"]]
-    if ends:
-        lines += [
-            "",
-            f"Online's peak is its last checkpoint at seed(s) {', '.join(map(str, ends))}: it "
-            "may not have reached its peak there, which shortens those seeds' differences.",
-        ]
+    for note in _at_end_notes(heads):
+        lines += ["", note]
     sizes = list(dict.fromkeys(m for h in heads.values() for m in h["ratios"]))  # study order
     if sizes:
         lines += [
@@ -215,42 +288,56 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
             "",
             "Within a seed every size shares the golden PM, the baseline and the evaluation "
             "prompts, so the change of the gap with size, |1 - r_first| - |1 - r_last| "
-            "(> 0: narrows), is taken per seed and its mean given a t-interval over seeds.",
+            "(> 0: narrows), is taken per seed and its mean given a t-interval over seeds. "
+            'Per seed, "-" marks a seed without that number; means are over the seeds with a '
+            "finite one.",
         ]
         for key, label in (("ratios", "offline"), ("shuffled_ratios", "shuffled")):
             size_rows = []
             for m in sizes:
-                values = [h[key][m] for h in heads.values() if m in h[key]]
-                if values:
-                    per = " ".join(f"{v:.3f}" for v in values)
-                    size_rows.append([m, per, spread(values).cell()])
+                by_seed = {seed: h[key][m] for seed, h in heads.items() if m in h[key]}
+                if by_seed:
+                    size_rows.append([m, per_seed_cell(by_seed, seeds), _mean_cell(by_seed)])
             if not size_rows:
                 continue
             lines += [
                 "",
                 report.table([f"size: {label} / online", "per seed", "mean [t 95% CI]"], size_rows),
             ]
-            both = [h[key] for h in heads.values() if sizes[0] in h[key] and sizes[-1] in h[key]]
+            # Paired by seed: the seeds with a finite ratio at both end sizes.
+            both = {
+                seed: h[key]
+                for seed, h in heads.items()
+                if all(math.isfinite(h[key].get(m, math.nan)) for m in (sizes[0], sizes[-1]))
+            }
             if len(sizes) > 1 and both:
-                changes = [narrowing(r, sizes[0], sizes[-1]) for r in both]
-                change = spread(changes)
-                moves = [ratio_change(r, sizes[0], sizes[-1]) for r in both]
-                ends = [[r[m] for r in both] for m in (sizes[0], sizes[-1])]
+                changes = {s: narrowing(r, sizes[0], sizes[-1]) for s, r in both.items()}
+                change = spread(list(changes.values()))
+                moves = {s: ratio_change(r, sizes[0], sizes[-1]) for s, r in both.items()}
+                ends = [[r[m] for r in both.values()] for m in (sizes[0], sizes[-1])]
                 # an end whose seeds put its ratio on both sides of 1: its gap |1 - r| folds
                 folded = [
                     m for m, v in zip((sizes[0], sizes[-1]), ends, strict=True) if straddles_one(v)
                 ]
+                left_out = [seed for seed in seeds if seed not in both]
                 lines += [
                     "",
                     f"{label.capitalize()}: change of the gap from {sizes[0]} to {sizes[-1]} "
-                    f"per seed {' '.join(f'{c:+.3f}' for c in changes)}, mean "
+                    f"per seed {per_seed_cell(changes, list(both), '+.3f')}, mean "
                     f"{change.cell()}: {trend_verdict(change, *ends)}. The ratio itself moves "
-                    f"{' '.join(f'{c:+.3f}' for c in moves)}, mean {spread(moves).cell()}"
+                    f"{per_seed_cell(moves, list(both), '+.3f')}, mean "
+                    f"{spread(list(moves.values())).cell()}"
                     + (
                         f"; the seeds put the ratio on both sides of 1 (or at 1) at"
                         f" {' and '.join(folded)}, where the gap |1 - r| folds."
                         if folded
                         else "."
+                    )
+                    + (
+                        f" Seed(s) {', '.join(map(str, left_out))} lack a finite ratio at "
+                        f"{sizes[0]} or {sizes[-1]} and are left out (n = {len(both)})."
+                        if left_out
+                        else ""
                     ),
                 ]
     path = pathlib.Path(path)

@@ -21,6 +21,12 @@ def test_spread_is_the_student_t_interval():
     assert one.mean == 0.4 and math.isnan(one.lo) and "no interval" in one.cell()
     with pytest.raises(ValueError, match="non-empty"):
         seeds.spread([])
+    with pytest.raises(ValueError, match="finite"):
+        seeds.spread([0.1, float("nan")])
+    same = seeds.spread([0.05, 0.05, 0.05])  # zero width: no evidence, not "separated"
+    assert same.identical and "no interval" in same.cell()
+    assert "not separated" not in seeds.verdict(same) and "beats" not in seeds.verdict(same)
+    assert "independent" in seeds.verdict(same)
 
 
 def test_verdict_over_seeds_follows_the_interval_of_the_mean_difference():
@@ -88,29 +94,42 @@ def test_the_change_of_the_gap_with_size_is_paired_by_seed(tmp_path):
         tmp_path / "SEEDS.md", {0: sized(0.0), 1: sized(0.05), 2: sized(-0.04)}, "t"
     ).read_text()
     assert text.index("| toy-s |") < text.index("| toy-m |") < text.index("| toy-l |")
-    assert "Offline: change of the gap from toy-s to toy-l per seed +0.203 +0.208 +0.199" in text
+    assert (
+        "Offline: change of the gap from toy-s to toy-l per seed 0: +0.203, 1: +0.208, 2: +0.199"
+        in text
+    )
     assert "the gap narrows with size over seeds" in text
     # ... where the unpaired per-size intervals overlap (online's q90 is 0.69 here).
     ratio = lambda r, o: 0.70 * (r + o) / 0.69  # noqa: E731
     small = seeds.spread([ratio(0.60, o) for o in (0.0, 0.05, -0.04)])
     large = seeds.spread([ratio(0.80 + o / 10, o) for o in (0.0, 0.05, -0.04)])
-    per_seed = " ".join(f"{ratio(0.60, o):.3f}" for o in (0.0, 0.05, -0.04))
+    per_seed = ", ".join(f"{s}: {ratio(0.60, o):.3f}" for s, o in enumerate((0.0, 0.05, -0.04)))
     assert small.hi > large.lo and f"| toy-s | {per_seed} | {small.cell()} |" in text
     # All ratios below 1: the ratio's own change is the gap's narrowing, and no fold.
-    assert "The ratio itself moves +0.203 +0.208 +0.199, mean" in text
+    assert "The ratio itself moves 0: +0.203, 1: +0.208, 2: +0.199, mean" in text
     assert "folds" not in text
     assert "Shuffled: change of the gap from toy-s to toy-l" in text
-    assert "Online's peak is its last checkpoint at seed(s) 0, 1, 2" in text
+    assert (
+        "Online's peak is its run's last checkpoint at seed(s) 0, 1, 2: it may not have reached "
+        "its peak there, which biases those seeds' differences against online." in text
+    )
     # A seed whose toy-l offline run passes online: |1 - r| folds, the report says so, and
     # the ratio's own change is r_last - r_first per seed.
     text = seeds.write(tmp_path / "SEEDS.md", {0: sized(0.0), 1: sized(0.2)}, "t").read_text()
     moves = [ratio(0.80 + o / 10, o) - ratio(0.60, o) for o in (0.0, 0.2)]
     assert ratio(0.82, 0.2) > 1 > ratio(0.80, 0.0)
-    assert f"The ratio itself moves {moves[0]:+.3f} {moves[1]:+.3f}" in text
+    assert f"The ratio itself moves 0: {moves[0]:+.3f}, 1: {moves[1]:+.3f}" in text
     assert (
         "the seeds put the ratio on both sides of 1 (or at 1) at toy-l, where the gap |1 - r| folds"
         in text
     )
+    # A seed without Fig. 10 is left out of the paired change by name; the others keep theirs.
+    bare = _results(0.70, [0.55])
+    del bare["fig10"]
+    text = seeds.write(tmp_path / "SEEDS.md", {0: sized(0.0), 1: bare, 2: sized(0.05)}, "t")
+    text = text.read_text()
+    assert "toy-l per seed 0: +0.203, 2: +0.208, mean" in text
+    assert "Seed(s) 1 lack a finite ratio at toy-s or toy-l and are left out (n = 2)." in text
 
 
 def test_the_gap_over_seeds_narrows_only_from_a_separated_gap():
@@ -133,3 +152,59 @@ def test_the_gap_over_seeds_narrows_only_from_a_separated_gap():
     assert "the last size's ratio on both sides" in seeds.trend_verdict(widens, low, at_one)
     assert seeds.trend_verdict(widens, at_one, low).startswith("the gap widens with size")
     assert seeds.straddles_one([0.5, float("nan")]) and seeds.straddles_one([1.0, 0.5])
+
+
+def _with_online(res, wins):
+    """`res` with online's checkpoints set to `wins` (steps 10, 20, ...)."""
+    online = res["fig1"][0]
+    online["evals"] = online["evals"][:1] + [
+        {"step": 10 * (k + 1), "win_rate": w, "win_lo": w - 0.02, "win_hi": w + 0.02, "kl": k}
+        for k, w in enumerate(wins)
+    ]
+    return res
+
+
+def test_a_peak_at_its_last_checkpoint_is_named_with_the_direction_of_its_bias(tmp_path):
+    """Online peaking early and offline's best run at its end: only the offline note, which
+    biases the difference in favour of online (offline may still have been rising)."""
+    res = _with_online(_results(0.70, [0.50]), [0.72, 0.70])
+    res["fig1"][1]["evals"].append({"step": 20, "win_rate": 0.58, "win_lo": 0.56,
+                                    "win_hi": 0.60, "kl": 2.0})  # fmt: skip
+    text = seeds.write(tmp_path / "SEEDS.md", {4: res}, "t").read_text()
+    assert "Online's peak" not in text
+    assert (
+        "The offline sweep's peak is its run's last checkpoint at seed(s) 4: it may not have "
+        "reached its peak there, which biases those seeds' differences in favour of online." in text
+    )
+    # An offline run that peaked before its end gives no note either.
+    res["fig1"][1]["evals"].append({"step": 30, "win_rate": 0.52, "win_lo": 0.50,
+                                    "win_hi": 0.54, "kl": 3.0})  # fmt: skip
+    text = seeds.write(tmp_path / "SEEDS.md", {4: res}, "t").read_text()
+    assert "last checkpoint" not in text
+
+
+def test_a_seed_without_a_ratio_is_named_not_shifted(tmp_path):
+    """A seed without Fig. 10, and one whose online win rates are all 0 (a NaN ratio): each
+    per-seed value keeps its seed's label, and the means leave the others out by name."""
+    ok = _results(0.70, [0.50, 0.55])
+    no_fig10 = _results(0.60, [0.50])
+    del no_fig10["fig10"]
+    zero = _with_online(_results(0.0, [0.50]), [0.0, 0.0])
+    zero["fig10"][0]["online"] = [zero["fig1"][0]]
+    also = _results(0.66, [0.60, 0.58])
+    text = seeds.write(tmp_path / "SEEDS.md", {0: ok, 1: no_fig10, 2: zero, 3: also}, "t")
+    text = text.read_text()
+    r0 = np.quantile([0.50, 0.55], 0.9) / np.quantile([0.60, 0.70], 0.9)
+    r3 = np.quantile([0.60, 0.58], 0.9) / np.quantile([0.56, 0.66], 0.9)
+    mean = seeds.spread([r0, r3])
+    assert (
+        f"| toy-s | 0: {r0:.3f}, 1: -, 2: nan, 3: {r3:.3f} | {mean.cell()} (n = 2; not finite "
+        "at seed(s) 2) |" in text
+    )
+    assert "nan [" not in text and "contains 0" in text  # Fig. 1's verdict over 4 seeds
+
+
+def test_a_seed_without_fig1_peaks_is_named(tmp_path):
+    res = _results(0.70, [])
+    with pytest.raises(ValueError, match="seed 7: its results give no Fig. 1 peaks"):
+        seeds.write(tmp_path / "SEEDS.md", {0: _results(0.7, [0.5]), 7: res}, "t")

@@ -22,8 +22,10 @@ TLDR_DIR = DATA / "summarize_from_feedback_comparisons"
 
 
 def write_gz_lines(path, lines):
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
+    """A gzip file of the lines whose bytes depend on the lines only: gzip's header stamps the
+    current second unless given mtime=0, and tests that rewrite a file to its old bytes (a
+    cache keyed by the file's hash) failed when a second boundary fell between the writes."""
+    path.write_bytes(gzip.compress("".join(line + "\n" for line in lines).encode("utf-8"), mtime=0))
     return path
 
 

@@ -45,8 +45,8 @@ def write_hh(path: pathlib.Path, n: int, seed: int = 0) -> None:
             )
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    # mtime=0: the same text gives the same bytes (gzip's header stamps the current second).
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), mtime=0))
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +325,9 @@ def test_a_start_that_computes_nothing_does_not_make_the_study_mixed(tmp_path, m
 
     s = types.SimpleNamespace(workdir=tmp_path)
     clock = iter([1000.0, 2000.0, 3000.0, 4000.0])
-    monkeypatch.setattr(se.time, "time", lambda: next(clock))
+    # Only study_experiments' clock: patching time.time itself would feed every caller in
+    # the process (logging's record stamps too) from this finite iterator.
+    monkeypatch.setattr(se, "time", types.SimpleNamespace(time=lambda: next(clock)))
 
     def write(rel, at):
         path = tmp_path / rel
@@ -365,7 +367,9 @@ def test_the_report_names_the_code_that_computed_the_results(tmp_path, monkeypat
     assert se._code(s) == "not recorded (a start of older code)"
     (tmp_path / "execution.jsonl").unlink()
     clock = iter([1000.0, 2000.0, 3000.0])
-    monkeypatch.setattr(se.time, "time", lambda: next(clock))
+    # Only study_experiments' clock: patching time.time itself would feed every caller in
+    # the process (logging's record stamps too) from this finite iterator.
+    monkeypatch.setattr(se, "time", types.SimpleNamespace(time=lambda: next(clock)))
     version = {"ipo_gap": "0.1.0", "git_commit": "a" * 40, "git_dirty": False}
     monkeypatch.setattr(se, "code_version", lambda: dict(version))
 

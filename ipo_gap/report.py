@@ -71,6 +71,31 @@ def at_last_checkpoint(runs: Sequence[dict], p: Peak) -> bool:
     return p.step == last["step"] or last["win_rate"] >= p.win
 
 
+def fig1_end_notes(online: dict, p_on: Peak, offline: Sequence[dict], p_off: Peak, preset: str):
+    """Fig. 1's caveats where a peak is its run's last checkpoint (or level with it): that run
+    may still have been rising, so its true peak may be higher. For online that understates
+    online's lead; for the offline sweep's best run it overstates it."""
+    text = ""
+    if at_last_checkpoint([online], p_on):
+        text += (
+            (
+                " Online's best checkpoint is its last"
+                if p_on.step == online["evals"][-1]["step"]
+                else f" Online's last checkpoint is level with its best (step {p_on.step})"
+            )
+            + ": it may not have reached its peak (a run with more online steps"
+            + (", e.g. the standard preset," if preset in ("micro", "quick") else "")
+            + " would show where it turns over), which favours offline in this comparison."
+        )
+    if at_last_checkpoint(offline, p_off):
+        text += (
+            f" Offline's best run ({p_off.run}) peaks at its last checkpoint, or level with it "
+            f"(step {p_off.step}): it may not have reached its peak either, which favours "
+            "online in this comparison."
+        )
+    return text
+
+
 def interval_sign(d) -> int:
     """+1 when the interval lies above 0, -1 below, 0 when it holds 0."""
     return 1 if d.lo > 0 else -1 if d.hi < 0 else 0
@@ -317,19 +342,7 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         "",
         f"**Verdict:** {compare(p_on, p_off, 'online', 'offline')}. Online peaks at "
         f"KL {p_on.kl:.2f}, offline at KL {p_off.kl:.2f}."
-        + (
-            (
-                " Online's best checkpoint is its last"
-                if p_on.step == online["evals"][-1]["step"]
-                else f" Online's last checkpoint is level with its best (step {p_on.step})"
-            )
-            + ": it may not have reached its peak (a run "
-            "with more online steps"
-            + (", e.g. the standard preset," if preset in ("micro", "quick") else "")
-            + " would show where it turns over)."
-            if at_last_checkpoint([online], p_on)
-            else ""
-        ),
+        + fig1_end_notes(online, p_on, offline, p_off, preset),
     ]
     if any("proxy_win_rate" in e for e in online["evals"]):
         plots.figure_goodhart(

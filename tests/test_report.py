@@ -674,3 +674,34 @@ def test_the_tandem_verdict_compares_bits_where_the_summary_has_them():
     same, how = report.tandem_identical(old)
     assert same and "by value" in how
     assert not report.tandem_identical({**old, "max_loss_dev_to_online": 1e-7})[0]
+
+
+def test_fig1_names_a_peak_at_its_runs_end_with_the_side_it_favours():
+    """Online rising to its end understates its lead; the offline sweep's best run at its end
+    overstates it; a run that turned over gives no note."""
+
+    def run(name, wins):
+        evals = [
+            {"step": 10 * k, "win_rate": w, "win_lo": w - 0.1, "win_hi": w + 0.1, "kl": k}
+            for k, w in enumerate([0.5, *wins])
+        ]
+        return {"name": name, "evals": evals}
+
+    def peak(runs):
+        return report.peak(runs)
+
+    rising, turned = run("online", [0.6, 0.7]), run("online", [0.7, 0.6])
+    off_end = [run("offline_a", [0.55, 0.60]), run("offline_b", [0.58, 0.50])]
+    off_mid = [run("offline_a", [0.62, 0.60]), run("offline_b", [0.58, 0.50])]
+    both = report.fig1_end_notes(rising, peak([rising]), off_end, peak(off_end), "quick")
+    assert "Online's best checkpoint is its last" in both and "e.g. the standard preset" in both
+    assert "which favours offline in this comparison" in both
+    assert "Offline's best run (offline_a) peaks at its last checkpoint, or level with it " in both
+    assert "(step 20)" in both and "which favours online in this comparison" in both
+    only_off = report.fig1_end_notes(turned, peak([turned]), off_end, peak(off_end), "standard")
+    assert "Online" not in only_off and "Offline's best run (offline_a)" in only_off
+    assert report.fig1_end_notes(turned, peak([turned]), off_mid, peak(off_mid), "quick") == ""
+    level = run("online", [0.7, 0.7])  # a tie with the last checkpoint counts as at the end
+    note = report.fig1_end_notes(level, peak([level]), off_mid, peak(off_mid), "standard")
+    assert "Online's last checkpoint is level with its best (step 10)" in note
+    assert "standard preset" not in note

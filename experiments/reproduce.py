@@ -251,11 +251,11 @@ def _run(
     else:
         jsonl.write_atomic(config_path, json.dumps(cfg.to_dict(), indent=1))
     hosts.say(f"study {preset} in {workdir}: {cfg}")
-    start = time.time()
+    start = time.perf_counter()
     study = Study(workdir, cfg)
     results = study_experiments.run_all(study, jobs=jobs, selected=selected)
     path = report.write(workdir, results, preset)
-    hosts.say(f"study finished in {time.time() - start:.0f}s: {path}")
+    hosts.say(f"study finished in {time.perf_counter() - start:.0f}s: {path}")
     return path, results
 
 

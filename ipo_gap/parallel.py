@@ -138,7 +138,7 @@ def run(
     pending = list(tasks)
     done: dict[str, float] = {}
     workers: list[_Worker] = []
-    start = time.time()
+    start = time.perf_counter()
     try:
         for core in avail[:jobs]:
             r, w = os.pipe()
@@ -192,7 +192,7 @@ def run(
                     log(
                         f"[parallel] {len(done)}/{len(tasks)} tasks done: {res['task']} "
                         f"({res['seconds']:.0f}s on core {wk.core}); "
-                        f"{time.time() - start:.0f}s elapsed"
+                        f"{time.perf_counter() - start:.0f}s elapsed"
                     )
         return done
     finally:
@@ -213,10 +213,10 @@ def _worker_main(core: str, factory: str, args_json: str, result_fd: str) -> Non
     with os.fdopen(int(result_fd), "w") as out:
         for line in sys.stdin:
             name = line.strip()
-            t = time.time()
+            t = time.perf_counter()
             try:
                 runner(name)
-                res = {"task": name, "ok": True, "seconds": time.time() - t}
+                res = {"task": name, "ok": True, "seconds": time.perf_counter() - t}
             except BaseException:  # reported to the parent, which stops the graph
                 res = {"task": name, "ok": False, "error": traceback.format_exc()}
             out.write(json.dumps(res) + "\n")

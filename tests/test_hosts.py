@@ -130,11 +130,13 @@ def test_append_row_writes_on_process_zero_only(tmp_path, monkeypatch, index):
 
 
 def test_progress_reads_a_clock_that_has_not_moved(monkeypatch, capsys):
-    """Two updates within the clock's float resolution (~0.2 us at today's epoch) read the
-    same time: the rate and ETA are then unknown (?), not a ZeroDivisionError."""
+    """Two updates that read the same time (a coarse clock; the wall clock at today's epoch
+    resolves only ~0.2 us): the rate and ETA are then unknown (?), not a ZeroDivisionError."""
+    import types
+
     from ipo_gap.train import loop
 
-    monkeypatch.setattr(loop.time, "time", lambda: 1.7e9)
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: 12.0))
     progress = loop.Progress(3, "sft")
     progress.update(0, 0.5)
     progress.update(1, 0.5, force=True)

@@ -26,7 +26,7 @@ def fake_tasks(outdir: str, together=()):
     out = pathlib.Path(outdir)
 
     def run(name: str):
-        start = time.time()
+        start = time.monotonic()  # system-wide on Linux: comparable across the workers
         if name.startswith("boom"):
             raise ValueError(f"{name} went off")
         if name == "die":
@@ -34,9 +34,9 @@ def fake_tasks(outdir: str, together=()):
         met = None
         if name in together:
             (out / f"{name}.started").touch()
-            deadline = time.time() + 60
+            deadline = time.monotonic() + 60
             while not (met := all((out / f"{t}.started").exists() for t in together)):
-                if time.time() > deadline:
+                if time.monotonic() > deadline:
                     break
                 time.sleep(0.01)
         time.sleep(0.4)
@@ -44,7 +44,7 @@ def fake_tasks(outdir: str, together=()):
             "pid": os.getpid(),
             "cores": sorted(os.sched_getaffinity(0)),
             "start": start,
-            "end": time.time(),
+            "end": time.monotonic(),
             "met": met,
         }
         with open(out / f"{name}.json", "x") as f:  # "x": a task that ran twice fails here

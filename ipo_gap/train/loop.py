@@ -84,10 +84,10 @@ class StepClock:
     time since the previous lap (the first: since the clock was made, so with compilation)."""
 
     def __init__(self):
-        self.last = time.time()
+        self.last = time.perf_counter()
 
     def lap(self, tokens: int) -> dict:
-        now = time.time()
+        now = time.perf_counter()
         out = rates(now - self.last, tokens)
         self.last = now
         return out
@@ -409,12 +409,12 @@ class Progress:
 
     def __init__(self, total: int, name: str, every_s: float = 5.0, stream=None):
         self.total, self.name, self.every_s, self.stream = total, name, every_s, stream
-        self.start = time.time()
+        self.start = time.perf_counter()
         self.last = 0.0
         self.first_step_done = None
 
     def update(self, step: int, loss: float, force: bool = False):
-        now = time.time()
+        now = time.perf_counter()
         if self.first_step_done is None:  # rates exclude compilation
             self.first_step_done = (now, step)
             hosts.say(
@@ -428,7 +428,7 @@ class Progress:
             return
         self.last = now
         t0, s0 = self.first_step_done
-        # (two calls within a float's resolution of the clock, ~0.2 us, read the same time)
+        # (two calls can read the same time on a coarse clock)
         rate = (step - s0) / (now - t0) if step > s0 and now > t0 else float("nan")
         eta = (self.total - step - 1) / rate if rate == rate and rate > 0 else float("nan")
         rate_s = f"{rate:.2f}" if rate == rate else "?"

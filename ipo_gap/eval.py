@@ -163,6 +163,11 @@ def paired_interval(d: np.ndarray) -> Interval:
     beside one of +1 made the pair separated). With equal sizes (W against L, or ties: 1 or
     1/2) it is (m / n) * |d| * (2 q - 1), which excludes 0 about when the exact sign test
     rejects (never for 5 of 5 or fewer in one direction). None differing: [0, 0].
+
+    The exact branch is conditional on m: it treats the share of differing prompts m / n as
+    fixed, so where all m differences go one way its far end is the mean itself; it is a
+    sign test's interval more than a 95% interval of the mean, and reports say so
+    (`exact_branch_note`).
     """
     d = np.asarray(d, np.float64)
     if d.ndim != 1 or not len(d) or not np.all(np.isfinite(d)):
@@ -182,6 +187,21 @@ def paired_interval(d: np.ndarray) -> Interval:
     lo = m / n * (q_lo * a_pos - (1 - q_lo) * a_max)
     hi = m / n * (q_hi * a_max - (1 - q_hi) * a_neg)
     return Interval(mean, lo, hi, n)
+
+
+def exact_branch_note(d) -> str:
+    """Words for an interval from `paired_interval`'s exact branch ("" otherwise): it bounds
+    the mean given how many prompts differ, m of n, as if m were fixed, although another
+    evaluation could make more or fewer differ; so where all m go one way its far end is
+    the mean itself. Its sign is the exact sign test's."""
+    d = np.asarray(d, np.float64)
+    m = int(np.count_nonzero(d))
+    if not 0 < m < EXACT_BELOW:
+        return ""
+    return (
+        f"; only {m} of the {len(d)} differ: exact on their signs, given that {m} differ "
+        f"(not counting the chance of more or fewer)"
+    )
 
 
 def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> np.ndarray:

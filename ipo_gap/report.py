@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ipo_gap import jsonl, plots
-from ipo_gap.eval import outcome_values, paired_difference, paired_interval
+from ipo_gap.eval import exact_branch_note, outcome_values, paired_difference, paired_interval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +115,7 @@ def separation(a: Peak, b: Peak, name_a: str = "a", name_b: str = "b") -> tuple[
         evidence = (
             f"paired difference {name_a} - {name_b} {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] "
             f"over the same {d.n} prompts"
+            + exact_branch_note(outcome_values(a.outcomes) - outcome_values(b.outcomes))
         )
         return interval_sign(d), evidence
     if a.lo > b.hi:
@@ -868,6 +869,7 @@ def classification_verdict(online: dict, offline: dict, shuffled: Sequence[dict]
         acc_evidence = (
             f"paired difference offline - online {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] "
             f"over the same {d.n} pairs"
+            + exact_branch_note(outcome_values(pairs_off) - outcome_values(pairs_on))
         )
     else:  # evaluations of older code kept no per-pair results
         acc_sign, acc_evidence = 0, "no per-pair results to compare (an older evaluation)"

@@ -705,3 +705,21 @@ def test_fig1_names_a_peak_at_its_runs_end_with_the_side_it_favours():
     note = report.fig1_end_notes(level, peak([level]), off_mid, peak(off_mid), "standard")
     assert "Online's last checkpoint is level with its best (step 10)" in note
     assert "standard preset" not in note
+
+
+def test_an_exact_sign_interval_says_it_is_given_the_count_of_differing_prompts():
+    """8 of 512 prompts differ, all for online: the exact branch's upper end is the mean itself
+    (the share of differing prompts is taken as fixed), and the verdict's words say so; with 30
+    differing prompts the normal interval needs no such note."""
+    base = "W" * 256 + "L" * 256
+    online = _peak(base[:248] + "W" * 8 + base[256:], "online")
+    offline = _peak(base[:248] + "L" * 8 + base[256:], "offline")
+    d = paired_difference(online.outcomes, offline.outcomes)
+    assert d.hi == pytest.approx(d.mean) and d.lo > 0
+    text = report.compare(online, offline, "online", "offline")
+    assert (
+        "over the same 512 prompts; only 8 of the 512 differ: exact on their signs, given" in text
+    )
+    many = _peak(base[:226] + "W" * 30 + base[256:], "online")
+    fewer = _peak(base[:226] + "L" * 30 + base[256:], "offline")
+    assert "only" not in report.compare(many, fewer, "online", "offline")

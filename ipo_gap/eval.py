@@ -199,8 +199,8 @@ def exact_branch_note(d) -> str:
     if not 0 < m < EXACT_BELOW:
         return ""
     return (
-        f"; only {m} of the {len(d)} differ: exact on their signs, given that {m} differ "
-        f"(not counting the chance of more or fewer)"
+        f"; only {m} of the {len(d)} differ: exact on their signs, given that {m} differ, "
+        "not counting the chance of more or fewer"
     )
 
 

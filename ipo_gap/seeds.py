@@ -6,7 +6,8 @@ IPO's peak win rate by more than its interval (README, "How firm are the numbers
 the same study with different seeds (`reproduce.py --seeds=0,1,2`) measure both: per seed,
 the Fig. 1 peaks and their difference; over seeds, the mean difference with a Student-t 95%
 interval (n - 1 degrees of freedom), and the same for Fig. 10's ratios (offline and shuffled
-/ online) and, paired by seed, for the change of the gap with size.
+/ online) and, paired by seed, for the change of the gap with size, and for every other
+paired finding of REPORT.md (`findings`).
 
 The verdict over seeds is a rule on those numbers: "online beats offline" requires the lower
 end of the t-interval of the mean difference (online peak - offline peak) to exceed 0.
@@ -22,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from ipo_gap import eval as evaluation
 from ipo_gap import jsonl, report
 
 
@@ -84,9 +86,13 @@ def per_seed_cell(by_seed: Mapping[int, float], seeds: Sequence[int], fmt: str =
 
 
 def headline(results: Mapping) -> dict:
-    """One study's numbers that the seeds compare: Fig. 1's peaks and Fig. 10's ratios."""
-    fig1 = results["fig1"]
-    on, off = report.peak([fig1[0]]), report.peak(fig1[1:])
+    """One study's numbers that the seeds compare: Fig. 1's peaks, Fig. 10's ratios and every
+    paired finding (`findings`)."""
+    fig1 = results.get("fig1") or []
+    try:
+        on, off = report.peak(fig1[:1]), report.peak(fig1[1:])
+    except ValueError as e:
+        raise ValueError(f"its results give no Fig. 1 peaks: {e}") from e
     ratios = {key: {} for key in ("offline", "shuffled")}  # by size, in the study's order
     for s in results.get("fig10", []):
         for key in ratios:
@@ -101,7 +107,98 @@ def headline(results: Mapping) -> dict:
         "shuffled_ratios": ratios["shuffled"],
         "online_peak_at_end": report.at_last_checkpoint([fig1[0]], on),
         "offline_peak_at_end": report.at_last_checkpoint(fig1[1:], off),
+        "findings": findings(results),
+        "tandem": tandem(results),
     }
+
+
+def _paired(a: report.Peak, b: report.Peak) -> evaluation.Interval | None:
+    """a - b over the same prompts (`eval.paired_difference`), as REPORT.md compares them;
+    None without per-prompt outcomes on the same prompts (summaries of older code)."""
+    if a.outcomes and b.outcomes and len(a.outcomes) == len(b.outcomes):
+        return evaluation.paired_difference(a.outcomes, b.outcomes)
+    return None
+
+
+def findings(results: Mapping) -> dict[str, tuple[str, evaluation.Interval | None]]:
+    """Every paired comparison behind a REPORT.md verdict that the README's results table
+    reads, each as {key: (label, paired difference with its 95% interval or None)}, chosen
+    as REPORT.md chooses them. A finding whose runs the study lacks is left out."""
+    fig1 = results["fig1"]
+    online, offline = fig1[0], fig1[1:]
+    p_on, out = report.peak([online]), {}
+    out["fig1"] = (
+        "online IPO's peak above the pooled offline sweep's (Fig. 1): online - offline",
+        _paired(p_on, report.peak(offline)),
+    )
+    shuffled = results.get("fig4", [])[1:]
+    first = [r for r in shuffled if r["method"] == report.UNIFORM]
+    pool = first + [r for r in shuffled if r["method"] == report.UNIFORM_SWEEP]
+    if first:
+        out["shuffled_vs_online"] = (
+            "the uniformly shuffled online stream below online (Fig. 4), at online's lr and "
+            "beta: shuffled - online",
+            _paired(report.peak(first), p_on),
+        )
+        out["shuffled_vs_offline"] = (
+            "the shuffled stream no better than D_golden (Fig. 4), best checkpoints of both "
+            "pools: shuffled - offline",
+            _paired(report.peak(pool), report.peak(offline)),
+        )
+    fig9 = results.get("fig9")
+    if fig9:
+        b_on, b_off, b_third = (report.peak([r]) for r in fig9)
+        out["bo2_online_vs_offline"] = (
+            "online Bo2 above offline Bo2 on D_golden (Fig. 9): online - offline",
+            _paired(b_on, b_off),
+        )
+        if fig9[2]["method"] == report.SHUFFLED_BO2:
+            out["bo2_shuffled_vs_online"] = (
+                "offline Bo2 on the shuffled online Bo2 stream on par with online Bo2 "
+                "(Fig. 9): shuffled - online",
+                _paired(b_third, b_on),
+            )
+    last_on = online["evals"][-1].get("accuracy_outcomes")
+    last_off = last_on and report.offline_same(offline, online)["evals"][-1].get(
+        "accuracy_outcomes"
+    )
+    if last_on and last_off and len(last_on) == len(last_off):
+        out["classifier"] = (
+            "offline the better classifier (Fig. 6-8), last checkpoints at online's lr and "
+            f"beta on {len(last_on)} golden-labelled valid-split pairs: offline - online",
+            evaluation.paired_difference(last_off, last_on),
+        )
+    beyond = results.get("beyond", [])
+    semi = sorted(
+        (
+            (report._refresh_period(r["method"]), r)
+            for r in beyond
+            if r["method"].startswith("semi")
+        ),
+        key=lambda period_run: period_run[0],
+    )  # by growing s, infinity last
+    if len(semi) >= 2:
+        (s_fresh, fresh), (s_stale, stale) = semi[0], semi[-1]
+        out["semi_online"] = (
+            f"fresher samples help (semi-online, beyond the paper): s={s_fresh:g} - s={s_stale:g}",
+            _paired(report.peak([fresh]), report.peak([stale])),
+        )
+    hypo = [r for r in beyond if r["method"].startswith("hypo")]
+    if hypo:
+        out["hypo"] = (
+            "HyPO against online IPO (beyond the paper): HyPO - online",
+            _paired(report.peak(hypo[:1]), p_on),
+        )
+    return out
+
+
+def tandem(results: Mapping) -> str | None:
+    """Whether the exact-order replay is the online run ("bit-identical", ...), or None."""
+    fig4 = results.get("fig4")
+    if not fig4:
+        return None
+    same, sense = report.tandem_identical(fig4[0])
+    return sense if same else "differs"
 
 
 def narrowing(ratios: Mapping[str, float], first: str, last: str) -> float:
@@ -182,7 +279,7 @@ def _headlines(per_seed: Mapping[int, Mapping]) -> dict[int, dict]:
         try:
             heads[seed] = headline(res)
         except (KeyError, ValueError) as e:
-            raise ValueError(f"seed {seed}: its results give no Fig. 1 peaks: {e}") from e
+            raise ValueError(f"seed {seed}: {e!s}") from e
     return heads
 
 
@@ -202,6 +299,81 @@ def _at_end_notes(heads: Mapping[int, dict]) -> list[str]:
                 f"{direction}."
             )
     return notes
+
+
+def _findings_section(heads: Mapping[int, dict]) -> list[str]:
+    """Every paired finding per seed and over seeds: each seed's paired difference (a star
+    where its 95% interval excludes 0), how many seeds separate it each way, and the mean
+    over seeds with its t-interval."""
+    seeds = list(heads)
+    keys = list(dict.fromkeys(k for h in heads.values() for k in h["findings"]))
+    rows = []
+    for key in keys:
+        label = next(h["findings"][key][0] for h in heads.values() if key in h["findings"])
+        by_seed = {
+            seed: h["findings"][key][1]
+            for seed, h in heads.items()
+            if key in h["findings"] and h["findings"][key][1] is not None
+        }
+        if not by_seed:
+            continue
+        signs = {seed: report.interval_sign(d) for seed, d in by_seed.items()}
+        cells = ", ".join(
+            f"{seed}: {by_seed[seed].mean:+.3f}{'*' if signs[seed] else ''}"
+            if seed in by_seed
+            else f"{seed}: -"
+            for seed in seeds
+        )
+        counts = (
+            f"{sum(v > 0 for v in signs.values())} / {sum(v < 0 for v in signs.values())} / "
+            f"{sum(v == 0 for v in signs.values())}"
+        )
+        mean = spread([d.mean for d in by_seed.values()])
+        rows.append([label, cells, counts, mean.cell(), _by_interval(mean, *_FINDING_WORDS)])
+    if not rows:
+        return []
+    same = {seed: h["tandem"] for seed, h in heads.items() if h["tandem"] is not None}
+    lines = [
+        "",
+        "## Every paired finding, per seed and over seeds",
+        "",
+        "Each cell is a seed's paired difference over the same prompts (or pairs), as its "
+        "REPORT.md computes it; * marks a seed whose 95% interval excludes 0. The counts are "
+        "the seeds whose interval lies above 0 / below 0 / holds 0. The mean over seeds has a "
+        "Student-t 95% interval (training noise included). These are several findings at 95% "
+        "each, not corrected for multiplicity.",
+        "",
+        report.table(
+            [
+                "finding: difference",
+                "per seed",
+                "seeds above / below / neither",
+                "mean [t 95% CI]",
+                "over seeds",
+            ],
+            rows,
+        ),  # fmt: skip
+    ]
+    if same:
+        kinds = sorted(set(same.values()))
+        lines += [
+            "",
+            "The exact-order replay against the online run (Fig. 3-4): "
+            + "; ".join(
+                f"{kind} at seed(s) {', '.join(str(s) for s, v in same.items() if v == kind)}"
+                for kind in kinds
+            )
+            + ".",
+        ]
+    return lines
+
+
+_FINDING_WORDS = (
+    "one seed: no interval",
+    "above 0 over seeds",
+    "below 0 over seeds",
+    "not separated from 0 over seeds",
+)
 
 
 def _mean_cell(by_seed: Mapping[int, float]) -> str:
@@ -280,6 +452,7 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
     ]
     for note in _at_end_notes(heads):
         lines += ["", note]
+    lines += _findings_section(heads)
     sizes = list(dict.fromkeys(m for h in heads.values() for m in h["ratios"]))  # study order
     if sizes:
         lines += [

@@ -208,3 +208,76 @@ def test_a_seed_without_fig1_peaks_is_named(tmp_path):
     res = _results(0.70, [])
     with pytest.raises(ValueError, match="seed 7: its results give no Fig. 1 peaks"):
         seeds.write(tmp_path / "SEEDS.md", {0: _results(0.7, [0.5]), 7: res}, "t")
+
+
+def _judged(name, outcomes_by_step, method=None, lr=1e-3, beta=0.1, acc=None):
+    """A run whose checkpoints carry per-prompt outcomes (W/T/L strings)."""
+    from ipo_gap.eval import outcome_values
+
+    evals = [{"step": 0, "win_rate": 0.5, "win_lo": 0.4, "win_hi": 0.6, "kl": 0.0}]
+    for k, text in enumerate(outcomes_by_step):
+        w = float(outcome_values(text).mean())
+        e = {"step": 10 * (k + 1), "win_rate": w, "win_lo": w - 0.05, "win_hi": w + 0.05}
+        evals.append(e | {"kl": float(k + 1), "win_outcomes": text})
+    if acc is not None:
+        evals[-1]["accuracy_outcomes"] = acc
+    return {"name": name, "method": method or name, "lr": lr, "beta": beta, "evals": evals}
+
+
+def test_every_paired_finding_is_taken_as_the_report_takes_it(tmp_path):
+    """Per seed, each finding is the paired difference of the peaks REPORT.md compares; the
+    table stars the seeds whose interval excludes 0, counts them each way, and gives the mean
+    over seeds a t-interval. The exact replay's identity is listed by seed."""
+    from ipo_gap import report as rep
+    from ipo_gap.eval import paired_difference
+
+    def study(shift):
+        n = 40
+        on = "W" * (24 + shift) + "L" * (n - 24 - shift)
+        off = "W" * 20 + "L" * 20
+        online = _judged("online_ipo", ["W" * 10 + "L" * 30, on], acc="W" * 30 + "L" * 10)
+        offline = [
+            _judged("off_a", [off], acc="W" * 36 + "L" * 4),  # online's lr and beta
+            _judged("off_b", ["W" * 18 + "L" * 22], lr=5e-3),
+        ]
+        tandem = {"name": "tandem", "method": "tandem", "max_loss_dev_to_online": 0.0,
+                  "param_leaves_differing_in_bits": 0, "evals": online["evals"]}  # fmt: skip
+        shuffled = _judged("shuf", ["W" * 14 + "L" * 26], method=rep.UNIFORM)
+        sweep = _judged("shuf_b", ["W" * 22 + "L" * 18], method=rep.UNIFORM_SWEEP)
+        bo2 = [_judged("b_on", ["W" * 30 + "L" * 10]), _judged("b_off", ["W" * 5 + "L" * 35]),
+               _judged("b_sh", ["W" * 29 + "L" * 11], method=rep.SHUFFLED_BO2)]  # fmt: skip
+        beyond = [
+            _judged("s10", ["W" * 25 + "L" * 15], method="semi-online ipo (s=10)"),
+            _judged("sinf", ["W" * 12 + "L" * 28], method="semi-online ipo (s=inf)"),
+            _judged("s50", ["W" * 20 + "L" * 20], method="semi-online ipo (s=50)"),
+            _judged("hypo", ["W" * 2 + "L" * 38], method="hypo"),
+        ]
+        return {"fig1": [online, *offline], "fig4": [tandem, shuffled, sweep], "fig9": bo2,
+                "beyond": beyond}  # fmt: skip
+
+    per_seed = {0: study(0), 1: study(6), 2: study(-3)}
+    f = seeds.findings(per_seed[1])
+    on, off = per_seed[1]["fig1"][0], per_seed[1]["fig1"][1]
+    expect = paired_difference(on["evals"][-1]["win_outcomes"], off["evals"][-1]["win_outcomes"])
+    assert f["fig1"][1] == expect and expect.mean == pytest.approx(10 / 40)
+    assert f["shuffled_vs_online"][1].mean == pytest.approx((14 - 30) / 40)  # shuffled - online
+    assert f["shuffled_vs_offline"][1].mean == pytest.approx((22 - 20) / 40)  # best of each pool
+    assert f["bo2_online_vs_offline"][1].mean == pytest.approx(25 / 40)
+    assert f["bo2_shuffled_vs_online"][1].mean == pytest.approx(-1 / 40)
+    assert f["classifier"][1].mean == pytest.approx(6 / 40)  # off_a (online's lr), not off_b
+    assert f["semi_online"][0].endswith("s=10 - s=inf")
+    assert f["semi_online"][1].mean == pytest.approx(13 / 40)
+    assert f["hypo"][1].mean == pytest.approx((2 - 30) / 40)
+    text = seeds.write(tmp_path / "SEEDS.md", per_seed, "t").read_text()
+    diffs = [paired_difference(per_seed[s]["fig1"][0]["evals"][-1]["win_outcomes"],
+                               "W" * 20 + "L" * 20) for s in (0, 1, 2)]  # fmt: skip
+    stars = ["*" if rep.interval_sign(d) else "" for d in diffs]
+    assert stars == ["", "*", ""]  # 4 of 4 and 1 of 1 differing prompts: not separated
+    cells = ", ".join(
+        f"{s}: {d.mean:+.3f}{st}" for s, d, st in zip((0, 1, 2), diffs, stars, strict=True)
+    )
+    mean = seeds.spread([d.mean for d in diffs])
+    assert f"| {f['fig1'][0]} | {cells} | 1 / 0 / 2 | {mean.cell()} |" in text
+    assert "| 0 / 3 / 0 |" in text  # HyPO below online in every seed
+    assert "The exact-order replay against the online run (Fig. 3-4): bit-identical at seed(s) " \
+        "0, 1, 2." in text  # fmt: skip

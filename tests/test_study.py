@@ -432,6 +432,14 @@ def test_reproduce_seeds_runs_one_study_per_seed(micro_study, tmp_path):
         diffs[s] = report.peak([runs["online_ipo"]]).win - report.peak(offline).win
         assert f"| {s} |" in text and f"{diffs[s]:+.3f}" in text
     assert f"| online - offline | {seeds.spread(list(diffs.values())).cell()} |" in text
+    # Every paired finding of the micro study, per seed (the README's results table reads it).
+    assert "## Every paired finding, per seed and over seeds" in text
+    for label in ("(Fig. 1): online - offline | 0: ", "HyPO - online | 0: "):
+        assert label in text, label
+    assert (
+        "The exact-order replay against the online run (Fig. 3-4): bit-identical at seed(s) 0, 1."
+        in text
+    )
     with pytest.raises(ValueError, match="a seed twice"):
         reproduce.run_seeds(tmp_path / "many", "micro", [1, 1])
 

@@ -22,7 +22,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from ipo_gap import jsonl, plots
-from ipo_gap.eval import exact_branch_note, outcome_values, paired_difference, paired_interval
+from ipo_gap.eval import (
+    Interval,
+    exact_branch_note,
+    outcome_values,
+    paired_difference,
+    paired_interval,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +107,14 @@ def interval_sign(d) -> int:
     return 1 if d.lo > 0 else -1 if d.hi < 0 else 0
 
 
+def paired_outcomes(a: str | None, b: str | None) -> Interval | None:
+    """a - b judged prompt by prompt (`eval.paired_difference`), or None unless both hold
+    per-item outcomes over the same number of items (summaries of older code hold none)."""
+    if a and b and len(a) == len(b):
+        return paired_difference(a, b)
+    return None
+
+
 def separation(a: Peak, b: Peak, name_a: str = "a", name_b: str = "b") -> tuple[int, str]:
     """(+1: a above b, -1: below, 0: not separated) and the evidence, in words.
 
@@ -108,10 +122,10 @@ def separation(a: Peak, b: Peak, name_a: str = "a", name_b: str = "b") -> tuple[
     the mean difference of their judgements must exclude 0. Otherwise (older summaries) the
     two win-rate intervals must be disjoint, a stricter rule.
     """
-    if a.outcomes and b.outcomes and len(a.outcomes) == len(b.outcomes):
+    d = paired_outcomes(a.outcomes, b.outcomes)
+    if d is not None:
         if a.outcomes == b.outcomes:
             return 0, f"the same judgement on every one of the {len(a.outcomes)} prompts"
-        d = paired_difference(a.outcomes, b.outcomes)
         evidence = (
             f"paired difference {name_a} - {name_b} {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] "
             f"over the same {d.n} prompts"
@@ -863,8 +877,8 @@ def classification_verdict(online: dict, offline: dict, shuffled: Sequence[dict]
     p_on, p_off = peak([online]), peak([offline])
     sign, evidence = separation(p_on, p_off, "online", "offline")
     pairs_on, pairs_off = last_on.get("accuracy_outcomes"), last_off.get("accuracy_outcomes")
-    if pairs_on and pairs_off and len(pairs_on) == len(pairs_off):
-        d = paired_difference(pairs_off, pairs_on)
+    d = paired_outcomes(pairs_off, pairs_on)
+    if d is not None:
         acc_sign = interval_sign(d)
         acc_evidence = (
             f"paired difference offline - online {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] "

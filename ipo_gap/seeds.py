@@ -77,10 +77,15 @@ def finite(by_seed: Mapping[int, float]) -> tuple[list[float], list[int]]:
     return kept, [seed for seed, v in by_seed.items() if not math.isfinite(v)]
 
 
-def per_seed_cell(by_seed: Mapping[int, float], seeds: Sequence[int], fmt: str = ".3f") -> str:
-    """Each seed's value labelled by its seed; a seed without one shows "-"."""
+def per_seed_cell(
+    by_seed: Mapping[int, float], seeds: Sequence[int], fmt: str = ".3f", starred=()
+) -> str:
+    """Each seed's value labelled by its seed, with a star for the seeds in `starred`; a seed
+    without one shows "-"."""
     return ", ".join(
-        f"{seed}: {format(by_seed[seed], fmt)}" if seed in by_seed else f"{seed}: -"
+        f"{seed}: {format(by_seed[seed], fmt)}{'*' if seed in starred else ''}"
+        if seed in by_seed
+        else f"{seed}: -"
         for seed in seeds
     )
 
@@ -113,11 +118,8 @@ def headline(results: Mapping) -> dict:
 
 
 def _paired(a: report.Peak, b: report.Peak) -> evaluation.Interval | None:
-    """a - b over the same prompts (`eval.paired_difference`), as REPORT.md compares them;
-    None without per-prompt outcomes on the same prompts (summaries of older code)."""
-    if a.outcomes and b.outcomes and len(a.outcomes) == len(b.outcomes):
-        return evaluation.paired_difference(a.outcomes, b.outcomes)
-    return None
+    """a - b over the same prompts, as REPORT.md compares them (None for older summaries)."""
+    return report.paired_outcomes(a.outcomes, b.outcomes)
 
 
 def findings(results: Mapping) -> dict[str, tuple[str, evaluation.Interval | None]]:
@@ -166,7 +168,7 @@ def findings(results: Mapping) -> dict[str, tuple[str, evaluation.Interval | Non
         out["classifier"] = (
             "offline the better classifier (Fig. 6-8), last checkpoints at online's lr and "
             f"beta on {len(last_on)} golden-labelled valid-split pairs: offline - online",
-            evaluation.paired_difference(last_off, last_on),
+            report.paired_outcomes(last_off, last_on),
         )
     beyond = results.get("beyond", [])
     semi = sorted(
@@ -318,17 +320,13 @@ def _findings_section(heads: Mapping[int, dict]) -> list[str]:
         if not by_seed:
             continue
         signs = {seed: report.interval_sign(d) for seed, d in by_seed.items()}
-        cells = ", ".join(
-            f"{seed}: {by_seed[seed].mean:+.3f}{'*' if signs[seed] else ''}"
-            if seed in by_seed
-            else f"{seed}: -"
-            for seed in seeds
-        )
+        means = {seed: d.mean for seed, d in by_seed.items()}
+        cells = per_seed_cell(means, seeds, "+.3f", [seed for seed, v in signs.items() if v])
         counts = (
             f"{sum(v > 0 for v in signs.values())} / {sum(v < 0 for v in signs.values())} / "
             f"{sum(v == 0 for v in signs.values())}"
         )
-        mean = spread([d.mean for d in by_seed.values()])
+        mean = spread(list(means.values()))
         rows.append([label, cells, counts, mean.cell(), _by_interval(mean, *_FINDING_WORDS)])
     if not rows:
         return []

@@ -21,7 +21,10 @@ counterpart of D_golden, which is the train split relabelled by it).
 - Accuracy (App. E): the policy as a classifier, f = log pi(y_w)/pi(y_l) - log
   pi_sft(y_w)/pi_sft(y_l) > 0 (a zero margin scores 1/2), on pairs of the valid split
   relabelled by the golden PM (y_w = the golden PM's winner); drift (Fig. 8):
-  mean of log pi(y_w|x) - log pi_sft(y_w|x) on the same pairs.
+  mean of log pi(y_w|x) - log pi_sft(y_w|x) on the same pairs. Where the evaluator is also
+  given training pairs (in a study: the first pairs of D_golden, what the offline sweep trains
+  on, the set the paper's Fig. 8 reads), the same two on them: `train_accuracy`,
+  `train_drift`, with per-pair results `train_accuracy_outcomes`.
 
 All loops run fixed-size batches (the last one edge-padded, padding dropped), so each
 quantity compiles once per study. Every checkpoint is measured with the evaluator's one key
@@ -264,7 +267,9 @@ class Evaluator:
     eval_x/eval_xm: win-rate prompts; base_y/base_ym: the golden baseline's samples on them;
     kl_x/kl_xm: KL prompts; pairs: labelled pairs for the classifier accuracy, y_w = the
     golden PM's winner (in a study: the valid split relabelled by the golden PM, see
-    `study_runs`; D_golden itself is the train split relabelled by it).
+    `study_runs`; D_golden itself is the train split relabelled by it); train_pairs: more
+    such pairs measured the same way under "train_" names (in a study: D_golden's first
+    pairs; None: not measured).
     """
 
     ref: object
@@ -283,9 +288,21 @@ class Evaluator:
     # Other judges of the same win-rate samples, e.g. {"proxy": proxy_pm}: each adds
     # "<name>_win_rate" (and its interval) judged by that PM, for over-optimisation curves.
     other_judges: dict = dataclasses.field(default_factory=dict)
-    # The reference's log-probs of `pairs`, computed at the first evaluation and reused: the
-    # reference and the pairs are fixed for the study.
-    _ref_pair_logps: tuple | None = dataclasses.field(default=None, init=False, repr=False)
+    train_pairs: dict[str, np.ndarray] | None = None
+    # The reference's log-probs of `pairs` and of `train_pairs`, computed at the first
+    # evaluation and reused: the reference and the pairs are fixed for the study.
+    _ref_logps: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+    def _classify(self, policy, which: str) -> tuple[float, float, str]:
+        """(accuracy, drift, per-pair outcomes) on `pairs` ("pairs") or `train_pairs`."""
+        pairs = getattr(self, which)
+        if which not in self._ref_logps:
+            self._ref_logps[which] = ref_cache.compute_reference_logprobs(
+                self.ref, pairs, batch_size=self.batch_size
+            )
+        return pair_metrics_with_outcomes(
+            policy, self.ref, pairs, batch_size=self.batch_size, ref_logps=self._ref_logps[which]
+        )
 
     def __call__(self, policy) -> dict[str, float]:
         key = self.key
@@ -316,18 +333,13 @@ class Evaluator:
                 batch_size=self.batch_size,
             )
         )
-        if self._ref_pair_logps is None:
-            self._ref_pair_logps = ref_cache.compute_reference_logprobs(
-                self.ref, self.pairs, batch_size=self.batch_size
-            )
-        acc, drift, acc_outcomes = pair_metrics_with_outcomes(
-            policy,
-            self.ref,
-            self.pairs,
-            batch_size=self.batch_size,
-            ref_logps=self._ref_pair_logps,
-        )
+        acc, drift, acc_outcomes = self._classify(policy, "pairs")
         extra = {}
+        if self.train_pairs is not None:
+            t_acc, t_drift, t_outcomes = self._classify(policy, "train_pairs")
+            extra.update(
+                train_accuracy=t_acc, train_drift=t_drift, train_accuracy_outcomes=t_outcomes
+            )
         for name, pm in self.other_judges.items():
             other = Interval.of_judgements(judged(pm))
             extra.update(

@@ -176,9 +176,10 @@ def _stream_step(e: dict) -> int:
 def figure_classification(
     runs: Sequence[dict], proxy_accuracy: float, path, title, proxy_label: str = "proxy PM"
 ) -> pathlib.Path:
-    """Fig. 6-8: accuracy on the online stream (with the proxy PM's on the same pairs) and on
-    D_golden over steps, accuracy vs win rate (each run's trained checkpoints, the points of
-    the H3 verdict's correlations, and their shared SFT start once), winner log-prob drift."""
+    """Fig. 6-8: accuracy on the online stream (with the proxy PM's on the same pairs), on
+    golden-labelled valid-split pairs and on D_golden's training pairs (dashed) over steps,
+    accuracy vs win rate (each run's trained checkpoints, the points of the H3 verdict's
+    correlations, and their shared SFT start once), winner log-prob drift (both pair sets)."""
     fig, (a0, a1, a2, a3) = plt.subplots(1, 4, figsize=(19, 4.2))
     methods = _methods(runs)
     for r in runs:
@@ -204,6 +205,11 @@ def figure_classification(
             label=r["method"],
         )
         a3.plot(steps, [e["drift"] for e in r["evals"]], "-o", color=c, ms=3, label=r["method"])
+        train = [e for e in r["evals"] if "train_accuracy" in e]  # older summaries lack it
+        if train:  # dashed: D_golden's training pairs, the paper's Fig. 8 set
+            t_steps = [e["step"] for e in train]
+            a1.plot(t_steps, [e["train_accuracy"] for e in train], "--", color=c, lw=1)
+            a3.plot(t_steps, [e["train_drift"] for e in train], "--", color=c, lw=1)
     proxy_stream = [e for e in runs[0]["evals"] if "stream_proxy_accuracy" in e]
     a0.plot(
         [_stream_step(e) for e in proxy_stream],
@@ -223,11 +229,15 @@ def figure_classification(
     # The proxy's line is measured on its own split (named by `proxy_label`), not on the
     # policies' valid-split pairs: the axis says so rather than claiming one split for both.
     a1.set(xlabel="step", ylabel="accuracy (golden labels)")
-    a1.set_title(f"policies: valid-split pairs; {proxy_label}", fontsize=8)
+    a1.set_title(
+        f"policies: valid-split pairs (solid), D_golden's training pairs (dashed); {proxy_label}",
+        fontsize=8,
+    )
     a2.set(
         xlabel="accuracy on valid-split pairs (golden labels)", ylabel="win rate vs golden baseline"
     )
     a3.set(xlabel="step", ylabel=r"E[log $\pi$(y_w) - log $\pi_{sft}$(y_w)]")
+    a3.set_title("valid-split pairs (solid), D_golden's training pairs (dashed)", fontsize=8)
     for a in (a0, a1, a2, a3):
         a.grid(alpha=0.3)
         a.legend(fontsize=7)

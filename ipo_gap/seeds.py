@@ -160,16 +160,27 @@ def findings(results: Mapping) -> dict[str, tuple[str, evaluation.Interval | Non
                 "(Fig. 9): shuffled - online",
                 _paired(b_third, b_on),
             )
-    last_on = online["evals"][-1].get("accuracy_outcomes")
-    last_off = last_on and report.offline_same(offline, online)["evals"][-1].get(
-        "accuracy_outcomes"
-    )
-    if last_on and last_off and len(last_on) == len(last_off):
-        out["classifier"] = (
+    last_on, last_off = online["evals"][-1], None
+    for key, field, text in (
+        (
+            "classifier",
+            "accuracy_outcomes",
             "offline the better classifier (Fig. 6-8), last checkpoints at online's lr and "
-            f"beta on {len(last_on)} golden-labelled valid-split pairs: offline - online",
-            report.paired_outcomes(last_off, last_on),
-        )
+            "beta on {n} golden-labelled valid-split pairs: offline - online",
+        ),
+        (
+            "classifier_train",
+            "train_accuracy_outcomes",
+            "offline the better classifier on D_golden's own training pairs (Fig. 8's set), "
+            "last checkpoints at online's lr and beta on {n} pairs: offline - online",
+        ),
+    ):  # evaluations of older code lack per-pair results, or D_golden's training pairs
+        if not last_on.get(field):
+            continue
+        last_off = last_off or report.offline_same(offline, online)["evals"][-1]
+        d = report.paired_outcomes(last_off.get(field), last_on.get(field))
+        if d is not None:
+            out[key] = (text.format(n=d.n), d)
     beyond = results.get("beyond", [])
     semi = sorted(
         (

@@ -504,7 +504,11 @@ class Study:
             y, ym = self.baseline()
             ev, rl = self.prep.prompts["eval"], self.prep.prompts["rl"]
             n_kl, n_acc = self.cfg.num_kl_prompts, self.cfg.num_acc_pairs
-            pairs = {k: v[:n_acc] for k, v in self.d_golden()["valid"].items()}
+            d_golden = self.d_golden()
+            # Held-out pairs (the valid split), and as many of D_golden's own training pairs,
+            # the set the paper's Fig. 8 reads: what the offline sweep trains on.
+            pairs = {k: v[:n_acc] for k, v in d_golden["valid"].items()}
+            train_pairs = {k: v[:n_acc] for k, v in d_golden["train"].items()}
             return evaluation.Evaluator(
                 ref=self.sft(),
                 golden_pm=self.golden_pm()[1],
@@ -515,6 +519,7 @@ class Study:
                 kl_x=rl["prompt"][:n_kl],
                 kl_xm=rl["prompt_mask"][:n_kl],
                 pairs=pairs,
+                train_pairs=train_pairs,
                 max_len=self.cfg.target_len,
                 key=self.key("eval"),
                 batch_size=self.cfg.eval_batch,

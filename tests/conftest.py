@@ -21,6 +21,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    """Build matplotlib's font cache once, in the controlling process, before pytest-xdist
+    starts its workers: on a fresh HOME every worker that draws a figure would otherwise
+    build it at once and write it under one lock file."""
+    if not hasattr(config, "workerinput"):
+        import matplotlib.font_manager  # noqa: F401  (builds or loads the cache)
+
+
 def tiny_config(**overrides) -> T5Config:
     """A tiny T5 v1.1 whose relative positions reach the log-spaced buckets."""
     base = {

@@ -3,6 +3,8 @@ Evaluator's reuse of the reference's log-probs on its fixed pairs, and the orien
 every ordered quantity: the win rate (policy sample vs baseline sample), self-classification
 (App. E.1) and the KL (policy || reference)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 from conftest import tiny_config
@@ -58,6 +60,7 @@ def test_the_evaluator_computes_the_reference_on_its_pairs_once(monkeypatch):
         kl_x=x,
         kl_xm=xm,
         pairs=_pairs(2, 7),
+        train_pairs=_pairs(3, 5),
         max_len=4,
         key=jax.random.key(0),
         batch_size=4,
@@ -72,9 +75,18 @@ def test_the_evaluator_computes_the_reference_on_its_pairs_once(monkeypatch):
     )
     first, second = ev(policy), ev(policy)
     assert first == second
-    assert [m is ref for m in seen] == [True, False, False]  # ref once, the policy each time
+    # The reference once per set of pairs (held-out, then training), the policy each time.
+    assert [m is ref for m in seen] == [True, False, True, False, False, False]
     acc, drift = evaluation.pair_metrics(policy, ref, ev.pairs, batch_size=4)
     assert (first["accuracy"], first["drift"]) == (acc, drift)
+    got = evaluation.pair_metrics_with_outcomes(policy, ref, ev.train_pairs, batch_size=4)
+    want = (first["train_accuracy"], first["train_drift"], first["train_accuracy_outcomes"])
+    assert want == got and len(got[2]) == 5
+    assert got[1] != drift  # other pairs: not the held-out numbers under another name
+    # Without training pairs nothing is reported under their names.
+    bare = dataclasses.replace(ev, train_pairs=None)(policy)
+    assert not [k for k in bare if k.startswith("train_")]
+    assert {k: v for k, v in first.items() if not k.startswith("train_")} == bare
 
 
 def _prompts(seed, n, length=5):

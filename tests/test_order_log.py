@@ -19,6 +19,7 @@ from ipo_gap.data.order_log import (
     OrderLog,
     OrderLogError,
     ReplayError,
+    code_version,
     pair_schema,
 )
 
@@ -69,6 +70,12 @@ def raw(path, *parts):
 
 
 def test_round_trip_is_bit_exact(tmp_path):
+    # The code that writes it: this checkout's commit (the tests run from a git clone), read
+    # now: `code_version` caches its first answer, so a commit during a test run would
+    # otherwise compare an older HEAD with a newer one.
+    here = os.path.dirname(os.path.abspath(__file__))
+    head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True)
+    code_version.cache_clear()
     log = new_log(tmp_path)
     batches = [make_batch(i) for i in range(5)]
     for step, batch in enumerate(batches):
@@ -77,9 +84,6 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert len(log) == 5 and log.batch_size == B
     assert log.meta["tokenizer_sha256"] == SHA and log.meta["run"] == {"loss": "ipo"}
     assert log.meta["schema"]["y_w"] == {"dtype": "int32", "shape": [T]}
-    # The code that wrote it: this checkout's commit (the tests run from a git clone).
-    here = os.path.dirname(os.path.abspath(__file__))
-    head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True)
     code = log.meta["code_version"]
     assert code["ipo_gap"] and code["git_commit"] == (head.stdout.strip() or None)
     for step, got in log.iter_steps():
@@ -118,7 +122,7 @@ def test_hashes_follow_the_documented_definition_across_processes(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=600,
         check=True,
     )
     assert json.loads(out.stdout.splitlines()[-1]) == [h.hex() for h in got]

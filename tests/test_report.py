@@ -630,6 +630,39 @@ def test_h3_verdict_contrasts_the_runs_and_correlates_within_each():
     assert "as the paper found" not in text
     short = dict(online, evals=online["evals"][:3])  # two checkpoints: no r
     assert "r = online n/a, offline +1.00" in report.classification_verdict(short, offline)
+    assert "training pairs" not in text  # none measured: no sentence on them
+
+
+def test_h3_verdict_contrasts_the_classifiers_on_d_golden_training_pairs_too():
+    """Where the evaluations carry D_golden's training pairs (the paper's Fig. 8 set), the
+    verdict gives the paired contrast on them beside the held-out one, with its own sign:
+    here the two runs tie on the valid split and offline leads by 30 of 100 training pairs,
+    and in the other direction online leads."""
+
+    def run(name, train):
+        r = _run(name, ["W" * 200 + "L" * 200] * 2)
+        for e in r["evals"]:
+            e["accuracy"] = 0.5
+            e["accuracy_outcomes"] = "W" * 50 + "L" * 50
+            e["train_accuracy"] = train.count("W") / len(train)
+            e["train_accuracy_outcomes"] = train
+        return r
+
+    online = run("online ipo", "W" * 50 + "L" * 50)
+    offline = run("offline ipo", "W" * 80 + "L" * 20)
+    text = report.classification_verdict(online, offline)
+    d = paired_difference("W" * 80 + "L" * 20, "W" * 50 + "L" * 50)
+    assert (
+        f"offline classifies 0.800 right and online 0.500 (paired difference offline - online "
+        f"+0.300 [{d.lo:+.3f}, {d.hi:+.3f}] over the same 100 pairs): offline the more accurate "
+        "classifier there, as the paper found." in text
+    )
+    assert d.lo > 0
+    assert "online the more accurate classifier there, unlike the paper." in (
+        report.classification_verdict(offline, online)
+    )
+    level = run("offline ipo", "W" * 51 + "L" * 49)
+    assert "the two not separated there." in report.classification_verdict(online, level)
 
 
 def test_pool_bias_is_what_copies_of_online_would_score():

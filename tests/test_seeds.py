@@ -210,7 +210,7 @@ def test_a_seed_without_fig1_peaks_is_named(tmp_path):
         seeds.write(tmp_path / "SEEDS.md", {0: _results(0.7, [0.5]), 7: res}, "t")
 
 
-def _judged(name, outcomes_by_step, method=None, lr=1e-3, beta=0.1, acc=None):
+def _judged(name, outcomes_by_step, method=None, lr=1e-3, beta=0.1, acc=None, train_acc=None):
     """A run whose checkpoints carry per-prompt outcomes (W/T/L strings)."""
     from ipo_gap.eval import outcome_values
 
@@ -221,6 +221,8 @@ def _judged(name, outcomes_by_step, method=None, lr=1e-3, beta=0.1, acc=None):
         evals.append(e | {"kl": float(k + 1), "win_outcomes": text})
     if acc is not None:
         evals[-1]["accuracy_outcomes"] = acc
+    if train_acc is not None:
+        evals[-1]["train_accuracy_outcomes"] = train_acc
     return {"name": name, "method": method or name, "lr": lr, "beta": beta, "evals": evals}
 
 
@@ -235,10 +237,15 @@ def test_every_paired_finding_is_taken_as_the_report_takes_it(tmp_path):
         n = 40
         on = "W" * (24 + shift) + "L" * (n - 24 - shift)
         off = "W" * 20 + "L" * 20
-        online = _judged("online_ipo", ["W" * 10 + "L" * 30, on], acc="W" * 30 + "L" * 10)
-        offline = [
-            _judged("off_a", [off], acc="W" * 36 + "L" * 4),  # online's lr and beta
-            _judged("off_b", ["W" * 18 + "L" * 22], lr=5e-3),
+        online = _judged(
+            "online_ipo",
+            ["W" * 10 + "L" * 30, on],
+            acc="W" * 30 + "L" * 10,
+            train_acc="W" * 20 + "L" * 10,
+        )
+        offline = [  # on D_golden's training pairs offline leads by 5 of 20, off_b would by 0
+            _judged("off_a", [off], acc="W" * 36 + "L" * 4, train_acc="W" * 25 + "L" * 5),
+            _judged("off_b", ["W" * 18 + "L" * 22], lr=5e-3, train_acc="W" * 20 + "L" * 10),
         ]
         tandem = {"name": "tandem", "method": "tandem", "max_loss_dev_to_online": 0.0,
                   "param_leaves_differing_in_bits": 0, "evals": online["evals"]}  # fmt: skip
@@ -265,6 +272,8 @@ def test_every_paired_finding_is_taken_as_the_report_takes_it(tmp_path):
     assert f["bo2_online_vs_offline"][1].mean == pytest.approx(25 / 40)
     assert f["bo2_shuffled_vs_online"][1].mean == pytest.approx(-1 / 40)
     assert f["classifier"][1].mean == pytest.approx(6 / 40)  # off_a (online's lr), not off_b
+    assert f["classifier_train"][1].mean == pytest.approx(5 / 30)  # off_b's would be 0
+    assert "on 30 pairs: offline - online" in f["classifier_train"][0]
     assert f["semi_online"][0].endswith("s=10 - s=inf")
     assert f["semi_online"][1].mean == pytest.approx(13 / 40)
     assert f["hypo"][1].mean == pytest.approx((2 - 30) / 40)

@@ -374,6 +374,7 @@ def test_evaluations_are_consistent(micro_study):
     assert sft["kl"] == 0.0  # KL of the reference against itself is exactly 0
     assert sft["accuracy"] == 0.5 and sft["drift"] == 0.0  # f = 0 for pi = pi_sft: all ties
     assert sft["self_accuracy"] == 0.5  # the same holds on the policy's own samples
+    assert sft["train_accuracy"] == 0.5 and sft["train_drift"] == 0.0  # D_golden's own pairs
     # Fig. 6: every run's k-th checkpoint is measured on the same stream window k; the proxy
     # PM's accuracy there is a property of the window, so it is equal across runs.
     online = _summary(micro_study, "online_ipo")["evals"][1:]
@@ -399,6 +400,10 @@ def test_evaluations_are_consistent(micro_study):
             assert len(e["win_outcomes"]) == e["win_n"]
             assert e["win_rate"] == evaluation.outcome_values(e["win_outcomes"]).mean()
             assert e["kl"] >= 0.0 and 0.0 <= e["accuracy"] <= 1.0
+            # The classifier on as many of D_golden's training pairs as of the valid split.
+            train = e["train_accuracy_outcomes"]
+            assert len(train) == len(e["accuracy_outcomes"]) == study.PRESETS["micro"].num_acc_pairs
+            assert e["train_accuracy"] == evaluation.outcome_values(train).mean()
 
 
 @pytest.mark.slow

@@ -439,7 +439,7 @@ def test_coordinator_flags_without_distributed_are_refused(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert got.returncode != 0
     assert "--coordinator_address, --num_processes without --distributed" in got.stderr

@@ -238,7 +238,7 @@ def test_tandem_check_refuses_bad_flags_before_training(tmp_path, flag, message)
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written

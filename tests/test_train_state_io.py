@@ -347,7 +347,7 @@ def test_restore_onto_named_shardings_8_devices(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     ok = [line for line in out.stdout.splitlines() if line.startswith("OK")]

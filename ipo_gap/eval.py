@@ -22,8 +22,8 @@ counterpart of D_golden, which is the train split relabelled by it).
   pi_sft(y_w)/pi_sft(y_l) > 0 (a zero margin scores 1/2), on pairs of the valid split
   relabelled by the golden PM (y_w = the golden PM's winner); drift (Fig. 8):
   mean of log pi(y_w|x) - log pi_sft(y_w|x) on the same pairs. Where the evaluator is also
-  given training pairs (in a study: the first pairs of D_golden, what the offline sweep trains
-  on, the set the paper's Fig. 8 reads), the same two on them: `train_accuracy`,
+  given training pairs (in a study: the pairs of D_golden that the offline runs read first,
+  the set the paper's Fig. 8 reads), the same two on them: `train_accuracy`,
   `train_drift`, with per-pair results `train_accuracy_outcomes`.
 
 All loops run fixed-size batches (the last one edge-padded, padding dropped), so each
@@ -268,8 +268,8 @@ class Evaluator:
     kl_x/kl_xm: KL prompts; pairs: labelled pairs for the classifier accuracy, y_w = the
     golden PM's winner (in a study: the valid split relabelled by the golden PM, see
     `study_runs`; D_golden itself is the train split relabelled by it); train_pairs: more
-    such pairs measured the same way under "train_" names (in a study: D_golden's first
-    pairs; None: not measured).
+    such pairs measured the same way under "train_" names (in a study: the D_golden pairs the
+    offline runs read first, `Study.train_pairs_order`; None: not measured).
     """
 
     ref: object

@@ -493,10 +493,12 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
             else "its end. "
         )
         + "Accuracy and drift on golden-labelled pairs of the valid split (held out from "
-        "every run) and on as many of D_golden's own training pairs (its first ones; the "
-        "set the paper's Fig. 8 reads: what offline on D_golden trains on, in-sample for it "
-        "where its batches have reached them, out of sample for online and the shuffled "
-        "stream; n/a: an evaluation of older code). "
+        "every run) and on as many of D_golden's own training pairs (the set the paper's Fig. 8 "
+        "reads: those that offline runs on D_golden read first, so in-sample for every "
+        "offline checkpoint after its first few steps; out of sample for online and the "
+        "shuffled stream, whose pairs are their own samples, although on a real dataset "
+        "online's prompts come from the same train split; n/a: an evaluation of older "
+        "code). "
         "Online-stream accuracy: on the last 64 pairs of the online IPO run's stream before "
         "its k-th evaluation, relabelled by the golden PM, for every run's k-th checkpoint "
         "(Fig. 6): the window is named, since runs of other lengths meet other windows at a "
@@ -950,8 +952,8 @@ def _train_pairs_contrast(last_on: dict, last_off: dict) -> str:
         0: "the two not separated there",
     }[sign]
     return (
-        f" On D_golden's own training pairs (the paper's Fig. 8 set, in-sample for offline "
-        f"where its batches reached them), offline classifies {last_off['train_accuracy']:.3f} "
+        f" On D_golden's own training pairs (the paper's Fig. 8 set: those offline read "
+        f"first, in-sample for it), offline classifies {last_off['train_accuracy']:.3f} "
         f"right and online {last_on['train_accuracy']:.3f} (paired difference offline - online "
         f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] over the same {d.n} pairs"
         + exact_branch_note(outcome_values(pairs_off) - outcome_values(pairs_on))

@@ -505,10 +505,12 @@ class Study:
             ev, rl = self.prep.prompts["eval"], self.prep.prompts["rl"]
             n_kl, n_acc = self.cfg.num_kl_prompts, self.cfg.num_acc_pairs
             d_golden = self.d_golden()
-            # Held-out pairs (the valid split), and as many of D_golden's own training pairs,
-            # the set the paper's Fig. 8 reads: what the offline sweep trains on.
-            pairs = {k: v[:n_acc] for k, v in d_golden["valid"].items()}
-            train_pairs = {k: v[:n_acc] for k, v in d_golden["train"].items()}
+            pairs = {k: v[:n_acc] for k, v in d_golden["valid"].items()}  # held out
+            # As many of D_golden's own training pairs, the set the paper's Fig. 8 reads: the
+            # first ones the offline runs on D_golden read (`train_pairs_order`), so every
+            # checkpoint after their first few steps has trained on all of them.
+            first = self.train_pairs_order()[:n_acc]
+            train_pairs = {k: v[first] for k, v in d_golden["train"].items()}
             return evaluation.Evaluator(
                 ref=self.sft(),
                 golden_pm=self.golden_pm()[1],
@@ -526,6 +528,12 @@ class Study:
             )
 
         return self._memo("evaluator", build)
+
+    def train_pairs_order(self) -> np.ndarray:
+        """The order in which every offline run on D_golden reads its training pairs in the
+        first epoch (`study_experiments._offline`'s source: the "offline" data seed)."""
+        n = len(self.d_golden()["train"]["prompt"])
+        return sources.epoch_permutation(self.data_seed("offline"), 0, n)
 
     def proxy_evaluator(self) -> evaluation.Evaluator:
         """`evaluator` that also judges the win-rate samples with the proxy PM (the online runs'

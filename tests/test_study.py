@@ -369,6 +369,27 @@ def test_a_run_whose_loss_turns_nan_is_never_evaluated_at_that_step(micro_study)
 
 
 @pytest.mark.slow
+def test_the_training_pairs_of_fig8_are_the_first_pairs_offline_reads(micro_study):
+    """The classifier's D_golden training pairs are the pairs the offline runs on D_golden
+    (the sweep, Bo2, HyPO) are served in their first steps, in order, so that every offline
+    checkpoint after those steps has trained on all of them; and they are not the valid
+    split's pairs."""
+    from ipo_gap import study_experiments as se
+    from ipo_gap.study_runs import Study
+
+    s = Study(micro_study, study.PRESETS["micro"])
+    ev, source = s.evaluator(), se._on_d_golden(s)()
+    n, b = study.PRESETS["micro"].num_acc_pairs, source.batch_size
+    served = [source.batch(t) for t in range(-(-n // b))]
+    for f in sources.PAIR_FIELDS:
+        want = np.concatenate([batch[f] for batch in served])[:n]
+        np.testing.assert_array_equal(ev.train_pairs[f], want)
+    assert not np.array_equal(ev.train_pairs["y_w"], ev.pairs["y_w"])
+    # A random sample of D_golden, not its first rows (the first offline steps' draw).
+    assert not np.array_equal(ev.train_pairs["y_w"], s.d_golden()["train"]["y_w"][:n])
+
+
+@pytest.mark.slow
 def test_evaluations_are_consistent(micro_study):
     sft = json.loads((micro_study / "eval_sft" / "done.json").read_text())
     assert sft["kl"] == 0.0  # KL of the reference against itself is exactly 0

@@ -293,7 +293,7 @@ class Evaluator:
     # evaluation and reused: the reference and the pairs are fixed for the study.
     _ref_logps: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
-    def _classify(self, policy, which: str) -> tuple[float, float, str]:
+    def classify_pairs(self, policy, which: str) -> tuple[float, float, str]:
         """(accuracy, drift, per-pair outcomes) on `pairs` ("pairs") or `train_pairs`."""
         pairs = getattr(self, which)
         if which not in self._ref_logps:
@@ -333,10 +333,10 @@ class Evaluator:
                 batch_size=self.batch_size,
             )
         )
-        acc, drift, acc_outcomes = self._classify(policy, "pairs")
+        acc, drift, acc_outcomes = self.classify_pairs(policy, "pairs")
         extra = {}
         if self.train_pairs is not None:
-            t_acc, t_drift, t_outcomes = self._classify(policy, "train_pairs")
+            t_acc, t_drift, t_outcomes = self.classify_pairs(policy, "train_pairs")
             extra.update(
                 train_accuracy=t_acc, train_drift=t_drift, train_accuracy_outcomes=t_outcomes
             )

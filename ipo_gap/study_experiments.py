@@ -23,7 +23,7 @@ from ipo_gap import hosts, jsonl, parallel, sharding
 from ipo_gap.data import ref_cache, sources
 from ipo_gap.data.order_log import OrderLog, code_version
 from ipo_gap.determinism import tree_bit_differences, tree_max_abs_diff
-from ipo_gap.report import SHUFFLED_BO2, UNIFORM, UNIFORM_SWEEP
+from ipo_gap.report import SHUFFLED_BO2, UNIFORM, UNIFORM_SWEEP, offline_same
 from ipo_gap.study import load_model, relabel, savez_atomic, stage, study_config
 from ipo_gap.study_runs import Study
 from ipo_gap.train import trainers
@@ -420,6 +420,60 @@ def fig10(study: Study) -> list[dict]:
                 "shuffled": shuffled,
             }
         )
+    return out
+
+
+class NotReproduced(RuntimeError):
+    """A final policy does not give the valid-split results its study recorded."""
+
+
+def _run_summary(workdir: pathlib.Path, name: str) -> dict:
+    return json.loads((workdir / "runs" / name / "done.json").read_text())
+
+
+def classify_final_training_pairs(workdir: pathlib.Path) -> dict:
+    """Fig. 8 on D_golden's training pairs for a finished study of code whose evaluations
+    lacked them (before 63ab5ac): the final policies of online IPO and of the offline run at
+    online's lr and beta (REPORT.md's H3 contrast) classify the pairs `Study.evaluator` gives
+    newer evaluations (`Study.train_pairs_order`).
+
+    Returns {"online": {...}, "offline": {...}, "difference": [mean, lo, hi, n]}: per run its
+    name, last evaluated step, `train_accuracy`, `train_drift`, `train_accuracy_outcomes`, and
+    the paired difference offline - online (`eval.paired_difference`). A final policy is
+    trusted only if it classifies the valid-split pairs exactly as its last evaluation
+    recorded, per pair (`NotReproduced` otherwise: another kind of CPU, more than one core, or
+    code older than per-pair results). Reads the study's files, writes none.
+    """
+    workdir = pathlib.Path(workdir)
+    s = Study(workdir, study_config(workdir))
+    ev = s.evaluator()
+    online = _run_summary(workdir, "online_ipo")
+    names = sorted(p.parent.name for p in (workdir / "runs").glob("offline_ipo_lr*/done.json"))
+    if not names:
+        raise FileNotFoundError(f"{workdir / 'runs'}: no finished offline_ipo_lr* run")
+    offline = offline_same([_run_summary(workdir, n) for n in names], online)
+    out = {}
+    for label, run in (("online", online), ("offline", offline)):
+        model = load_model(workdir / "runs" / run["name"], s.policy_cfg)
+        _, _, valid = ev.classify_pairs(model, "pairs")
+        if valid != run["evals"][-1].get("accuracy_outcomes"):
+            raise NotReproduced(
+                f"{workdir / 'runs' / run['name']}: its final policy classifies the valid-split "
+                "pairs otherwise than its last evaluation recorded (another kind of CPU, more "
+                "than one core, or an evaluation of code without per-pair results): not measured"
+            )
+        acc, drift, outcomes = ev.classify_pairs(model, "train_pairs")
+        out[label] = {
+            "run": run["name"],
+            "step": run["evals"][-1]["step"],
+            "train_accuracy": acc,
+            "train_drift": drift,
+            "train_accuracy_outcomes": outcomes,
+        }
+    d = evaluation.paired_difference(
+        out["offline"]["train_accuracy_outcomes"], out["online"]["train_accuracy_outcomes"]
+    )
+    out["difference"] = [d.mean, d.lo, d.hi, d.n]
     return out
 
 

@@ -390,6 +390,46 @@ def test_the_training_pairs_of_fig8_are_the_first_pairs_offline_reads(micro_stud
 
 
 @pytest.mark.slow
+def test_training_pairs_measured_afterwards_equal_the_evaluations(micro_study, monkeypatch):
+    """study_experiments.classify_final_training_pairs (experiments/classify_training_pairs.py),
+    for studies of code whose evaluations lacked
+    D_golden's training pairs, measures the final policies of online IPO and of the offline
+    run at online's lr and beta: on a study that recorded them it must give the recorded
+    numbers bit for bit. It refuses a policy whose valid-split results differ from the
+    recorded ones."""
+    from ipo_gap import study_experiments as se
+
+    got = se.classify_final_training_pairs(micro_study)
+    online = _summary(micro_study, "online_ipo")
+    sweep = [_summary(micro_study, p.name) for p in (micro_study / "runs").glob("offline_ipo_lr*")]
+    offline = report.offline_same(sweep, online)
+    assert got["offline"]["run"] == offline["name"] != "online_ipo"
+    for label, run in (("online", online), ("offline", offline)):
+        last = run["evals"][-1]
+        for k in ("train_accuracy", "train_drift", "train_accuracy_outcomes"):
+            assert got[label][k] == last[k], (label, k)
+    d = evaluation.paired_difference(
+        offline["evals"][-1]["train_accuracy_outcomes"],
+        online["evals"][-1]["train_accuracy_outcomes"],
+    )
+    assert got["difference"] == [d.mean, d.lo, d.hi, d.n]
+    # A recorded result the final policy does not reproduce: refused, nothing measured.
+    real = se._run_summary
+
+    def altered(workdir, name):
+        out = real(workdir, name)
+        if name == "online_ipo":
+            text = out["evals"][-1]["accuracy_outcomes"]
+            flipped = {"W": "L", "L": "W", "T": "W"}[text[0]]
+            out["evals"][-1]["accuracy_outcomes"] = flipped + text[1:]
+        return out
+
+    monkeypatch.setattr(se, "_run_summary", altered)
+    with pytest.raises(se.NotReproduced, match="online_ipo: its final policy classifies"):
+        se.classify_final_training_pairs(micro_study)
+
+
+@pytest.mark.slow
 def test_evaluations_are_consistent(micro_study):
     sft = json.loads((micro_study / "eval_sft" / "done.json").read_text())
     assert sft["kl"] == 0.0  # KL of the reference against itself is exactly 0

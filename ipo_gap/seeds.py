@@ -502,13 +502,25 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
                     m for m, v in zip((sizes[0], sizes[-1]), ends, strict=True) if straddles_one(v)
                 ]
                 left_out = [seed for seed in seeds if seed not in both]
+                if report.one_side_of_1(ends[0] + ends[1]):  # |1 - r| linear: moves = +-changes
+                    side = "below" if ends[0][0] < 1 else "above"
+                    sign = (
+                        "the same amounts" if side == "below" else "the same amounts, sign flipped"
+                    )
+                    moves_text = (
+                        f"Every seed's ratio lies {side} 1 at both sizes, so the ratio itself "
+                        f"moves by {sign}"
+                    )
+                else:
+                    moves_text = (
+                        f"The ratio itself moves {per_seed_cell(moves, list(both), '+.3f')}, "
+                        f"mean {spread(list(moves.values())).cell()}"
+                    )
                 lines += [
                     "",
                     f"{label.capitalize()}: change of the gap from {sizes[0]} to {sizes[-1]} "
                     f"per seed {per_seed_cell(changes, list(both), '+.3f')}, mean "
-                    f"{change.cell()}: {trend_verdict(change, *ends)}. The ratio itself moves "
-                    f"{per_seed_cell(moves, list(both), '+.3f')}, mean "
-                    f"{spread(list(moves.values())).cell()}"
+                    f"{change.cell()}: {trend_verdict(change, *ends)}. {moves_text}"
                     + (
                         f"; the seeds put the ratio on both sides of 1 (or at 1) at"
                         f" {' and '.join(folded)}, where the gap |1 - r| folds."

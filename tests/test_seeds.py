@@ -105,9 +105,21 @@ def test_the_change_of_the_gap_with_size_is_paired_by_seed(tmp_path):
     large = seeds.spread([ratio(0.80 + o / 10, o) for o in (0.0, 0.05, -0.04)])
     per_seed = ", ".join(f"{s}: {ratio(0.60, o):.3f}" for s, o in enumerate((0.0, 0.05, -0.04)))
     assert small.hi > large.lo and f"| toy-s | {per_seed} | {small.cell()} |" in text
-    # All ratios below 1: the ratio's own change is the gap's narrowing, and no fold.
-    assert "The ratio itself moves 0: +0.203, 1: +0.208, 2: +0.199, mean" in text
-    assert "folds" not in text
+    # All ratios below 1: the ratio's own change is the gap's narrowing, said so rather than
+    # repeated, and no fold.
+    assert (
+        "0: +0.203, 1: +0.208, 2: +0.199, mean 0.203 [0.192, 0.215]: the gap narrows with size "
+        "over seeds (the t-interval of the change is > 0). Every seed's ratio lies below 1 at "
+        "both sizes, so the ratio itself moves by the same amounts." in text
+    )
+    assert "The ratio itself moves" not in text and "folds" not in text
+    # All above 1 (offline ahead of online at every size): the same amounts, sign flipped.
+    ahead = seeds.write(tmp_path / "SEEDS.md", {0: sized(0.40), 1: sized(0.45)}, "t").read_text()
+    assert ratio(0.60, 0.40) > 1 and "Offline: change of the gap from toy-s to toy-l" in ahead
+    assert (
+        "Every seed's ratio lies above 1 at both sizes, so the ratio itself moves by the same "
+        "amounts, sign flipped." in ahead
+    )
     assert "Shuffled: change of the gap from toy-s to toy-l" in text
     assert (
         "Online's peak is its run's last checkpoint at seed(s) 0, 1, 2: it may not have reached "

@@ -887,15 +887,9 @@ def classification_verdict(online: dict, offline: dict, shuffled: Sequence[dict]
     acc_on, acc_off = last_on["accuracy"], last_off["accuracy"]
     p_on, p_off = peak([online]), peak([offline])
     sign, evidence = separation(p_on, p_off, "online", "offline")
-    pairs_on, pairs_off = last_on.get("accuracy_outcomes"), last_off.get("accuracy_outcomes")
-    d = paired_outcomes(pairs_off, pairs_on)
-    if d is not None:
-        acc_sign = interval_sign(d)
-        acc_evidence = (
-            f"paired difference offline - online {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] "
-            f"over the same {d.n} pairs"
-            + exact_branch_note(outcome_values(pairs_off) - outcome_values(pairs_on))
-        )
+    contrast = _accuracy_contrast(last_off, last_on, "accuracy_outcomes")
+    if contrast is not None:
+        acc_sign, acc_evidence = interval_sign(contrast[0]), contrast[1]
     else:  # evaluations of older code kept no per-pair results
         acc_sign, acc_evidence = 0, "no per-pair results to compare (an older evaluation)"
     text = (
@@ -937,27 +931,36 @@ def classification_verdict(online: dict, offline: dict, shuffled: Sequence[dict]
     )
 
 
+def _accuracy_contrast(last_off: dict, last_on: dict, field: str) -> tuple[Interval, str] | None:
+    """Offline - online accuracy pair by pair from two evaluations' per-pair results `field`,
+    with its words, or None where either lacks them (evaluations of older code)."""
+    pairs_off, pairs_on = last_off.get(field), last_on.get(field)
+    d = paired_outcomes(pairs_off, pairs_on)
+    if d is None:
+        return None
+    return d, (
+        f"paired difference offline - online {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] "
+        f"over the same {d.n} pairs"
+        + exact_branch_note(outcome_values(pairs_off) - outcome_values(pairs_on))
+    )
+
+
 def _train_pairs_contrast(last_on: dict, last_off: dict) -> str:
     """The classifier contrast of `classification_verdict` again on D_golden's training pairs
     (the paper's Fig. 8 set), "" where an evaluation lacks them (older code)."""
-    pairs_on = last_on.get("train_accuracy_outcomes")
-    pairs_off = last_off.get("train_accuracy_outcomes")
-    d = paired_outcomes(pairs_off, pairs_on)
-    if d is None:
+    contrast = _accuracy_contrast(last_off, last_on, "train_accuracy_outcomes")
+    if contrast is None:
         return ""
-    sign = interval_sign(d)
+    d, evidence = contrast
     said = {
         1: "offline the more accurate classifier there, as the paper found",
         -1: "online the more accurate classifier there, unlike the paper",
         0: "the two not separated there",
-    }[sign]
+    }[interval_sign(d)]
     return (
         f" On D_golden's own training pairs (the paper's Fig. 8 set: those offline read "
         f"first, in-sample for it), offline classifies {last_off['train_accuracy']:.3f} "
-        f"right and online {last_on['train_accuracy']:.3f} (paired difference offline - online "
-        f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] over the same {d.n} pairs"
-        + exact_branch_note(outcome_values(pairs_off) - outcome_values(pairs_on))
-        + f"): {said}."
+        f"right and online {last_on['train_accuracy']:.3f} ({evidence}): {said}."
     )
 
 

@@ -113,8 +113,40 @@ def headline(results: Mapping) -> dict:
         "online_peak_at_end": report.at_last_checkpoint([fig1[0]], on),
         "offline_peak_at_end": report.at_last_checkpoint(fig1[1:], off),
         "findings": findings(results),
+        "levels": classifier_levels(results),
         "tandem": tandem(results),
     }
+
+
+def _offline_last(results: Mapping) -> dict:
+    """The last evaluation of the offline sweep's run at online's lr and beta: the checkpoint
+    REPORT.md's H3 verdict compares with online's last."""
+    fig1 = results["fig1"]
+    return report.offline_same(fig1[1:], fig1[0])["evals"][-1]
+
+
+# (field of an evaluation, its label in SEEDS.md, format)
+LEVELS = (
+    ("accuracy", "accuracy, valid-split pairs (held out)", ".3f"),
+    ("train_accuracy", "accuracy, D_golden's training pairs (Fig. 8's set)", ".3f"),
+    ("drift", "drift of log pi(y_w), valid-split pairs", "+.2f"),
+    ("train_drift", "drift of log pi(y_w), D_golden's training pairs", "+.2f"),
+)
+
+
+def classifier_levels(results: Mapping) -> dict[str, float]:
+    """Fig. 6-8's levels of one study: {"<online|offline> <field>": value} for each of
+    `LEVELS` that both last checkpoints (online's, `_offline_last`) recorded (evaluations of older
+    code lack the training pairs)."""
+    last_on, out = results["fig1"][0]["evals"][-1], {}
+    if not any(field in last_on for field, _, _ in LEVELS):  # evaluations without pairs
+        return out
+    last_off = _offline_last(results)
+    for field, _, _ in LEVELS:
+        if field in last_on and field in last_off:
+            out[f"online {field}"] = float(last_on[field])
+            out[f"offline {field}"] = float(last_off[field])
+    return out
 
 
 def _paired(a: report.Peak, b: report.Peak) -> evaluation.Interval | None:
@@ -177,7 +209,7 @@ def findings(results: Mapping) -> dict[str, tuple[str, evaluation.Interval | Non
     ):  # evaluations of older code lack per-pair results, or D_golden's training pairs
         if not last_on.get(field):
             continue
-        last_off = last_off or report.offline_same(offline, online)["evals"][-1]
+        last_off = last_off or _offline_last(results)
         d = report.paired_outcomes(last_off.get(field), last_on.get(field))
         if d is not None:
             out[key] = (text.format(n=d.n), d)
@@ -377,6 +409,38 @@ def _findings_section(heads: Mapping[int, dict]) -> list[str]:
     return lines
 
 
+def _levels_section(heads: Mapping[int, dict]) -> list[str]:
+    """Fig. 6-8's levels per seed and their means over seeds (`classifier_levels`): the
+    paired findings give the offline - online differences, this gives what they are
+    differences of."""
+    seeds = list(heads)
+    rows = []
+    for field, label, fmt in LEVELS:
+        for who in ("online", "offline"):
+            key = f"{who} {field}"
+            by_seed = {seed: h["levels"][key] for seed, h in heads.items() if key in h["levels"]}
+            if by_seed:
+                rows.append(
+                    [f"{who}: {label}", per_seed_cell(by_seed, seeds, fmt), _mean_cell(by_seed)]
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        "## Fig. 6-8: the classifiers' levels, per seed and over seeds",
+        "",
+        "Online IPO and the offline sweep's run at online's lr and beta, each at its last "
+        "checkpoint, as REPORT.md's H3 table gives them: the share of golden-labelled pairs "
+        "each policy classifies right (its log pi(y_w) - log pi(y_l) above the SFT policy's; a tie "
+        "counts half) "
+        "and the mean change of log pi(y_w) from the SFT policy, on the valid split (held "
+        "out) and on D_golden's own training pairs (Fig. 8's set, in-sample for offline). "
+        'Means over the seeds with the number ("-": none), with Student-t 95% intervals.',
+        "",
+        report.table(["quantity", "per seed", "mean [t 95% CI]"], rows),
+    ]
+
+
 _FINDING_WORDS = (
     "one seed: no interval",
     "above 0 over seeds",
@@ -462,6 +526,7 @@ def write(path: pathlib.Path, per_seed: Mapping[int, Mapping], preset: str) -> p
     for note in _at_end_notes(heads):
         lines += ["", note]
     lines += _findings_section(heads)
+    lines += _levels_section(heads)
     sizes = list(dict.fromkeys(m for h in heads.values() for m in h["ratios"]))  # study order
     if sizes:
         lines += [

@@ -302,3 +302,51 @@ def test_every_paired_finding_is_taken_as_the_report_takes_it(tmp_path):
     assert "| 0 / 3 / 0 |" in text  # HyPO below online in every seed
     assert "The exact-order replay against the online run (Fig. 3-4): bit-identical at seed(s) " \
         "0, 1, 2." in text  # fmt: skip
+
+
+def test_the_classifiers_levels_are_the_last_checkpoints_at_onlines_settings(tmp_path):
+    """SEEDS.md's Fig. 6-8 levels: online's and the offline run at online's lr and beta (not
+    another sweep run), each at its last checkpoint, per seed with a t-interval over seeds; a
+    seed whose evaluations lack a field (older code: no training pairs) shows "-" and is left
+    out of that mean."""
+
+    def study(on_acc, off_acc, train=None):
+        online = _judged("online_ipo", ["W" * 6 + "L" * 4, "W" * 7 + "L" * 3])
+        offline = [
+            _judged("off_other", ["W" * 5 + "L" * 5], lr=5e-3),
+            _judged("off_same", ["W" * 4 + "L" * 6]),
+        ]
+        online["evals"][1] |= {"accuracy": 0.99, "drift": 9.0}  # not the last checkpoint
+        online["evals"][-1] |= {"accuracy": on_acc, "drift": -2.0}
+        offline[0]["evals"][-1] |= {"accuracy": 0.01, "drift": 5.0, "train_accuracy": 0.0,
+                                    "train_drift": 5.0}  # fmt: skip
+        offline[1]["evals"][-1] |= {"accuracy": off_acc, "drift": -0.5}
+        if train:
+            online["evals"][-1] |= {"train_accuracy": train[0], "train_drift": -1.0}
+            offline[1]["evals"][-1] |= {"train_accuracy": train[1], "train_drift": 0.25}
+        return {"fig1": [online, *offline]}
+
+    per_seed = {
+        0: study(0.6, 0.7, (0.7, 0.9)),
+        1: study(0.65, 0.8, (0.72, 0.96)),
+        5: study(0.7, 0.75),
+    }
+    assert seeds.classifier_levels(per_seed[1]) == {
+        "online accuracy": 0.65, "offline accuracy": 0.8, "online train_accuracy": 0.72,
+        "offline train_accuracy": 0.96, "online drift": -2.0, "offline drift": -0.5,
+        "online train_drift": -1.0, "offline train_drift": 0.25,
+    }  # fmt: skip
+    assert "online train_accuracy" not in seeds.classifier_levels(per_seed[5])
+    text = seeds.write(tmp_path / "SEEDS.md", per_seed, "t").read_text()
+    acc = seeds.spread([0.7, 0.8, 0.75])
+    assert (
+        f"| offline: accuracy, valid-split pairs (held out) | 0: 0.700, 1: 0.800, 5: 0.750 | "
+        f"{acc.cell()} |" in text
+    )
+    train = seeds.spread([0.9, 0.96])
+    assert (
+        f"| offline: accuracy, D_golden's training pairs (Fig. 8's set) | 0: 0.900, 1: 0.960, "
+        f"5: - | {train.cell()} |" in text
+    )
+    assert "| online: drift of log pi(y_w), valid-split pairs | 0: -2.00, 1: -2.00, 5: -2.00 |" \
+        " -2.000 (the same in all 3 seeds: no interval) |" in text  # fmt: skip

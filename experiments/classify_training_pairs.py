@@ -25,8 +25,9 @@ import pathlib
 
 from absl import app, flags, logging
 
-from ipo_gap import seeds
+from ipo_gap import report, seeds
 from ipo_gap import study_experiments as se
+from ipo_gap.eval import Interval
 
 _WORKDIR = flags.DEFINE_string(
     "workdir",
@@ -65,8 +66,8 @@ def main(argv):
         )
     if len(results) > 1:
         diffs = [r["difference"][0] for r in results.values()]
-        above = sum(r["difference"][1] > 0 for r in results.values())
-        below = sum(r["difference"][2] < 0 for r in results.values())
+        signs = [report.interval_sign(Interval(*r["difference"])) for r in results.values()]
+        above, below = signs.count(1), signs.count(-1)
         print(
             f"over {len(diffs)} seeds: offline - online {seeds.spread(diffs).cell()} (mean, "
             f"Student-t 95%); separated offline's way in {above}, online's in {below}"

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import pathlib
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -396,16 +397,38 @@ def test_the_training_pairs_of_fig8_are_the_first_pairs_offline_reads(micro_stud
 
 
 @pytest.mark.slow
-def test_training_pairs_measured_afterwards_equal_the_evaluations(micro_study, monkeypatch):
-    """study_experiments.classify_final_training_pairs (experiments/classify_training_pairs.py),
-    for studies of code whose evaluations lacked
-    D_golden's training pairs, measures the final policies of online IPO and of the offline
-    run at online's lr and beta: on a study that recorded them it must give the recorded
-    numbers bit for bit. It refuses a policy whose valid-split results differ from the
-    recorded ones."""
+def test_training_pairs_measured_afterwards_equal_the_evaluations(
+    micro_study, tmp_path, monkeypatch
+):
+    """experiments/classify_training_pairs.py (`study_experiments.classify_final_training_pairs`),
+    for studies of code whose evaluations lacked D_golden's training pairs, measures the final
+    policies of online IPO and of the offline run at online's lr and beta: on a study that
+    recorded them it must give the recorded numbers bit for bit. It runs as its docstring
+    says, pinned to one core as the study's workers were (a two-thread process may round
+    differently: see the README's "Bits"), here over two seeds' workdirs that are both the
+    micro study. It refuses a policy whose valid-split results differ from the recorded ones."""
+    from ipo_gap import parallel
     from ipo_gap import study_experiments as se
 
-    got = se.classify_final_training_pairs(micro_study)
+    for seed in (0, 1):
+        (tmp_path / f"seed_{seed}").symlink_to(micro_study)
+    binary = "experiments/classify_training_pairs.py"
+    argv = [binary, f"--workdir={tmp_path}", "--seeds=0,1", f"--out={tmp_path / 'out.json'}"]
+    pinned = (  # the taskset of the binary's docstring, without needing taskset
+        f"import os, runpy, sys; os.sched_setaffinity(0, {{{parallel.cores()[0]}}}); "
+        f"sys.argv = {argv!r}; runpy.run_path({binary!r}, run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", pinned],
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    both = json.loads((tmp_path / "out.json").read_text())
+    got = both["0"]
+    assert both["1"] == got
     online = _summary(micro_study, "online_ipo")
     sweep = [_summary(micro_study, p.name) for p in (micro_study / "runs").glob("offline_ipo_lr*")]
     offline = report.offline_same(sweep, online)
@@ -419,6 +442,12 @@ def test_training_pairs_measured_afterwards_equal_the_evaluations(micro_study, m
         online["evals"][-1]["train_accuracy_outcomes"],
     )
     assert got["difference"] == [d.mean, d.lo, d.hi, d.n]
+    sign = report.interval_sign(d)
+    assert (
+        f"over 2 seeds: offline - online {seeds.spread([d.mean, d.mean]).cell()} (mean, "
+        f"Student-t 95%); separated offline's way in {2 * (sign > 0)}, online's in "
+        f"{2 * (sign < 0)}" in proc.stdout
+    )
     # A recorded result the final policy does not reproduce: refused, nothing measured.
     real = se._run_summary
 
@@ -542,7 +571,6 @@ def test_the_task_graph_holds_every_stage(micro_study):
 def test_selected_experiments_run_only_what_they_need(micro_study, tmp_path):
     """A per-figure binary (`reproduce.only`, --experiments) runs the pipeline, Fig. 1's runs
     and its own, with every stage they wait for; its report says what is missing."""
-    import subprocess
 
     from ipo_gap import parallel, study_experiments
     from ipo_gap.study_runs import Study

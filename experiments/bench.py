@@ -312,8 +312,9 @@ def bench_kl(cfg, model, w):
     ref = t5.init(cfg, key=jax.random.key(1))
     out = sampling.sample(model, src, src_mask, key=jax.random.key(6), max_len=Lr, min_len=Lr)
     fn = eqx.filter_jit(kl.teacher_forced_kl)
+    policy, ref = t5.unstacked(model), t5.unstacked(ref)  # once per model, as an evaluation
     ts = time_calls(
-        lambda: fn(model, ref, src, src_mask, out.tokens, out.mask).exact,
+        lambda: fn(policy, ref, src, src_mask, out.tokens, out.mask).exact,
         _WARMUP.value,
         _REPEATS.value,
     )

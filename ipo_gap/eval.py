@@ -46,6 +46,7 @@ from ipo_gap import classify, kl, sampling
 from ipo_gap.data import ref_cache
 from ipo_gap.data.sources import padded_batches
 from ipo_gap.sharding import to_device, to_host
+from ipo_gap.t5 import model as t5
 from ipo_gap.train.trainers import judge_rows
 
 
@@ -260,6 +261,11 @@ def pair_metrics_with_outcomes(
     return float(np.mean(right)), float(np.mean(drift)), outcomes(right)
 
 
+def _unstacked(model):
+    """`t5.unstacked` for a T5 (a policy or a preference model); anything else as it is."""
+    return t5.unstacked(model) if isinstance(model, t5.T5) else model
+
+
 @dataclasses.dataclass
 class Evaluator:
     """Everything fixed across the checkpoints of a study (see the module docstring).
@@ -293,9 +299,16 @@ class Evaluator:
     # evaluation and reused: the reference and the pairs are fixed for the study.
     _ref_logps: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
+    def __post_init__(self):
+        # The reference and the judges are fixed for the study: their layers are handed to
+        # every compiled program as per-layer arrays, sliced once here (`t5.unstacked`: the
+        # same bits, no copies out of the stacked weights in each call).
+        self.ref, self.golden_pm = _unstacked(self.ref), _unstacked(self.golden_pm)
+        self.other_judges = {k: _unstacked(v) for k, v in self.other_judges.items()}
+
     def classify_pairs(self, policy, which: str) -> tuple[float, float, str]:
         """(accuracy, drift, per-pair outcomes) on `pairs` ("pairs") or `train_pairs`."""
-        pairs = getattr(self, which)
+        pairs, policy = getattr(self, which), _unstacked(policy)
         if which not in self._ref_logps:
             self._ref_logps[which] = ref_cache.compute_reference_logprobs(
                 self.ref, pairs, batch_size=self.batch_size
@@ -305,7 +318,7 @@ class Evaluator:
         )
 
     def __call__(self, policy) -> dict[str, float]:
-        key = self.key
+        key, policy = self.key, _unstacked(policy)  # sliced once for every program below
         k_win, k_kl = jax.random.split(key)
         y, ym = sample_rows(
             policy,

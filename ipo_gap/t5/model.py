@@ -292,6 +292,10 @@ def _run_layers(layers, carry, xs, fn, scan: bool, remat: bool = False):
     if remat:
         fn = _rematerialized(fn, prevent_cse=not scan)
     if scan:
+        if isinstance(layers, tuple):
+            raise ValueError(
+                "per-layer blocks (`unstacked`) run unrolled only: this config scans its layers"
+            )
         params, static = eqx.partition(layers, eqx.is_array)
 
         def body(c, inp):
@@ -299,10 +303,8 @@ def _run_layers(layers, carry, xs, fn, scan: bool, remat: bool = False):
             return fn(c, eqx.combine(p, static), x)
 
         return jax.lax.scan(body, carry, (params, xs))
-    num = jax.tree.leaves(layers)[0].shape[0]
     ys = []
-    for i in range(num):
-        layer_i = jax.tree.map(lambda a, i=i: a[i], layers)
+    for i, layer_i in enumerate(unstack_layers(layers)):
         carry, y = fn(carry, layer_i, jax.tree.map(lambda a, i=i: a[i], xs))
         ys.append(y)
     if ys[0] is None:
@@ -417,6 +419,24 @@ def unstack_layers(layers) -> tuple:
         return layers
     num = jax.tree.leaves(layers)[0].shape[0]
     return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num))
+
+
+def unstacked(model: T5) -> T5:
+    """The model with each stack's layers as a tuple of per-layer blocks (`unstack_layers`),
+    for programs that only read it (scoring, the exact KL): called outside jit, once per
+    model, it hands the compiled program each layer's weights as their own arrays, where
+    unrolled layers would otherwise copy them out of the stacked parameters on every call.
+    The same computation, bit for bit. A config that scans its layers is returned as it is
+    (lax.scan reads the stacked arrays); train steps take the stacked model, whose gradients
+    and optimizer state keep the stacked layout.
+    """
+    if model.cfg.scan_layers:
+        return model
+    return eqx.tree_at(
+        lambda m: (m.encoder.layers, m.decoder.layers),
+        model,
+        (unstack_layers(model.encoder.layers), unstack_layers(model.decoder.layers)),
+    )
 
 
 def init_cache(

@@ -252,21 +252,22 @@ def test_a_pm_marks_and_reads_its_own_pm_ids():
     model = t5.init(cfg, key=jax.random.key(3))
     batch = make_pairs(np.random.default_rng(1), 8)
     args = (batch.x, batch.x_mask, batch.y_w, batch.y_w_mask, batch.y_l, batch.y_l_mask)
-    tokens, mask = pref.pack_pair(*args, markers=cfg.pm_ids)
+    # Jitted, as every caller runs them (op by op, the test spent 10 s dispatching).
+    tokens, mask = jax.jit(pref.pack_pair, static_argnames="markers")(*args, markers=cfg.pm_ids)
     assert int(jnp.sum(tokens == V)) == int(jnp.sum(tokens == V + 1)) == 8
     assert not jnp.isin(tokens, jnp.array([3, 4])).any()
     start = jnp.zeros((8, 1), jnp.int32)
-    logits = t5.forward(model, tokens, mask, start)[:, 0]
-    np.testing.assert_allclose(
-        pref.pm_logit(model, tokens, mask), logits[:, V] - logits[:, V + 1], rtol=1e-6
-    )
-    z12, z21 = pref.pair_logits_both_orders(model, *args)
-    np.testing.assert_allclose(z12, pref.pm_logit(model, tokens, mask), rtol=1e-5, atol=1e-6)
+    logits = jax.jit(t5.forward)(model, tokens, mask, start)[:, 0]
+    pm_logit = jax.jit(pref.pm_logit)(model, tokens, mask)
+    np.testing.assert_allclose(pm_logit, logits[:, V] - logits[:, V + 1], rtol=1e-6)
+    both_orders = jax.jit(pref.pair_logits_both_orders)
+    z12, z21 = both_orders(model, *args)
+    np.testing.assert_allclose(z12, pm_logit, rtol=1e-5, atol=1e-6)
     r12, r21 = trainers.pair_logit_rows(model, *(np.asarray(a) for a in args), batch_size=8)
     np.testing.assert_allclose(r12, z12, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(r21, z21, rtol=1e-4, atol=1e-5)
     same_weights = t5.init(cfg.replace(pm_ids=(3, 4)), key=jax.random.key(3))
-    assert not np.allclose(pref.pair_logits_both_orders(same_weights, *args)[0], z12)
+    assert not np.allclose(both_orders(same_weights, *args)[0], z12)
     assert cfg.to_dict()["pm_ids"] == [V, V + 1] and "pm_ids" not in PM_CFG.to_dict()
     assert type(cfg).from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="pad, eos and unk"):

@@ -14,6 +14,9 @@ small; same batch, prompt and response lengths as the peer):
            comparable figure is tokens/s.
   kl       exact per-token KL along sampled responses (policy and reference teacher-forced,
            sum over the vocabulary): tokens/s; FLOPs = 2 * fwd(B*Lp, B*Lr).
+The sampler and the KL read their models as an evaluation does (`t5.unstacked`, sliced once
+per model outside the timed calls: unrolled layers' weights as per-layer arrays); the train
+steps read the stacked model.
 FLOP model (the peer's, so the figures compare): attention-score matmuls, softmax, norms and
 embedding gathers excluded; N_enc_tok = encoder non-embedding params + decoder cross-attention
 K,V; N_dec_tok = the other decoder params + LM head; fwd(Te, Td) = 2 (N_enc_tok Te + N_dec_tok Td).
@@ -264,10 +267,11 @@ def bench_sample(cfg, model, w):
     src, src_mask, _, _ = _inputs(cfg, w, 2)
     Lr = w["response_len"]
     calls = iter(range(10**6))
+    policy = t5.unstacked(model)  # once per model, as an evaluation
 
     def run():
         out = sampling.sample(
-            model, src, src_mask, key=jax.random.key(next(calls)), max_len=Lr, min_len=Lr
+            policy, src, src_mask, key=jax.random.key(next(calls)), max_len=Lr, min_len=Lr
         )
         return out
 

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from ipo_gap import sharding
-from ipo_gap.configs import T5Config
+from ipo_gap.configs import UNROLL_MAX_LAYERS, T5Config
 from ipo_gap.t5 import model as t5
 from ipo_gap.train_state_io import (  # noqa: F401  (re-exported: the train-state half)
     CheckpointManager,
@@ -205,10 +205,11 @@ def hf_config_to_t5(
         "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-6),
         "name": hf.get("_name_or_path", "") or "hf-t5",
     }
-    # Execution, not weights: shallow stacks run unrolled (faster on CPU, as the toy presets),
-    # deep ones with lax.scan (compile time), and so does every stack under remat (it needs
-    # the scan: `T5Config.remat`); an override decides otherwise.
-    deep = max(fields["num_encoder_layers"], fields["num_decoder_layers"]) > 4
+    # Execution, not weights: stacks of up to UNROLL_MAX_LAYERS layers run unrolled (faster on
+    # CPU, as the presets of those depths), deeper ones with lax.scan (compile time), and so
+    # does every stack under remat (it needs the scan: `T5Config.remat`); an override decides
+    # otherwise.
+    deep = max(fields["num_encoder_layers"], fields["num_decoder_layers"]) > UNROLL_MAX_LAYERS
     fields["scan_layers"] = deep or bool(overrides.get("remat"))
     fields.update(overrides)
     return T5Config(**fields)

@@ -287,3 +287,25 @@ def test_unstacked_layers_give_the_same_bits_and_scanned_stacks_stay_stacked():
     scanning = t5.T5(flat.embedding, flat.encoder, flat.decoder, flat.lm_head, tiny_config())
     with pytest.raises(ValueError, match="run unrolled only"):
         fwd(scanning, src, src_mask, tgt)
+
+
+def test_stacks_up_to_eight_layers_run_unrolled_deeper_ones_scan():
+    """The execution choice (`configs.UNROLL_MAX_LAYERS`): the public presets and a loaded
+    Hugging Face config unroll stacks of up to 8 layers (T5 v1.1 small) and scan deeper ones
+    (base, large, ...); remat always scans."""
+    from ipo_gap import checkpoint
+    from ipo_gap.configs import UNROLL_MAX_LAYERS
+
+    assert UNROLL_MAX_LAYERS == 8
+    assert not model_preset("small").scan_layers and model_preset("base").scan_layers
+    assert all(model_preset(n).scan_layers for n in ("large", "xl", "xxl"))
+    hf = {"vocab_size": 64, "d_model": 32, "d_ff": 48, "num_heads": 4, "d_kv": 8,
+          "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}  # fmt: skip
+    for layers, scans in ((8, False), (9, True)):
+        assert (
+            checkpoint.hf_config_to_t5(hf | {"num_layers": layers}, has_lm_head=True).scan_layers
+            == scans
+        )
+    assert checkpoint.hf_config_to_t5(
+        hf | {"num_layers": 2}, has_lm_head=True, remat=True
+    ).scan_layers

@@ -431,10 +431,10 @@ def _levels_section(heads: Mapping[int, dict]) -> list[str]:
         "",
         "Online IPO and the offline sweep's run at online's lr and beta, each at its last "
         "checkpoint, as REPORT.md's H3 table gives them: the share of golden-labelled pairs "
-        "each policy classifies right (its log pi(y_w) - log pi(y_l) above the SFT policy's; a tie "
-        "counts half) "
-        "and the mean change of log pi(y_w) from the SFT policy, on the valid split (held "
-        "out) and on D_golden's own training pairs (Fig. 8's set, in-sample for offline). "
+        "each policy classifies right (its log pi(y_w) - log pi(y_l) above the SFT policy's; "
+        "a tie counts half) and the mean change of log pi(y_w) from the SFT policy, on the "
+        "valid split (held out) and on D_golden's own training pairs (Fig. 8's set, in-sample "
+        "for offline). "
         'Means over the seeds with the number ("-": none), with Student-t 95% intervals.',
         "",
         report.table(["quantity", "per seed", "mean [t 95% CI]"], rows),

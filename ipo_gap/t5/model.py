@@ -60,7 +60,8 @@ class DecoderBlock(eqx.Module):
 
 
 class Stack(eqx.Module):
-    layers: EncoderBlock | DecoderBlock  # arrays carry a leading L axis
+    # Arrays carry a leading L axis; `unstacked` makes it a tuple of L blocks (read-only use).
+    layers: EncoderBlock | DecoderBlock | tuple
     rel: RelativeBias
     final_ln: RMSNorm
 

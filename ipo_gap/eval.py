@@ -261,11 +261,6 @@ def pair_metrics_with_outcomes(
     return float(np.mean(right)), float(np.mean(drift)), outcomes(right)
 
 
-def _unstacked(model):
-    """`t5.unstacked` for a T5 (a policy or a preference model); anything else as it is."""
-    return t5.unstacked(model) if isinstance(model, t5.T5) else model
-
-
 @dataclasses.dataclass
 class Evaluator:
     """Everything fixed across the checkpoints of a study (see the module docstring).
@@ -303,12 +298,12 @@ class Evaluator:
         # The reference and the judges are fixed for the study: their layers are handed to
         # every compiled program as per-layer arrays, sliced once here (`t5.unstacked`: the
         # same bits, no copies out of the stacked weights in each call).
-        self.ref, self.golden_pm = _unstacked(self.ref), _unstacked(self.golden_pm)
-        self.other_judges = {k: _unstacked(v) for k, v in self.other_judges.items()}
+        self.ref, self.golden_pm = t5.unstacked(self.ref), t5.unstacked(self.golden_pm)
+        self.other_judges = {k: t5.unstacked(v) for k, v in self.other_judges.items()}
 
     def classify_pairs(self, policy, which: str) -> tuple[float, float, str]:
         """(accuracy, drift, per-pair outcomes) on `pairs` ("pairs") or `train_pairs`."""
-        pairs, policy = getattr(self, which), _unstacked(policy)
+        pairs, policy = getattr(self, which), t5.unstacked(policy)
         if which not in self._ref_logps:
             self._ref_logps[which] = ref_cache.compute_reference_logprobs(
                 self.ref, pairs, batch_size=self.batch_size
@@ -318,7 +313,7 @@ class Evaluator:
         )
 
     def __call__(self, policy) -> dict[str, float]:
-        key, policy = self.key, _unstacked(policy)  # sliced once for every program below
+        key, policy = self.key, t5.unstacked(policy)  # sliced once for every program below
         k_win, k_kl = jax.random.split(key)
         y, ym = sample_rows(
             policy,

@@ -15,8 +15,8 @@ small; same batch, prompt and response lengths as the peer):
   kl       exact per-token KL along sampled responses (policy and reference teacher-forced,
            sum over the vocabulary): tokens/s; FLOPs = 2 * fwd(B*Lp, B*Lr).
 The sampler and the KL read their models as an evaluation does (`t5.unstacked`, sliced once
-per model outside the timed calls: unrolled layers' weights as per-layer arrays); the train
-steps read the stacked model.
+per model outside the timed calls: unrolled layers' weights as per-layer arrays, attention
+projections packed); the train steps read the stacked model.
 FLOP model (the peer's, so the figures compare): attention-score matmuls, softmax, norms and
 embedding gathers excluded; N_enc_tok = encoder non-embedding params + decoder cross-attention
 K,V; N_dec_tok = the other decoder params + LM head; fwd(Te, Td) = 2 (N_enc_tok Te + N_dec_tok Td).

@@ -296,8 +296,8 @@ class Evaluator:
 
     def __post_init__(self):
         # The reference and the judges are fixed for the study: their layers are handed to
-        # every compiled program as per-layer arrays, sliced once here (`t5.unstacked`: the
-        # same bits, no copies out of the stacked weights in each call).
+        # every compiled program as per-layer arrays, sliced (and their attention projections
+        # packed) once here (`t5.unstacked`: no copies out of the stacked weights in each call).
         self.ref, self.golden_pm = t5.unstacked(self.ref), t5.unstacked(self.golden_pm)
         self.other_judges = {k: t5.unstacked(v) for k, v in self.other_judges.items()}
 

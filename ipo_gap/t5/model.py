@@ -34,9 +34,12 @@ from ipo_gap.t5.layers import (
     PARAM_AXES,
     Attention,
     GatedGeluMLP,
+    PackedCrossAttention,
+    PackedSelfAttention,
     RelativeBias,
     ReluMLP,
     RMSNorm,
+    attend_one_heads,
     dense,
 )
 
@@ -351,7 +354,7 @@ def encode(model: T5, src_BxS: jax.Array, src_mask_BxS: jax.Array) -> jax.Array:
 
     def block(x, layer: EncoderBlock, _):
         h = layer.ln_sa(x, cd)
-        x = x + layer.sa(h, h, bias, cd).astype(jnp.float32)
+        x = x + layer.sa.self_attend(h, bias, cd).astype(jnp.float32)
         x = x + layer.mlp(layer.ln_ff(x, cd), cd).astype(jnp.float32)
         return x, None
 
@@ -396,7 +399,7 @@ def decode(
 
     def block(x, layer: DecoderBlock, _):
         h = layer.ln_sa(x, cd)
-        x = x + layer.sa(h, h, self_bias, cd).astype(jnp.float32)
+        x = x + layer.sa.self_attend(h, self_bias, cd).astype(jnp.float32)
         x = x + layer.ca(layer.ln_ca(x, cd), enc_BxSxD, cross_bias, cd).astype(jnp.float32)
         x = x + layer.mlp(layer.ln_ff(x, cd), cd).astype(jnp.float32)
         return x, None
@@ -423,20 +426,35 @@ def unstack_layers(layers) -> tuple:
 
 
 def unstacked(model: T5) -> T5:
-    """The model with each stack's layers as a tuple of per-layer blocks (`unstack_layers`),
-    for programs that only read it (scoring, the exact KL): called outside jit, once per
-    model, it hands the compiled program each layer's weights as their own arrays, where
-    unrolled layers would otherwise copy them out of the stacked parameters on every call.
-    The same computation, bit for bit. A config that scans its layers is returned as it is
-    (lax.scan reads the stacked arrays); train steps take the stacked model, whose gradients
-    and optimizer state keep the stacked layout.
+    """The model for programs that only read it (scoring, sampling, the exact KL): each
+    stack's layers as a tuple of per-layer blocks (`unstack_layers`), with each block's
+    attention projections packed (`PackedSelfAttention`: q, k, v in one product;
+    `PackedCrossAttention`: k and v in one). Called outside jit, once per model, it hands the
+    compiled program each layer's weights as their own arrays, where unrolled layers would
+    otherwise copy them out of the stacked parameters on every call. The same computation,
+    to float32 rounding: a packed product may sum in another order (see
+    `PackedSelfAttention` for where the bits were measured to stay). A config that scans its
+    layers is returned as it is (lax.scan reads the stacked arrays); train steps take the
+    stacked model, whose gradients and optimizer state keep the stacked layout.
     """
     if model.cfg.scan_layers:
         return model
+
+    def packed(block):
+        if isinstance(block.sa, PackedSelfAttention):  # already unstacked
+            return block
+        block = eqx.tree_at(lambda b: b.sa, block, PackedSelfAttention.of(block.sa))
+        if isinstance(block, DecoderBlock):
+            block = eqx.tree_at(lambda b: b.ca, block, PackedCrossAttention.of(block.ca))
+        return block
+
     return eqx.tree_at(
         lambda m: (m.encoder.layers, m.decoder.layers),
         model,
-        (unstack_layers(model.encoder.layers), unstack_layers(model.decoder.layers)),
+        tuple(
+            tuple(packed(b) for b in unstack_layers(stack.layers))
+            for stack in (model.encoder, model.decoder)
+        ),
     )
 
 
@@ -496,10 +514,11 @@ def decode_step(model: T5, cache: DecodeCache, token_B: jax.Array, layers=None):
     self_k, self_v = list(cache.self_k), list(cache.self_v)
     for i, layer in enumerate(layers):
         h = layer.ln_sa(x, cd)
-        k_new, v_new = layer.sa.project_kv(h, cd)
+        q, k_new, v_new = layer.sa.step_projections(h, cd)
         self_k[i] = jax.lax.dynamic_update_slice(self_k[i], k_new, (0, 0, t, 0))
         self_v[i] = jax.lax.dynamic_update_slice(self_v[i], v_new, (0, 0, t, 0))
-        x = x + layer.sa.attend_one(h, self_k[i], self_v[i], self_bias, cd).astype(jnp.float32)
+        sa = attend_one_heads(q, self_k[i], self_v[i], self_bias, layer.sa.o, cd)
+        x = x + sa.astype(jnp.float32)
         x = x + layer.ca.attend_one(
             layer.ln_ca(x, cd), cache.cross_k[i], cache.cross_v[i], cross_bias, cd
         ).astype(jnp.float32)

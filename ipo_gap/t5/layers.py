@@ -312,16 +312,11 @@ class PackedCrossAttention(eqx.Module):
     def project_kv(self, x_BxTxD, cd) -> tuple[jax.Array, jax.Array]:
         return _heads_major(dense(x_BxTxD, self.kv, cd))
 
-    def attend(self, x_BxQxD, k_BxHxTxK, v_BxHxTxK, bias, cd) -> jax.Array:
-        q_BxHxQxK = product("bqd,dhk->bhqk", x_BxQxD, self.q, cd)
-        return attend_heads(q_BxHxQxK, k_BxHxTxK, v_BxHxTxK, bias, self.o, cd)
-
-    def attend_one(self, x_Bx1xD, k_BxHxTxK, v_BxHxTxK, bias, cd) -> jax.Array:
-        q_BxHxK = product("bd,dhk->bhk", x_Bx1xD[:, 0], self.q, cd)
-        return attend_one_heads(q_BxHxK, k_BxHxTxK, v_BxHxTxK, bias, self.o, cd)
-
-    def __call__(self, x_BxQxD, kv_BxTxD, bias, cd) -> jax.Array:
-        return self.attend(x_BxQxD, *self.project_kv(kv_BxTxD, cd), bias, cd)
+    # The queries, attention and output projection are Attention's own: they read only
+    # q, o and project_kv.
+    attend = Attention.attend
+    attend_one = Attention.attend_one
+    __call__ = Attention.__call__
 
 
 class GatedGeluMLP(eqx.Module):

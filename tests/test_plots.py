@@ -42,3 +42,24 @@ def test_fig11_draws_each_interval_from_its_own_ends(tmp_path, monkeypatch):
     (bars,) = ax.collections
     ends = sorted((s[0][1], s[1][1]) for s in bars.get_segments())
     np.testing.assert_allclose(ends, iv)
+
+
+def test_fig11_names_each_size_at_its_own_tick_and_labels_no_other(tmp_path, monkeypatch):
+    """Three sizes within a decade and a half: the log axis labelled its minor ticks, whose
+    labels overlapped (3x10^5 on 4x10^5), and the names beside the points were cut at the
+    frame. The sizes are now the only ticks, each labelled by name and parameter count,
+    inside the axes."""
+    saved = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: saved.append(fig) or path)
+    params = [242_816, 1_272_576, 6_478_592]
+    plots.figure_scaling(params, ["toy-s", "toy-m", "toy-l"], [0.6, 0.55, 0.66], tmp_path / "f.png")
+    (ax,) = saved[0].axes
+    np.testing.assert_array_equal(ax.get_xticks(), params)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "toy-s\n242,816",
+        "toy-m\n1,272,576",
+        "toy-l\n6,478,592",
+    ]
+    assert len(ax.get_xticks(minor=True)) == 0
+    lo, hi = ax.get_xlim()
+    assert lo < params[0] and params[-1] < hi

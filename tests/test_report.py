@@ -178,6 +178,45 @@ def test_semi_online_trend_needs_a_strict_fall_and_a_separated_end():
     assert len("W" * 250 + "L" * 150) == n
 
 
+def test_beyond_compares_each_lower_kl_peak_with_online_curve_at_its_kl():
+    """A semi-online run that stops at a smaller KL has a lower peak than online's even on
+    online's own trade-off curve. Online wins prompts [0, 100) of 400 at KL 1 and [0, 300)
+    at KL 2 (its peak): at KL 1.5 its curve is 0.5, per prompt 1 on [0, 100), 1/2 on
+    [100, 300), 0 after. Peaks at KL 1.5 winning [0, 200) (paired mean exactly 0), [0, 300)
+    (+0.25) and [0, 100) (-0.25) are level with, above and below it."""
+
+    def wins(k):
+        return "W" * k + "L" * (400 - k)
+
+    def at_kl(method, k, kl=1.5):
+        r = _run(method, [wins(k)])
+        r["evals"][1]["kl"] = kl
+        return r
+
+    online = _run("online ipo", [wins(100), wins(300)])
+    p_on = report.peak([online])
+    assert (p_on.kl, p_on.win) == (2.0, 0.75)
+    runs = [
+        at_kl("semi-online ipo (s=100)", 200),
+        at_kl("semi-online ipo (s=inf)", 300),
+        at_kl("hypo", 100),
+        at_kl("semi-online ipo (s=10)", 250, kl=2.5),  # beyond online's peak KL: not compared
+    ]
+    text = report.beyond_verdict(p_on, runs, online)
+    assert "semi-online (s=100) at KL 1.50: 0.500 against online's 0.500, paired +0.000 [" in text
+    assert "not separated from online's curve" in text
+    assert "semi-online (s=inf) at KL 1.50: 0.750 against online's 0.500, paired +0.250" in text
+    assert "hypo at KL 1.50: 0.250 against online's 0.500, paired -0.250" in text
+    assert "semi-online (s=10) at KL" not in text
+    assert (
+        "semi-online (s=100), semi-online (s=inf) lie on or above online's curve: a lower peak "
+        "there comes from reaching a smaller KL, not from a worse trade-off." in text
+    )
+    assert "hypo lies below it: a worse trade-off, not only a smaller KL." in text
+    # Without the online run (older callers) the verdict compares peaks only.
+    assert "At matched KL" not in report.beyond_verdict(p_on, runs)
+
+
 def _size(model, params, ratio, n=100, key="offline", seed=None):
     """A policy size whose online run wins n/2 of n prompts and whose `key` run wins
     ratio * n/2 of them: a subset of online's wins, or, with a `seed`, prompts drawn at

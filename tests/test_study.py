@@ -12,6 +12,7 @@ that `--seeds` writes SEEDS.md from one study per seed.
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -265,6 +266,72 @@ def test_a_shuffle_of_the_sweep_trains_at_its_own_lr_and_beta(micro_study):
     p_on = report.peak([_summary(micro_study, "online_ipo")])
     lines = report._uniform_verdict([same, r], p_on)
     assert len(lines) == 2 and lines[1].startswith("Pooled over 2 uniformly shuffled runs")
+
+
+@pytest.mark.slow
+def test_goodhart_binary_continues_the_online_run_and_judges_by_both_pms(micro_study):
+    """experiments/goodhart_long_online.py runs online IPO longer on a finished study's
+    pipeline. At the study's lr and beta it draws the same prompts with the same keys, so its
+    first rl_steps losses are the online run's bit for bit (it runs on one core, as the
+    study's workers did); at another beta it departs at step 0, where IPO's loss is
+    (1/(2 beta))^2. Every checkpoint is judged by both PMs, and the run is a stage of its own
+    that a rerun reads back."""
+    import os
+
+    cfg = study.PRESETS["micro"]
+    steps = 2 * cfg.rl_steps
+    one_core = {min(os.sched_getaffinity(0))}
+    script = pathlib.Path(__file__).resolve().parents[1] / "experiments/goodhart_long_online.py"
+    names = [f"goodhart_ipo_lr{cfg.rl_lr:g}_b{b:g}_n{steps}" for b in (cfg.rl_beta, 0.5)]
+    betas = f"--betas={cfg.rl_beta:g},0.5"
+
+    argv = [str(script), f"--workdir={micro_study}", betas, f"--steps={steps}", "--evals=2"]
+    pinned = (  # one core before JAX is imported, as `parallel`'s workers pin themselves
+        f"import os, runpy, sys; os.sched_setaffinity(0, {one_core}); sys.argv = {argv}; "
+        f"runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+
+    def run():
+        return subprocess.run([sys.executable, "-c", pinned], capture_output=True, text=True)
+
+    try:
+        out = run()
+        assert out.returncode == 0, out.stderr[-3000:]
+        same, _, other = out.stdout.partition(names[1])
+        assert f"its first {cfg.rl_steps} steps' losses equal the study's online run's" in same
+        assert "departs from the study's online run at step 0 (loss 1.0 against 25.0" in other
+        assert cfg.rl_beta == 0.1  # (1/(2 beta))^2 = 25 at step 0; beta 0.5 gives 1
+        for name in names:
+            r = _summary(micro_study, name)
+            assert [e["step"] for e in r["evals"]] == [0, steps // 2, steps]
+            for e in r["evals"][1:]:
+                assert 0 <= e["proxy_win_lo"] <= e["proxy_win_rate"] <= e["proxy_win_hi"] <= 1
+            assert len(r["losses"]) == steps
+            assert (micro_study / "figures" / f"{name}.png").stat().st_size > 0
+        # The hidden humans' verdict on the final policies, for the embedded task.
+        table = out.stdout.split("the hidden humans' verdict")[1].splitlines()[2:]
+        assert [line.split(":")[0].strip() for line in table] == [
+            "SFT (step 0)",
+            "the study's online_ipo (final)",
+            *names,
+        ]
+        for line in table:
+            mean, lo, hi = (
+                float(x) for x in re.findall(r"(\d\.\d+) \[(\d\.\d+), (\d\.\d+)\]", line)[0]
+            )
+            assert 0 <= lo <= mean <= hi <= 1
+        assert ", 0.000 [0.000, 0.000], R " in table[0]  # the SFT policy minus itself
+        again = run()  # finished stages are read back, not trained again
+        assert again.returncode == 0 and "step 1/" not in again.stdout + again.stderr
+
+        def printed(o):  # the binary's report, without progress and stage lines ("[name] ...")
+            return [line for line in o.stdout.splitlines() if not line.startswith("[")]
+
+        assert printed(again) == printed(out)
+    finally:  # not stages of the micro study: the task-graph test lists the fixture's stages
+        for name in names:
+            shutil.rmtree(micro_study / "runs" / name, ignore_errors=True)
+            (micro_study / "figures" / f"{name}.png").unlink(missing_ok=True)
 
 
 class _KilledAt:

@@ -872,6 +872,8 @@ def _matched_kl_note(p_on: Peak, online: dict, runs: Sequence[dict]) -> str:
     curve at that KL (paired over the prompts): a lower peak reached at a smaller KL may lie
     on online's curve, as the paper's comparisons of curves (not peaks) would see it."""
     parts, level, below = [], [], []
+    if not all(math.isfinite(e["kl"]) for e in online["evals"]):
+        return " (No matched-KL reading: a KL of online's checkpoints is not finite.)"
     for r in runs:
         p = peak([r])
         if p.kl >= p_on.kl:

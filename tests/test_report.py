@@ -215,6 +215,11 @@ def test_beyond_compares_each_lower_kl_peak_with_online_curve_at_its_kl():
     assert "hypo lies below it: a worse trade-off, not only a smaller KL." in text
     # Without the online run (older callers) the verdict compares peaks only.
     assert "At matched KL" not in report.beyond_verdict(p_on, runs)
+    # A non-finite KL on online's curve: said, not raised (the peaks' verdict stands).
+    online["evals"][1]["kl"] = float("nan")
+    text = report.beyond_verdict(p_on, runs, online)
+    assert "No matched-KL reading: a KL of online's checkpoints is not finite." in text
+    assert "At matched KL" not in text and "Semi-online peak win rate" in text
 
 
 def _size(model, params, ratio, n=100, key="offline", seed=None):

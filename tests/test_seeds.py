@@ -289,6 +289,9 @@ def test_every_paired_finding_is_taken_as_the_report_takes_it(tmp_path):
     assert f["semi_online"][0].endswith("s=10 - s=inf")
     assert f["semi_online"][1].mean == pytest.approx(13 / 40)
     assert f["hypo"][1].mean == pytest.approx((2 - 30) / 40)
+    # s=inf peaks at KL 1, where online's curve is its KL-1 checkpoint (10 of 40 won).
+    assert f["semi_stale_matched_kl"][1].mean == pytest.approx((12 - 10) / 40)
+    assert "(s=inf) on online's trade-off curve" in f["semi_stale_matched_kl"][0]
     text = seeds.write(tmp_path / "SEEDS.md", per_seed, "t").read_text()
     diffs = [paired_difference(per_seed[s]["fig1"][0]["evals"][-1]["win_outcomes"],
                                "W" * 20 + "L" * 20) for s in (0, 1, 2)]  # fmt: skip

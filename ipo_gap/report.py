@@ -764,6 +764,19 @@ def _paired_against_curve(p: Peak, evals: Sequence[dict]) -> tuple[float, Interv
     return at, None
 
 
+def matched_kl(p: Peak, p_on: Peak, online: dict) -> tuple[float, Interval | None] | None:
+    """p against online's trade-off curve at p's KL (`_paired_against_curve`), where p lies
+    at a smaller KL than online's peak; None otherwise, or where a KL of online's checkpoints
+    is not finite (no curve to read)."""
+    if p.kl >= p_on.kl or not kls_finite(online):
+        return None
+    return _paired_against_curve(p, online["evals"])
+
+
+def kls_finite(run: dict) -> bool:
+    return all(math.isfinite(e["kl"]) for e in run["evals"])
+
+
 def offline_same(offline: Sequence[dict], online: dict) -> dict:
     """The offline sweep run with online's lr and beta (else the first)."""
     for r in offline:
@@ -872,13 +885,13 @@ def _matched_kl_note(p_on: Peak, online: dict, runs: Sequence[dict]) -> str:
     curve at that KL (paired over the prompts): a lower peak reached at a smaller KL may lie
     on online's curve, as the paper's comparisons of curves (not peaks) would see it."""
     parts, level, below = [], [], []
-    if not all(math.isfinite(e["kl"]) for e in online["evals"]):
+    if not kls_finite(online):
         return " (No matched-KL reading: a KL of online's checkpoints is not finite.)"
     for r in runs:
         p = peak([r])
-        if p.kl >= p_on.kl:
+        if (read := matched_kl(p, p_on, online)) is None:
             continue
-        at, d = _paired_against_curve(p, online["evals"])
+        at, d = read
         name = r["method"].replace("semi-online ipo (", "semi-online (")
         if d is None:  # summaries of older code: no per-prompt judgements to pair
             parts.append(f"{name} {p.win:.3f} at KL {p.kl:.2f}, online's curve {at:.3f} there")

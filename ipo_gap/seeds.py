@@ -228,18 +228,15 @@ def findings(results: Mapping) -> dict[str, tuple[str, evaluation.Interval | Non
             f"fresher samples help (semi-online, beyond the paper): s={s_fresh:g} - s={s_stale:g}",
             _paired(report.peak([fresh]), report.peak([stale])),
         )
-    if semi:  # the stalest run's peak against online's trade-off curve at that KL
+    if semi:  # the stalest run's peak against online's trade-off curve, as REPORT.md reads it
         s_stale, stale = semi[-1]
-        p = report.peak([stale])
-        kls = [e["kl"] for e in online["evals"]]
-        if all(math.isfinite(k) for k in kls) and p.kl <= max(kls):  # inside online's curve
-            _, d = report._paired_against_curve(p, online["evals"])
-            if d is not None:
-                out["semi_stale_matched_kl"] = (
-                    f"the stalest semi-online run (s={s_stale:g}) on online's trade-off curve "
-                    "(beyond the paper), at its peak's KL: its peak - online's curve there",
-                    d,
-                )
+        read = report.matched_kl(report.peak([stale]), p_on, online)
+        if read is not None and read[1] is not None:
+            out["semi_stale_matched_kl"] = (
+                f"the stalest semi-online run (s={s_stale:g}) on online's trade-off curve "
+                "(beyond the paper), at its peak's KL: its peak - online's curve there",
+                read[1],
+            )
     hypo = [r for r in beyond if r["method"].startswith("hypo")]
     if hypo:
         out["hypo"] = (

@@ -292,6 +292,19 @@ def test_every_paired_finding_is_taken_as_the_report_takes_it(tmp_path):
     # s=inf peaks at KL 1, where online's curve is its KL-1 checkpoint (10 of 40 won).
     assert f["semi_stale_matched_kl"][1].mean == pytest.approx((12 - 10) / 40)
     assert "(s=inf) on online's trade-off curve" in f["semi_stale_matched_kl"][0]
+    # As REPORT.md reads it: only a peak at a smaller KL than online's peak is compared, even
+    # where online's curve reaches further (here on to KL 3, past its peak at KL 2).
+    past = dict(per_seed[1])
+    online = past["fig1"][0]
+    tail = {**online["evals"][-1], "step": 30, "kl": 3.0, "win_outcomes": "W" * 5 + "L" * 35}
+    online = dict(online, evals=[*online["evals"], dict(tail, win_rate=5 / 40)])
+    sinf = _judged("sinf", ["L" * 40, "W" * 12 + "L" * 28], method="semi-online ipo (s=inf)")
+    sinf["evals"][2]["kl"] = 2.5  # its peak, between online's peak KL and online's last KL
+    past["fig1"] = [online, *past["fig1"][1:]]
+    past["beyond"] = [r if r["name"] != "sinf" else sinf for r in past["beyond"]]
+    assert "semi_stale_matched_kl" not in seeds.findings(past)
+    text = rep.beyond_verdict(rep.peak([online]), past["beyond"], online)
+    assert "semi-online (s=inf) at KL" not in text and "semi-online (s=10) at KL" in text
     text = seeds.write(tmp_path / "SEEDS.md", per_seed, "t").read_text()
     diffs = [paired_difference(per_seed[s]["fig1"][0]["evals"][-1]["win_outcomes"],
                                "W" * 20 + "L" * 20) for s in (0, 1, 2)]  # fmt: skip

@@ -93,12 +93,19 @@ def continuation(workdir: pathlib.Path, name: str) -> str:
     return f"its first {n} steps' losses equal the study's online run's, bit for bit"
 
 
-def hidden_win_rate(s: Study, policy) -> tuple[np.ndarray, float]:
+def baseline_rewards(s: Study) -> list[float]:
+    """The hidden reward R(x, y_base) of the golden baseline's sample for each evaluation
+    prompt (the same for every policy judged)."""
+    ev, texts, tok = s.evaluator(), s.prep.task.prompts["eval"], s.prep.tokenizer
+    return [s.prep.task.reward(x, r) for x, r in zip(texts, tok.decode(ev.base_y), strict=True)]
+
+
+def hidden_win_rate(s: Study, policy, base: list[float]) -> tuple[np.ndarray, float]:
     """The embedded task's own verdict, past both PMs: the policy's win-rate samples (the
     evaluator's key: the samples its golden win rate judged) against the golden baseline's,
     each pair scored by the hidden humans' P(policy's preferred) = sigmoid((R(x, y) -
-    R(x, y_base)) / T). Returns that probability per evaluation prompt and the mean hidden
-    reward R of the policy's samples."""
+    R(x, y_base)) / T), `base` the R(x, y_base) of `baseline_rewards`. Returns that
+    probability per evaluation prompt and the mean hidden reward R of the policy's samples."""
     ev, texts = s.evaluator(), s.prep.task.prompts["eval"]
     y, _ = evaluation.sample_rows(
         t5.unstacked(policy),  # as the evaluator samples
@@ -110,7 +117,6 @@ def hidden_win_rate(s: Study, policy) -> tuple[np.ndarray, float]:
     )
     tok, task = s.prep.tokenizer, s.prep.task
     mine = [task.reward(x, r) for x, r in zip(texts, tok.decode(y), strict=True)]
-    base = [task.reward(x, r) for x, r in zip(texts, tok.decode(ev.base_y), strict=True)]
     p = np.array([embedded_task.human_preference(a, b) for a, b in zip(mine, base, strict=True)])
     return p, float(np.mean(mine))
 
@@ -166,9 +172,9 @@ def main(argv):
         e = json.loads((online / "done.json").read_text())["evals"][-1]
         rows.append(("the study's online_ipo (final)", e, study.load_model(online, s.policy_cfg)))
     rows += [(n, e, study.load_model(d, s.policy_cfg)) for n, (e, d) in finals.items()]
-    sft_p = None
+    sft_p, base = None, baseline_rewards(s)
     for label, e, policy in rows:
-        p, r = hidden_win_rate(s, policy)
+        p, r = hidden_win_rate(s, policy, base)
         sft_p = p if sft_p is None else sft_p
         print(
             f"  {label}: {e['win_rate']:.3f}, {_cell(paired_interval(p), 0, 1)}, "

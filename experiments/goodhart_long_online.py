@@ -35,7 +35,6 @@ from absl import app, flags, logging
 
 from ipo_gap import eval as evaluation
 from ipo_gap import jsonl, plots, report, study
-from ipo_gap.data import embedded_task
 from ipo_gap.eval import Interval, paired_interval
 from ipo_gap.study_runs import Study
 from ipo_gap.t5 import model as t5
@@ -93,21 +92,16 @@ def continuation(workdir: pathlib.Path, name: str) -> str:
     return f"its first {n} steps' losses equal the study's online run's, bit for bit"
 
 
-def baseline_rewards(s: Study) -> list[float]:
-    """The hidden reward R(x, y_base) of the golden baseline's sample for each evaluation
-    prompt (the same for every policy judged)."""
-    ev, texts, tok = s.evaluator(), s.prep.task.prompts["eval"], s.prep.tokenizer
-    return [s.prep.task.reward(x, r) for x, r in zip(texts, tok.decode(ev.base_y), strict=True)]
-
-
-def hidden_win_rate(s: Study, policy, base: list[float]) -> tuple[np.ndarray, float]:
-    """The embedded task's own verdict, past both PMs: the policy's win-rate samples (the
-    evaluator's key: the samples its golden win rate judged) against the golden baseline's,
-    each pair scored by the hidden humans' P(policy's preferred) = sigmoid((R(x, y) -
-    R(x, y_base)) / T), `base` the R(x, y_base) of `baseline_rewards`. Returns that
-    probability per evaluation prompt and the mean hidden reward R of the policy's samples."""
-    ev, texts = s.evaluator(), s.prep.task.prompts["eval"]
-    y, _ = evaluation.sample_rows(
+def hidden_of(s: Study, e: dict, policy) -> tuple[np.ndarray, float]:
+    """The embedded task's own verdict on a checkpoint, past both PMs: per evaluation prompt
+    the hidden humans' probability of preferring its win-rate sample to the golden baseline's
+    (`Study.hidden_judge`), and the samples' mean hidden reward R. Read from its evaluation
+    `e`; an evaluation of older code, without them, is redone: the policy's win-rate samples
+    drawn again with the evaluator's key (the samples its golden win rate judged)."""
+    if "hidden_p" in e:
+        return np.array(e["hidden_p"]), e["hidden_reward"]
+    ev = s.evaluator()
+    y, ym = evaluation.sample_rows(
         t5.unstacked(policy),  # as the evaluator samples
         ev.eval_x,
         ev.eval_xm,
@@ -115,10 +109,8 @@ def hidden_win_rate(s: Study, policy, base: list[float]) -> tuple[np.ndarray, fl
         max_len=ev.max_len,
         batch_size=ev.batch_size,
     )
-    tok, task = s.prep.tokenizer, s.prep.task
-    mine = [task.reward(x, r) for x, r in zip(texts, tok.decode(y), strict=True)]
-    p = np.array([embedded_task.human_preference(a, b) for a, b in zip(mine, base, strict=True)])
-    return p, float(np.mean(mine))
+    p, r = s.hidden_judge()(y, ym)
+    return p, float(np.mean(r))
 
 
 def _cell(d: Interval, lo=-np.inf, hi=np.inf) -> str:
@@ -142,13 +134,23 @@ def main(argv):
     for beta in betas:
         r = long_online(s, lr, beta, steps, _EVALS.value)
         name = run_name(lr, beta, steps)
-        print(f"\n{name}: step, KL, golden win rate [95%], proxy win rate [95%]")
+        hidden = report.has_hidden(r)
+        print(
+            f"\n{name}: step, KL, golden win rate [95%], proxy win rate [95%]"
+            + (", hidden humans' win rate [95%]" if hidden else "")
+        )
         for e in r["evals"]:
             if "proxy_win_rate" in e:
                 print(
                     f"  {e['step']:6d}  {e['kl']:6.2f}  {e['win_rate']:.3f} "
                     f"[{e['win_lo']:.3f}, {e['win_hi']:.3f}]  {e['proxy_win_rate']:.3f} "
                     f"[{e['proxy_win_lo']:.3f}, {e['proxy_win_hi']:.3f}]"
+                    + (
+                        f"  {e['hidden_win_rate']:.3f} [{e['hidden_win_lo']:.3f}, "
+                        f"{e['hidden_win_hi']:.3f}]"
+                        if hidden
+                        else ""
+                    )
                 )
         print("  " + report.goodhart_verdict(r))
         print("  " + continuation(s.workdir, name))
@@ -172,9 +174,9 @@ def main(argv):
         e = json.loads((online / "done.json").read_text())["evals"][-1]
         rows.append(("the study's online_ipo (final)", e, study.load_model(online, s.policy_cfg)))
     rows += [(n, e, study.load_model(d, s.policy_cfg)) for n, (e, d) in finals.items()]
-    sft_p, base = None, baseline_rewards(s)
+    sft_p = None
     for label, e, policy in rows:
-        p, r = hidden_win_rate(s, policy, base)
+        p, r = hidden_of(s, e, policy)
         sft_p = p if sft_p is None else sft_p
         print(
             f"  {label}: {e['win_rate']:.3f}, {_cell(paired_interval(p), 0, 1)}, "

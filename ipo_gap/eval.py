@@ -18,6 +18,11 @@ counterpart of D_golden, which is the train split relabelled by it).
   in prompt order, as a string of W (the policy's sample preferred), L and T (tie):
   `win_outcomes`. Every checkpoint is judged on the same prompts against the same baseline
   samples, so two checkpoints compare prompt by prompt (`paired_difference`).
+- Hidden win rate (the embedded task only: `Evaluator.hidden`): the same win-rate samples
+  judged by the task's hidden humans, past both PMs: per prompt their probability of
+  preferring the policy's sample to the baseline's, sigmoid((R(x, y) - R(x, y_base)) / T),
+  kept per prompt (`hidden_p`) and averaged with a normal 95% interval (`Interval.of`): the
+  ground truth that the golden PM's win rate estimates.
 - Accuracy (App. E): the policy as a classifier, f = log pi(y_w)/pi(y_l) - log
   pi_sft(y_w)/pi_sft(y_l) > 0 (a zero margin scores 1/2), on pairs of the valid split
   relabelled by the golden PM (y_w = the golden PM's winner); drift (Fig. 8):
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -208,6 +214,26 @@ def exact_branch_note(d) -> str:
     )
 
 
+def hidden_judgements(hidden, y, ym) -> dict:
+    """`Evaluator`'s fields of a hidden judge (see its `hidden`) of the samples y: the
+    per-prompt probabilities that it prefers them to the baseline's, their mean with the
+    normal 95% interval, and the samples' mean hidden reward."""
+    p, r = (np.asarray(v, np.float64) for v in hidden(y, ym))
+    if p.shape != (len(y),) or r.shape != (len(y),) or not np.all((p >= 0) & (p <= 1)):
+        raise ValueError(
+            f"a hidden judge must give, per prompt ({len(y)}), a probability in [0, 1] and a "
+            f"reward; got shapes {p.shape} and {r.shape}, p in [{p.min()}, {p.max()}]"
+        )
+    h = Interval.of(p)
+    return {
+        "hidden_win_rate": h.mean,
+        "hidden_win_lo": h.lo,
+        "hidden_win_hi": h.hi,
+        "hidden_reward": float(r.mean()),
+        "hidden_p": [round(float(v), 6) for v in p],
+    }
+
+
 def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> np.ndarray:
     """Per-prompt exact KL(pi_theta || pi_ref) along one sample each (App. D)."""
     out = []
@@ -289,6 +315,13 @@ class Evaluator:
     # Other judges of the same win-rate samples, e.g. {"proxy": proxy_pm}: each adds
     # "<name>_win_rate" (and its interval) judged by that PM, for over-optimisation curves.
     other_judges: dict = dataclasses.field(default_factory=dict)
+    # A judge past every PM, where the task has one (the embedded task's hidden humans):
+    # hidden(y, ym) -> (p, r), per prompt the probability p that it prefers the policy's
+    # win-rate sample to the baseline's and the sample's hidden reward r. Adds
+    # "hidden_win_rate" (the mean of p, with the normal 95% interval over prompts),
+    # "hidden_p" (p, for paired comparisons) and "hidden_reward" (the mean of r).
+    # None: not measured.
+    hidden: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
     train_pairs: dict[str, np.ndarray] | None = None
     # The reference's log-probs of `pairs` and of `train_pairs`, computed at the first
     # evaluation and reused: the reference and the pairs are fixed for the study.
@@ -357,6 +390,8 @@ class Evaluator:
                     f"{name}_win_hi": other.hi,
                 }
             )
+        if self.hidden is not None:
+            extra.update(hidden_judgements(self.hidden, y, ym))
         if self.num_self:
             extra["self_accuracy"] = self.self_classification(policy, y, ym, key)
         return {

@@ -112,21 +112,69 @@ def figure_kl_winrate(runs, path, title, lines_for=()) -> pathlib.Path:
     return save(fig, path)
 
 
+def judged_by(evals: Sequence[dict], judge: str) -> list[dict]:
+    """The evaluations with each win rate and its interval the one `judge` gave the same
+    samples ("proxy": the proxy PM's `proxy_win_rate`; "hidden": the hidden humans')."""
+    return [
+        dict(
+            e,
+            win_rate=e[f"{judge}_win_rate"],
+            win_lo=e[f"{judge}_win_lo"],
+            win_hi=e[f"{judge}_win_hi"],
+        )
+        for e in evals
+    ]
+
+
 def figure_goodhart(online: dict, path, title) -> pathlib.Path:
     """Over-optimisation check: the online run's win rate at each checkpoint judged by the golden PM
-    and by the proxy PM it was trained against (the same samples), against KL."""
+    and by the proxy PM it was trained against (the same samples), against KL; on the
+    embedded task also by its hidden humans."""
     ev = [e for e in online["evals"] if "proxy_win_rate" in e]
-    proxy = [
-        dict(e, win_rate=e["proxy_win_rate"], win_lo=e["proxy_win_lo"], win_hi=e["proxy_win_hi"])
-        for e in ev
-    ]
     runs = [
         {"method": "judged by the golden PM", "evals": ev},
-        {"method": "judged by the proxy PM (its training signal)", "evals": proxy},
+        {"method": "judged by the proxy PM (its training signal)", "evals": judged_by(ev, "proxy")},
     ]
+    if all("hidden_win_rate" in e for e in ev):
+        runs.append(
+            {
+                "method": "judged by the hidden humans (P(preferred))",
+                "evals": judged_by(ev, "hidden"),
+            }
+        )
     fig, ax = plt.subplots(figsize=(6, 4.2))
     kl_winrate(ax, runs, lines_for=[r["method"] for r in runs])
     ax.set_title(title, fontsize=10)
+    return save(fig, path)
+
+
+def figure_hidden(hidden_ipo: Sequence[dict], runs: Sequence[dict], path, title) -> pathlib.Path:
+    """The embedded task's hidden humans as the judge (both win rates against the golden
+    baseline's samples on the evaluation prompts). Left, titled `title`: Fig. 1 by them
+    (`hidden_ipo`: online and the offline sweep with each checkpoint's win rate the humans'
+    probability of preferring its sample). Right: every checkpoint past step 0 of `runs`, its
+    win rate by the golden PM (x) against the humans' (y), one colour per method: how well
+    the golden PM ranks checkpoints as the humans do."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 5.2))
+    kl_winrate(a1, hidden_ipo, lines_for=["online ipo"])
+    a1.set_ylabel("hidden humans' win rate")
+    a1.set_title(title, fontsize=10)
+    methods = _methods(runs)
+    for m in methods:
+        ev = [e for r in runs if r["method"] == m for e in r["evals"] if e["step"]]
+        a2.scatter(
+            [e["win_rate"] for e in ev],
+            [e["hidden_win_rate"] for e in ev],
+            s=12,
+            color=_color(methods, m),
+            alpha=0.8,
+            label=m,
+        )
+    a2.set_xlabel("golden PM's win rate")
+    a2.set_ylabel("hidden humans' win rate")
+    a2.set_title("every checkpoint: the golden PM's judgement against the humans'", fontsize=10)
+    a2.grid(alpha=0.3)
+    a2.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     return save(fig, path)
 
 

@@ -364,13 +364,37 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         plots.figure_goodhart(
             online,
             figs / "goodhart_proxy_vs_golden.png",
-            "Over-optimisation check: online IPO judged by the golden and the proxy PM",
+            "Over-optimisation check: online IPO judged by the golden and the proxy PM"
+            + ("\nand by the embedded task's hidden humans" if has_hidden(online) else ""),
         )
         lines += [
             "",
             "![goodhart](figures/goodhart_proxy_vs_golden.png)",
             "",
             f"**Over-optimisation (Goodhart):** {goodhart_verdict(online)}",
+        ]
+    every_run = [
+        *ipo_runs,
+        *([tandem, *shuffled] if fig4 else []),
+        *(fig5 or []),
+        *(fig9 or []),
+        *(beyond or []),
+    ]
+    if all(has_hidden(r) for r in every_run):
+        plots.figure_hidden(
+            [as_hidden(r) for r in ipo_runs],
+            every_run,
+            figs / "hidden_humans.png",
+            "Fig. 1 judged by the hidden humans (embedded task)",
+        )
+        lines += [
+            "",
+            "![hidden](figures/hidden_humans.png)",
+            "",
+            "**The hidden humans** (the embedded task's ground truth, which the golden PM "
+            "learned from human labels; each checkpoint's win rate by them is the mean over "
+            "prompts of the probability that they prefer its sample to the golden baseline's, "
+            "with a normal 95% interval): " + hidden_verdict(online, offline, every_run),
         ]
     if fig4:
         lines += [
@@ -787,7 +811,9 @@ def offline_same(offline: Sequence[dict], online: dict) -> dict:
 
 def goodhart_verdict(online: dict) -> str:
     """Does the online run over-optimise its proxy PM? Its win rate judged by the proxy (the
-    signal it trains on) against the golden PM's judgement of the same samples."""
+    signal it trains on) against the golden PM's judgement of the same samples (and, on the
+    embedded task, the hidden humans', reported beside them; the verdict is the golden
+    PM's)."""
     ev = [e for e in online["evals"] if "proxy_win_rate" in e]
     first, last = ev[0], ev[-1]
     top = max(ev, key=lambda e: e["win_rate"])
@@ -799,6 +825,14 @@ def goodhart_verdict(online: dict) -> str:
         f"{last['kl']:.2f}); judged by the golden PM, from {first['win_rate']:.3f} to "
         f"{last['win_rate']:.3f}, with its peak {top['win_rate']:.3f} at step {top['step']}. "
     )
+    if has_hidden(online):
+        h = [e for e in ev if e["step"]] or ev
+        h_top = max(h, key=lambda e: e["hidden_win_rate"])
+        text += (
+            f"Judged by the hidden humans, from {first['hidden_win_rate']:.3f} to "
+            f"{last['hidden_win_rate']:.3f}, with its peak {h_top['hidden_win_rate']:.3f} at step "
+            f"{h_top['step']}. "
+        )
     rising = last["proxy_win_lo"] > first["proxy_win_hi"]
     if top is last:
         return text + (
@@ -813,6 +847,104 @@ def goodhart_verdict(online: dict) -> str:
     return text + (
         "The golden win rate ends below its peak but the fall, or the proxy's rise, is not "
         "separated by the 95% intervals: no clear over-optimisation at this sample size."
+    )
+
+
+def has_hidden(run: dict) -> bool:
+    """Whether every checkpoint of the run was also judged by the task's hidden humans
+    (the embedded task; `eval.Evaluator.hidden`)."""
+    return bool(run["evals"]) and all("hidden_p" in e for e in run["evals"])
+
+
+def as_hidden(run: dict) -> dict:
+    """The run with each checkpoint's win rate judged by the hidden humans in place of the
+    golden PM (for the figures' KL vs win-rate axes)."""
+    return dict(run, evals=plots.judged_by(run["evals"], "hidden"))
+
+
+def _eval_of(runs: Sequence[dict], run: str, step: int) -> dict:
+    r = next(r for r in runs if r["name"] == run)
+    return next(e for e in r["evals"] if e["step"] == step)
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their average rank."""
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v), np.float64)
+    ranks[order] = np.arange(1, len(v) + 1)
+    for value in np.unique(v):
+        tied = v == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(points: Sequence[tuple[float, float]]) -> float:
+    """Spearman's rank correlation of (x, y) points: Pearson's r of their average ranks."""
+    xy = np.array(points, np.float64).reshape(-1, 2)
+    return _pearson(list(zip(_ranks(xy[:, 0]), _ranks(xy[:, 1]), strict=True)))
+
+
+def hidden_at_peaks(online: dict, offline: Sequence[dict]) -> Interval | None:
+    """Fig. 1's comparison judged by the hidden humans: online - offline, prompt by prompt, of
+    their probabilities of preferring each peak checkpoint's sample to the baseline's, at the
+    peaks the golden PM chose (`peak`). None where the runs carry no hidden judgements."""
+    if not (has_hidden(online) and all(has_hidden(r) for r in offline)):
+        return None
+    p_on, p_off = peak([online]), peak(offline)
+    a, b = _eval_of([online], p_on.run, p_on.step), _eval_of(offline, p_off.run, p_off.step)
+    return paired_interval(np.array(a["hidden_p"]) - np.array(b["hidden_p"]))
+
+
+def hidden_verdict(online: dict, offline: Sequence[dict], every_run: Sequence[dict]) -> str:
+    """H0 judged by the embedded task's hidden humans, past both PMs (whose verdicts are the
+    study's): (1) the peaks the golden PM chose, online's and offline's, compared by the
+    humans prompt by prompt (`hidden_p`: each prompt's probability that they prefer the
+    checkpoint's sample to the baseline's); (2) the peaks the humans would choose, compared
+    the same way; (3) how well the golden PM ranks checkpoints as the humans do: Spearman's
+    rank correlation of the two win rates over every checkpoint past step 0 of `every_run`."""
+    p_on, p_off = peak([online]), peak(offline)
+    golden_sign, _ = separation(p_on, p_off)
+
+    def paired(a: dict, b: dict) -> Interval:
+        return paired_interval(np.array(a["hidden_p"]) - np.array(b["hidden_p"]))
+
+    def cell(e: dict) -> str:
+        return f"{e['hidden_win_rate']:.3f} [{e['hidden_win_lo']:.3f}, {e['hidden_win_hi']:.3f}]"
+
+    e_on, e_off = _eval_of([online], p_on.run, p_on.step), _eval_of(offline, p_off.run, p_off.step)
+    d = hidden_at_peaks(online, offline)
+    sign = interval_sign(d)
+    if sign == 0:
+        agree = "the humans do not separate them"
+    elif sign == golden_sign:
+        agree = "the humans agree with the golden PM's verdict"
+    elif golden_sign == 0:
+        agree = "the humans separate them where the golden PM did not"
+    else:
+        agree = "the humans rank them the other way from the golden PM"
+    text = (
+        f"at the peaks the golden PM chose, the hidden humans prefer online's samples (step "
+        f"{p_on.step}) to the golden baseline's with probability {cell(e_on)} and offline's "
+        f"({p_off.run}, step {p_off.step}) with {cell(e_off)}; paired over the same {d.n} "
+        f"prompts, online - offline = {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]: {agree}."
+    )
+    h_on, h_off = peak([as_hidden(online)]), peak([as_hidden(r) for r in offline])
+    d2 = paired(_eval_of([online], h_on.run, h_on.step), _eval_of(offline, h_off.run, h_off.step))
+    side = {1: "online above offline", -1: "offline above online", 0: "not separated"}
+    text += (
+        f" Chosen by the humans themselves, online's best checkpoint is step {h_on.step} "
+        f"(KL {h_on.kl:.2f}, {h_on.win:.3f}) and offline's {h_off.run} step {h_off.step} (KL "
+        f"{h_off.kl:.2f}, {h_off.win:.3f}): {d2.mean:+.3f} [{d2.lo:+.3f}, {d2.hi:+.3f}], "
+        f"{side[interval_sign(d2)]}."
+    )
+    points = [
+        (e["win_rate"], e["hidden_win_rate"]) for r in every_run for e in r["evals"] if e["step"]
+    ]
+    rho = spearman(points)
+    return text + (
+        f" Over the {len(points)} checkpoints of this report's runs, the golden PM's win rates "
+        f"rank them as the humans' do with Spearman's rank correlation {rho:.3f}"
+        " (1: the same order)."
     )
 
 

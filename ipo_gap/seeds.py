@@ -165,6 +165,13 @@ def findings(results: Mapping) -> dict[str, tuple[str, evaluation.Interval | Non
         "online IPO's peak above the pooled offline sweep's (Fig. 1): online - offline",
         _paired(p_on, report.peak(offline)),
     )
+    hidden = report.hidden_at_peaks(online, offline)
+    if hidden is not None:  # the embedded task: its hidden humans judge the same two peaks
+        out["fig1_hidden"] = (
+            "the same two peaks judged by the embedded task's hidden humans (Fig. 1): "
+            "online - offline",
+            hidden,
+        )
     shuffled = results.get("fig4", [])[1:]
     first = [r for r in shuffled if r["method"] == report.UNIFORM]
     pool = first + [r for r in shuffled if r["method"] == report.UNIFORM_SWEEP]

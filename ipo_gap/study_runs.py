@@ -40,7 +40,7 @@ import numpy as np
 from ipo_gap import checkpoint, hosts, jsonl, sharding
 from ipo_gap import eval as evaluation
 from ipo_gap.configs import T5Config
-from ipo_gap.data import ref_cache, sources
+from ipo_gap.data import embedded_task, ref_cache, sources
 from ipo_gap.data.order_log import OrderLog, pair_schema
 from ipo_gap.study import (
     TRAIN_STATE,
@@ -525,9 +525,20 @@ class Study:
                 max_len=self.cfg.target_len,
                 key=self.key("eval"),
                 batch_size=self.cfg.eval_batch,
+                hidden=self.hidden_judge(),
             )
 
         return self._memo("evaluator", build)
+
+    def hidden_judge(self) -> embedded_task.HiddenJudge | None:
+        """The embedded task's hidden humans judging the win-rate samples against the golden
+        baseline's on the evaluation prompts (None on a real dataset: no hidden humans)."""
+        task = self.prep.task
+        if not isinstance(task, embedded_task.TaskData):
+            return None
+        base_y, _ = self.baseline()
+        tok = self.prep.tokenizer
+        return embedded_task.HiddenJudge.against(task, task.prompts["eval"], base_y, tok.decode)
 
     def train_pairs_order(self) -> np.ndarray:
         """The order in which every offline run on D_golden reads its training pairs in the

@@ -143,3 +143,35 @@ def test_toy_task_corruption_always_changes_the_response():
     w = toy_task.WORDS
     for response in [f"{w[0]} {w[0]} {w[1]}", f"{w[2]} {w[2]}", w[3], f"{w[1]} {w[2]}"] * 200:
         assert toy_task.corrupt(rng, response) != response
+
+
+def test_the_hidden_judge_is_the_humans_preference_against_the_baseline():
+    """Token rows decode (here through a lookup of whole responses) to texts; per prompt the
+    judge gives sigmoid((R(x, y) - R(x, y_base)) / T) and R(x, y): 1/2 on the baseline's own
+    responses, above 1/2 exactly where the response's hidden reward is the higher."""
+    task = et.make_task(3, **SIZES)
+    prompts = task.prompts["eval"][:8]
+    parsed = [et.Prompt.parse(x) for x in prompts]
+    careful = [" ".join((et.hidden_opener(p), *p.topics)) for p in parsed]
+    careless = ["maybe maybe the the" for _ in parsed]
+    pool = careless + careful
+
+    def decode(y):
+        return [pool[int(row[0])] for row in np.asarray(y)]
+
+    base = np.arange(8)[:, None]  # the careless responses
+    judge = et.HiddenJudge.against(task, prompts, base, decode)
+    p, r = judge(base)
+    assert np.all(p == 0.5)
+    base_r = [task.reward(x, y) for x, y in zip(prompts, careless, strict=True)]
+    np.testing.assert_array_equal(r, base_r)
+    p, r = judge(base + 8)  # the careful responses against the careless ones
+    want_r = np.array([task.reward(x, y) for x, y in zip(prompts, careful, strict=True)])
+    np.testing.assert_array_equal(r, want_r)
+    assert judge.base == tuple(base_r)
+    np.testing.assert_array_equal(
+        p, [et.human_preference(a, b) for a, b in zip(want_r, base_r, strict=True)]
+    )
+    assert np.all(want_r > np.array(base_r)) and np.all(p > 0.5)
+    with pytest.raises(ValueError, match="7 responses for 8 prompts"):
+        judge(base[:7])

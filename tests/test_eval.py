@@ -7,6 +7,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 from conftest import tiny_config
 from test_preference import make_pairs
 
@@ -154,6 +155,46 @@ def test_win_rate_is_the_policy_sample_beating_the_baseline_sample(monkeypatch):
     # Not vacuous: the policy wins where the baseline is all 2s and loses where it is all 63s,
     # so the reversed order (1 - want) would give a different win rate and string.
     assert got["win_outcomes"] == "WWWWLL" and got["win_rate"] == 4 / 6
+
+
+def test_a_hidden_judge_judges_the_win_rate_samples():
+    """The hidden judge (the embedded task's humans in a study) is handed the very samples the
+    golden PM judged (the win-rate key, split(key)[0]): here it prefers, per prompt, a larger
+    sum of token ids than the baseline's with probability sum / (sum + base sum), and its
+    reward is the sum. Its mean, normal interval, per-prompt values and mean reward are
+    recorded; a judge that gives a value outside [0, 1] is refused by name; without one,
+    nothing is recorded under its names."""
+    policy, ref, pm = (t5.init(CFG, key=jax.random.key(k)) for k in (1, 2, 3))
+    x, xm = _prompts(3, 6)
+    base_y, base_ym = evaluation.sample_rows(ref, x, xm, key=jax.random.key(4), max_len=4)
+    base_sum = _token_sum(base_y, base_ym).astype(np.float64)
+
+    def hidden(y, ym):
+        s = _token_sum(y, ym).astype(np.float64)
+        return s / (s + base_sum), s
+
+    ev = _evaluator(ref, pm, x, xm, base_y, base_ym, hidden=hidden)
+    got = ev(policy)
+    k_win = jax.random.split(ev.key)[0]
+    y, ym = evaluation.sample_rows(policy, x, xm, key=k_win, max_len=4, batch_size=4)
+    p, r = hidden(y, ym)
+    want = evaluation.Interval.of(p)
+    assert got["hidden_p"] == [round(float(v), 6) for v in p]
+    assert (got["hidden_win_rate"], got["hidden_win_lo"], got["hidden_win_hi"]) == (
+        want.mean,
+        want.lo,
+        want.hi,
+    )
+    assert got["hidden_reward"] == float(r.mean())
+    assert len(set(got["hidden_p"])) > 1  # the samples differ: not a constant judge
+    other = evaluation.sample_rows(policy, x, xm, key=jax.random.key(9), max_len=4)
+    assert hidden(*other)[0].tolist() != p.tolist()  # another key's samples judge otherwise
+    bad = dataclasses.replace(ev, hidden=lambda y, ym: (hidden(y, ym)[0] + 1, r))
+    with pytest.raises(ValueError, match=r"a hidden judge must give.*probability in \[0, 1\]"):
+        bad(policy)
+    bare = dataclasses.replace(ev, hidden=None)(policy)
+    assert not [k for k in bare if k.startswith("hidden")]
+    assert bare == {k: v for k, v in got.items() if not k.startswith("hidden")}
 
 
 def test_self_classification_labels_the_pair_in_the_margins_order(monkeypatch):

@@ -800,3 +800,61 @@ def test_an_exact_sign_interval_says_it_is_given_the_count_of_differing_prompts(
     many = _peak(base[:226] + "W" * 30 + base[256:], "online")
     fewer = _peak(base[:226] + "L" * 30 + base[256:], "offline")
     assert "only" not in report.compare(many, fewer, "online", "offline")
+
+
+def _hidden_run(name, golden_texts, hidden_ps, method=None):
+    """A run whose k-th checkpoint past step 0 has golden outcomes golden_texts[k] and the
+    hidden humans' per-prompt probabilities hidden_ps[k]."""
+    run = _run(method or name, golden_texts)
+    run["name"] = name
+    n = len(golden_texts[0])
+    for e, p in zip(run["evals"], [np.full(n, 0.5), *hidden_ps], strict=True):
+        h = Interval.of(p)
+        e.update(
+            hidden_p=list(p),
+            hidden_win_rate=h.mean,
+            hidden_win_lo=h.lo,
+            hidden_win_hi=h.hi,
+            hidden_reward=0.0,
+        )
+    return run
+
+
+def test_spearman_is_pearson_of_average_ranks_and_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert report.spearman([(1, 10), (2, 20), (3, 35)]) == pytest.approx(1.0)
+    assert report.spearman([(1, 3), (2, 2), (3, 1)]) == pytest.approx(-1.0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, 40).astype(float)  # ties share their average rank
+    y = x + rng.normal(0, 2, 40)
+    want = scipy_stats.spearmanr(x, y).statistic
+    assert report.spearman(list(zip(x, y, strict=True))) == pytest.approx(want, abs=1e-12)
+
+
+def test_hidden_verdict_pairs_the_golden_peaks_by_the_humans():
+    """Online's golden peak (step 10) beats offline's on 30 of 40 prompts by the golden PM;
+    the humans' probabilities at those checkpoints differ by +0.2 on every prompt (agree),
+    or by -0.2 (the other way), or by 0 (not separated). Offline's second run peaks by the
+    humans at a checkpoint the golden PM ranks low, and the rank correlation over the six
+    checkpoints is worked out by hand."""
+    n = 40
+    on_text, off_text, low = "W" * 30 + "L" * 10, "L" * 30 + "W" * 10, "L" * 40
+
+    def case(d_at_peaks):
+        online = _hidden_run("online", [on_text, low], [np.full(n, 0.6), np.full(n, 0.3)])
+        off_peak = np.full(n, 0.6 - d_at_peaks)
+        a = _hidden_run("off_a", [off_text, low], [off_peak, np.full(n, 0.2)], "offline ipo")
+        b = _hidden_run("off_b", [low, low], [np.full(n, 0.1), np.full(n, 0.7)], "offline ipo")
+        return report.hidden_verdict(online, [a, b], [online, a, b])
+
+    agree = case(0.2)
+    assert "online - offline = +0.200 [+0.200, +0.200]" in agree
+    assert "the humans agree with the golden PM's verdict" in agree
+    assert "the other way" in case(-0.2) and "do not separate them" in case(0.0)
+    # By the humans: online's best is its step 10 (0.6), offline's off_b step 20 (0.7).
+    assert "online's best checkpoint is step 10" in agree
+    assert "offline's off_b step 20" in agree and "-0.100 [-0.100, -0.100], offline above" in agree
+    # Golden win rates 0.75, 0, 0.25, 0, 0, 0 against hidden 0.6, 0.3, 0.4, 0.2, 0.1, 0.7.
+    want = report.spearman([(0.75, 0.6), (0, 0.3), (0.25, 0.4), (0, 0.2), (0, 0.1), (0, 0.7)])
+    assert "Over the 6 checkpoints" in agree and f"correlation {want:.3f}" in agree
+    assert 0 < want < 1

@@ -40,6 +40,7 @@ FIGURES = (
     "fig10_11_scaling.png",
     "fig10_sizes.png",
     "goodhart_proxy_vs_golden.png",
+    "hidden_humans.png",
 )
 
 
@@ -220,6 +221,44 @@ def test_pm_test_accuracies_are_the_test_splits_judged_afresh(micro_study):
     with np.load(micro_study / "d_golden_test.npz") as z:
         np.testing.assert_array_equal(z["agree_human"], judged)
         np.testing.assert_array_equal(z["y_w"], relabelled["y_w"])
+
+
+@pytest.mark.slow
+def test_the_hidden_humans_judge_every_checkpoint_of_the_embedded_task(micro_study):
+    """Every evaluation of an embedded-task study carries the hidden humans' judgement of its
+    win-rate samples. The golden baseline's own samples get exactly 1/2 on every prompt (the
+    judge's prompts and baseline responses line up with the evaluator's); the final online
+    policy's win-rate samples, drawn again here with the evaluator's key and judged afresh,
+    give what its run recorded; the report reads them."""
+    from ipo_gap.study_runs import Study
+    from ipo_gap.t5 import model as t5
+
+    s = Study(micro_study, study.PRESETS["micro"])
+    judge, ev = s.hidden_judge(), s.evaluator()
+    p, _ = judge(ev.base_y, ev.base_ym)
+    assert p.tolist() == [0.5] * s.cfg.num_eval_prompts
+    for done in (micro_study / "runs").glob("*/done.json"):
+        for e in json.loads(done.read_text())["evals"]:
+            assert len(e["hidden_p"]) == s.cfg.num_eval_prompts, (done, e["step"])
+            assert e["hidden_win_lo"] <= e["hidden_win_rate"] <= e["hidden_win_hi"]
+    online = _summary(micro_study, "online_ipo")
+    policy = load_model(micro_study / "runs" / "online_ipo", s.policy_cfg)
+    y, ym = evaluation.sample_rows(
+        t5.unstacked(policy),
+        ev.eval_x,
+        ev.eval_xm,
+        key=jax.random.split(ev.key)[0],
+        max_len=ev.max_len,
+        batch_size=ev.batch_size,
+    )
+    p, r = judge(y, ym)
+    last = online["evals"][-1]
+    assert last["hidden_p"] == [round(float(v), 6) for v in p]
+    assert last["hidden_reward"] == float(np.mean(r))
+    assert len(set(last["hidden_p"])) > 1
+    text = (micro_study / "REPORT.md").read_text()
+    assert "**The hidden humans**" in text and "figures/hidden_humans.png" in text
+    assert (micro_study / "figures" / "hidden_humans.png").stat().st_size > 0
 
 
 @pytest.mark.slow

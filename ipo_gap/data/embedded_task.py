@@ -39,6 +39,9 @@ import math
 import os
 import pathlib
 import random
+from collections.abc import Callable
+
+import numpy as np
 
 from ipo_gap import hosts, jsonl
 
@@ -135,6 +138,40 @@ def human_preference(r1: float, r2: float, temperature: float = TEMPERATURE) -> 
     """P(y1 preferred over y2) = sigmoid((R1 - R2) / T)."""
     z = (r1 - r2) / temperature
     return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenJudge:
+    """The hidden humans judging a policy's responses against fixed baseline responses to the
+    same prompts, one per prompt (in a study: the evaluation prompts and the golden baseline's
+    samples, as the golden PM judges them).
+
+    Called on token rows (`decode` turns them into texts), it gives per prompt the
+    probability that the humans prefer the policy's response, human_preference(R(x, y),
+    R(x, y_base)), and the response's hidden reward R(x, y): what the golden PM's win rate
+    estimates, without the golden PM.
+    """
+
+    reward: Callable[[str, str], float]  # R(prompt, response): `TaskData.reward`
+    prompts: tuple[str, ...]
+    base: tuple[float, ...]  # R(x, y_base) per prompt
+    decode: Callable[[np.ndarray], list[str]]
+
+    @classmethod
+    def against(cls, task: TaskData, prompts, base_tokens, decode) -> HiddenJudge:
+        base = decode(base_tokens)
+        if len(base) != len(prompts):
+            raise ValueError(f"{len(base)} baseline responses for {len(prompts)} prompts")
+        r = tuple(task.reward(x, y) for x, y in zip(prompts, base, strict=True))
+        return cls(task.reward, tuple(prompts), r, decode)
+
+    def __call__(self, y, ym=None) -> tuple[np.ndarray, np.ndarray]:
+        texts = self.decode(np.asarray(y))
+        if len(texts) != len(self.prompts):
+            raise ValueError(f"{len(texts)} responses for {len(self.prompts)} prompts")
+        r = np.array([self.reward(x, t) for x, t in zip(self.prompts, texts, strict=True)])
+        p = np.array([human_preference(a, b) for a, b in zip(r, self.base, strict=True)])
+        return p, r
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ policy exploit its proxy PM (Goodhart) is not shown by the study itself. This bi
 the question on a finished study's pipeline (its SFT policy, proxy PM, golden PM, golden
 baseline and evaluation prompts, all reused as they are): online IPO against the proxy PM for
 `--steps` steps (default 5x the preset's) at each `--betas` value, evaluated `--evals` times,
-every checkpoint's samples judged by the golden PM and by the proxy PM it trains against.
+every checkpoint's samples judged by the golden PM and by the proxy PM it trains against (and,
+on the embedded task, by its hidden humans: `eval.Evaluator.hidden`).
 The runs draw the study's online prompts with its online keys, so at the study's lr and beta a
 run continues the study's online IPO run: its first `rl_steps` losses must equal that run's, bit
 for bit, which the binary checks and prints.
@@ -14,7 +15,8 @@ for bit, which the binary checks and prints.
 Each run is a resumable stage of the study (`runs/goodhart_ipo_lr<lr>_b<beta>_n<steps>/`, the
 same layout as every run, so a killed run restarts and a finished one is read back); the study's
 own results and report are untouched. It prints, per run, the golden and proxy win rate and
-KL at each checkpoint and REPORT.md's over-optimisation verdict (which calls it only when the
+KL at each checkpoint (and the hidden humans' win rate, where judged) and REPORT.md's
+over-optimisation verdict (which calls it only when the
 proxy's rise and the golden win rate's fall from its peak both lie outside the 95% intervals),
 and draws `figures/goodhart_<run>.png`. Run it on one core, as the study's workers run, to keep
 the study's bits:

@@ -811,9 +811,9 @@ def offline_same(offline: Sequence[dict], online: dict) -> dict:
 
 def goodhart_verdict(online: dict) -> str:
     """Does the online run over-optimise its proxy PM? Its win rate judged by the proxy (the
-    signal it trains on) against the golden PM's judgement of the same samples (and, on the
-    embedded task, the hidden humans', reported beside them; the verdict is the golden
-    PM's)."""
+    signal it trains on) against the golden PM's judgement of the same samples; on the
+    embedded task, then, do both PMs get over-optimised against the hidden humans
+    (`_hidden_goodhart`)?"""
     ev = [e for e in online["evals"] if "proxy_win_rate" in e]
     first, last = ev[0], ev[-1]
     top = max(ev, key=lambda e: e["win_rate"])
@@ -825,29 +825,24 @@ def goodhart_verdict(online: dict) -> str:
         f"{last['kl']:.2f}); judged by the golden PM, from {first['win_rate']:.3f} to "
         f"{last['win_rate']:.3f}, with its peak {top['win_rate']:.3f} at step {top['step']}. "
     )
-    if has_hidden(online):
-        h = [e for e in ev if e["step"]] or ev
-        h_top = max(h, key=lambda e: e["hidden_win_rate"])
-        text += (
-            f"Judged by the hidden humans, from {first['hidden_win_rate']:.3f} to "
-            f"{last['hidden_win_rate']:.3f}, with its peak {h_top['hidden_win_rate']:.3f} at step "
-            f"{h_top['step']}. "
-        )
     rising = last["proxy_win_lo"] > first["proxy_win_hi"]
     if top is last:
-        return text + (
-            "No over-optimisation within this run: the golden win rate peaks at the last "
-            "checkpoint (a longer run, to a larger KL, would show whether it turns over)."
+        text += (
+            "No over-optimisation of the proxy within this run: the golden win rate peaks at "
+            "the last checkpoint (a longer run, to a larger KL, would show whether it turns "
+            "over)."
         )
-    if rising and top["win_lo"] > last["win_hi"]:
-        return text + (
+    elif rising and top["win_lo"] > last["win_hi"]:
+        text += (
             "The proxy's win rate rose (intervals disjoint) while the golden one fell from its "
             "peak (intervals disjoint): the policy over-optimises the proxy PM."
         )
-    return text + (
-        "The golden win rate ends below its peak but the fall, or the proxy's rise, is not "
-        "separated by the 95% intervals: no clear over-optimisation at this sample size."
-    )
+    else:
+        text += (
+            "The golden win rate ends below its peak but the fall, or the proxy's rise, is not "
+            "separated by the 95% intervals: no clear over-optimisation at this sample size."
+        )
+    return text + (" " + _hidden_goodhart(ev) if has_hidden(online) else "")
 
 
 def has_hidden(run: dict) -> bool:
@@ -946,6 +941,38 @@ def hidden_verdict(online: dict, offline: Sequence[dict], every_run: Sequence[di
         f"rank them as the humans' do with Spearman's rank correlation {rho:.3f}"
         " (1: the same order)."
     )
+
+
+def _hidden_goodhart(ev: Sequence[dict]) -> str:
+    """The online run's checkpoints `ev` judged by the embedded task's hidden humans: from
+    their best checkpoint to the last, their win rate's paired change, beside the golden
+    PM's over the same checkpoints; where the humans' falls and the golden PM's rises (both
+    intervals excluding 0), the run over-optimises the PMs against the humans."""
+    first, last = ev[0], ev[-1]
+    top = max(ev, key=lambda e: e["hidden_win_rate"])
+    text = (
+        f"Judged by the hidden humans, from {first['hidden_win_rate']:.3f} to "
+        f"{last['hidden_win_rate']:.3f}, with its peak {top['hidden_win_rate']:.3f} at step "
+        f"{top['step']}"
+    )
+    if last["hidden_win_rate"] >= top["hidden_win_rate"]:  # no fall: at or level with the end
+        return text + "; its last checkpoint is at that peak or level with it."
+    d = paired_interval(np.array(last["hidden_p"]) - np.array(top["hidden_p"]))
+    g = paired_outcomes(last.get("win_outcomes"), top.get("win_outcomes"))
+    text += (
+        f"; from there to the end the humans' win rate changes by {d.mean:+.3f} [{d.lo:+.3f}, "
+        f"{d.hi:+.3f}]"
+        + (f" and the golden PM's by {g.mean:+.3f} [{g.lo:+.3f}, {g.hi:+.3f}]" if g else "")
+        + " (paired over the prompts)"
+    )
+    if d.hi < 0 and g is not None and g.lo > 0:
+        return text + (
+            ": the golden PM's win rate rises while the humans' falls, so past step "
+            f"{top['step']} the run over-optimises the PMs against the humans."
+        )
+    if d.hi < 0:
+        return text + ": the humans' win rate falls from its peak."
+    return text + ": the humans' fall from their peak is not separated."
 
 
 def h2_verdict(p_on: Peak, datasets: Sequence[dict]) -> str:

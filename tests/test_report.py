@@ -858,3 +858,34 @@ def test_hidden_verdict_pairs_the_golden_peaks_by_the_humans():
     want = report.spearman([(0.75, 0.6), (0, 0.3), (0.25, 0.4), (0, 0.2), (0, 0.1), (0, 0.7)])
     assert "Over the 6 checkpoints" in agree and f"correlation {want:.3f}" in agree
     assert 0 < want < 1
+
+
+def test_goodhart_verdict_names_a_rising_golden_and_a_falling_human_win_rate():
+    """Online's golden outcomes improve from step 10 to 30 on 30 of 40 prompts while the
+    humans' probabilities fall by 0.1 on every prompt from their peak at step 10: the PMs are
+    over-optimised against the humans. Where the golden PM's do not change, the humans' fall
+    is named alone; a humans' peak at the end, or level with it, is no fall."""
+    n = 40
+
+    def online(ps, golden=("W" * 10 + "L" * 30, "W" * 20 + "L" * 20, "W" * 30 + "L" * 10)):
+        run = _hidden_run("online", list(golden), [np.full(n, v) for v in ps])
+        for e in run["evals"][1:]:  # as in a study: step 0 is not judged by the proxy
+            e.update(proxy_win_rate=e["win_rate"], proxy_win_lo=0.0, proxy_win_hi=1.0)
+        return run
+
+    text = report.goodhart_verdict(online([0.6, 0.55, 0.5]))
+    assert (
+        "Judged by the hidden humans, from 0.600 to 0.500, with its peak 0.600 at step 10" in text
+    )
+    assert "changes by -0.100 [-0.100, -0.100] and the golden PM's by +0.500" in text
+    assert "past step 10 the run over-optimises the PMs against the humans" in text
+    same_golden = ("W" * 30 + "L" * 10,) * 3
+    alone = report.goodhart_verdict(online([0.6, 0.55, 0.5], same_golden))
+    assert alone.endswith("the humans' win rate falls from its peak.")
+    for ps in ([0.6, 0.6, 0.6], [0.4, 0.5, 0.6]):
+        text = report.goodhart_verdict(online(ps))
+        assert text.endswith("its last checkpoint is at that peak or level with it.")
+    noisy = online([0.6, 0.55, 0.5])
+    noisy["evals"][-1]["hidden_p"] = list(np.r_[np.full(20, 0.1), np.full(20, 1.0)])
+    noisy["evals"][-1]["hidden_win_rate"] = 0.55
+    assert report.goodhart_verdict(noisy).endswith("is not separated.")

@@ -846,13 +846,18 @@ def test_goodhart_verdict_needs_separated_intervals():
     assert "from 0.500 (step 10) to 0.900 (step 30" in text and "peak 0.700 at step 20" in text
     assert "over-optimises the proxy PM" in text
     still_rising = {"evals": [ev(10, 0.5, 0.5), ev(20, 0.7, 0.7)]}
-    assert "No over-optimisation within this run" in report.goodhart_verdict(still_rising)
+    assert "No over-optimisation of the proxy within this run" in report.goodhart_verdict(
+        still_rising
+    )
     noisy = {"evals": [ev(10, 0.5, 0.5), ev(20, 0.7, 0.7), ev(30, 0.68, 0.9)]}
     assert "no clear over-optimisation" in report.goodhart_verdict(noisy)
     # A last checkpoint level with an earlier peak is a peak at the end, not a fall.
     level = {"evals": [ev(10, 0.5, 0.5), ev(20, 0.7, 0.7), ev(30, 0.7, 0.9)]}
     text = report.goodhart_verdict(level)
-    assert "peak 0.700 at step 30" in text and "No over-optimisation within this run" in text
+    assert (
+        "peak 0.700 at step 30" in text
+        and "No over-optimisation of the proxy within this run" in text
+    )
     run = {"name": "on", "evals": level["evals"]}
     assert report.at_last_checkpoint([run], report.peak([run]))
 

@@ -366,3 +366,23 @@ def test_the_classifiers_levels_are_the_last_checkpoints_at_onlines_settings(tmp
     )
     assert "| online: drift of log pi(y_w), valid-split pairs | 0: -2.00, 1: -2.00, 5: -2.00 |" \
         " -2.000 (the same in all 3 seeds: no interval) |" in text  # fmt: skip
+
+
+def test_the_hidden_humans_finding_is_fig1s_peaks_judged_by_them():
+    """With the hidden humans' per-prompt probabilities on every checkpoint (the embedded
+    task), SEEDS.md's finding is Fig. 1's two golden-chosen peaks compared by them, as
+    REPORT.md compares them; without them there is no such finding."""
+    from ipo_gap import report as rep
+
+    online = _judged("online_ipo", ["W" * 10 + "L" * 30, "W" * 30 + "L" * 10])
+    offline = [_judged("off_a", ["W" * 20 + "L" * 20]), _judged("off_b", ["W" * 5 + "L" * 35])]
+    results = {"fig1": [online, *offline]}
+    assert "fig1_hidden" not in seeds.findings(results)
+    rng = np.random.default_rng(0)
+    for run in (online, *offline):
+        for e in run["evals"]:
+            e["hidden_p"] = list(rng.uniform(0.2, 0.8, 40))
+    online["evals"][-1]["hidden_p"] = list(np.array(offline[0]["evals"][-1]["hidden_p"]) - 0.1)
+    label, d = seeds.findings(results)["fig1_hidden"]
+    assert "hidden humans" in label and d == rep.hidden_at_peaks(online, offline)
+    assert d.mean == pytest.approx(-0.1) and d.hi < 0  # online's peak is step 20, off_a's 10

@@ -181,7 +181,7 @@ def main(argv):
         p, r = hidden_of(s, e, policy)
         sft_p = p if sft_p is None else sft_p
         print(
-            f"  {label}: {e['win_rate']:.3f}, {_cell(paired_interval(p), 0, 1)}, "
+            f"  {label}: {e['win_rate']:.3f}, {_cell(Interval.of(p), 0, 1)}, "
             f"{_cell(paired_interval(p - sft_p))}, R {r:+.2f}, KL {e['kl']:.2f}"
         )
 

@@ -22,7 +22,10 @@ counterpart of D_golden, which is the train split relabelled by it).
   judged by the task's hidden humans, past both PMs: per prompt their probability of
   preferring the policy's sample to the baseline's, sigmoid((R(x, y) - R(x, y_base)) / T),
   kept per prompt (`hidden_p`) and averaged with a normal 95% interval (`Interval.of`): the
-  ground truth that the golden PM's win rate estimates.
+  share of human raters who would prefer it. The golden PM's win rate estimates another
+  quantity, the humans' majority verdict on each prompt (R(x, y) > R(x, y_base): win; equal:
+  tie), which a golden PM that always sided with the humans would give; it is derived from
+  `hidden_p` by `hidden_majority` (p > 1/2 exactly when R(x, y) > R(x, y_base)).
 - Accuracy (App. E): the policy as a classifier, f = log pi(y_w)/pi(y_l) - log
   pi_sft(y_w)/pi_sft(y_l) > 0 (a zero margin scores 1/2), on pairs of the valid split
   relabelled by the golden PM (y_w = the golden PM's winner); drift (Fig. 8):
@@ -232,6 +235,15 @@ def hidden_judgements(hidden, y, ym) -> dict:
         "hidden_reward": float(r.mean()),
         "hidden_p": [round(float(v), 6) for v in p],
     }
+
+
+def hidden_majority(p) -> np.ndarray:
+    """The hidden humans' majority verdict per prompt from their probabilities p of preferring
+    the policy's sample (`hidden_p`): 1 where p > 1/2, 1/2 where p = 1/2 (equal hidden
+    rewards: sigmoid(0) is exactly 1/2), 0 below: the judgements a golden PM that always
+    sided with the humans would give, on the golden PM's own scale."""
+    p = np.asarray(p, np.float64)
+    return np.where(p > 0.5, 1.0, np.where(p < 0.5, 0.0, 0.5))
 
 
 def kl_rows(policy, ref, x, xm, *, key, max_len: int, batch_size: int = 256) -> np.ndarray:

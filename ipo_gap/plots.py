@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
 from ipo_gap import jsonl  # noqa: E402
+from ipo_gap.eval import hidden_majority  # noqa: E402
 
 _COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
@@ -121,6 +122,7 @@ def judged_by(evals: Sequence[dict], judge: str) -> list[dict]:
             win_rate=e[f"{judge}_win_rate"],
             win_lo=e[f"{judge}_win_lo"],
             win_hi=e[f"{judge}_win_hi"],
+            win_outcomes=None,  # the golden PM's: not this judge's
         )
         for e in evals
     ]
@@ -149,30 +151,33 @@ def figure_goodhart(online: dict, path, title) -> pathlib.Path:
 
 
 def figure_hidden(hidden_ipo: Sequence[dict], runs: Sequence[dict], path, title) -> pathlib.Path:
-    """The embedded task's hidden humans as the judge (both win rates against the golden
-    baseline's samples on the evaluation prompts). Left, titled `title`: Fig. 1 by them
-    (`hidden_ipo`: online and the offline sweep with each checkpoint's win rate the humans'
-    probability of preferring its sample). Right: every checkpoint past step 0 of `runs`, its
-    win rate by the golden PM (x) against the humans' (y), one colour per method: how well
-    the golden PM ranks checkpoints as the humans do."""
+    """The embedded task's hidden humans as the judge (against the golden baseline's samples on
+    the evaluation prompts). Left, titled `title`: Fig. 1 by them (`hidden_ipo`: online and
+    the offline sweep with each checkpoint's win rate the humans' mean probability of
+    preferring its samples). Right: every checkpoint past step 0 of `runs`, its win rate by
+    the golden PM (x) against the humans' majority verdict's (y, `eval.hidden_majority`: the
+    win rate a golden PM that always sided with the humans would give, on the same scale), one
+    colour per method, with the diagonal where such a golden PM's checkpoints would lie."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 5.2))
     kl_winrate(a1, hidden_ipo, lines_for=["online ipo"])
-    a1.set_ylabel("hidden humans' win rate")
+    a1.set_ylabel("hidden humans' win rate (mean P(preferred))")
     a1.set_title(title, fontsize=10)
     methods = _methods(runs)
     for m in methods:
         ev = [e for r in runs if r["method"] == m for e in r["evals"] if e["step"]]
         a2.scatter(
             [e["win_rate"] for e in ev],
-            [e["hidden_win_rate"] for e in ev],
+            [float(hidden_majority(e["hidden_p"]).mean()) for e in ev],
             s=12,
             color=_color(methods, m),
             alpha=0.8,
             label=m,
         )
+    lo, hi = (min(a2.get_xlim()[0], a2.get_ylim()[0]), max(a2.get_xlim()[1], a2.get_ylim()[1]))
+    a2.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--", label="golden PM = humans' majority")
     a2.set_xlabel("golden PM's win rate")
-    a2.set_ylabel("hidden humans' win rate")
-    a2.set_title("every checkpoint: the golden PM's judgement against the humans'", fontsize=10)
+    a2.set_ylabel("humans' majority verdict's win rate")
+    a2.set_title("every checkpoint: the golden PM against the humans' majority", fontsize=10)
     a2.grid(alpha=0.3)
     a2.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     return save(fig, path)

@@ -25,6 +25,7 @@ from ipo_gap import jsonl, plots
 from ipo_gap.eval import (
     Interval,
     exact_branch_note,
+    hidden_majority,
     outcome_values,
     paired_difference,
     paired_interval,
@@ -380,7 +381,16 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
         *(fig9 or []),
         *(beyond or []),
     ]
-    if all(has_hidden(r) for r in every_run):
+    judged = [r for r in every_run if has_hidden(r)]
+    if judged and len(judged) < len(every_run):  # a study begun by code before e129b3f
+        lines += [
+            "",
+            "The hidden humans judged only some runs' checkpoints (evaluations of code before "
+            "e129b3f carry no such judgement): not compared here. Missing: "
+            + ", ".join(r["name"] for r in every_run if not has_hidden(r))
+            + ".",
+        ]
+    elif judged:
         plots.figure_hidden(
             [as_hidden(r) for r in ipo_runs],
             every_run,
@@ -391,10 +401,13 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
             "",
             "![hidden](figures/hidden_humans.png)",
             "",
-            "**The hidden humans** (the embedded task's ground truth, which the golden PM "
-            "learned from human labels; each checkpoint's win rate by them is the mean over "
+            "**The hidden humans** (the embedded task's simulated humans, whose sampled labels "
+            "the golden PM learned from; each checkpoint's win rate by them is the mean over "
             "prompts of the probability that they prefer its sample to the golden baseline's, "
-            "with a normal 95% interval): " + hidden_verdict(online, offline, every_run),
+            "i.e. the share of human raters who would, with a normal 95% interval; their "
+            "majority verdict per prompt, which a golden PM that always sided with them would "
+            "give, is whether that probability exceeds 1/2): "
+            + hidden_verdict(online, offline, every_run, g.get("test_accuracy_vs_hidden_reward")),
         ]
     if fig4:
         lines += [
@@ -846,15 +859,24 @@ def goodhart_verdict(online: dict) -> str:
 
 
 def has_hidden(run: dict) -> bool:
-    """Whether every checkpoint of the run was also judged by the task's hidden humans
-    (the embedded task; `eval.Evaluator.hidden`)."""
-    return bool(run["evals"]) and all("hidden_p" in e for e in run["evals"])
+    """Whether every checkpoint of the run past step 0 was also judged by the task's hidden
+    humans (the embedded task, from e129b3f on; `eval.Evaluator.hidden`). Step 0, the SFT
+    policy's evaluation, is a stage of its own, which a study begun by older code keeps."""
+    ev = [e for e in run["evals"] if e["step"]]
+    return bool(ev) and all("hidden_p" in e for e in ev)
 
 
 def as_hidden(run: dict) -> dict:
     """The run with each checkpoint's win rate judged by the hidden humans in place of the
-    golden PM (for the figures' KL vs win-rate axes)."""
-    return dict(run, evals=plots.judged_by(run["evals"], "hidden"))
+    golden PM (for the figures' KL vs win-rate axes; a checkpoint they did not judge is
+    left out)."""
+    return dict(run, evals=plots.judged_by([e for e in run["evals"] if "hidden_p" in e], "hidden"))
+
+
+def majority_win_rate(e: dict) -> float:
+    """The humans' majority verdict's win rate at a checkpoint (`eval.hidden_majority`): what
+    a golden PM that always sided with the humans would score, on the golden PM's scale."""
+    return float(hidden_majority(e["hidden_p"]).mean())
 
 
 def _eval_of(runs: Sequence[dict], run: str, step: int) -> dict:
@@ -890,24 +912,58 @@ def hidden_at_peaks(online: dict, offline: Sequence[dict]) -> Interval | None:
     return paired_interval(np.array(a["hidden_p"]) - np.array(b["hidden_p"]))
 
 
-def hidden_verdict(online: dict, offline: Sequence[dict], every_run: Sequence[dict]) -> str:
+def hidden_own_peaks(online: dict, offline: Sequence[dict]) -> Interval | None:
+    """Fig. 1 as the hidden humans would draw it: online - offline, prompt by prompt, at the
+    peaks the humans choose (each run's best checkpoint by their win rate; offline pooled).
+    None where the runs carry no hidden judgements."""
+    if not (has_hidden(online) and all(has_hidden(r) for r in offline)):
+        return None
+    h_on, h_off = peak([as_hidden(online)]), peak([as_hidden(r) for r in offline])
+    a, b = _eval_of([online], h_on.run, h_on.step), _eval_of(offline, h_off.run, h_off.step)
+    return paired_interval(np.array(a["hidden_p"]) - np.array(b["hidden_p"]))
+
+
+def golden_agreement(e: dict) -> float | None:
+    """The share of a checkpoint's win-rate comparisons on which the golden PM's judgement
+    (W/T/L) equals the hidden humans' majority verdict (`eval.hidden_majority`): the golden
+    PM's accuracy on that policy's samples against the baseline's (None without per-prompt
+    outcomes)."""
+    if not e.get("win_outcomes"):
+        return None
+    return float(np.mean(outcome_values(e["win_outcomes"]) == hidden_majority(e["hidden_p"])))
+
+
+def _hidden_cell(e: dict) -> str:
+    lo, hi = max(0.0, e["hidden_win_lo"]), min(1.0, e["hidden_win_hi"])
+    return f"{e['hidden_win_rate']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def hidden_verdict(
+    online: dict,
+    offline: Sequence[dict],
+    every_run: Sequence[dict],
+    test_agreement: float | None = None,
+) -> str:
     """H0 judged by the embedded task's hidden humans, past both PMs (whose verdicts are the
     study's): (1) the peaks the golden PM chose, online's and offline's, compared by the
     humans prompt by prompt (`hidden_p`: each prompt's probability that they prefer the
-    checkpoint's sample to the baseline's); (2) the peaks the humans would choose, compared
-    the same way; (3) how well the golden PM ranks checkpoints as the humans do: Spearman's
-    rank correlation of the two win rates over every checkpoint past step 0 of `every_run`."""
+    checkpoint's sample to the baseline's), with the golden PM's agreement with the humans'
+    majority on each (`golden_agreement`); (2) the peaks the humans would choose, compared the
+    same way; (3) how well the golden PM ranks checkpoints as the humans' majority does:
+    Spearman's rank correlation of its win rate and the majority's (`majority_win_rate`, the
+    same scale) over every checkpoint past step 0 of `every_run` (1 for a golden PM that
+    always sided with the humans). `test_agreement`: the golden PM's accuracy against the
+    hidden reward on the test split's pairs (the pipeline's), set beside (1)'s."""
     p_on, p_off = peak([online]), peak(offline)
     golden_sign, _ = separation(p_on, p_off)
 
-    def paired(a: dict, b: dict) -> Interval:
-        return paired_interval(np.array(a["hidden_p"]) - np.array(b["hidden_p"]))
-
-    def cell(e: dict) -> str:
-        return f"{e['hidden_win_rate']:.3f} [{e['hidden_win_lo']:.3f}, {e['hidden_win_hi']:.3f}]"
+    def paired(a: dict, b: dict) -> tuple[Interval, str]:
+        diff = np.array(a["hidden_p"]) - np.array(b["hidden_p"])
+        d = paired_interval(diff)
+        return d, f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]" + exact_branch_note(diff)
 
     e_on, e_off = _eval_of([online], p_on.run, p_on.step), _eval_of(offline, p_off.run, p_off.step)
-    d = hidden_at_peaks(online, offline)
+    d, d_text = paired(e_on, e_off)
     sign = interval_sign(d)
     if sign == 0:
         agree = "the humans do not separate them"
@@ -919,56 +975,80 @@ def hidden_verdict(online: dict, offline: Sequence[dict], every_run: Sequence[di
         agree = "the humans rank them the other way from the golden PM"
     text = (
         f"at the peaks the golden PM chose, the hidden humans prefer online's samples (step "
-        f"{p_on.step}) to the golden baseline's with probability {cell(e_on)} and offline's "
-        f"({p_off.run}, step {p_off.step}) with {cell(e_off)}; paired over the same {d.n} "
-        f"prompts, online - offline = {d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]: {agree}."
+        f"{p_on.step}) to the golden baseline's with probability {_hidden_cell(e_on)} and "
+        f"offline's ({p_off.run}, step {p_off.step}) with {_hidden_cell(e_off)}; paired over "
+        f"the same {d.n} prompts, online - offline = {d_text}: {agree}."
     )
+    g_on, g_off = golden_agreement(e_on), golden_agreement(e_off)
+    if g_on is not None and g_off is not None:
+        text += (
+            f" On those comparisons the golden PM sides with the humans' majority on "
+            f"{g_on:.3f} of online's and {g_off:.3f} of offline's"
+            + (
+                f" (on the test split's pairs of D_initial's responses it agrees with the hidden "
+                f"reward on {test_agreement:.3f})"
+                if test_agreement is not None
+                else ""
+            )
+            + "."
+        )
     h_on, h_off = peak([as_hidden(online)]), peak([as_hidden(r) for r in offline])
-    d2 = paired(_eval_of([online], h_on.run, h_on.step), _eval_of(offline, h_off.run, h_off.step))
+    d2, d2_text = paired(
+        _eval_of([online], h_on.run, h_on.step), _eval_of(offline, h_off.run, h_off.step)
+    )
     side = {1: "online above offline", -1: "offline above online", 0: "not separated"}
     text += (
         f" Chosen by the humans themselves, online's best checkpoint is step {h_on.step} "
         f"(KL {h_on.kl:.2f}, {h_on.win:.3f}) and offline's {h_off.run} step {h_off.step} (KL "
-        f"{h_off.kl:.2f}, {h_off.win:.3f}): {d2.mean:+.3f} [{d2.lo:+.3f}, {d2.hi:+.3f}], "
-        f"{side[interval_sign(d2)]}."
+        f"{h_off.kl:.2f}, {h_off.win:.3f}): {d2_text}, {side[interval_sign(d2)]} (each the "
+        "best of its checkpoints, as the golden PM's peaks are)."
     )
     points = [
-        (e["win_rate"], e["hidden_win_rate"]) for r in every_run for e in r["evals"] if e["step"]
+        (e["win_rate"], majority_win_rate(e)) for r in every_run for e in r["evals"] if e["step"]
     ]
     rho = spearman(points)
     return text + (
         f" Over the {len(points)} checkpoints of this report's runs, the golden PM's win rates "
-        f"rank them as the humans' do with Spearman's rank correlation {rho:.3f}"
-        " (1: the same order)."
+        f"rank them as the humans' majority verdicts do (the win rate a golden PM that always "
+        f"sided with the humans would give) with Spearman's rank correlation {rho:.3f} "
+        "(1: the same order)."
     )
 
 
 def _hidden_goodhart(ev: Sequence[dict]) -> str:
     """The online run's checkpoints `ev` judged by the embedded task's hidden humans: from
     their best checkpoint to the last, their win rate's paired change, beside the golden
-    PM's over the same checkpoints; where the humans' falls and the golden PM's rises (both
-    intervals excluding 0), the run over-optimises the PMs against the humans."""
+    PM's over the same checkpoints. Where the humans' falls and the golden PM's rises (both
+    intervals excluding 0), the golden PM no longer tracks the humans there. The best of the
+    checkpoints is picked after the fact, which biases the fall from it downwards, as the
+    report says."""
     first, last = ev[0], ev[-1]
     top = max(ev, key=lambda e: e["hidden_win_rate"])
+    if last["hidden_win_rate"] >= top["hidden_win_rate"]:  # a tie with an earlier peak: the end
+        top = last
     text = (
         f"Judged by the hidden humans, from {first['hidden_win_rate']:.3f} to "
         f"{last['hidden_win_rate']:.3f}, with its peak {top['hidden_win_rate']:.3f} at step "
         f"{top['step']}"
     )
-    if last["hidden_win_rate"] >= top["hidden_win_rate"]:  # no fall: at or level with the end
-        return text + "; its last checkpoint is at that peak or level with it."
-    d = paired_interval(np.array(last["hidden_p"]) - np.array(top["hidden_p"]))
+    if top is last:
+        return text + ", its last checkpoint: no fall by the humans within this run."
+    diff = np.array(last["hidden_p"]) - np.array(top["hidden_p"])
+    d = paired_interval(diff)
     g = paired_outcomes(last.get("win_outcomes"), top.get("win_outcomes"))
     text += (
         f"; from there to the end the humans' win rate changes by {d.mean:+.3f} [{d.lo:+.3f}, "
         f"{d.hi:+.3f}]"
+        + exact_branch_note(diff)
         + (f" and the golden PM's by {g.mean:+.3f} [{g.lo:+.3f}, {g.hi:+.3f}]" if g else "")
-        + " (paired over the prompts)"
+        + " (paired over the prompts; the humans' peak is the best of the run's checkpoints, "
+        "which biases the fall from it downwards)"
     )
     if d.hi < 0 and g is not None and g.lo > 0:
         return text + (
             ": the golden PM's win rate rises while the humans' falls, so past step "
-            f"{top['step']} the run over-optimises the PMs against the humans."
+            f"{top['step']} the golden PM, which the run's proxy PM was trained to imitate, no "
+            "longer tracks the humans."
         )
     if d.hi < 0:
         return text + ": the humans' win rate falls from its peak."

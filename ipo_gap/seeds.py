@@ -172,6 +172,11 @@ def findings(results: Mapping) -> dict[str, tuple[str, evaluation.Interval | Non
             "online - offline",
             hidden,
         )
+        out["fig1_hidden_own"] = (
+            "the peaks the hidden humans would choose, online's and the pooled offline "
+            "sweep's (Fig. 1 by them): online - offline",
+            report.hidden_own_peaks(online, offline),
+        )
     shuffled = results.get("fig4", [])[1:]
     first = [r for r in shuffled if r["method"] == report.UNIFORM]
     pool = first + [r for r in shuffled if r["method"] == report.UNIFORM_SWEEP]

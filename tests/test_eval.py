@@ -197,6 +197,15 @@ def test_a_hidden_judge_judges_the_win_rate_samples():
     assert bare == {k: v for k, v in got.items() if not k.startswith("hidden")}
 
 
+def test_the_humans_majority_is_the_side_of_one_half():
+    """p > 1/2 exactly when R(x, y) > R(x, y_base); sigmoid(0) = 1/2 exactly is a tie."""
+    from ipo_gap.data.embedded_task import human_preference
+
+    p = [human_preference(1.0, 0.5), human_preference(0.5, 1.0), human_preference(0.7, 0.7)]
+    np.testing.assert_array_equal(evaluation.hidden_majority(p), [1.0, 0.0, 0.5])
+    assert p[2] == 0.5 and min(p[0] - 0.5, 0.5 - p[1]) > 0.1
+
+
 def test_self_classification_labels_the_pair_in_the_margins_order(monkeypatch):
     """App. E.1: the policy's margin f(x, y, y2) on two of its own samples is scored against
     the judge's label of (y, y2) in the same order. The judge is replaced by one that prefers

@@ -854,17 +854,21 @@ def test_hidden_verdict_pairs_the_golden_peaks_by_the_humans():
     # By the humans: online's best is its step 10 (0.6), offline's off_b step 20 (0.7).
     assert "online's best checkpoint is step 10" in agree
     assert "offline's off_b step 20" in agree and "-0.100 [-0.100, -0.100], offline above" in agree
-    # Golden win rates 0.75, 0, 0.25, 0, 0, 0 against hidden 0.6, 0.3, 0.4, 0.2, 0.1, 0.7.
-    want = report.spearman([(0.75, 0.6), (0, 0.3), (0.25, 0.4), (0, 0.2), (0, 0.1), (0, 0.7)])
+    # Golden win rates 0.75, 0, 0.25, 0, 0, 0; the humans' probabilities 0.6, 0.3, 0.4, 0.2,
+    # 0.1, 0.7 on every prompt, so their majority verdicts' win rates are 1, 0, 0, 0, 0, 1.
+    want = report.spearman([(0.75, 1), (0, 0), (0.25, 0), (0, 0), (0, 0), (0, 1)])
     assert "Over the 6 checkpoints" in agree and f"correlation {want:.3f}" in agree
     assert 0 < want < 1
+    # Online's peak wins 30 prompts by the golden PM, all 40 by the humans' majority (p 0.6):
+    # they agree on 30 of 40; offline's peak wins 10, the majority none (p 0.4): 30 of 40.
+    assert "sides with the humans' majority on 0.750 of online's and 0.750 of offline's" in agree
 
 
 def test_goodhart_verdict_names_a_rising_golden_and_a_falling_human_win_rate():
     """Online's golden outcomes improve from step 10 to 30 on 30 of 40 prompts while the
     humans' probabilities fall by 0.1 on every prompt from their peak at step 10: the PMs are
     over-optimised against the humans. Where the golden PM's do not change, the humans' fall
-    is named alone; a humans' peak at the end, or level with it, is no fall."""
+    is named alone; a humans' peak at the end, or level with it there, is no fall."""
     n = 40
 
     def online(ps, golden=("W" * 10 + "L" * 30, "W" * 20 + "L" * 20, "W" * 30 + "L" * 10)):
@@ -878,13 +882,14 @@ def test_goodhart_verdict_names_a_rising_golden_and_a_falling_human_win_rate():
         "Judged by the hidden humans, from 0.600 to 0.500, with its peak 0.600 at step 10" in text
     )
     assert "changes by -0.100 [-0.100, -0.100] and the golden PM's by +0.500" in text
-    assert "past step 10 the run over-optimises the PMs against the humans" in text
+    assert "past step 10 the golden PM, which the run's proxy PM was trained to imitate, no " \
+        "longer tracks the humans." in text  # fmt: skip
     same_golden = ("W" * 30 + "L" * 10,) * 3
     alone = report.goodhart_verdict(online([0.6, 0.55, 0.5], same_golden))
     assert alone.endswith("the humans' win rate falls from its peak.")
-    for ps in ([0.6, 0.6, 0.6], [0.4, 0.5, 0.6]):
+    for ps in ([0.6, 0.6, 0.6], [0.4, 0.5, 0.6]):  # level with the peak at the end, or rising
         text = report.goodhart_verdict(online(ps))
-        assert text.endswith("its last checkpoint is at that peak or level with it.")
+        assert "peak 0.600 at step 30, its last checkpoint: no fall by the humans" in text
     noisy = online([0.6, 0.55, 0.5])
     noisy["evals"][-1]["hidden_p"] = list(np.r_[np.full(20, 0.1), np.full(20, 1.0)])
     noisy["evals"][-1]["hidden_win_rate"] = 0.55

@@ -373,6 +373,7 @@ def test_the_hidden_humans_finding_is_fig1s_peaks_judged_by_them():
     task), SEEDS.md's finding is Fig. 1's two golden-chosen peaks compared by them, as
     REPORT.md compares them; without them there is no such finding."""
     from ipo_gap import report as rep
+    from ipo_gap.eval import Interval
 
     online = _judged("online_ipo", ["W" * 10 + "L" * 30, "W" * 30 + "L" * 10])
     offline = [_judged("off_a", ["W" * 20 + "L" * 20]), _judged("off_b", ["W" * 5 + "L" * 35])]
@@ -383,6 +384,19 @@ def test_the_hidden_humans_finding_is_fig1s_peaks_judged_by_them():
         for e in run["evals"]:
             e["hidden_p"] = list(rng.uniform(0.2, 0.8, 40))
     online["evals"][-1]["hidden_p"] = list(np.array(offline[0]["evals"][-1]["hidden_p"]) - 0.1)
+    for run in (online, *offline):
+        for e in run["evals"]:
+            h = Interval.of(e["hidden_p"])
+            e.update(hidden_win_rate=h.mean, hidden_win_lo=h.lo, hidden_win_hi=h.hi)
     label, d = seeds.findings(results)["fig1_hidden"]
     assert "hidden humans" in label and d == rep.hidden_at_peaks(online, offline)
     assert d.mean == pytest.approx(-0.1) and d.hi < 0  # online's peak is step 20, off_a's 10
+    # The humans' own peaks: the checkpoints with the highest mean probability.
+    label, d = seeds.findings(results)["fig1_hidden_own"]
+    best = [
+        max((e for e in r["evals"] if e["step"]), key=lambda e: np.mean(e["hidden_p"]))
+        for r in (online, *offline)
+    ]
+    off_best = max(best[1:], key=lambda e: np.mean(e["hidden_p"]))
+    want = np.mean(np.array(best[0]["hidden_p"]) - np.array(off_best["hidden_p"]))
+    assert "would choose" in label and d.mean == pytest.approx(want)

@@ -226,8 +226,8 @@ def test_pm_test_accuracies_are_the_test_splits_judged_afresh(micro_study):
 @pytest.mark.slow
 def test_the_hidden_humans_judge_every_checkpoint_of_the_embedded_task(micro_study):
     """Every evaluation of an embedded-task study carries the hidden humans' judgement of its
-    win-rate samples. The golden baseline's own samples get exactly 1/2 on every prompt (the
-    judge's prompts and baseline responses line up with the evaluator's); the final online
+    win-rate samples. The golden baseline's own samples get exactly 1/2 on every prompt, and
+    the judge's prompt texts decode from the evaluator's prompt rows in order; the final online
     policy's win-rate samples, drawn again here with the evaluator's key and judged afresh,
     give what its run recorded; the report reads them."""
     from ipo_gap.study_runs import Study
@@ -237,6 +237,13 @@ def test_the_hidden_humans_judge_every_checkpoint_of_the_embedded_task(micro_stu
     judge, ev = s.hidden_judge(), s.evaluator()
     p, _ = judge(ev.base_y, ev.base_ym)
     assert p.tolist() == [0.5] * s.cfg.num_eval_prompts
+    # The judge's prompt texts are the evaluator's prompt rows, in order (none is truncated
+    # at the micro preset), so each response is scored against the prompt it answered.
+    assert s.prep.truncated["eval"] == 0
+    tok = s.prep.tokenizer
+    assert [" ".join(t.split()) for t in tok.decode(ev.eval_x)] == [
+        " ".join(t.split()) for t in judge.prompts
+    ]
     for done in (micro_study / "runs").glob("*/done.json"):
         for e in json.loads(done.read_text())["evals"]:
             assert len(e["hidden_p"]) == s.cfg.num_eval_prompts, (done, e["step"])

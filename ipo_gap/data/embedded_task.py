@@ -148,8 +148,10 @@ class HiddenJudge:
 
     Called on token rows (`decode` turns them into texts), it gives per prompt the
     probability that the humans prefer the policy's response, human_preference(R(x, y),
-    R(x, y_base)), and the response's hidden reward R(x, y): what the golden PM's win rate
-    estimates, without the golden PM.
+    R(x, y_base)), and the response's hidden reward R(x, y). Their mean is the share of
+    human raters who would prefer the policy's responses; p > 1/2 is the humans' majority
+    verdict, which a golden PM that always sided with them would give
+    (`eval.hidden_majority`).
     """
 
     reward: Callable[[str, str], float]  # R(prompt, response): `TaskData.reward`

@@ -901,26 +901,44 @@ def spearman(points: Sequence[tuple[float, float]]) -> float:
     return _pearson(list(zip(_ranks(xy[:, 0]), _ranks(xy[:, 1]), strict=True)))
 
 
+def _hidden_diff(a: dict, b: dict) -> np.ndarray:
+    """Per prompt, the humans' probability of preferring a's sample minus b's (`hidden_p`)."""
+    return np.array(a["hidden_p"]) - np.array(b["hidden_p"])
+
+
+def _fig1_peaks(online: dict, offline: Sequence[dict], by_humans: bool):
+    """Fig. 1's two peaks, online's and the pooled offline sweep's, chosen by the golden PM
+    or (`by_humans`) by the hidden humans' win rate: (peak online, peak offline, their
+    evaluations)."""
+    view = as_hidden if by_humans else (lambda r: r)
+    p_on, p_off = peak([view(online)]), peak([view(r) for r in offline])
+    return (
+        p_on,
+        p_off,
+        _eval_of([online], p_on.run, p_on.step),
+        _eval_of(offline, p_off.run, p_off.step),
+    )
+
+
+def _hidden_fig1(online: dict, offline: Sequence[dict], by_humans: bool) -> Interval | None:
+    if not (has_hidden(online) and all(has_hidden(r) for r in offline)):
+        return None
+    _, _, a, b = _fig1_peaks(online, offline, by_humans)
+    return paired_interval(_hidden_diff(a, b))
+
+
 def hidden_at_peaks(online: dict, offline: Sequence[dict]) -> Interval | None:
     """Fig. 1's comparison judged by the hidden humans: online - offline, prompt by prompt, of
     their probabilities of preferring each peak checkpoint's sample to the baseline's, at the
     peaks the golden PM chose (`peak`). None where the runs carry no hidden judgements."""
-    if not (has_hidden(online) and all(has_hidden(r) for r in offline)):
-        return None
-    p_on, p_off = peak([online]), peak(offline)
-    a, b = _eval_of([online], p_on.run, p_on.step), _eval_of(offline, p_off.run, p_off.step)
-    return paired_interval(np.array(a["hidden_p"]) - np.array(b["hidden_p"]))
+    return _hidden_fig1(online, offline, by_humans=False)
 
 
 def hidden_own_peaks(online: dict, offline: Sequence[dict]) -> Interval | None:
     """Fig. 1 as the hidden humans would draw it: online - offline, prompt by prompt, at the
     peaks the humans choose (each run's best checkpoint by their win rate; offline pooled).
     None where the runs carry no hidden judgements."""
-    if not (has_hidden(online) and all(has_hidden(r) for r in offline)):
-        return None
-    h_on, h_off = peak([as_hidden(online)]), peak([as_hidden(r) for r in offline])
-    a, b = _eval_of([online], h_on.run, h_on.step), _eval_of(offline, h_off.run, h_off.step)
-    return paired_interval(np.array(a["hidden_p"]) - np.array(b["hidden_p"]))
+    return _hidden_fig1(online, offline, by_humans=True)
 
 
 def golden_agreement(e: dict) -> float | None:
@@ -954,15 +972,14 @@ def hidden_verdict(
     same scale) over every checkpoint past step 0 of `every_run` (1 for a golden PM that
     always sided with the humans). `test_agreement`: the golden PM's accuracy against the
     hidden reward on the test split's pairs (the pipeline's), set beside (1)'s."""
-    p_on, p_off = peak([online]), peak(offline)
+    p_on, p_off, e_on, e_off = _fig1_peaks(online, offline, by_humans=False)
     golden_sign, _ = separation(p_on, p_off)
 
     def paired(a: dict, b: dict) -> tuple[Interval, str]:
-        diff = np.array(a["hidden_p"]) - np.array(b["hidden_p"])
+        diff = _hidden_diff(a, b)
         d = paired_interval(diff)
         return d, f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]" + exact_branch_note(diff)
 
-    e_on, e_off = _eval_of([online], p_on.run, p_on.step), _eval_of(offline, p_off.run, p_off.step)
     d, d_text = paired(e_on, e_off)
     sign = interval_sign(d)
     if sign == 0:
@@ -992,10 +1009,8 @@ def hidden_verdict(
             )
             + "."
         )
-    h_on, h_off = peak([as_hidden(online)]), peak([as_hidden(r) for r in offline])
-    d2, d2_text = paired(
-        _eval_of([online], h_on.run, h_on.step), _eval_of(offline, h_off.run, h_off.step)
-    )
+    h_on, h_off, he_on, he_off = _fig1_peaks(online, offline, by_humans=True)
+    d2, d2_text = paired(he_on, he_off)
     side = {1: "online above offline", -1: "offline above online", 0: "not separated"}
     text += (
         f" Chosen by the humans themselves, online's best checkpoint is step {h_on.step} "
@@ -1033,7 +1048,7 @@ def _hidden_goodhart(ev: Sequence[dict]) -> str:
     )
     if top is last:
         return text + ", its last checkpoint: no fall by the humans within this run."
-    diff = np.array(last["hidden_p"]) - np.array(top["hidden_p"])
+    diff = _hidden_diff(last, top)
     d = paired_interval(diff)
     g = paired_outcomes(last.get("win_outcomes"), top.get("win_outcomes"))
     text += (

@@ -532,13 +532,18 @@ class Study:
 
     def hidden_judge(self) -> embedded_task.HiddenJudge | None:
         """The embedded task's hidden humans judging the win-rate samples against the golden
-        baseline's on the evaluation prompts (None on a real dataset: no hidden humans)."""
+        baseline's on the evaluation prompts (None on a real dataset: no hidden humans),
+        built once: it decodes and scores the baseline's samples."""
         task = self.prep.task
         if not isinstance(task, embedded_task.TaskData):
             return None
-        base_y, _ = self.baseline()
-        tok = self.prep.tokenizer
-        return embedded_task.HiddenJudge.against(task, task.prompts["eval"], base_y, tok.decode)
+
+        def build():
+            base_y, _ = self.baseline()
+            decode = self.prep.tokenizer.decode
+            return embedded_task.HiddenJudge.against(task, task.prompts["eval"], base_y, decode)
+
+        return self._memo("hidden_judge", build)
 
     def train_pairs_order(self) -> np.ndarray:
         """The order in which every offline run on D_golden reads its training pairs in the

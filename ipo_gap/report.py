@@ -291,6 +291,16 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
                 f"{g['test_accuracy_vs_hidden_reward']:.3f}",
             ],
         ]
+    if "feature_judge" in pipe:  # the embedded task, from 2026-12-07 on
+        fj = pipe["feature_judge"]
+        rows.append(
+            [
+                "  reference: logistic regression on the hidden reward's "
+                f"{len(fj['features'])} text features, fit to the same human labels (test)",
+                f"{fj['test_accuracy_vs_hidden_reward']:.3f} vs the hidden reward, "
+                f"{fj['test_accuracy_vs_human_labels']:.3f} vs human labels",
+            ]
+        )
     rows += [
         [
             "D_golden agreement with the human labels",

@@ -20,7 +20,7 @@ from absl import logging
 
 from ipo_gap import eval as evaluation
 from ipo_gap import hosts, jsonl, parallel, sharding
-from ipo_gap.data import ref_cache, sources
+from ipo_gap.data import embedded_task, ref_cache, sources
 from ipo_gap.data.order_log import OrderLog, code_version
 from ipo_gap.determinism import tree_bit_differences, tree_max_abs_diff
 from ipo_gap.report import SHUFFLED_BO2, UNIFORM, UNIFORM_SWEEP, offline_same
@@ -507,6 +507,13 @@ def pipeline_summary(study: Study) -> dict:
             "data": getattr(study.prep.task, "report", None),
             "d_golden_agreement_with_human_labels": float(
                 study.d_golden()["train"]["agree_human"].mean()
+            ),
+            # The embedded task's reference for the golden PM: a judge told which features
+            # the hidden reward weighs, fit to the same human labels (<1 s).
+            **(
+                {"feature_judge": embedded_task.feature_judge(study.prep.task)}
+                if isinstance(study.prep.task, embedded_task.TaskData)
+                else {}
             ),
         }
 

@@ -87,6 +87,54 @@ def test_hidden_reward_features():
         et.Prompt.parse("hello world")
 
 
+def test_the_hidden_reward_is_its_weights_times_its_text_features():
+    task = et.make_task(1, **SIZES)
+    lex = frozenset(task.lexicon)
+    prompt = et.Prompt("expand", tuple(task.lexicon[:3]))
+    _, liked, disliked = et.STYLE["expand"]
+    # Every feature non-zero at once, and each as hidden_reward's docstring counts it.
+    y = f"thanks {prompt.topics[1]} {prompt.topics[2]} {liked[0]} {disliked[0]} {disliked[0]} "
+    y += f"{task.lexicon[5]} {prompt.topics[1]}"
+    f = et.reward_features(prompt, y, lex)
+    np.testing.assert_array_equal(f, [2 / 3, 2 / 3, 1, 2, 1, 1, 1, 2])
+    rows = [(r["prompt"], z) for r in task.pairs["train"] for z in (r["chosen"], r["rejected"])]
+    for text, z in [*rows, (prompt.text, y)]:
+        p = et.Prompt.parse(text)
+        got = float(np.dot(et.REWARD_WEIGHTS, et.reward_features(p, z, lex)))
+        assert got == pytest.approx(et.hidden_reward(p, z, lex), abs=1e-12), (text, z)
+
+
+def test_the_feature_judge_learns_the_reward_weights_over_the_temperature():
+    """The human labels are Bernoulli(sigmoid(dR / T)) with dR linear in the features, so the
+    logistic fit is the maximum-likelihood estimate of REWARD_WEIGHTS / T: each weight must
+    lie within 4 standard errors (the inverse Fisher information's diagonal) of it. With
+    the right features, the judge is Bayes-correct on nearly every test pair."""
+    task = et.make_task(2, **dict(SIZES, num_train=6000, num_test=1000))
+    out = et.feature_judge(task)
+    assert out["features"] == list(et.REWARD_FEATURES) and out["train_pairs"] == 6000
+    w, true = np.array(out["weights"]), np.array(et.REWARD_WEIGHTS) / et.TEMPERATURE
+    x, _ = et._pair_features(task, "train")
+    s = 1 / (1 + np.exp(-(x @ w)))
+    se = np.sqrt(np.diag(np.linalg.inv((x * (s * (1 - s))[:, None]).T @ x)))
+    assert np.all(np.abs(w - true) < 4 * se), (w, true, se)
+    assert np.all(se < 0.25 * np.abs(true))  # a test that could tell a wrong weight
+    assert out["test_accuracy_vs_hidden_reward"] > 0.97
+    rows = task.pairs["test"]
+    bayes = np.mean([max(r["p_human"], 1 - r["p_human"]) for r in rows])
+    assert abs(out["test_accuracy_vs_human_labels"] - bayes) < 0.03
+    assert et.feature_judge(task) == out  # deterministic
+
+
+def test_fit_logistic_finds_the_maximum_of_the_likelihood():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 3))
+    x *= np.where(rng.random(2000) < 1 / (1 + np.exp(-(x @ [1.0, -2.0, 0.5]))), 1, -1)[:, None]
+    w = et.fit_logistic(x, ridge=0.0)
+    grad = x.T @ (1 / (1 + np.exp(x @ w)))  # the log-likelihood's gradient
+    assert np.max(np.abs(grad)) < 1e-8
+    np.testing.assert_allclose(w, [1.0, -2.0, 0.5], atol=0.25)
+
+
 def test_generators_differ_in_quality_as_intended():
     lexicon = et.make_lexicon(0)
     lex = frozenset(lexicon)

@@ -178,6 +178,14 @@ def test_micro_study_artefacts(micro_study):
     assert "| sampled responses containing a PM marker id |" in text
     assert "| code that computed the results | ipo_gap " in text
     pipe = json.loads((w / "pipeline" / "done.json").read_text())
+    fj = pipe["feature_judge"]  # the golden PM's reference, on the same labels and test pairs
+    assert fj["train_pairs"] == study.PRESETS["micro"].num_train
+    assert fj["test_pairs"] == pipe["golden_pm"]["test_pairs"]
+    assert (
+        "reference: logistic regression on the hidden reward's 8 text features, fit to the same "
+        f"human labels (test) | {fj['test_accuracy_vs_hidden_reward']:.3f} vs the hidden reward"
+        in text
+    )
     prep = study.prepare(w, study.PRESETS["micro"])
     longest = max(
         p["prompt_mask"].sum(1).max() for p in [*prep.pairs.values(), *prep.prompts.values()]

@@ -495,6 +495,7 @@ def test_micro_study_on_hh_format_from_pretrained_starts(downloads, tmp_path):
     assert pipe["task"] == "hh_helpful"
     assert pipe["data"]["obtained"]["test"] == 64 and pipe["data"]["loader"]["records"] == 900
     assert "bayes_accuracy_vs_human_labels" not in pipe["golden_pm"]
+    assert "feature_judge" not in pipe and "reference: logistic regression" not in text
     V = Tokenizer.load(root / "spiece.model").vocab_size  # noqa: N806
     assert pipe["pm_markers"].startswith(f"ids {V}, {V + 1}: embedding rows past the tokenizer")
     assert f"| PM segment markers and readout ids | ids {V}, {V + 1}" in text

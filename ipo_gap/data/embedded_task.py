@@ -134,6 +134,41 @@ def hidden_reward(prompt: Prompt, response: str, lexicon: frozenset[str]) -> flo
     return r
 
 
+# R is linear in these features of (prompt, response): R = REWARD_WEIGHTS . reward_features.
+REWARD_FEATURES = (
+    "coverage",  # topic words mentioned / number of topic words
+    "order",  # longest run of topic words in the prompt's order / number of topic words
+    "length_gap",  # |words - target length|
+    "repeats",  # words - distinct words
+    "off_topic",  # lexicon words that are not topic words
+    "opener",  # 1 when the first word is the instruction's preferred opener
+    "liked",  # the instruction's liked fillers present
+    "disliked",  # occurrences of its disliked fillers
+)
+REWARD_WEIGHTS = (2.0, 1.0, -0.3, -0.6, -0.25, 0.6, 0.5, -0.5)
+
+
+def reward_features(prompt: Prompt, response: str, lexicon: frozenset[str]) -> np.ndarray:
+    """The features `hidden_reward` weighs (`REWARD_FEATURES`), all readable from the text:
+    hidden_reward = REWARD_WEIGHTS . reward_features, up to float rounding."""
+    words = response.split()
+    k = len(prompt.topics)
+    _, liked, disliked = STYLE[prompt.instruction]
+    return np.array(
+        [
+            sum(t in words for t in prompt.topics) / k,
+            _longest_ordered_run(prompt.topics, words) / k,
+            abs(len(words) - target_length(prompt)),
+            len(words) - len(set(words)),
+            sum(w in lexicon and w not in prompt.topics for w in words),
+            float(bool(words) and words[0] == hidden_opener(prompt)),
+            sum(w in words for w in liked),
+            sum(w in disliked for w in words),
+        ],
+        np.float64,
+    )
+
+
 def human_preference(r1: float, r2: float, temperature: float = TEMPERATURE) -> float:
     """P(y1 preferred over y2) = sigmoid((R1 - R2) / T)."""
     z = (r1 - r2) / temperature
@@ -370,3 +405,68 @@ def load_or_make(path: str | os.PathLike, seed: int, **sizes: int) -> TaskData:
     path.parent.mkdir(parents=True, exist_ok=True)
     jsonl.write_atomic(path, json.dumps({"key": key, "data": task.to_json()}))
     return task
+
+
+# ------------------------------------------------------------------------------------------
+# A reference judge: what the human labels allow a judge that reads the right features.
+
+
+def fit_logistic(x: np.ndarray, ridge: float = 1e-6, iterations: int = 50) -> np.ndarray:
+    """The weights w that maximise sum log sigmoid(x_i . w) - ridge * n / 2 * |w|^2 (a row
+    of `x` is winner's features - loser's; no intercept, so the judge is antisymmetric),
+    by Newton's method in float64: deterministic, converged to ~1e-10 on the embedded task's
+    pairs."""
+    x = np.asarray(x, np.float64)
+    n, d = x.shape
+    lam = ridge * n
+    w = np.zeros(d)
+    for _ in range(iterations):
+        z = x @ w
+        s = 0.5 * (1.0 + np.tanh(-0.5 * z))  # sigmoid(-z), stable
+        grad = x.T @ s - lam * w
+        hess = (x * (s * (1.0 - s))[:, None]).T @ x + lam * np.eye(d)
+        step = np.linalg.solve(hess, grad)
+        w = w + step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return w
+
+
+def _pair_features(task: TaskData, split: str) -> tuple[np.ndarray, np.ndarray]:
+    lex = frozenset(task.lexicon)
+    rows = task.pairs[split]
+    diff = np.zeros((len(rows), len(REWARD_FEATURES)))
+    for i, r in enumerate(rows):
+        prompt = Prompt.parse(r["prompt"])
+        diff[i] = reward_features(prompt, r["chosen"], lex) - reward_features(
+            prompt, r["rejected"], lex
+        )
+    return diff, np.array([r["p_human"] for r in rows])
+
+
+def feature_judge(task: TaskData) -> dict:
+    """A logistic regression on `REWARD_FEATURES` (winner's - loser's), fit to the train
+    split's human labels, judged on the test split as the study judges its golden PM: its
+    verdict per pair (1: the human-labelled winner, 1/2: a tie, 0: the loser) against the
+    human labels and against the hidden reward (p_human > 1/2; Bayes-correct).
+
+    It is a reference for the golden PM trained on the same labels: a judge that is told
+    which features matter, but not how much, learns their weights from those labels. Its
+    weights estimate REWARD_WEIGHTS / TEMPERATURE (the labels are Bernoulli draws with
+    P = sigmoid(dR / T) and dR is linear in the features), and they are reported beside
+    them."""
+    x_train, _ = _pair_features(task, "train")
+    w = fit_logistic(x_train)
+    x_test, p_test = _pair_features(task, "test")
+    z = x_test @ w
+    judged = np.where(z > 0, 1.0, np.where(z < 0, 0.0, 0.5))
+    bayes = p_test > 0.5
+    return {
+        "features": list(REWARD_FEATURES),
+        "weights": [round(float(v), 4) for v in w],
+        "true_weights_over_temperature": [v / TEMPERATURE for v in REWARD_WEIGHTS],
+        "train_pairs": len(x_train),
+        "test_pairs": len(x_test),
+        "test_accuracy_vs_human_labels": float(judged.mean()),
+        "test_accuracy_vs_hidden_reward": float(np.mean(np.where(bayes, judged, 1 - judged))),
+    }

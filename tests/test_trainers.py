@@ -60,6 +60,22 @@ def test_pair_logit_rows_cut_to_the_real_tokens_equal_the_full_width():
     assert [e.shape for e in empty] == [(0,), (0,)]
 
 
+def test_a_pointwise_pm_is_validated_by_its_own_judge():
+    """train_pm(kind="bt") chooses its checkpoint by the Bradley-Terry judge (r(x, y_w)
+    against r(x, y_l)), not the pairwise judge of packed pairs, which reads a BT model's
+    readout on an input it never saw (it did until 2026-12-07)."""
+    model = t5.init(CFG, key=jax.random.key(5))
+    train, valid = _pm_data(5, 32), _pm_data(6, 37)  # 37: not a multiple of the batch
+    args = [valid[f] for f in PM_FIELDS]
+    direct = np.asarray(eqx.filter_jit(pref.bt_judge)(model, *args))
+    np.testing.assert_array_equal(trainers.bt_judge_rows(model, *args, batch_size=8), direct)
+    res = train_pm(
+        model, train, valid, num_steps=2, batch_size=8, learning_rate=0.0, seed=0, kind="bt"
+    )
+    assert res.best_valid_accuracy == pytest.approx(float(direct.mean()))
+    assert pm_accuracy(model, valid, kind="bt") == pytest.approx(float(direct.mean()))
+
+
 @pytest.mark.slow  # kept out of the default suite's 5 minutes; runs in CI
 def test_pm_plateau_stops_early_and_keeps_the_best():
     model = t5.init(CFG, key=jax.random.key(1))

@@ -273,9 +273,27 @@ def judge_rows(pm, x, xm, y1, m1, y2, m2, *, batch_size: int = JUDGE_BATCH) -> n
     return np.asarray(preference.judge_from_logits(z12, z21))
 
 
-def pm_accuracy(pm, data: dict[str, np.ndarray], *, batch_size: int = JUDGE_BATCH) -> float:
-    """Fraction of rows where the de-biased judge prefers y_w (a tie counts 1/2)."""
-    judged = judge_rows(pm, *(data[f] for f in PM_FIELDS), batch_size=batch_size)
+_bt_judge = eqx.filter_jit(preference.bt_judge)
+
+
+def bt_judge_rows(pm, x, xm, y1, m1, y2, m2, *, batch_size: int = JUDGE_BATCH) -> np.ndarray:
+    """A pointwise (Bradley-Terry) PM's judgements P(y1 > y2) in {0, 0.5, 1} for every row
+    (`preference.bt_judge`: r(x, y1) against r(x, y2)), in fixed-size batches."""
+    arrays = [np.asarray(a) for a in (x, xm, y1, m1, y2, m2)]
+    out = np.zeros(len(arrays[0]), np.float32)
+    for idx, keep in sources.padded_batches(len(out), batch_size):
+        judged = _bt_judge(pm, *(to_device(a[idx]) for a in arrays))
+        out[idx[:keep]] = to_host(judged)[:keep]
+    return out
+
+
+def pm_accuracy(
+    pm, data: dict[str, np.ndarray], *, batch_size: int = JUDGE_BATCH, kind: str = "pairwise"
+) -> float:
+    """Fraction of rows where the PM prefers y_w (a tie counts 1/2): the de-biased pairwise
+    judge, or for `kind` "bt" the pointwise one (a PM is judged as it was trained)."""
+    judge = bt_judge_rows if kind == "bt" else judge_rows
+    judged = judge(pm, *(data[f] for f in PM_FIELDS), batch_size=batch_size)
     return float(np.mean(judged))
 
 
@@ -363,7 +381,7 @@ def train_pm(
             record = {"step": step, "loss": loss, "accuracy": float(m["accuracy"])}
             tokens = sum(int(train[f][idx].sum()) for f in ("x_mask", "y_w_mask", "y_l_mask"))
             if (step + 1) % eval_every == 0 or step == num_steps - 1:
-                acc = pm_accuracy(model, valid)
+                acc = pm_accuracy(model, valid, kind=kind)
                 record["valid_accuracy"] = acc
                 if acc > best[0]:
                     best, since_best = (acc, step + 1, sources.copy_arrays(model)), 0

@@ -417,7 +417,13 @@ def write(workdir: pathlib.Path, results: dict, preset: str) -> pathlib.Path:
             "i.e. the share of human raters who would, with a normal 95% interval; their "
             "majority verdict per prompt, which a golden PM that always sided with them would "
             "give, is whether that probability exceeds 1/2): "
-            + hidden_verdict(online, offline, every_run, g.get("test_accuracy_vs_hidden_reward")),
+            + hidden_verdict(
+                online,
+                offline,
+                every_run,
+                g.get("test_accuracy_vs_hidden_reward"),
+                pipe.get("feature_judge", {}).get("test_accuracy_vs_hidden_reward"),
+            ),
         ]
     if fig4:
         lines += [
@@ -971,6 +977,7 @@ def hidden_verdict(
     offline: Sequence[dict],
     every_run: Sequence[dict],
     test_agreement: float | None = None,
+    reference_agreement: float | None = None,
 ) -> str:
     """H0 judged by the embedded task's hidden humans, past both PMs (whose verdicts are the
     study's): (1) the peaks the golden PM chose, online's and offline's, compared by the
@@ -981,7 +988,9 @@ def hidden_verdict(
     Spearman's rank correlation of its win rate and the majority's (`majority_win_rate`, the
     same scale) over every checkpoint past step 0 of `every_run` (1 for a golden PM that
     always sided with the humans). `test_agreement`: the golden PM's accuracy against the
-    hidden reward on the test split's pairs (the pipeline's), set beside (1)'s."""
+    hidden reward on the test split's pairs (the pipeline's), set beside (1)'s;
+    `reference_agreement`: the feature judge's on the same pairs (`embedded_task.feature_judge`,
+    what the golden PM's labels allow)."""
     p_on, p_off, e_on, e_off = _fig1_peaks(online, offline, by_humans=False)
     golden_sign, _ = separation(p_on, p_off)
 
@@ -1013,7 +1022,14 @@ def hidden_verdict(
             f"{g_on:.3f} of online's and {g_off:.3f} of offline's"
             + (
                 f" (on the test split's pairs of D_initial's responses it agrees with the hidden "
-                f"reward on {test_agreement:.3f})"
+                f"reward on {test_agreement:.3f}"
+                + (
+                    f", where a logistic judge on the hidden reward's text features, fit to the "
+                    f"same human labels, agrees on {reference_agreement:.3f}"
+                    if reference_agreement is not None
+                    else ""
+                )
+                + ")"
                 if test_agreement is not None
                 else ""
             )

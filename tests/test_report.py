@@ -862,6 +862,17 @@ def test_hidden_verdict_pairs_the_golden_peaks_by_the_humans():
     # Online's peak wins 30 prompts by the golden PM, all 40 by the humans' majority (p 0.6):
     # they agree on 30 of 40; offline's peak wins 10, the majority none (p 0.4): 30 of 40.
     assert "sides with the humans' majority on 0.750 of online's and 0.750 of offline's" in agree
+    assert "test split" not in agree  # no test-split agreement given
+    online = _hidden_run("online", [on_text, low], [np.full(n, 0.6), np.full(n, 0.3)])
+    a = _hidden_run("off_a", [off_text, low], [np.full(n, 0.4), np.full(n, 0.2)], "offline ipo")
+    text = report.hidden_verdict(online, [a], [online, a], 0.655)
+    assert "0.750 of offline's (on the test split's pairs" in text
+    assert "agrees with the hidden reward on 0.655)." in text
+    text = report.hidden_verdict(online, [a], [online, a], 0.655, 0.994)
+    assert (
+        "agrees with the hidden reward on 0.655, where a logistic judge on the hidden reward's "
+        "text features, fit to the same human labels, agrees on 0.994)." in text
+    )
 
 
 def test_goodhart_verdict_names_a_rising_golden_and_a_falling_human_win_rate():

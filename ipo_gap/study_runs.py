@@ -356,10 +356,8 @@ class Study:
             out = {"test_accuracy_vs_human_labels": float(judged.mean()), "test_pairs": len(judged)}
             rows = self.prep.task.pairs["test"]
             if rows and "p_human" in rows[0]:  # the embedded task knows its hidden humans
-                # Human labels are samples; the hidden reward's own preference is p_human > 1/2.
-                bayes = np.array([r["p_human"] > 0.5 for r in rows])
-                out["test_accuracy_vs_hidden_reward"] = float(
-                    np.mean(np.where(bayes, judged, 1 - judged))
+                out["test_accuracy_vs_hidden_reward"] = embedded_task.accuracy_vs_hidden_reward(
+                    np.array([r["p_human"] for r in rows]), judged
                 )
                 out["bayes_accuracy_vs_human_labels"] = float(
                     np.mean([max(r["p_human"], 1 - r["p_human"]) for r in rows])

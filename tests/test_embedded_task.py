@@ -125,6 +125,14 @@ def test_the_feature_judge_learns_the_reward_weights_over_the_temperature():
     assert et.feature_judge(task) == out  # deterministic
 
 
+def test_accuracy_vs_the_hidden_reward_counts_agreement_with_its_preference():
+    # Pairs whose labelled winner the hidden reward prefers (p > 1/2), does not (p < 1/2),
+    # or is indifferent to (p = 1/2, counted as not preferring it); verdicts win, tie, lose.
+    p = np.array([0.9, 0.9, 0.9, 0.2, 0.2, 0.5])
+    judged = np.array([1.0, 0.5, 0.0, 0.0, 1.0, 0.0])
+    assert et.accuracy_vs_hidden_reward(p, judged) == pytest.approx((1 + 0.5 + 0 + 1 + 0 + 1) / 6)
+
+
 def test_fit_logistic_finds_the_maximum_of_the_likelihood():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2000, 3))

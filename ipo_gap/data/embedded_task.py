@@ -444,6 +444,16 @@ def _pair_features(task: TaskData, split: str) -> tuple[np.ndarray, np.ndarray]:
     return diff, np.array([r["p_human"] for r in rows])
 
 
+def accuracy_vs_hidden_reward(p_human: np.ndarray, judged: np.ndarray) -> float:
+    """How often verdicts agree with the hidden reward's own preference on labelled pairs:
+    `judged` = P(the human-labelled winner wins) per pair, in {0, 1/2, 1}; the pair's
+    `p_human` = P(that winner is preferred) > 1/2 says whether the hidden reward prefers it
+    (human labels are samples, so it need not). The golden PM and the feature judge are both
+    scored by it."""
+    bayes = np.asarray(p_human) > 0.5
+    return float(np.mean(np.where(bayes, judged, 1 - judged)))
+
+
 def feature_judge(task: TaskData) -> dict:
     """A logistic regression on `REWARD_FEATURES` (winner's - loser's), fit to the train
     split's human labels, judged on the test split as the study judges its golden PM: its
@@ -460,7 +470,6 @@ def feature_judge(task: TaskData) -> dict:
     x_test, p_test = _pair_features(task, "test")
     z = x_test @ w
     judged = np.where(z > 0, 1.0, np.where(z < 0, 0.0, 0.5))
-    bayes = p_test > 0.5
     return {
         "features": list(REWARD_FEATURES),
         "weights": [round(float(v), 4) for v in w],
@@ -468,5 +477,5 @@ def feature_judge(task: TaskData) -> dict:
         "train_pairs": len(x_train),
         "test_pairs": len(x_test),
         "test_accuracy_vs_human_labels": float(judged.mean()),
-        "test_accuracy_vs_hidden_reward": float(np.mean(np.where(bayes, judged, 1 - judged))),
+        "test_accuracy_vs_hidden_reward": accuracy_vs_hidden_reward(p_test, judged),
     }
